@@ -1,0 +1,93 @@
+"""SLQConfig: the few numbers that define an SLQ embedding model on top of a frozen backbone.
+
+This file ships inside every saved checkpoint (remote code): it may import only torch, transformers and sibling
+modules of ``slq_hf/modeling``.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from transformers import PretrainedConfig
+
+POOLING_CHOICES = ("mean", "last")
+QUERY_INIT_CHOICES = ("normal", "vocab")
+TRAINING_PATH_CHOICES = ("prefix_cache", "full")
+
+
+def _check_choice(name: str, value: Any, allowed: tuple[str, ...]) -> None:
+    if value not in allowed:
+        raise ValueError(f"SLQConfig: `{name}`={value!r} is not supported; allowed values are {list(allowed)}.")
+
+
+def _check_positive_int(name: str, value: Any, allow_none: bool = False) -> None:
+    if value is None and allow_none:
+        return
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        allowed = "a positive integer" + (" or None" if allow_none else "")
+        raise ValueError(f"SLQConfig: `{name}`={value!r} is invalid; expected {allowed}.")
+
+
+class SLQConfig(PretrainedConfig):
+    """Configuration of an SLQ model.
+
+    Args:
+        backbone_name_or_path: Hub id or local path of the frozen vision-language backbone. Pinned in config.json so
+            ``AutoModel.from_pretrained(slq_dir)`` can rebuild the backbone; override it at load time with
+            ``backbone_name_or_path=`` (e.g. a local mirror).
+        backbone_revision: Hub revision (branch, tag or commit) of the backbone, pinned next to the id.
+        backbone_model_type: ``model_type`` of the backbone (filled in by ``SLQModel.from_backbone``).
+        num_queries: number of latent query vectors appended after every prompt (paper default: 40).
+        hidden_size: width of each query = the backbone's embedding width (taken from the backbone).
+        pooling: ``"mean"`` over the query positions (paper) or ``"last"`` (last query only).
+        normalize: L2-normalise the pooled embedding.
+        query_init: ``"normal"`` (std of the backbone's input embeddings) or ``"vocab"`` (rows sampled from the
+            backbone's embedding matrix).
+        temperature: initial softmax temperature of the contrastive loss (learnable, stored as log(1/t)).
+        projection_dim: ``None`` (paper: no head) or the output width of a trainable linear head after pooling.
+        training_path: ``"prefix_cache"`` (prompt under no_grad with a KV cache, queries with grad) or ``"full"``.
+        placeholder_token_id: id appended for each query slot before the embedding hook replaces its row; chosen
+            from the backbone so that it is never a multimodal special token.
+    """
+
+    model_type = "slq"
+
+    # Declared as dataclass fields (transformers 5 style): declared fields such as `temperature` are not mistaken for
+    # generation parameters when the config is saved.
+    backbone_name_or_path: str | None = None
+    backbone_revision: str | None = None
+    backbone_model_type: str | None = None
+    num_queries: int = 40
+    hidden_size: int | None = None
+    pooling: str = "mean"
+    normalize: bool = True
+    query_init: str = "normal"
+    temperature: float = 0.07
+    projection_dim: int | None = None
+    training_path: str = "prefix_cache"
+    placeholder_token_id: int | None = None
+
+    def __post_init__(self, **kwargs):
+        _check_positive_int("num_queries", self.num_queries)
+        _check_positive_int("hidden_size", self.hidden_size, allow_none=True)
+        _check_positive_int("projection_dim", self.projection_dim, allow_none=True)
+        _check_choice("pooling", self.pooling, POOLING_CHOICES)
+        _check_choice("query_init", self.query_init, QUERY_INIT_CHOICES)
+        _check_choice("training_path", self.training_path, TRAINING_PATH_CHOICES)
+        if not isinstance(self.normalize, bool):
+            raise ValueError(f"SLQConfig: `normalize`={self.normalize!r} is invalid; expected True or False.")
+        temperature = self.temperature
+        if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or not 0 < temperature <= 1:
+            raise ValueError(f"SLQConfig: `temperature`={temperature!r} is invalid; expected a number in (0, 1].")
+        self.temperature = float(temperature)
+        if self.backbone_name_or_path is not None and not isinstance(self.backbone_name_or_path, str):
+            raise ValueError(
+                f"SLQConfig: `backbone_name_or_path`={self.backbone_name_or_path!r} is invalid; expected a Hub id or "
+                "a local path (str)."
+            )
+        super().__post_init__(**kwargs)
+
+    @property
+    def embedding_dim(self) -> int | None:
+        """Width of the output embedding: ``projection_dim`` if a head is configured, else ``hidden_size``."""
+        return self.projection_dim or self.hidden_size

@@ -1,0 +1,29 @@
+"""Public home of SLQ's input handling (validation, image loading, chat-template prompts, batching).
+
+The implementation lives in ``slq_hf/modeling/processing_slq.py`` because ``SLQModel.encode`` needs it inside
+remote-code checkpoints too.
+"""
+
+from .modeling.processing_slq import (
+    IMAGE_EXTENSIONS,
+    SLQInput,
+    SLQInputError,
+    SLQItem,
+    build_messages,
+    collate,
+    load_image,
+    to_item,
+    to_items,
+)
+
+__all__ = [
+    "IMAGE_EXTENSIONS",
+    "SLQInput",
+    "SLQInputError",
+    "SLQItem",
+    "build_messages",
+    "collate",
+    "load_image",
+    "to_item",
+    "to_items",
+]
