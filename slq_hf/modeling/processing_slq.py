@@ -11,7 +11,7 @@ import os
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Union
+from typing import Any
 
 from PIL import Image, ImageOps
 
@@ -19,7 +19,7 @@ IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".
 # Refuse images whose header claims more pixels than this (decompression-bomb guard, ~ 16k x 16k).
 MAX_IMAGE_PIXELS = 268_435_456
 
-SLQInput = Union[str, os.PathLike, Image.Image, dict]
+SLQInput = str | os.PathLike | Image.Image | dict
 
 
 class SLQInputError(ValueError):
@@ -35,7 +35,9 @@ class SLQItem:
 
     @property
     def kind(self) -> str:
-        return "image+text" if self.image is not None and self.text is not None else ("image" if self.image else "text")
+        if self.image is not None:
+            return "image+text" if self.text is not None else "image"
+        return "text"
 
     def length_key(self) -> tuple[int, int]:
         """Sort key that groups similar prompt lengths: modality first, then pixels, then characters."""
