@@ -1,0 +1,319 @@
+"""Core SLQModel behaviour on the tiny Qwen3-VL: the paper's reference procedure, config validation, queries-only
+checkpoints, AutoModel loading (registered and remote code) and load-time checks."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import load_file, save_file
+from transformers import AutoModel
+
+import slq_hf
+import slq_hf.processing
+from slq_hf import SLQConfig, SLQModel
+
+NUM_QUERIES = 4
+
+
+def _scene(width: int, height: int, colour: tuple[int, int, int]) -> Image.Image:
+    image = Image.new("RGB", (width, height), (128, 128, 128))
+    image.paste(colour, (width // 4, height // 4, 3 * width // 4, 3 * height // 4))
+    return image
+
+
+INPUTS = [
+    "a red square on grey",
+    _scene(64, 64, (255, 0, 0)),
+    {"image": _scene(96, 64, (0, 0, 255)), "text": "what shape is this?"},
+    "hello",
+]
+
+
+@pytest.fixture
+def model(tiny_backbone_path):
+    return SLQModel.from_backbone(tiny_backbone_path("qwen3_vl"), num_queries=NUM_QUERIES)
+
+
+# ------------------------------------------------------------------------------------------------ reference
+def _reference_qwen3_vl(model: SLQModel, batch) -> torch.Tensor:
+    """The paper's procedure written out by hand for ONE unpadded prompt on Qwen3-VL.
+
+    embed ids extended with placeholder ids -> queries at the last N_q rows -> scatter image features ->
+    DeepStack -> 3-D rope index on the extended ids -> language model -> mean of the last N_q states -> L2 norm.
+    """
+    core = model.backbone.model
+    ids = batch["input_ids"]  # (1, L)
+    num_queries = model.config.num_queries
+    ext = torch.cat([ids, torch.full((1, num_queries), model.config.placeholder_token_id)], dim=1)  # (1, L+N_q)
+    mask = torch.ones_like(ext)
+    embeds = core.language_model.embed_tokens(ext).clone()  # (1, L+N_q, H)
+    embeds[0, -num_queries:] = model.queries.to(embeds.dtype)
+    visual_mask, deepstack = None, None
+    if "pixel_values" in batch:
+        features = core.get_image_features(batch["pixel_values"], batch["image_grid_thw"], return_dict=True)
+        image_embeds = torch.cat(features.pooler_output, dim=0)
+        visual_mask = ext == model.backbone.config.image_token_id  # (1, L+N_q)
+        embeds[visual_mask] = image_embeds.to(embeds.dtype)
+        deepstack = [torch.cat(f, dim=0) for f in features.deepstack_features]
+    mm_types = torch.cat([batch["mm_token_type_ids"], torch.zeros((1, num_queries), dtype=torch.long)], dim=1)
+    positions, _ = core.get_rope_index(ext, mm_types, batch.get("image_grid_thw"), None, attention_mask=mask)
+    out = core.language_model(inputs_embeds=embeds, position_ids=positions, attention_mask=mask,
+                              visual_pos_masks=visual_mask, deepstack_visual_embeds=deepstack)
+    pooled = out.last_hidden_state[:, -num_queries:].float().mean(dim=1)
+    return torch.nn.functional.normalize(pooled, dim=-1)
+
+
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+def test_matches_hand_written_reference_qwen3_vl(tiny_backbone_path, attn):
+    model = SLQModel.from_backbone(tiny_backbone_path("qwen3_vl"), num_queries=NUM_QUERIES, attn_implementation=attn)
+    with torch.no_grad():
+        torch.nn.init.normal_(model.queries, std=0.5)  # distinct queries so a wrong order/placement shows
+        batched = model.encode(INPUTS, batch_size=len(INPUTS))
+        for index, value in enumerate(INPUTS):
+            item = slq_hf.processing.to_item(value, index)
+            batch = slq_hf.processing.collate(model.processor, [item])
+            reference = _reference_qwen3_vl(model, batch)
+            torch.testing.assert_close(batched[index : index + 1], reference, atol=1e-5, rtol=0)
+
+
+def test_reference_detects_misplaced_queries(model):
+    """The reference comparison can fail: shifting the queries one slot earlier changes the embedding."""
+    item = slq_hf.processing.to_item(INPUTS[1])
+    batch = slq_hf.processing.collate(model.processor, [item])
+    with torch.no_grad():
+        torch.nn.init.normal_(model.queries, std=0.5)
+        good = model(**batch).pooler_output
+        shifted = model.queries.roll(1, dims=0).clone()
+        model.queries.copy_(shifted)
+        bad = model(**batch).pooler_output
+    assert (good - bad).abs().max() > 1e-3
+
+
+# ------------------------------------------------------------------------------------------------ config
+@pytest.mark.parametrize(
+    ("kwargs", "fragment"),
+    [
+        ({"num_queries": 0}, "`num_queries`=0"),
+        ({"num_queries": 2.5}, "`num_queries`=2.5"),
+        ({"pooling": "max"}, "`pooling`='max'"),
+        ({"query_init": "zeros"}, "`query_init`='zeros'"),
+        ({"temperature": 0}, "`temperature`=0"),
+        ({"temperature": 5.0}, "`temperature`=5.0"),
+        ({"projection_dim": 0}, "`projection_dim`=0"),
+        ({"normalize": "yes"}, "`normalize`='yes'"),
+        ({"training_path": "fast"}, "`training_path`='fast'"),
+    ],
+)
+def test_config_rejects_bad_values(kwargs, fragment):
+    with pytest.raises(ValueError) as err:
+        SLQConfig(**kwargs)
+    assert fragment in str(err.value)
+
+
+def test_config_defaults_follow_the_paper():
+    config = SLQConfig()
+    assert (config.num_queries, config.pooling, config.normalize, config.temperature) == (40, "mean", True, 0.07)
+    assert config.projection_dim is None and config.query_init == "normal"
+
+
+def test_from_backbone_freezes_backbone_and_sets_hidden_size(model):
+    assert all(not p.requires_grad for p in model.backbone.parameters())
+    trainable = sorted(n for n, p in model.named_parameters() if p.requires_grad)
+    assert trainable == ["logit_scale", "queries"]
+    hidden = model.backbone.get_input_embeddings().weight.shape[1]
+    assert model.config.hidden_size == hidden and model.queries.shape == (NUM_QUERIES, hidden)
+    assert model.queries.dtype == torch.float32
+    assert torch.isclose(model.logit_scale.exp(), torch.tensor(1 / 0.07))
+
+
+@pytest.mark.parametrize("query_init", ["normal", "vocab"])
+def test_query_init_matches_embedding_scale(tiny_backbone_path, query_init):
+    model = SLQModel.from_backbone(tiny_backbone_path("qwen3_vl"), num_queries=32, query_init=query_init)
+    weight = model.backbone.get_input_embeddings().weight.float()
+    ratio = model.queries.std() / weight.std()
+    assert 0.7 < ratio < 1.3
+    if query_init == "vocab":  # every query is an actual row of the embedding matrix
+        distances = torch.cdist(model.queries.detach(), weight, compute_mode="donot_use_mm_for_euclid_dist").min(dim=1).values
+        assert distances.max() < 1e-6
+
+
+def test_projection_head_shrinks_embedding(tiny_backbone_path, tmp_path):
+    model = SLQModel.from_backbone(tiny_backbone_path("qwen3_vl"), num_queries=NUM_QUERIES, projection_dim=16)
+    emb = model.encode(INPUTS[:2])
+    assert emb.shape == (2, 16)
+    torch.testing.assert_close(emb.norm(dim=-1), torch.ones(2))
+    model.save_pretrained(tmp_path / "slq")
+    assert sorted(load_file(tmp_path / "slq" / "model.safetensors")) == [
+        "logit_scale", "projection.bias", "projection.weight", "queries"]
+    reloaded = AutoModel.from_pretrained(tmp_path / "slq")
+    torch.testing.assert_close(reloaded.encode(INPUTS[:2]), emb, atol=1e-6, rtol=0)
+
+
+def test_last_pooling_uses_last_query_only(tiny_backbone_path):
+    model = SLQModel.from_backbone(tiny_backbone_path("qwen3_vl"), num_queries=NUM_QUERIES, pooling="last")
+    batch = slq_hf.processing.collate(model.processor, [slq_hf.processing.to_item("a cat")])
+    with torch.no_grad():
+        out = model(**batch)
+    expected = torch.nn.functional.normalize(out.query_states[:, -1].float(), dim=-1)
+    torch.testing.assert_close(out.pooler_output, expected)
+
+
+# ------------------------------------------------------------------------------------------------ save / load
+def test_saved_folder_is_queries_only(model, tmp_path, tiny_backbone_path):
+    out = tmp_path / "slq"
+    model.save_pretrained(out)
+    names = {p.name for p in out.iterdir()}
+    backbone_files = {p.name for p in Path(tiny_backbone_path("qwen3_vl")).iterdir() if p.suffix == ".safetensors"}
+    assert backbone_files and not backbone_files - {"model.safetensors"} & names
+    state = load_file(out / "model.safetensors")
+    assert sorted(state) == ["logit_scale", "queries"]
+    hidden = model.config.hidden_size
+    size = (out / "model.safetensors").stat().st_size
+    assert 4 * NUM_QUERIES * hidden <= size <= 4 * NUM_QUERIES * hidden + 1024  # tensor bytes + a small header
+    assert {"configuration_slq.py", "modeling_slq.py", "config.json"} <= names
+    assert any(name.startswith(("tokenizer", "processor", "preprocessor")) for name in names)
+    config = json.loads((out / "config.json").read_text())
+    assert config["model_type"] == "slq" and config["auto_map"]["AutoModel"] == "modeling_slq.SLQModel"
+    assert config["backbone_name_or_path"] == tiny_backbone_path("qwen3_vl")
+    # No backbone tensor names leak into the checkpoint.
+    assert not any(key.startswith("backbone") for key in state)
+
+
+def test_automodel_roundtrip_after_import(model, tmp_path):
+    with torch.no_grad():
+        torch.nn.init.normal_(model.queries, std=0.3)
+        model.logit_scale.fill_(3.0)
+    expected = model.encode(INPUTS)
+    model.save_pretrained(tmp_path / "slq")
+    reloaded = AutoModel.from_pretrained(tmp_path / "slq")
+    assert isinstance(reloaded, SLQModel) and not reloaded.training
+    torch.testing.assert_close(reloaded.queries, model.queries)
+    assert reloaded.logit_scale.item() == pytest.approx(3.0)
+    torch.testing.assert_close(reloaded.encode(INPUTS), expected, atol=1e-6, rtol=0)
+
+
+def test_remote_code_in_fresh_interpreter(model, tmp_path):
+    """trust_remote_code loads the copied modeling files; slq_hf is never imported in that process."""
+    out = tmp_path / "slq"
+    model.save_pretrained(out)
+    expected = model.encode(INPUTS[:2])
+    torch.save(expected, tmp_path / "expected.pt")
+    script = textwrap.dedent(f"""
+        import sys, torch
+        from PIL import Image
+        from transformers import AutoModel
+        model = AutoModel.from_pretrained({str(out)!r}, trust_remote_code=True)
+        assert "slq_hf" not in sys.modules, "slq_hf was imported"
+        assert type(model).__module__.startswith("transformers_modules"), type(model).__module__
+        image = Image.new("RGB", (64, 64), (128, 128, 128))
+        image.paste((255, 0, 0), (16, 16, 48, 48))
+        got = model.encode(["a red square on grey", image])
+        expected = torch.load({str(tmp_path / "expected.pt")!r})
+        diff = (got - expected).abs().max().item()
+        assert diff < 1e-6, diff
+        print("OK", diff)
+    """)
+    env = {**os.environ, "HF_MODULES_CACHE": str(tmp_path / "modules"), "HF_HUB_OFFLINE": "1"}
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=tmp_path, env=env,
+                            timeout=300, stdin=subprocess.DEVNULL)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "OK" in result.stdout
+
+
+def test_backbone_override_and_missing_backbone(model, tmp_path, tiny_backbone_path):
+    out = tmp_path / "slq"
+    model.save_pretrained(out)
+    mirror = tmp_path / "mirror"
+    model.backbone.save_pretrained(mirror)
+    config = json.loads((out / "config.json").read_text())
+    config["backbone_name_or_path"] = str(tmp_path / "does-not-exist")
+    (out / "config.json").write_text(json.dumps(config))
+    with pytest.raises(OSError):
+        AutoModel.from_pretrained(out)
+    reloaded = AutoModel.from_pretrained(out, backbone_name_or_path=str(mirror))
+    assert reloaded.config.backbone_name_or_path == str(mirror)
+    torch.testing.assert_close(reloaded.encode(INPUTS[:1]), model.encode(INPUTS[:1]), atol=1e-6, rtol=0)
+
+
+def test_query_width_mismatch_names_both(model, tmp_path):
+    out = tmp_path / "slq"
+    model.save_pretrained(out)
+    hidden = model.config.hidden_size
+    save_file({"queries": torch.zeros(NUM_QUERIES, hidden * 2), "logit_scale": torch.tensor(2.0)},
+              str(out / "model.safetensors"))
+    config = json.loads((out / "config.json").read_text())
+    config["hidden_size"] = None
+    (out / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError) as err:
+        AutoModel.from_pretrained(out)
+    assert str(hidden * 2) in str(err.value) and str(hidden) in str(err.value)
+
+
+def test_config_hidden_size_mismatch_names_both(model, tmp_path):
+    out = tmp_path / "slq"
+    model.save_pretrained(out)
+    config = json.loads((out / "config.json").read_text())
+    config["hidden_size"] = 999
+    (out / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError) as err:
+        AutoModel.from_pretrained(out)
+    assert "999" in str(err.value) and str(model.config.hidden_size) in str(err.value)
+
+
+def test_pickle_checkpoint_is_refused(model, tmp_path):
+    out = tmp_path / "slq"
+    model.save_pretrained(out)
+    (out / "model.safetensors").unlink()
+    torch.save({"queries": model.queries.detach()}, out / "pytorch_model.bin")
+    with pytest.raises(OSError) as err:
+        AutoModel.from_pretrained(out)
+    assert "pickle" in str(err.value) and "pytorch_model.bin" in str(err.value)
+
+
+def test_unsupported_backbone_lists_supported():
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    backbone = GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=16, n_head=2, vocab_size=50))
+    with pytest.raises(ValueError) as err:
+        SLQModel.from_backbone(backbone, num_queries=2)
+    assert "gpt2" in str(err.value) and "qwen3_vl" in str(err.value) and "llava" in str(err.value)
+
+
+def test_loaded_backbone_object_is_reused(tiny_backbone_path):
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    path = tiny_backbone_path("qwen3_vl")
+    backbone = AutoModelForImageTextToText.from_pretrained(path)
+    model = SLQModel.from_backbone(backbone, num_queries=2, processor=AutoProcessor.from_pretrained(path))
+    assert model.backbone is backbone
+    assert model.encode(["x"]).shape == (1, model.config.hidden_size)
+    with pytest.raises(ValueError, match="already loaded"):
+        SLQModel.from_backbone(backbone, num_queries=2, dtype=torch.bfloat16)
+
+
+def test_encode_returns_input_order_and_empty(model):
+    emb = model.encode(INPUTS, batch_size=3)
+    singles = torch.cat([model.encode([x]) for x in INPUTS])
+    torch.testing.assert_close(emb, singles, atol=1e-5, rtol=0)
+    assert model.encode([]).shape == (0, model.config.hidden_size)
+    with pytest.raises(ValueError, match="batch_size"):
+        model.encode(INPUTS, batch_size=0)
+
+
+def test_bf16_backbone_keeps_fp32_queries(tiny_backbone_path):
+    model = SLQModel.from_backbone(tiny_backbone_path("qwen3_vl"), num_queries=NUM_QUERIES, dtype=torch.bfloat16)
+    assert model.backbone.dtype == torch.bfloat16 and model.queries.dtype == torch.float32
+    emb = model.encode(INPUTS[:2])
+    assert emb.dtype == torch.float32 and torch.isfinite(emb).all()
+    emb.sum()  # encode runs under inference mode: no graph is kept
+    batch = slq_hf.processing.collate(model.processor, [slq_hf.processing.to_item("a cat")])
+    model(**batch).pooler_output.sum().backward()
+    assert model.queries.grad is not None and model.queries.grad.dtype == torch.float32
