@@ -1,0 +1,87 @@
+"""Backbone memory footprint: fp32 vs bf16 vs 4-bit NF4 (bitsandbytes CPU backend), with SLQ attached.
+
+Each variant loads the same saved bench backbone from disk in its own subprocess, so RSS numbers do not mix.
+Reports `get_memory_footprint()` (parameters + buffers), the process's peak RSS after one encode, the trainable
+query bytes (always fp32), and the cosine similarity of each variant's embeddings to the fp32 ones.
+
+    .venv/bin/python benchmarks/backbone_memory.py [--text-hidden 640 --text-layers 8]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+VARIANTS = ("fp32", "bf16", "nf4")
+
+
+def _child(path: str, variant: str, out: str) -> None:
+    import torch
+    from PIL import Image
+    from transformers import BitsAndBytesConfig
+
+    from slq_hf import SLQModel
+
+    torch.manual_seed(0)
+    kwargs = {
+        "fp32": {"dtype": torch.float32},
+        "bf16": {"dtype": torch.bfloat16},
+        "nf4": {"quantization_config": BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
+                                                          bnb_4bit_compute_dtype=torch.bfloat16)},
+    }[variant]
+    model = SLQModel.from_backbone(path, num_queries=40, **kwargs)
+    inputs = ["a red square on a grey background", "an animal with nine lives",
+              Image.new("RGB", (224, 224), (200, 30, 30))]
+    emb = model.encode(inputs)
+    result = {
+        "variant": variant,
+        "footprint_mib": model.backbone.get_memory_footprint() / 2**20,
+        "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        "query_bytes": model.queries.numel() * model.queries.element_size(),
+        "query_dtype": str(model.queries.dtype),
+        "embeddings": emb.tolist(),
+    }
+    Path(out).write_text(json.dumps(result))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--text-hidden", type=int, default=640, help="text model width of the bench backbone")
+    parser.add_argument("--text-layers", type=int, default=8, help="text model depth of the bench backbone")
+    parser.add_argument("--child", nargs=3, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child:
+        _child(*args.child)
+        return
+
+    import torch
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    from common import build_bench_qwen3_vl
+
+    with tempfile.TemporaryDirectory() as tmp:
+        backbone = Path(tmp) / "backbone"
+        build_bench_qwen3_vl(backbone, text_hidden=args.text_hidden, text_layers=args.text_layers)
+        results = {}
+        for variant in VARIANTS:
+            out = Path(tmp) / f"{variant}.json"
+            subprocess.run([sys.executable, __file__, "--child", str(backbone), variant, str(out)], check=True)
+            results[variant] = json.loads(out.read_text())
+    reference = torch.tensor(results["fp32"]["embeddings"])
+    print(f"bench backbone: Qwen3-VL text {args.text_hidden} x {args.text_layers} layers, 40 queries")
+    print("| backbone dtype | footprint (MiB) | vs fp32 | peak RSS (MiB) | queries | min cos to fp32 embeddings |")
+    print("|---|---|---|---|---|---|")
+    for variant in VARIANTS:
+        r = results[variant]
+        cos = torch.nn.functional.cosine_similarity(torch.tensor(r["embeddings"]), reference).min().item()
+        print(f"| {variant} | {r['footprint_mib']:.1f} | {r['footprint_mib'] / results['fp32']['footprint_mib']:.2f}x "
+              f"| {r['peak_rss_mib']:.0f} | {r['query_bytes'] / 1024:.0f} KiB {r['query_dtype']} | {cos:.4f} |")
+
+
+if __name__ == "__main__":
+    main()
