@@ -27,7 +27,8 @@ def build_bench_qwen3_vl(out_dir: str | Path | None = None, text_hidden: int = 6
     heads, head_dim = text_hidden // 64, 64
     config = Qwen3VLConfig(
         text_config=dict(vocab_size=len(tokenizer), hidden_size=text_hidden, intermediate_size=4 * text_hidden,
-                         num_hidden_layers=text_layers, num_attention_heads=heads, num_key_value_heads=max(1, heads // 2),
+                         num_hidden_layers=text_layers, num_attention_heads=heads,
+                         num_key_value_heads=max(1, heads // 2),
                          head_dim=head_dim, max_position_embeddings=8192,
                          rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [16, 8, 8],
                                           "mrope_interleaved": True},
