@@ -327,7 +327,7 @@ def test_4bit_backbone_on_cpu_with_fp32_queries(tiny_backbone_path, tmp_path):
     # bitsandbytes' CPU 4-bit kernel needs in_features >= its block size (64); the tiny vision tower is 32 wide, so
     # it stays unquantised here (real backbones are far wider). The whole text model is quantised.
     quant = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.float32,
-                               llm_int8_skip_modules=["visual", "lm_head"])
+                               llm_int8_skip_modules=["model.visual", "lm_head"])
     model = SLQModel.from_backbone(tiny_backbone_path("qwen3_vl"), num_queries=NUM_QUERIES, quantization_config=quant)
     assert any(isinstance(m, Linear4bit) for m in model.backbone.modules())
     assert model.queries.dtype == torch.float32 and model.queries.requires_grad
