@@ -1,0 +1,100 @@
+"""`slq-hf eval`: image-text retrieval evaluation of a saved SLQ folder."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+DESCRIPTION = """\
+Evaluate a saved SLQ model on an image-text retrieval set: Recall@1/5/10 both ways (image->text is a hit when any
+of the image's captions is in the top k), mean/median rank, recall with duplicate captions counted as hits,
+composed image retrieval when the data has (reference, text, target) queries, and the modality gap
+||mean(img) - mean(txt)|| with a PCA figure. Prints a table; writes results JSON and the PNG.
+
+Data formats (--format, guessed from the path by default):
+  karpathy  Karpathy-split JSON (dataset_coco.json, dataset_flickr30k.json); images at
+            IMAGE_ROOT/filepath/filename (IMAGE_ROOT defaults to the JSON's folder).
+  jsonl     one object a line, image paths relative to the file: {"image": "a.jpg", "text": "..."} (or "texts":
+            [...]); composed queries {"reference": "a.jpg", "text": "make it red", "target": "b.jpg"}.
+  karr      KARR-Bench layout, one line per image: {"image": "a.png", "knowledge": "...", "caption": "..."?}.
+  hf        a `datasets` folder (save_to_disk, or one load_dataset reads) with image and text columns.
+An optional "split" field on jsonl/karr lines is filtered by --split.
+"""
+
+EPILOG = """\
+example:
+  slq-hf eval --model slq-qwen3vl-2b --data flickr30k/dataset_flickr30k.json --image-root flickr30k/images \\
+      --split test --output results.json --gap-plot gap.png --cache-dir .slq_cache
+"""
+
+
+def add_parser(subparsers) -> argparse.ArgumentParser:
+    parser = subparsers.add_parser("eval", help="image-text retrieval evaluation (recall, ranks, modality gap)",
+                                   description=DESCRIPTION, epilog=EPILOG,
+                                   formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", required=True, metavar="DIR", help="saved SLQ folder (or Hub id)")
+    parser.add_argument("--data", required=True, metavar="PATH", help="data file or datasets folder")
+    parser.add_argument("--format", choices=["auto", "karpathy", "jsonl", "karr", "hf"], default="auto",
+                        help="data layout (default: guessed from PATH)")
+    parser.add_argument("--split", default="test", help="split to evaluate; 'all' for every line (default: test)")
+    parser.add_argument("--image-root", metavar="DIR", help="karpathy: folder holding filepath/filename")
+    parser.add_argument("--text-field", choices=["knowledge", "caption"], default="knowledge",
+                        help="karr: which caption to retrieve with (default: knowledge)")
+    parser.add_argument("--image-column", help="hf: image column (default: detected)")
+    parser.add_argument("--text-column", help="hf: text column (default: detected)")
+    parser.add_argument("--max-captions", type=int, metavar="N", help="karpathy: keep at most N captions per image")
+    parser.add_argument("--output", metavar="JSON", help="write the results here")
+    parser.add_argument("--gap-plot", metavar="PNG", help="write the modality-gap PCA figure here")
+    parser.add_argument("--cache-dir", metavar="DIR", help="reuse/store embeddings here (safetensors)")
+    parser.add_argument("--batch-size", type=int, default=16, help="encode batch size (default: 16)")
+    parser.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
+    parser.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    parser.set_defaults(func=run)
+    return parser
+
+
+def run(args: argparse.Namespace) -> int:
+    from ..evaluation import (
+        DataFormatError,
+        evaluate_retrieval,
+        format_results_table,
+        load_retrieval_dataset,
+        save_results_json,
+    )
+
+    if args.batch_size < 1:
+        print(f"slq-hf eval: error: --batch-size must be positive, got {args.batch_size}.", file=sys.stderr)
+        return 2
+    split = None if args.split == "all" else args.split
+    try:
+        dataset = load_retrieval_dataset(args.data, args.format, split, image_root=args.image_root,
+                                         text_field=args.text_field, image_column=args.image_column,
+                                         text_column=args.text_column, max_captions=args.max_captions)
+    except (DataFormatError, OSError, ValueError) as err:
+        print(f"slq-hf eval: error: {err}", file=sys.stderr)
+        return 2
+
+    import torch
+
+    from .. import SLQModel
+
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        model = SLQModel.from_pretrained(args.model).to(device)
+    except (OSError, ValueError) as err:
+        print(f"slq-hf eval: error: cannot load the SLQ model from {args.model!r}: {err}", file=sys.stderr)
+        return 2
+    print(f"Evaluating {args.model} on {dataset!r}", file=sys.stderr)
+    result = evaluate_retrieval(model, dataset, batch_size=args.batch_size, cache_dir=args.cache_dir,
+                                gap_plot=args.gap_plot, show_progress_bar=False if args.no_progress else None)
+    result["model"] = {"path": str(args.model), "backbone": model.config.backbone_name_or_path,
+                       "num_queries": model.config.num_queries}
+    result["data"] = {"path": str(args.data), "format": args.format, "split": args.split}
+    print(format_results_table(result))
+    if args.gap_plot and result["gap_plot"] is None:
+        print("(no captions in the data: modality-gap figure skipped)", file=sys.stderr)
+    if args.output:
+        print(f"results: {save_results_json(result, args.output)}", file=sys.stderr)
+    if result["gap_plot"]:
+        print(f"modality-gap figure: {result['gap_plot']}", file=sys.stderr)
+    return 0

@@ -1,0 +1,241 @@
+"""Streaming, cached encoding of evaluation inputs.
+
+Anything that embeds can be evaluated:
+
+- an object with ``encode(inputs, batch_size=..., show_progress_bar=...)`` returning an (N, D) tensor or array
+  (``SLQModel``, a ``SentenceTransformer``);
+- a plain callable ``fn(inputs) -> (N, D)`` (e.g. a last-token-pooling baseline written in a few lines).
+
+Inputs reach the model as texts (``str``; ``{"text": str}`` for SLQModel, so a caption such as "cat.png" is never
+mistaken for a path), PIL images, and ``{"image": PIL, "text": str}`` composed queries. Images are opened one chunk
+at a time, so a 5k-image test set never sits decoded in memory.
+
+Cache: with ``cache_dir`` the embeddings of each input list are stored as safetensors under a key derived from the
+model's weights (a fingerprint, see :func:`model_fingerprint`) and the inputs' content (texts, image file path +
+size + mtime, or image pixels), so re-running an evaluation, or evaluating another caption set on the same images,
+skips the image encoding.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import time
+import warnings
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from PIL import Image
+
+from ..processing import load_image
+from .data import DatasetImage, ImageSource
+
+CACHE_VERSION = "1"
+# Tensors up to this many elements are hashed whole; larger ones (backbone matrices) at evenly spaced samples, so
+# fingerprinting a 2B-parameter backbone costs milliseconds, not a full pass over its weights.
+_FULL_HASH_ELEMENTS = 1 << 20
+_SAMPLES_PER_TENSOR = 1 << 14
+
+Encoder = Any  # object with .encode(...) or a callable; see the module docstring
+
+
+def _tensor_digest(hasher, name: str, tensor: torch.Tensor) -> None:
+    hasher.update(f"{name}|{tuple(tensor.shape)}|{tensor.dtype}|".encode())
+    if tensor.device.type == "meta":
+        return
+    flat = tensor.detach().reshape(-1)
+    if flat.numel() > _FULL_HASH_ELEMENTS:
+        index = torch.linspace(0, flat.numel() - 1, _SAMPLES_PER_TENSOR, device=flat.device).long()
+        flat = flat[index]
+    flat = flat.cpu().contiguous()
+    if flat.dtype == torch.bool:
+        flat = flat.to(torch.uint8)
+    hasher.update(flat.view(torch.uint8).numpy().tobytes())
+
+
+def model_fingerprint(model: Encoder) -> str:
+    """A hex digest that changes when the model's weights, config or processor settings change.
+
+    ``nn.Module``: class name, config, processor settings, every state-dict tensor (sampled if large). A plain
+    callable has no inspectable state: pass ``model_id=`` to the encoders to cache it.
+    """
+    if not isinstance(model, torch.nn.Module):
+        raise ValueError(f"Cannot fingerprint a {type(model).__name__} for the embedding cache; pass model_id= "
+                         "(a string that changes whenever the model does) or no cache_dir.")
+    hasher = hashlib.sha256(f"{type(model).__module__}.{type(model).__qualname__}|".encode())
+    config = getattr(model, "config", None)
+    if config is not None and hasattr(config, "to_json_string"):
+        hasher.update(config.to_json_string(use_diff=False).encode())
+    processor = getattr(model, "processor", None)
+    if processor is not None and hasattr(processor, "to_json_string"):
+        try:
+            hasher.update(processor.to_json_string().encode())
+        except (TypeError, ValueError):  # a processor with a non-serialisable attribute: its class still counts
+            hasher.update(type(processor).__qualname__.encode())
+    for name, tensor in model.state_dict().items():
+        _tensor_digest(hasher, name, tensor)
+    return hasher.hexdigest()
+
+
+def _source_key(source: ImageSource) -> str:
+    if isinstance(source, DatasetImage):
+        return source.key
+    if isinstance(source, Image.Image):
+        return "pixels:" + hashlib.sha1(f"{source.mode}{source.size}".encode() + source.tobytes()).hexdigest()
+    path = Path(source).expanduser()
+    try:
+        stat = path.stat()
+    except OSError as err:
+        raise FileNotFoundError(f"Image file not found: {path}") from err
+    # Path + size + mtime, as make does: re-hashing thousands of JPEGs on every run would cost more than encoding.
+    return f"file:{path.resolve()}:{stat.st_size}:{stat.st_mtime_ns}"
+
+
+def inputs_fingerprint(inputs: Sequence[Any]) -> str:
+    """Hex digest of an input list (str texts, image sources, or {"image", "text"} dicts), order included."""
+    hasher = hashlib.sha256()
+    for item in inputs:
+        if isinstance(item, str):
+            key = "text:" + item
+        elif isinstance(item, dict):
+            key = "pair:" + json.dumps({k: _source_key(v) if k == "image" else v for k, v in sorted(item.items())})
+        else:
+            key = "image:" + _source_key(item)
+        hasher.update(hashlib.sha256(key.encode()).digest())
+    return hasher.hexdigest()
+
+
+def _open(source: ImageSource) -> Image.Image:
+    if isinstance(source, DatasetImage):
+        return load_image(source.load())
+    return load_image(source)
+
+
+def _materialise(item: Any, wrap_text: bool) -> Any:
+    if isinstance(item, str):
+        return {"text": item} if wrap_text else item
+    if isinstance(item, dict):
+        return {"image": _open(item["image"]), "text": item["text"]}
+    return _open(item)
+
+
+def _call(model: Encoder, inputs: list, batch_size: int, instruction: str | None) -> torch.Tensor:
+    kwargs = {} if instruction is None else {"instruction": instruction}
+    if hasattr(model, "encode"):
+        out = model.encode(inputs, batch_size=batch_size, show_progress_bar=False, **kwargs)
+    elif callable(model):
+        out = model(inputs, **kwargs)
+    else:
+        raise TypeError(f"{type(model).__name__} can neither .encode(inputs) nor be called on inputs.")
+    out = torch.as_tensor(out).detach().float().cpu()
+    if out.ndim != 2 or out.shape[0] != len(inputs):
+        raise ValueError(f"The encoder returned shape {tuple(out.shape)} for {len(inputs)} inputs; expected "
+                         f"({len(inputs)}, D).")
+    return out
+
+
+def _is_slq(model: Encoder) -> bool:
+    from ..modeling.modeling_slq import SLQModel
+
+    return isinstance(model, SLQModel)
+
+
+def encode_inputs(
+    model: Encoder,
+    inputs: Sequence[Any],
+    *,
+    batch_size: int = 16,
+    chunk_size: int | None = None,
+    cache_dir: str | os.PathLike | None = None,
+    model_id: str | None = None,
+    instruction: str | None = None,
+    show_progress_bar: bool | None = None,
+    desc: str = "encode",
+    stats: dict | None = None,
+) -> torch.Tensor:
+    """Embed ``inputs`` chunk by chunk with a progress bar, reusing / filling the on-disk cache.
+
+    Args:
+        model: see the module docstring.
+        inputs: texts (str), image sources (path, PIL, :class:`DatasetImage`) or {"image", "text"} dicts.
+        batch_size: the model's batch size.
+        chunk_size: inputs opened and handed to the model at once (default 8 batches): bounds memory while letting
+            the model length-sort within a chunk.
+        cache_dir: folder for cached embeddings; None disables the cache.
+        model_id: cache identity of the model; by default :func:`model_fingerprint`.
+        instruction: passed to ``encode(..., instruction=)`` when given (SLQModel prompt prefix).
+        show_progress_bar: None shows it only on an interactive terminal.
+        stats: if a dict is given, "seconds" and "cache" ("hit" | "miss" | "off") are written into it.
+
+    Returns:
+        float32 (N, D) on CPU, in input order.
+    """
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"batch_size={batch_size!r} is invalid; expected a positive integer.")
+    inputs = list(inputs)
+    started = time.perf_counter()
+    cache_path = key = None
+    if cache_dir is not None:
+        ident = model_id if model_id is not None else model_fingerprint(model)
+        key = hashlib.sha256(json.dumps([CACHE_VERSION, ident, instruction, inputs_fingerprint(inputs)]).encode())
+        key = key.hexdigest()
+        cache_path = Path(cache_dir) / f"{desc.replace(' ', '_')}-{key[:32]}.safetensors"
+        cached = _load_cached(cache_path, key, len(inputs))
+        if cached is not None:
+            if stats is not None:
+                stats.update(seconds=time.perf_counter() - started, cache="hit")
+            return cached
+
+    from tqdm.auto import tqdm
+
+    wrap_text = _is_slq(model)
+    chunk_size = chunk_size or batch_size * 8
+    parts = []
+    # tqdm's disable=None means "only on a terminal": progress lines would flood log files.
+    disable = None if show_progress_bar is None else not show_progress_bar
+    with tqdm(total=len(inputs), desc=desc, unit="item", disable=disable) as bar:
+        for start in range(0, len(inputs), chunk_size):
+            chunk = [_materialise(item, wrap_text) for item in inputs[start : start + chunk_size]]
+            parts.append(_call(model, chunk, batch_size, instruction))
+            bar.update(len(chunk))
+    out = torch.cat(parts) if parts else torch.empty(0, 0)
+    if not torch.isfinite(out).all():
+        raise ValueError(f"{desc}: the model produced NaN/Inf embeddings; check its weights and dtype.")
+    if cache_path is not None:
+        _save_cached(cache_path, key, out)
+    if stats is not None:
+        stats.update(seconds=time.perf_counter() - started, cache="miss" if cache_path else "off")
+    return out
+
+
+def _load_cached(path: Path, key: str, count: int) -> torch.Tensor | None:
+    if not path.is_file():
+        return None
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            meta = handle.metadata() or {}
+            tensor = handle.get_tensor("embeddings")
+    except Exception as err:  # a truncated or foreign file: recompute rather than fail the evaluation
+        warnings.warn(f"Ignoring unreadable embedding cache {path} ({err}); recomputing.", stacklevel=3)
+        return None
+    if meta.get("key") != key or tensor.ndim != 2 or tensor.shape[0] != count:
+        warnings.warn(f"Embedding cache {path} does not match its key; recomputing.", stacklevel=3)
+        return None
+    return tensor.float()
+
+
+def _save_cached(path: Path, key: str, embeddings: torch.Tensor) -> None:
+    from safetensors.torch import save_file
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    # Write then rename: an interrupted run never leaves a truncated cache file that looks valid.
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    save_file({"embeddings": embeddings.contiguous()}, str(tmp),
+              metadata={"key": key, "count": str(embeddings.shape[0]), "slq_hf_cache": CACHE_VERSION})
+    os.replace(tmp, path)
+
