@@ -28,6 +28,7 @@ from transformers.utils import logging as hf_logging
 
 from .backbones import backbone_spec, input_embedding_stats, pick_placeholder_token_id
 from .configuration_slq import SLQConfig
+from .prefix_cache import prefix_cache_query_states
 from .processing_slq import SLQInput, collate, to_items
 
 WEIGHTS_NAME = "model.safetensors"
@@ -363,11 +364,24 @@ class SLQModel(PreTrainedModel):
         backbone_inputs = {k: v for k, v in backbone_inputs.items() if v is not None}
         ids, mask, relaid = self._relay_left(input_ids, attention_mask, backbone_inputs)
         backbone_inputs.update(relaid)
+        if self._use_prefix_cache():
+            # Same result as the full forward, but backward only runs through the N_q query tokens (DESIGN.md).
+            n = self.config.num_queries
+            prompt_inputs = {k: v[:, :-n] if k in relaid else v for k, v in backbone_inputs.items()}
+            query_states = prefix_cache_query_states(self.backbone.base_model, self.spec, ids[:, :-n], mask[:, :-n],
+                                                     self.queries, prompt_inputs)  # (B, N_q, H)
+            return self.pool(query_states), query_states
         with self._inject(tuple(ids.shape), self.queries):
             out = self.backbone.base_model(input_ids=ids, attention_mask=mask, use_cache=False, return_dict=True,
                                            **backbone_inputs)
         query_states = out.last_hidden_state[:, -self.config.num_queries:]  # (B, N_q, H)
         return self.pool(query_states), query_states
+
+    def _use_prefix_cache(self) -> bool:
+        """Prefix cache only when it can pay off and is exact: a grad step on a frozen backbone. Inference keeps the
+        single full forward (no cache to build), and a trainable backbone needs gradients through the prompt."""
+        return (torch.is_grad_enabled() and self.config.training_path == "prefix_cache"
+                and not any(p.requires_grad for p in self.backbone.parameters()))
 
     def pool(self, query_states: torch.Tensor) -> torch.Tensor:
         """(B, N_q, H) -> (B, embedding_dim) float32: mean (or last) query, optional head, optional L2 norm."""

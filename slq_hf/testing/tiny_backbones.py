@@ -4,13 +4,13 @@ Each family is built from its REAL transformers config, model and processor clas
 tokenizer made by the ``tokenizers`` library and a chat template. ``build_tiny_backbone`` writes a folder that
 loads like a Hub checkpoint (``from_pretrained(path)``), so the same loading code runs in tests as for real models.
 
-Add a family: write a ``_family_name(tokenizer_factory) -> (model, processor)`` builder and one ``TINY_FAMILIES``
-row.
+Add a family: write a ``family() -> (model, processor)`` builder in a sibling module (``tiny_qwen``, ``tiny_llava``,
+``tiny_others``) and one ``TINY_FAMILIES`` row.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import importlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -47,60 +47,29 @@ def make_tokenizer(special_tokens: list[str], vocab_size: int = 384, **tokenizer
 
 @dataclass(frozen=True)
 class TinyFamily:
-    """A tiny backbone builder: returns (model, processor) with random weights for a fixed seed."""
+    """A tiny backbone: ``builder`` names a ``module:function`` in this package returning (model, processor)."""
 
     model_type: str
-    build: Callable[[], tuple[torch.nn.Module, object]]
+    builder: str
+
+    def build(self) -> tuple[torch.nn.Module, object]:
+        """Random weights (seed them first); the builder module is imported lazily, breaking the import cycle."""
+        module, name = self.builder.split(":")
+        return getattr(importlib.import_module(f"{__package__}.{module}"), name)()
 
 
-QWEN_SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>",
-                 "<|image_pad|>", "<|video_pad|>"]
-
-
-def _qwen_tokenizer() -> PreTrainedTokenizerFast:
-    return make_tokenizer(QWEN_SPECIALS, eos_token="<|im_end|>", pad_token="<|endoftext|>")
-
-
-def _qwen_template() -> str:
-    return CHATML_TEMPLATE.replace("{IMAGE}", "<|vision_start|><|image_pad|><|vision_end|>")
-
-
-def _qwen_image_processor(patch_size: int, merge: int = 2):
-    from transformers import Qwen2VLImageProcessor
-
-    unit = patch_size * merge
-    # Small pixel budget: a 64x64 image becomes a 2x2 merged grid, so tests stay fast.
-    return Qwen2VLImageProcessor(patch_size=patch_size, merge_size=merge, temporal_patch_size=2,
-                                 size={"shortest_edge": unit * unit, "longest_edge": (4 * unit) ** 2})
-
-
-def _qwen3_vl():
-    from transformers import Qwen3VLConfig, Qwen3VLForConditionalGeneration, Qwen3VLProcessor, Qwen3VLVideoProcessor
-
-    tokenizer = _qwen_tokenizer()
-    ids = {t: tokenizer.convert_tokens_to_ids(t) for t in QWEN_SPECIALS}
-    config = Qwen3VLConfig(
-        text_config=dict(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=2048,
-                         rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [4, 2, 2],
-                                          "mrope_interleaved": True},
-                         pad_token_id=ids["<|endoftext|>"]),
-        vision_config=dict(depth=2, hidden_size=32, intermediate_size=64, num_heads=2, patch_size=16,
-                           spatial_merge_size=2, temporal_patch_size=2, out_hidden_size=64,
-                           num_position_embeddings=16, deepstack_visual_indexes=[0]),
-        image_token_id=ids["<|image_pad|>"], video_token_id=ids["<|video_pad|>"],
-        vision_start_token_id=ids["<|vision_start|>"], vision_end_token_id=ids["<|vision_end|>"],
-        tie_word_embeddings=True,
-    )
-    model = Qwen3VLForConditionalGeneration(config)
-    processor = Qwen3VLProcessor(image_processor=_qwen_image_processor(16), tokenizer=tokenizer,
-                                 video_processor=Qwen3VLVideoProcessor(patch_size=16, merge_size=2),
-                                 chat_template=_qwen_template())
-    return model, processor
-
-
+# Builders live in sibling modules (``module:function``), imported only when a family is built.
 TINY_FAMILIES: dict[str, TinyFamily] = {
-    "qwen3_vl": TinyFamily("qwen3_vl", _qwen3_vl),
+    "qwen2_vl": TinyFamily("qwen2_vl", "tiny_qwen:qwen2_vl"),
+    "qwen2_5_vl": TinyFamily("qwen2_5_vl", "tiny_qwen:qwen2_5_vl"),
+    "qwen3_vl": TinyFamily("qwen3_vl", "tiny_qwen:qwen3_vl"),
+    "internvl": TinyFamily("internvl", "tiny_others:internvl"),
+    "llava": TinyFamily("llava", "tiny_llava:llava"),
+    "llava_next": TinyFamily("llava_next", "tiny_llava:llava_next"),
+    "llava_onevision": TinyFamily("llava_onevision", "tiny_llava:llava_onevision"),
+    "idefics3": TinyFamily("idefics3", "tiny_others:idefics3"),
+    "smolvlm": TinyFamily("smolvlm", "tiny_others:smolvlm"),
+    "gemma3": TinyFamily("gemma3", "tiny_others:gemma3"),
 }
 
 

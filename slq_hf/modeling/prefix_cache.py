@@ -1,0 +1,129 @@
+"""Training fast path: the prompt runs once without grad into a KV cache, only the queries run with grad.
+
+Queries sit after the last prompt token and attention is causal, so no prompt state depends on them: the prompt's
+keys/values are constants for the gradient. One step is
+
+1. the backbone's own base-model forward of the (left-padded) prompt under ``torch.no_grad()`` with
+   ``use_cache=True`` (images, DeepStack and M-RoPE handled by the backbone as usual);
+2. ONE grad pass of ``inputs_embeds = queries`` with that cache, a 2-D mask ``cat(prompt_mask, ones(Q))`` and
+   explicit position ids from ``positions.py`` (the backbone cannot infer them from embeddings alone).
+
+It equals the full forward of ``prompt + queries`` (DESIGN.md "Training fast path"), while the backward pass only
+goes through Q tokens per row. The cache is built and dropped inside one call: it is never reused across steps,
+where the prompt (or the backbone's stale ``rope_deltas``) would differ.
+
+Several query sets can share one prompt: pass a (K*N_q, H) block with ``offsets`` repeating ``arange(N_q)`` and a
+``query_mask`` that keeps each set causal within itself; every set then reads the same prompt at the same positions.
+
+Ships inside every checkpoint (remote code): torch/transformers + siblings only.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from .backbones import BackboneSpec
+from .positions import query_position_ids
+
+
+@torch.no_grad()
+def prompt_cache(base_model: torch.nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                 backbone_inputs: dict[str, Any]):
+    """Run the prompt through the base model without grad and return its KV cache.
+
+    Args:
+        base_model: the backbone's base model (``backbone.base_model``).
+        input_ids: (B, L) left-padded prompt ids.
+        attention_mask: (B, L) prompt mask.
+        backbone_inputs: pixel_values, image_grid_thw, mm_token_type_ids (B, L), ... for the prompt.
+
+    Returns:
+        The backbone's cache object (a ``DynamicCache``) holding L positions per layer.
+    """
+    out = base_model(input_ids=input_ids, attention_mask=attention_mask, use_cache=True, return_dict=True,
+                     **backbone_inputs)
+    cache = getattr(out, "past_key_values", None)
+    if cache is None:
+        raise RuntimeError(f"{type(base_model).__name__} returned no past_key_values with use_cache=True; use "
+                           "SLQConfig(training_path='full') for this backbone.")
+    return cache
+
+
+def block_query_mask(num_sets: int, num_queries: int, device: torch.device | None = None) -> torch.Tensor:
+    """(K*N_q, K*N_q) bool mask for K query sets on one prompt: each set causal within itself, blind to the others."""
+    causal = torch.ones(num_queries, num_queries, dtype=torch.bool, device=device).tril()
+    return torch.block_diag(*([causal] * num_sets))
+
+
+def _additive_mask(prompt_mask: torch.Tensor, query_mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """4-D additive mask (B, 1, Q, L + Q): rows may read every real prompt token and the queries ``query_mask``
+    allows. Additive floats (0 / dtype min) work for both the eager and the sdpa attention functions."""
+    batch, length = prompt_mask.shape
+    num = query_mask.shape[0]
+    allowed = torch.cat([prompt_mask.bool()[:, None, :].expand(batch, num, length),
+                         query_mask.to(prompt_mask.device).bool()[None].expand(batch, -1, -1)], dim=2)  # (B, Q, L+Q)
+    mask = torch.zeros(allowed.shape, dtype=dtype, device=prompt_mask.device)
+    return mask.masked_fill(~allowed, torch.finfo(dtype).min)[:, None]
+
+
+def prefix_cache_query_states(
+    base_model: torch.nn.Module,
+    spec: BackboneSpec,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    queries: torch.Tensor,
+    backbone_inputs: dict[str, Any] | None = None,
+    offsets: torch.Tensor | None = None,
+    query_mask: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Final hidden states of the queries appended to a prompt, computed with the prefix cache.
+
+    Args:
+        base_model: the backbone's base model (``backbone.base_model``); frozen.
+        spec: the backbone family's registry row (decides the position rule).
+        input_ids: (B, L) LEFT-padded prompt ids, no query slots (``SLQModel`` re-lays rows before calling).
+        attention_mask: (B, L) prompt mask.
+        queries: (Q, H) shared by every row, or (B, Q, H); fp32 parameters are cast to the backbone's dtype.
+            Q = N_q for one query set, K*N_q for K sets.
+        backbone_inputs: the prompt's other processor outputs (pixel_values, image_grid_thw, mm_token_type_ids
+            (B, L), ...), already re-laid like the ids.
+        offsets: (Q,) position offset of each query from the first query slot; default ``arange(Q)``. For K sets
+            use ``arange(N_q).repeat(K)``.
+        query_mask: optional (Q, Q) bool, True where query i may attend to query j (e.g. :func:`block_query_mask`).
+            Default: causal over all Q queries, passed as a 2-D mask so the backbone builds its own causal mask. A
+            custom mask goes in as a 4-D additive mask: backbones with sliding-window layers (Gemma 3) refuse it.
+
+    Returns:
+        (B, Q, H) final (post-norm) hidden states at the query positions, in the backbone's dtype, with grad to
+        ``queries`` only.
+    """
+    backbone_inputs = backbone_inputs or {}
+    batch, length = input_ids.shape
+    dtype = base_model.get_input_embeddings().weight.dtype
+    if queries.ndim == 2:
+        queries = queries.unsqueeze(0).expand(batch, -1, -1)  # (B, Q, H)
+    num = queries.shape[1]
+    if offsets is None:
+        offsets = torch.arange(num, device=input_ids.device)
+    if offsets.shape != (num,):
+        raise ValueError(f"offsets has shape {tuple(offsets.shape)}; expected ({num},), one per query.")
+    # Positions first: they come from the ids and grids, and a missing input fails before the expensive pass.
+    positions = query_position_ids(base_model, spec, input_ids, attention_mask, backbone_inputs, offsets=offsets)
+
+    cache = prompt_cache(base_model, input_ids, attention_mask, backbone_inputs)
+    if query_mask is None:
+        mask = torch.cat([attention_mask, attention_mask.new_ones(batch, num)], dim=1)  # (B, L + Q)
+    else:
+        if query_mask.shape != (num, num):
+            raise ValueError(f"query_mask has shape {tuple(query_mask.shape)}; expected ({num}, {num}).")
+        if any(getattr(cache, "is_sliding", ())):
+            # A sliding-window layer keeps only its last window of prompt keys, so one (L + Q)-wide 4-D mask cannot
+            # serve it; the backbone's own 2-D mask handling does (the default path), one query set per call.
+            raise ValueError(f"query_mask is not supported on {spec.family}: it has sliding-window attention layers. "
+                             "Run one query set per call instead.")
+        mask = _additive_mask(attention_mask, query_mask, dtype)  # (B, 1, Q, L + Q)
+    out = base_model(inputs_embeds=queries.to(dtype), attention_mask=mask, past_key_values=cache,
+                     position_ids=positions, use_cache=True, return_dict=True)
+    return out.last_hidden_state  # (B, Q, H)
