@@ -3,8 +3,10 @@
 from transformers import AutoConfig, AutoModel
 
 from .modeling import SLQConfig, SLQModel, SLQModelOutput
+from .modeling.version import SLQ_HF_VERSION
 
-__version__ = "0.1.0"
+# One source of truth: the modeling package (copied into checkpoints) stamps the same version into config.json.
+__version__ = SLQ_HF_VERSION
 
 # Registering makes AutoConfig/AutoModel.from_pretrained(slq_dir) work without trust_remote_code once slq_hf is
 # imported; exist_ok because remote-code loading may already have registered the same names.

@@ -14,6 +14,9 @@ import sys
 # name -> module. Order = order in `slq-hf --help`.
 COMMANDS: dict[str, str] = {
     "eval": "slq_hf.commands.eval",
+    "export": "slq_hf.commands.export",
+    "push": "slq_hf.commands.push",
+    "convert-reference": "slq_hf.commands.convert_reference",
 }
 
 

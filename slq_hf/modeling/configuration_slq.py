@@ -6,9 +6,14 @@ modules of ``slq_hf/modeling``.
 
 from __future__ import annotations
 
+import re
+import warnings
 from typing import Any
 
+import torch
 from transformers import PretrainedConfig
+
+from .version import SLQ_HF_VERSION
 
 POOLING_CHOICES = ("mean", "last")
 QUERY_INIT_CHOICES = ("normal", "vocab")
@@ -18,6 +23,30 @@ TRAINING_PATH_CHOICES = ("prefix_cache", "full")
 def _check_choice(name: str, value: Any, allowed: tuple[str, ...]) -> None:
     if value not in allowed:
         raise ValueError(f"SLQConfig: `{name}`={value!r} is not supported; allowed values are {list(allowed)}.")
+
+
+# Keys that are not SLQConfig fields but that transformers itself writes into, or consumes from, config.json.
+_TRANSFORMERS_KEYS = frozenset({
+    "model_type", "auto_map", "custom_pipelines", "torch_dtype", "name_or_path", "output_attentions",
+    "attn_implementation", "experts_implementation", "per_layer_config", "num_labels", "quantization_config",
+    "rope_scaling", "rope_theta",
+})
+
+
+def _generation_keys() -> frozenset[str]:
+    # PretrainedConfig silently pops generation parameters from old configs; they are not SLQ keys either way.
+    try:
+        from transformers import GenerationConfig
+
+        return frozenset(GenerationConfig._get_default_generation_params())
+    except Exception:  # private helper: if it moves, unknown generation keys merely trigger the warning
+        return frozenset()
+
+
+def _version_tuple(version: str) -> tuple[int, ...]:
+    """'0.2.0.dev1' -> (0, 2, 0): the numeric release part, enough to tell an older release from a newer one."""
+    match = re.match(r"\d+(\.\d+)*", version.strip())
+    return tuple(int(part) for part in match.group(0).split(".")) if match else ()
 
 
 def _check_positive_int(name: str, value: Any, allow_none: bool = False) -> None:
@@ -66,8 +95,13 @@ class SLQConfig(PretrainedConfig):
     projection_dim: int | None = None
     training_path: str = "prefix_cache"
     placeholder_token_id: int | None = None
+    # Library versions that wrote config.json: stamped by `to_dict` on every save, compared with ours on load.
+    slq_hf_version: str | None = None
+    torch_version: str | None = None
 
     def __post_init__(self, **kwargs):
+        self._check_written_by_version()
+        kwargs = self._drop_unknown_keys(kwargs)
         _check_positive_int("num_queries", self.num_queries)
         _check_positive_int("hidden_size", self.hidden_size, allow_none=True)
         _check_positive_int("projection_dim", self.projection_dim, allow_none=True)
@@ -86,6 +120,48 @@ class SLQConfig(PretrainedConfig):
                 "a local path (str)."
             )
         super().__post_init__(**kwargs)
+
+    def _check_written_by_version(self) -> None:
+        written = self.slq_hf_version
+        if written is None:
+            return
+        if not isinstance(written, str):
+            raise ValueError(f"SLQConfig: `slq_hf_version`={written!r} is invalid; expected a version string.")
+        if _version_tuple(written) > _version_tuple(SLQ_HF_VERSION):
+            warnings.warn(
+                f"This SLQ config was written by slq_hf {written}, but slq_hf {SLQ_HF_VERSION} is installed. Newer "
+                "releases may store options this one ignores; upgrade slq_hf (pip install -U slq_hf) if loading "
+                "fails or embeddings differ.",
+                UserWarning,
+                stacklevel=3,
+            )
+
+    def _drop_unknown_keys(self, kwargs: dict[str, Any]) -> dict[str, Any]:
+        """Drop keys that no SLQConfig field or transformers itself knows: most likely options of a newer slq_hf.
+
+        Keeping them as attributes (transformers' default) would pretend they have an effect; dropping them loudly
+        tells the user that this release cannot honour them.
+        """
+        generation_keys = _generation_keys()
+        unknown = sorted(k for k in kwargs
+                         if k not in _TRANSFORMERS_KEYS and k not in generation_keys and not k.startswith("_"))
+        if unknown:
+            written = f" (written by slq_hf {self.slq_hf_version})" if self.slq_hf_version else ""
+            warnings.warn(
+                f"SLQConfig: ignoring unknown config key(s) {unknown}{written}. This slq_hf {SLQ_HF_VERSION} does not "
+                "know them; they probably come from a newer slq_hf. Upgrade slq_hf (pip install -U slq_hf) to use "
+                "them.",
+                UserWarning,
+                stacklevel=3,
+            )
+        return {k: v for k, v in kwargs.items() if k not in unknown}
+
+    def to_dict(self) -> dict[str, Any]:
+        """Serialise, stamping the slq_hf and torch versions of the writer (transformers stamps its own)."""
+        output = super().to_dict()
+        output["slq_hf_version"] = SLQ_HF_VERSION
+        output["torch_version"] = str(torch.__version__)
+        return output
 
     @property
     def embedding_dim(self) -> int | None:

@@ -297,6 +297,42 @@ class SLQModel(PreTrainedModel):
         if self.processor is not None:
             self.processor.save_pretrained(out)
 
+    def push_to_hub(
+        self,
+        repo_id: str,
+        *,
+        commit_message: str | None = None,
+        commit_description: str | None = None,
+        private: bool | None = None,
+        token: bool | str | None = None,
+        revision: str | None = None,
+        create_pr: bool = False,
+        tags: list[str] | None = None,
+        **kwargs,
+    ) -> str:
+        """Upload the queries-only SLQ folder (what :meth:`save_pretrained` writes) to ``repo_id`` on the Hub.
+
+        The folder is saved to a temporary directory, checked (nothing that looks like backbone weights may go up)
+        and committed with huggingface_hub. A short model card is added only when the repository has no README.md
+        yet; ``slq-hf export`` + ``slq-hf push`` publish the full card with evaluation results. Serialization options
+        of ``PreTrainedModel.push_to_hub`` (``max_shard_size``, ...) are accepted and ignored: there is one small file.
+
+        Returns:
+            huggingface_hub's ``CommitInfo`` (a ``str`` holding the commit URL).
+        """
+        import tempfile
+
+        # Imported here so loading a checkpoint never needs the upload code path.
+        from .upload import default_model_card, remote_has_readme, upload_slq_folder
+
+        with tempfile.TemporaryDirectory() as tmp:
+            self.save_pretrained(tmp)
+            if not remote_has_readme(repo_id, token=token, revision=revision):
+                Path(tmp, "README.md").write_text(default_model_card(self.config, repo_id, tags), encoding="utf8")
+            return upload_slq_folder(tmp, repo_id, private=private, token=token, revision=revision,
+                                     create_pr=create_pr, commit_message=commit_message,
+                                     commit_description=commit_description)
+
     def load_state_dict(self, state_dict: dict[str, torch.Tensor], strict: bool = True, assign: bool = False):
         """Accept full or queries-only state dicts (Trainer resume): backbone keys are never required."""
         own = {k: v for k, v in state_dict.items() if not k.startswith("backbone.")}

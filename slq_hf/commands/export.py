@@ -1,0 +1,75 @@
+"""`slq-hf export`: turn a saved SLQ folder into a hub-ready folder with a filled-in model card."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+DESCRIPTION = """\
+Make a hub-ready copy of a saved SLQ folder (from save_pretrained, the Trainer or `slq-hf convert-reference`).
+The backbone is NOT loaded or copied. HUB_DIR gets:
+  config.json            backbone id and revision pinned, slq_hf/transformers/torch versions stamped
+  model.safetensors      the queries (+ temperature, optional head) only, checked against config.json
+  *.py                   the SLQ modeling code, for AutoModel.from_pretrained(..., trust_remote_code=True)
+  processor files        tokenizer, image processor, chat template
+  sentence-transformers  modules.json, sentence_bert_config.json, config_sentence_transformers.json
+  README.md              the model card, rendered from MODEL_CARD.md
+Everything else in DIR (optimizer state, training arguments, checkpoints) is left out.
+
+The card's evaluation section and model-index hold exactly the numbers in --eval-results (the JSON `slq-hf eval
+--output` writes; recall values are fractions, shown as percent). Without it the card says that no evaluation
+results were provided: no number is ever made up.
+"""
+
+EPILOG = """\
+example:
+  slq-hf eval --model runs/slq-qwen3vl-2b --data flickr30k/dataset_flickr30k.json --output results.json
+  slq-hf export runs/slq-qwen3vl-2b --out hub/slq-qwen3vl-2b --eval-results results.json \\
+      --backbone Qwen/Qwen3-VL-2B-Instruct --backbone-revision <commit> --repo-id my-org/slq-qwen3vl-2b
+  slq-hf push hub/slq-qwen3vl-2b --repo-id my-org/slq-qwen3vl-2b
+"""
+
+
+def add_parser(subparsers) -> argparse.ArgumentParser:
+    parser = subparsers.add_parser("export", help="make a hub-ready folder (queries only + model card)",
+                                   description=DESCRIPTION, epilog=EPILOG,
+                                   formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("model_dir", metavar="DIR", help="saved SLQ folder (config.json + model.safetensors)")
+    parser.add_argument("--out", required=True, metavar="HUB_DIR", help="folder to write (new or empty)")
+    parser.add_argument("--eval-results", metavar="JSON", help="results JSON from `slq-hf eval --output`")
+    parser.add_argument("--training-info", metavar="JSON",
+                        help="JSON object of training facts for the card (dataset, steps, learning_rate...); "
+                             "default: steps/epochs from DIR/trainer_state.json if present")
+    parser.add_argument("--backbone", metavar="ID", help="re-pin the backbone Hub id (e.g. replace a local path)")
+    parser.add_argument("--backbone-revision", metavar="REV", help="pin the backbone revision (a commit sha)")
+    parser.add_argument("--repo-id", metavar="ORG/NAME", help="Hub id the card's usage snippets load")
+    parser.add_argument("--model-name", help="title of the model card (default: name of HUB_DIR)")
+    parser.add_argument("--license", help="licence id for the card (default: placeholder pointing at the backbone's)")
+    parser.add_argument("--template", metavar="MD", help="model card template (default: MODEL_CARD.md of slq_hf)")
+    parser.add_argument("--overwrite", action="store_true", help="replace HUB_DIR if it holds a previous export")
+    parser.set_defaults(func=run)
+    return parser
+
+
+def run(args: argparse.Namespace) -> int:
+    import warnings
+
+    from ..hub import export
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        try:
+            files = export(args.model_dir, args.out, eval_results=args.eval_results, training_info=args.training_info,
+                           backbone=args.backbone, backbone_revision=args.backbone_revision, repo_id=args.repo_id,
+                           model_name=args.model_name, license=args.license, template=args.template,
+                           overwrite=args.overwrite)
+        except (OSError, ValueError) as err:
+            print(f"slq-hf export: error: {err}", file=sys.stderr)
+            return 2
+    for warning in caught:
+        if issubclass(warning.category, UserWarning):
+            print(f"slq-hf export: warning: {warning.message}", file=sys.stderr)
+    print(f"Exported {args.model_dir} -> {args.out} ({len(files)} files):")
+    for name in files:
+        print(f"  {name}")
+    return 0
