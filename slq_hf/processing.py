@@ -6,24 +6,32 @@ remote-code checkpoints too.
 
 from .modeling.processing_slq import (
     IMAGE_EXTENSIONS,
+    ImageBudget,
     SLQInput,
     SLQInputError,
     SLQItem,
     build_messages,
     collate,
+    fit_image,
+    image_budget,
     load_image,
+    prompt_length_limit,
     to_item,
     to_items,
 )
 
 __all__ = [
     "IMAGE_EXTENSIONS",
+    "ImageBudget",
     "SLQInput",
     "SLQInputError",
     "SLQItem",
     "build_messages",
     "collate",
+    "fit_image",
+    "image_budget",
     "load_image",
+    "prompt_length_limit",
     "to_item",
     "to_items",
 ]

@@ -29,7 +29,7 @@ from transformers.utils import logging as hf_logging
 from .backbones import backbone_spec, input_embedding_stats, pick_placeholder_token_id
 from .configuration_slq import SLQConfig
 from .prefix_cache import prefix_cache_query_states
-from .processing_slq import SLQInput, collate, to_items
+from .processing_slq import SLQInput, collate, image_budget, prompt_length_limit, to_items
 
 WEIGHTS_NAME = "model.safetensors"
 # CLIP clamps its learnable logit scale at 100 (temperature >= 0.01) to keep training stable.
@@ -477,7 +477,9 @@ class SLQModel(PreTrainedModel):
             raise ValueError("This SLQModel has no processor; pass processor= to from_backbone/from_pretrained.")
         if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
             raise ValueError(f"batch_size={batch_size!r} is invalid; expected a positive integer.")
-        items = to_items(inputs)
+        # Huge images are shrunk to the processor's budget while loading (JPEGs decode at reduced scale).
+        items = to_items(inputs, budget=image_budget(self.processor))
+        max_length = self.max_prompt_length()
         out = torch.empty(len(items), self.config.embedding_dim, dtype=torch.float32)
         if not items:
             return out
@@ -489,10 +491,15 @@ class SLQModel(PreTrainedModel):
 
         for start in tqdm(starts, desc="SLQ encode", unit="batch", disable=not show_progress_bar):
             index = order[start : start + batch_size]
-            batch = collate(self.processor, [items[i] for i in index], instruction)
+            batch = collate(self.processor, [items[i] for i in index], instruction, max_length=max_length)
             batch = {k: v.to(self.device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
             out[index] = self(**batch).pooler_output.float().cpu()
         return out
+
+    def max_prompt_length(self) -> int | None:
+        """Longest prompt (tokens) that leaves room for the queries within the backbone's positions; ``collate``
+        truncates longer user texts to it (with a warning), keeping the chat template's generation prompt."""
+        return prompt_length_limit(self.backbone.config, self.processor, reserved=self.config.num_queries)
 
     @property
     def device(self) -> torch.device:
