@@ -13,6 +13,7 @@ import sys
 
 # name -> module. Order = order in `slq-hf --help`.
 COMMANDS: dict[str, str] = {
+    "train": "slq_hf.commands.train",
     "eval": "slq_hf.commands.eval",
     "export": "slq_hf.commands.export",
     "push": "slq_hf.commands.push",

@@ -13,6 +13,7 @@ from __future__ import annotations
 import math
 import os
 import shutil
+import sys
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,6 +29,7 @@ from transformers.utils import logging as hf_logging
 
 from .backbones import backbone_spec, input_embedding_stats, pick_placeholder_token_id
 from .configuration_slq import SLQConfig
+from .losses import symmetric_infonce
 from .prefix_cache import prefix_cache_query_states
 from .processing_slq import SLQInput, collate, image_budget, prompt_length_limit, to_items
 
@@ -437,23 +439,63 @@ class SLQModel(PreTrainedModel):
         image_grid_thw: torch.Tensor | None = None,
         mm_token_type_ids: torch.Tensor | None = None,
         task: str | None = None,
+        return_loss: bool = True,
+        query_sets: list[str] | None = None,
         **other_backbone_inputs,
-    ) -> SLQModelOutput:
-        """Embed a processed batch.
+    ) -> SLQModelOutput | SLQQuerySetsOutput:
+        """Embed a processed batch; with a pair batch, also compute the contrastive loss.
+
+        Pair batches (what ``slq_hf.training.SLQDataCollator`` builds): the plain keys hold the query side of each
+        pair, the same keys prefixed ``positive_`` (``positive_input_ids``, ``positive_pixel_values``, ...) hold the
+        positive side, row-aligned, and keys prefixed ``negative_`` optionally hold M hard negatives.
 
         Args:
             input_ids: (B, L) prompt ids from the backbone's processor (left or right padding).
             attention_mask: (B, L).
-            pixel_values / image_grid_thw / mm_token_type_ids / **other_backbone_inputs: as returned by the processor.
-            task: accepted for sentence-transformers' query/document prompts; one query set serves every task.
+            pixel_values / image_grid_thw / mm_token_type_ids / **other_backbone_inputs: as returned by the processor,
+                plus the ``positive_*`` / ``negative_*`` sides of a pair batch.
+            task: sentence-transformers' ``encode_query`` / ``encode_document`` pass ``"query"`` / ``"document"``:
+                the query set of that name is used when the model has one, else the active set.
+            return_loss: compute the symmetric InfoNCE (``slq_hf/modeling/losses.py``) when a positive side is
+                given; negatives are gathered across ranks under torch.distributed.
+            query_sets: names of several query sets to run on ONE prompt pass per side (``query_sets.py``); the
+                result is then an ``SLQQuerySetsOutput`` keyed by set name, with one loss per set (``loss`` is their
+                mean). Pair batches also use ``model.joint_query_sets`` when this is not given.
 
         Returns:
-            SLQModelOutput with ``pooler_output`` (B, embedding_dim) and ``query_states`` (B, N_q, H).
+            SLQModelOutput with ``pooler_output`` (B, embedding_dim) and ``query_states`` (B, N_q, H); for pair
+            batches also ``positive_pooler_output`` (B, embedding_dim), ``loss`` () and ``accuracy`` ().
         """
+        if torch.is_grad_enabled() and not getattr(self, "_grad_safe_4bit", False):
+            _keep_4bit_layers_differentiable(self.backbone)
+            self._grad_safe_4bit = True
+        task_set = self.query_set_for_task(task)
+        if task_set is not None and query_sets is None and task_set != self.active_query_set:
+            with self.use_query_set(task_set):
+                return self.forward(input_ids, attention_mask, pixel_values, image_grid_thw, mm_token_type_ids,
+                                    return_loss=return_loss, **other_backbone_inputs)
+        sides = _split_pair_sides(other_backbone_inputs)
+        if query_sets is not None or (self.joint_query_sets and "positive" in sides):
+            return self.forward_query_sets(query_sets or self.joint_query_sets, sides, return_loss,
+                                           input_ids=input_ids, attention_mask=attention_mask,
+                                           pixel_values=pixel_values, image_grid_thw=image_grid_thw,
+                                           mm_token_type_ids=mm_token_type_ids, **other_backbone_inputs)
         pooled, query_states = self.embed(input_ids, attention_mask, pixel_values=pixel_values,
                                           image_grid_thw=image_grid_thw, mm_token_type_ids=mm_token_type_ids,
                                           **other_backbone_inputs)
-        return SLQModelOutput(pooler_output=pooled, query_states=query_states)
+        if "positive" not in sides:
+            return SLQModelOutput(pooler_output=pooled, query_states=query_states)
+        positive = self.embed(**sides["positive"])[0]  # (B, D)
+        if positive.shape != pooled.shape:
+            raise ValueError(f"The positive side has {positive.shape[0]} rows but the query side has "
+                             f"{pooled.shape[0]}; a pair batch needs one positive per query (row i pairs with row i).")
+        negative = self.embed(**sides["negative"])[0] if "negative" in sides else None  # (M, D)
+        loss = accuracy = None
+        if return_loss:
+            result = symmetric_infonce(pooled, positive, self.logit_scale, negative, max_logit_scale=MAX_LOGIT_SCALE)
+            loss, accuracy = result.loss, result.accuracy
+        return SLQModelOutput(loss=loss, pooler_output=pooled, query_states=query_states, accuracy=accuracy,
+                              positive_pooler_output=positive)
 
     # ------------------------------------------------------------------------------------------------------- encode
     @torch.inference_mode()
@@ -505,8 +547,64 @@ class SLQModel(PreTrainedModel):
     def device(self) -> torch.device:
         return self.queries.device
 
+    def train(self, mode: bool = True) -> SLQModel:
+        """Switch SLQ's own modules to train mode; a frozen backbone stays in eval mode.
+
+        The Trainer calls ``model.train()`` every step. A frozen backbone with dropout would then compute a different
+        (random) function than at inference, and two runs of the same step would disagree.
+        """
+        super().train(mode)
+        if not any(p.requires_grad for p in self.backbone.parameters()):
+            self.backbone.eval()
+        return self
+
 
 # ------------------------------------------------------------------------------------------------------- helpers
+PAIR_SIDES = ("positive", "negative")
+
+
+def _split_pair_sides(inputs: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """Pop the ``positive_*`` / ``negative_*`` keys of a pair batch out of ``inputs`` (in place).
+
+    Returns {"positive": {"input_ids": ..., ...}, "negative": {...}} with the prefixes stripped; sides not present
+    are absent.
+    """
+    sides: dict[str, dict[str, Any]] = {}
+    for key in [k for k in inputs if k.startswith(tuple(f"{side}_" for side in PAIR_SIDES))]:
+        side, name = key.split("_", 1)
+        sides.setdefault(side, {})[name] = inputs.pop(key)
+    for side, values in sides.items():
+        if "input_ids" not in values:
+            raise ValueError(f"The batch has {sorted(f'{side}_{k}' for k in values)} but no {side}_input_ids; build "
+                             "pair batches with slq_hf.training.SLQDataCollator.")
+    if "negative" in sides and "positive" not in sides:
+        raise ValueError("The batch has negative_* inputs but no positive_* side; hard negatives need pairs.")
+    return sides
+
+
+def _keep_4bit_layers_differentiable(backbone: nn.Module) -> None:
+    """Stop bitsandbytes' CPU 4-bit layers from switching to their inference-only kernel.
+
+    On CPUs with AVX512-BF16, a ``Linear4bit`` that runs in eval mode on an input without grad (the frozen backbone
+    at inference, or the prompt pass of the prefix cache) repacks its weight for a kernel that has no backward. Every
+    later call uses that kernel, and the gradient to the queries then silently skips those layers. Duck-typed on
+    bitsandbytes' attributes so this file imports nothing from it.
+    """
+    for module in backbone.modules():
+        if not hasattr(module, "support_avx512bf16_for_cpu"):
+            continue
+        module.support_avx512bf16_for_cpu = False
+        weight = getattr(module, "weight", None)
+        state = getattr(weight, "quant_state", None)
+        if state is not None and getattr(state, "packing_format_for_cpu", False):
+            unpack = getattr(sys.modules.get(type(module).__module__), "_convert_weight_packed_for_cpu_inverse", None)
+            if unpack is None:
+                raise RuntimeError(f"{type(module).__name__} weights were repacked for bitsandbytes' CPU inference "
+                                   "kernel, which has no backward pass, and this bitsandbytes version offers no way "
+                                   "back. Reload the model before computing gradients.")
+            weight.data, weight.quant_state = unpack(weight.data, state)
+
+
 def _load_backbone(name: str | None, revision: str | None = None, **kwargs) -> PreTrainedModel:
     if not name:
         raise ValueError("SLQConfig.backbone_name_or_path is not set; pass a backbone id or path.")

@@ -1,0 +1,195 @@
+"""SLQDataCollator: training examples -> one pair batch for ``SLQModel.forward``.
+
+Batch-key convention (what ``SLQModel.forward`` reads): the plain processor keys (``input_ids``, ``attention_mask``,
+``pixel_values``, ...) hold the QUERY side of every pair; the same keys prefixed ``positive_`` hold the positive
+side, row-aligned; keys prefixed ``negative_`` hold the hard negatives of the examples that have one (M rows, any
+M). ``{"image", "text"}`` examples put the image on the query side and the text on the positive side; the loss is
+symmetric, so the choice only names the two directions of the reported accuracy.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+from dataclasses import dataclass
+from typing import Any
+
+from PIL import Image
+
+from ..modeling.processing_slq import SLQInputError, SLQItem, collate, to_item
+
+logger = logging.getLogger(__name__)
+
+# Optional key of an example naming where it came from (e.g. "pairs.jsonl:17"); used in warnings and errors only.
+SOURCE_KEY = "_source"
+# Batch key carrying the descriptions of skipped examples to SLQTrainer (set only when report_skips_in_batch=True).
+SKIPPED_KEY = "slq_skipped_examples"
+PAIR_KEYS = ("query", "positive", "negative")
+IMAGE_TEXT_KEYS = ("image", "text")
+
+
+@dataclass
+class SkippedExample:
+    """An example the collator left out of its batch, and why."""
+
+    index: int
+    source: str | None
+    reason: str
+
+    def __str__(self) -> str:
+        where = f"example {self.index} of its batch" + (f" ({self.source})" if self.source else "")
+        return f"{where}: {self.reason}"
+
+
+def _describe(example: Any, index: int | None) -> str:
+    source = example.get(SOURCE_KEY) if isinstance(example, dict) else None
+    where = "Training example" if index is None else f"Training example {index} of the batch"
+    return where + (f" ({source})" if source else "")
+
+
+def example_roles(example: Any, index: int | None = None) -> dict[str, Any]:
+    """Check an example's keys and return its items by role: {"query", "positive"[, "negative"]}.
+
+    Accepted examples: ``{"image": PIL|path, "text": str}`` (image = query, text = positive) or
+    ``{"query": item, "positive": item, "negative"?: item}``, where an item is a text, an image (PIL or path), an
+    image+text dict ``{"image", "text"}`` or a decoded-later image ``{"bytes", "path"}`` (``datasets`` with
+    ``decode=False``). An optional ``"_source"`` key names the example in messages.
+
+    Raises:
+        ValueError naming the example when its keys do not match either format. Problems with the VALUES (an
+        unreadable image, an empty text) are found later, when the items are loaded.
+    """
+    where = _describe(example, index)
+    if not isinstance(example, dict):
+        raise ValueError(f"{where} is a {type(example).__name__}; expected a dict such as {{'image': ..., 'text': "
+                         "...}} or {'query': ..., 'positive': ...}.")
+    keys = set(example) - {SOURCE_KEY}
+    if not keys:
+        raise ValueError(f"{where} has no keys. The Trainer drops dataset columns that SLQModel.forward does not "
+                         "name: pass TrainingArguments(remove_unused_columns=False), or use "
+                         "slq_hf.training.SLQTrainer, which keeps them.")
+    if "query" in keys or "positive" in keys:
+        unknown = sorted(keys - set(PAIR_KEYS))
+        if unknown or "query" not in keys or "positive" not in keys:
+            problem = f"unexpected keys {unknown}" if unknown else f"only {sorted(keys)}"
+            raise ValueError(f"{where} has {problem}; a pair example needs 'query' and 'positive' and may have "
+                             "'negative' (a hard negative for the query).")
+        return {role: example[role] for role in PAIR_KEYS if role in keys}
+    unknown = sorted(keys - set(IMAGE_TEXT_KEYS))
+    if unknown or keys != set(IMAGE_TEXT_KEYS):
+        problem = f"unexpected keys {unknown}" if unknown else f"only {sorted(keys)}"
+        raise ValueError(f"{where} has {problem}; expected {{'image': ..., 'text': ...}} or {{'query': ..., "
+                         "'positive': ..., 'negative'?: ...}. Drop other dataset columns (dataset.select_columns) "
+                         "or wrap the dataset with slq_hf.training.HFPairDataset.")
+    return {"query": {"image": example["image"]}, "positive": example["text"]}
+
+
+def _decode_image_record(value: Any) -> Any:
+    """``datasets`` Image(decode=False) records {"bytes", "path"} -> PIL image or path; anything else unchanged."""
+    if isinstance(value, dict) and set(value) <= {"bytes", "path"} and value:
+        if value.get("bytes") is not None:
+            try:
+                with Image.open(io.BytesIO(value["bytes"])) as opened:
+                    opened.load()
+                    return opened.copy()
+            except Exception as err:  # PIL raises many types for corrupt data
+                name = value.get("path") or "<bytes>"
+                raise SLQInputError(f"Cannot decode image {name!r}: {err}.") from err
+        if value.get("path"):
+            return value["path"]
+        raise SLQInputError("Image record has neither bytes nor a path.")
+    return value
+
+
+def load_item(value: Any) -> SLQItem:
+    """Load one item (text, image, image+text, ``{"bytes", "path"}`` record) into an SLQItem.
+
+    Raises SLQInputError (a ValueError) for unreadable or missing images, empty texts, None and wrong types.
+    """
+    if isinstance(value, dict) and "image" in value:
+        value = {**value, "image": _decode_image_record(value["image"])}
+    else:
+        value = _decode_image_record(value)
+    if isinstance(value, bytes):
+        raise SLQInputError("Got raw bytes; pass {'image': {'bytes': ...}} or a PIL image.")
+    return to_item(value)
+
+
+class SLQDataCollator:
+    """Collate training examples into one SLQ pair batch (query side, ``positive_*`` side, ``negative_*`` side).
+
+    Args:
+        processor: the backbone's processor (``model.processor``); the chat template is applied to every item, as in
+            ``SLQModel.encode``.
+        strict: when False (default), an example whose items cannot be loaded (unreadable/missing image, empty text,
+            None) is left out of its batch, counted in :attr:`skipped` and logged (the first ``max_warnings``), so
+            one bad file does not end a training run; :class:`~slq_hf.training.SLQTrainer` reports the total at the
+            end of training. When True, the first such example raises SLQInputError. Examples whose KEYS are wrong
+            always raise ValueError: that is a format error of the whole dataset, not one corrupt example.
+        max_warnings: how many skipped examples are logged individually.
+
+    Returns (``__call__``): a dict of tensors, e.g. for Qwen-VL ``input_ids`` (B, L), ``attention_mask`` (B, L),
+    ``pixel_values`` (P, C), ``image_grid_thw`` (B_img, 3), ``mm_token_type_ids`` (B, L) and the same keys with the
+    ``positive_`` (B rows) and ``negative_`` (M rows) prefixes.
+    """
+
+    def __init__(self, processor: Any, strict: bool = False, max_warnings: int = 10):
+        if processor is None:
+            raise ValueError("SLQDataCollator: processor is None; pass model.processor (the backbone's processor).")
+        if isinstance(max_warnings, bool) or not isinstance(max_warnings, int) or max_warnings < 0:
+            raise ValueError(f"SLQDataCollator: max_warnings={max_warnings!r} is invalid; expected an integer >= 0.")
+        self.processor = processor
+        self.strict = strict
+        self.max_warnings = max_warnings
+        self.skipped: list[SkippedExample] = []
+        # SLQTrainer sets this: with dataloader workers the collator runs in other processes, so the skipped
+        # examples travel with the batch instead of living in this object.
+        self.report_skips_in_batch = False
+
+    def __call__(self, examples: list[dict]) -> dict[str, Any]:
+        if not isinstance(examples, (list, tuple)) or not examples:
+            raise ValueError(f"SLQDataCollator expects a non-empty list of examples, got {examples!r:.80}.")
+        loaded: list[dict[str, SLQItem]] = []
+        skipped: list[SkippedExample] = []
+        for index, example in enumerate(examples):
+            roles = example_roles(example, index)
+            try:
+                loaded.append({role: self._load(role, value) for role, value in roles.items()})
+            except SLQInputError as err:
+                if self.strict:
+                    raise SLQInputError(f"{_describe(example, index)}: {err} (strict=True: fix or remove the "
+                                        "example, or train with strict=False to skip such examples).") from err
+                skipped.append(SkippedExample(index, example.get(SOURCE_KEY), str(err)))
+        self._record(skipped)
+        if not loaded:
+            raise SLQInputError(f"All {len(examples)} examples of this batch could not be loaded: "
+                                f"{'; '.join(map(str, skipped[:3]))}. Check the data paths and files.")
+        batch = dict(collate(self.processor, [pair["query"] for pair in loaded]))
+        batch.update({f"positive_{k}": v for k, v in collate(self.processor, [p["positive"] for p in loaded]).items()})
+        negatives = [pair["negative"] for pair in loaded if "negative" in pair]
+        if negatives:
+            batch.update({f"negative_{k}": v for k, v in collate(self.processor, negatives).items()})
+        if self.report_skips_in_batch:
+            batch[SKIPPED_KEY] = [str(s) for s in skipped]
+        return batch
+
+    @staticmethod
+    def _load(role: str, value: Any) -> SLQItem:
+        try:
+            return load_item(value)
+        except SLQInputError as err:
+            raise SLQInputError(f"{role!r}: {err}") from err
+
+    def _record(self, skipped: list[SkippedExample]) -> None:
+        for item in skipped:
+            self.skipped.append(item)
+            count = len(self.skipped)
+            if count <= self.max_warnings:
+                more = " (further skips are counted, not logged)" if count == self.max_warnings else ""
+                logger.warning("Skipped %s%s", item, more)
+
+    @property
+    def num_skipped(self) -> int:
+        """How many examples this collator object skipped (in this process)."""
+        return len(self.skipped)
+

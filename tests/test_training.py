@@ -1,0 +1,394 @@
+"""Training on the tiny Qwen3-VL: the contrastive loss against a hand computation, the pair collator and readers,
+the plain Trainer (queries-only training and checkpoints, resume), SLQTrainer, `slq-hf train` and a 4-bit backbone."""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import load_file
+from transformers import AutoModel, Trainer, TrainerCallback, TrainingArguments
+
+from slq_hf import SLQModel
+from slq_hf.modeling.losses import symmetric_infonce
+from slq_hf.modeling.modeling_slq import MAX_LOGIT_SCALE
+from slq_hf.processing import SLQInputError
+from slq_hf.training import HFPairDataset, PairDataset, SLQDataCollator, SLQTrainer, read_jsonl
+
+NUM_QUERIES = 4
+COLOURS = {"red": (255, 0, 0), "green": (0, 255, 0), "blue": (0, 0, 255), "yellow": (255, 255, 0),
+           "purple": (128, 0, 128), "cyan": (0, 255, 255), "white": (255, 255, 255), "black": (0, 0, 0)}
+
+
+def _scene(colour: tuple[int, int, int], size: int = 64) -> Image.Image:
+    image = Image.new("RGB", (size, size), (128, 128, 128))
+    image.paste(colour, (size // 4, size // 4, 3 * size // 4, 3 * size // 4))
+    return image
+
+
+def _pairs(count: int = 8) -> list[dict]:
+    return [{"image": _scene(rgb), "text": f"a {name} square"} for name, rgb in list(COLOURS.items())[:count]]
+
+
+def _args(out: Path, **overrides) -> TrainingArguments:
+    settings = dict(learning_rate=1e-2, per_device_train_batch_size=2, remove_unused_columns=False, use_cpu=True,
+                    report_to="none", disable_tqdm=True, seed=0, save_strategy="no")
+    settings.update(overrides)
+    return TrainingArguments(str(out), **settings)
+
+
+@pytest.fixture
+def backbone(tiny_backbone_path) -> str:
+    return tiny_backbone_path("qwen3_vl")
+
+
+@pytest.fixture
+def model(backbone) -> SLQModel:
+    return SLQModel.from_backbone(backbone, num_queries=NUM_QUERIES)
+
+
+# -------------------------------------------------------------------------------------------------------- loss
+def _hand_infonce(query: list[list[float]], positive: list[list[float]], negative: list[list[float]],
+                  scale: float) -> tuple[float, float]:
+    """Symmetric InfoNCE and argmax accuracy written out with Python floats: row i of query pairs with row i of
+    positive; query -> (positives + negatives), positive -> queries; mean of the two cross-entropies."""
+
+    def dot(a, b):
+        return sum(x * y for x, y in zip(a, b))
+
+    def cross_entropy(rows, candidates):
+        loss, hits = 0.0, 0
+        for i, row in enumerate(rows):
+            logits = [scale * dot(row, c) for c in candidates]
+            loss += math.log(sum(math.exp(v) for v in logits)) - logits[i]
+            hits += max(range(len(logits)), key=logits.__getitem__) == i
+        return loss / len(rows), hits
+
+    forward, hits_forward = cross_entropy(query, positive + negative)
+    backward, hits_backward = cross_entropy(positive, query)
+    return (forward + backward) / 2, (hits_forward + hits_backward) / (2 * len(query))
+
+
+def _loss_batch():
+    examples = [
+        {"image": _scene(COLOURS["red"]), "text": "a red square"},
+        {"query": "a blue square", "positive": {"image": _scene(COLOURS["blue"])},
+         "negative": _scene(COLOURS["green"], size=96)},
+        {"query": {"image": _scene(COLOURS["yellow"]), "text": "same shape in purple"},
+         "positive": _scene(COLOURS["purple"]), "negative": "a purple circle"},
+    ]
+    query = [{"image": examples[0]["image"]}, examples[1]["query"], examples[2]["query"]]
+    positive = [examples[0]["text"], examples[1]["positive"], examples[2]["positive"]]
+    negative = [examples[1]["negative"], examples[2]["negative"]]
+    return examples, query, positive, negative
+
+
+def test_forward_loss_equals_hand_computed_symmetric_infonce(model):
+    examples, query, positive, negative = _loss_batch()
+    with torch.no_grad():
+        model.logit_scale.fill_(math.log(1 / 0.05))
+    out = model(**SLQDataCollator(model.processor)(examples))
+    # Embeddings from the public encode path, one side at a time (an independent route to the same vectors).
+    q, p, n = (model.encode(side).double().tolist() for side in (query, positive, negative))
+    expected_loss, expected_accuracy = _hand_infonce(q, p, n, scale=1 / 0.05)
+    assert out.loss.item() == pytest.approx(expected_loss, abs=1e-5)
+    assert out.accuracy.item() == pytest.approx(expected_accuracy)
+    assert out.positive_pooler_output.shape == out.pooler_output.shape == (3, model.config.hidden_size)
+    out.loss.backward()
+    assert model.queries.grad is not None and model.queries.grad.abs().sum() > 0
+    assert model.logit_scale.grad is not None and model.logit_scale.grad != 0
+
+
+def test_temperature_is_clamped_like_clip(model):
+    examples, query, positive, negative = _loss_batch()
+    with torch.no_grad():
+        model.logit_scale.fill_(math.log(1000.0))  # temperature 0.001, below CLIP's floor of 0.01
+    out = model(**SLQDataCollator(model.processor)(examples))
+    q, p, n = (model.encode(side).double().tolist() for side in (query, positive, negative))
+    expected_loss, _ = _hand_infonce(q, p, n, scale=math.exp(MAX_LOGIT_SCALE))
+    assert out.loss.item() == pytest.approx(expected_loss, abs=1e-4)
+    out.loss.backward()
+    assert model.logit_scale.grad.item() == 0.0  # clamped: no push further down
+
+
+def test_forward_without_pair_or_with_return_loss_false_has_no_loss(model):
+    batch = SLQDataCollator(model.processor)(_pairs(2))
+    assert model(**batch, return_loss=False).loss is None
+    plain = {k: v for k, v in batch.items() if not k.startswith("positive_")}
+    out = model(**plain)
+    assert out.loss is None and out.positive_pooler_output is None
+
+
+def test_symmetric_infonce_rejects_misaligned_sides():
+    with pytest.raises(ValueError, match="same shape"):
+        symmetric_infonce(torch.randn(3, 8), torch.randn(2, 8), torch.tensor(0.0))
+    with pytest.raises(ValueError, match="negative"):
+        symmetric_infonce(torch.randn(3, 8), torch.randn(3, 8), torch.tensor(0.0), negative=torch.randn(2, 4))
+
+
+# ------------------------------------------------------------------------------------------------ collator
+def test_collator_batch_key_convention(model):
+    examples, *_ = _loss_batch()
+    batch = SLQDataCollator(model.processor)(examples)
+    assert batch["input_ids"].shape[0] == 3 and batch["positive_input_ids"].shape[0] == 3
+    assert batch["negative_input_ids"].shape[0] == 2  # only the examples that have a negative
+    # Query side: 2 images (example 0's image, example 2's image+text); positive side: 2 images; negatives: 1 image.
+    assert batch["image_grid_thw"].shape[0] == 2
+    assert batch["positive_image_grid_thw"].shape[0] == 2
+    assert batch["negative_image_grid_thw"].shape[0] == 1
+    assert "negative_input_ids" not in SLQDataCollator(model.processor)(_pairs(2))
+
+
+@pytest.mark.parametrize("examples, message", [
+    ([{"image": _scene((1, 2, 3)), "text": "ok"}, "just a string"], "example 1 of the batch is a str"),
+    ([{"image": _scene((1, 2, 3)), "text": "ok"}, {"query": "a"}], "example 1 of the batch has only"),
+    ([{"query": "a", "positive": "b", "negatve": "c"}], "example 0 of the batch has unexpected keys"),
+    ([{"image": _scene((1, 2, 3)), "text": "ok", "id": 7}], "example 0 of the batch has unexpected keys"),
+    ([{"image": _scene((1, 2, 3)), "text": "ok"}, {}], "remove_unused_columns=False"),
+])
+def test_collator_format_errors_name_the_example(model, examples, message):
+    with pytest.raises(ValueError, match=message):
+        SLQDataCollator(model.processor)(examples)
+
+
+def test_collator_skips_unreadable_examples_or_fails_when_strict(model, tmp_path, caplog):
+    broken = tmp_path / "broken.png"
+    broken.write_bytes(b"\x89PNG not really an image")
+    examples = [*_pairs(2), {"image": str(broken), "text": "corrupt"},
+                {"query": "", "positive": "empty query text"}, {"image": str(tmp_path / "missing.jpg"), "text": "x"}]
+    with pytest.raises(SLQInputError, match=r"example 2 of the batch.*broken\.png"):
+        SLQDataCollator(model.processor, strict=True)(examples)
+
+    collator = SLQDataCollator(model.processor)
+    with caplog.at_level(logging.WARNING, logger="slq_hf.training.collator"):
+        batch = collator(examples)
+    assert batch["input_ids"].shape[0] == 2 and batch["positive_input_ids"].shape[0] == 2
+    assert [s.index for s in collator.skipped] == [2, 3, 4] and collator.num_skipped == 3
+    assert "broken.png" in caplog.text and "missing.jpg" in caplog.text
+    with pytest.raises(SLQInputError, match="All 1 examples"):
+        collator([{"image": str(broken), "text": "corrupt"}])
+
+
+# ------------------------------------------------------------------------------------------------ readers
+def _write_jsonl(folder: Path, count: int, corrupt: bool = False) -> Path:
+    images = folder / "images"
+    images.mkdir(parents=True, exist_ok=True)
+    lines = []
+    for index, (name, rgb) in enumerate(list(COLOURS.items())[:count]):
+        _scene(rgb).save(images / f"{name}.png")
+        if index % 2:
+            lines.append({"query": f"a {name} square", "positive": {"image": f"images/{name}.png"}})
+        else:
+            lines.append({"image": f"images/{name}.png", "text": f"a {name} square"})
+    if corrupt:
+        (images / "corrupt.jpg").write_bytes(b"not a jpeg")
+        lines.append({"image": "images/corrupt.jpg", "text": "unreadable"})
+    path = folder / "pairs.jsonl"
+    path.write_text("\n".join(json.dumps(line) for line in lines) + "\n\n")
+    return path
+
+
+def test_read_jsonl_resolves_paths_relative_to_the_file(tmp_path, model, monkeypatch):
+    path = _write_jsonl(tmp_path / "data", 4)
+    monkeypatch.chdir(tmp_path)  # paths must not depend on the working directory
+    data = read_jsonl(path)
+    assert len(data) == 4
+    assert data[0]["image"] == str((tmp_path / "data" / "images" / "red.png").resolve())
+    assert data[1]["query"] == {"text": "a green square"}  # a JSONL string is a text, never a guessed path
+    assert data[1]["_source"].endswith("pairs.jsonl:2")
+    batch = SLQDataCollator(model.processor, strict=True)([data[i] for i in range(4)])
+    assert batch["input_ids"].shape[0] == 4
+
+
+@pytest.mark.parametrize("line, message", [
+    ("{not json", r"pairs\.jsonl:2: not valid JSON"),
+    ('{"image": "a.png"}', r"pairs\.jsonl:2\) has only \['image'\]"),
+    ('{"query": "a", "positive": 3}', r"pairs\.jsonl:2: 'positive' is int"),
+    ('["a", "b"]', r"pairs\.jsonl:2: expected a JSON object"),
+])
+def test_read_jsonl_errors_name_the_line(tmp_path, line, message):
+    path = tmp_path / "pairs.jsonl"
+    path.write_text('{"image": "a.png", "text": "fine"}\n' + line + "\n")
+    with pytest.raises(ValueError, match=message):
+        read_jsonl(path)
+
+
+def test_hf_dataset_with_caption_lists_and_a_corrupt_image(model):
+    import io
+
+    import datasets
+
+    good = io.BytesIO()
+    _scene(COLOURS["red"]).save(good, format="PNG")
+    features = datasets.Features({"img": datasets.Image(), "captions": datasets.Sequence(datasets.Value("string")),
+                                  "id": datasets.Value("int32")})
+    table = datasets.Dataset.from_dict(
+        {"img": [{"bytes": good.getvalue(), "path": "red.png"}, {"bytes": b"garbage", "path": "bad.png"}],
+         "captions": [["a red square", "red on grey"], ["broken"]], "id": [0, 1]}, features=features)
+    data = HFPairDataset(table, image_column="img", text_column="captions")
+    assert len(data) == 3  # one pair per caption
+    assert data[1]["text"] == "red on grey"
+    collator = SLQDataCollator(model.processor)
+    batch = collator([data[i] for i in range(3)])
+    assert batch["input_ids"].shape[0] == 2 and collator.num_skipped == 1
+    assert "bad.png" in collator.skipped[0].reason
+    with pytest.raises(ValueError, match="not in the dataset"):
+        HFPairDataset(table, image_column="image")
+
+
+# ------------------------------------------------------------------------------------------------ Trainer
+def test_plain_trainer_trains_only_queries_and_saves_a_queries_only_folder(model, tmp_path):
+    backbone_before = {k: v.clone() for k, v in model.backbone.state_dict().items()}
+    queries_before, scale_before = model.queries.detach().clone(), model.logit_scale.item()
+    out = tmp_path / "out"
+    trainer = Trainer(model=model, args=_args(out, max_steps=2, save_strategy="steps", save_steps=2),
+                      train_dataset=_pairs(4), data_collator=SLQDataCollator(model.processor))
+    trainer.train()
+    trainer.save_model()
+
+    assert all(torch.equal(backbone_before[k], v) for k, v in model.backbone.state_dict().items())
+    assert not torch.equal(model.queries.detach(), queries_before)
+    assert model.logit_scale.item() != scale_before  # the temperature is learned too
+    assert [n for n, p in model.named_parameters() if p.requires_grad] == ["queries", "logit_scale"]
+
+    for folder in (out, out / "checkpoint-2"):
+        assert set(load_file(folder / "model.safetensors")) == {"queries", "logit_scale"}
+        assert [f.name for f in folder.glob("*.safetensors")] == ["model.safetensors"]
+        assert not list(folder.glob("pytorch_model*"))  # (training_args.bin is the Trainer's arguments, no weights)
+    optimizer = torch.load(out / "checkpoint-2" / "optimizer.pt", weights_only=True)
+    assert len(optimizer["state"]) == 2  # Adam moments for queries and logit_scale only
+    assert (out / "checkpoint-2" / "scheduler.pt").is_file()
+
+    reloaded = AutoModel.from_pretrained(out)
+    assert isinstance(reloaded, SLQModel)
+    assert torch.equal(reloaded.queries, model.queries.detach())
+    assert reloaded.logit_scale.item() == model.logit_scale.item()
+
+
+class _StopAt(TrainerCallback):
+    def __init__(self, step: int):
+        self.step = step
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if state.global_step == self.step:
+            control.should_training_stop = True
+
+
+def test_resume_from_checkpoint_ends_with_the_same_queries(backbone, tmp_path):
+    def run(out: Path, resume: str | None = None, stop_at: int | None = None) -> SLQModel:
+        model = SLQModel.from_backbone(backbone, num_queries=NUM_QUERIES)
+        trainer = Trainer(model=model, args=_args(out, max_steps=4, save_strategy="steps", save_steps=2),
+                          train_dataset=_pairs(8), data_collator=SLQDataCollator(model.processor),
+                          callbacks=[_StopAt(stop_at)] if stop_at else None)
+        trainer.train(resume_from_checkpoint=resume)
+        return model
+
+    uninterrupted = run(tmp_path / "a")
+    interrupted = run(tmp_path / "b", stop_at=2)
+    assert not torch.equal(interrupted.queries, uninterrupted.queries)
+    resumed = run(tmp_path / "b", resume=str(tmp_path / "b" / "checkpoint-2"))
+    assert torch.allclose(resumed.queries, uninterrupted.queries, rtol=0, atol=1e-6)
+    assert resumed.logit_scale.item() == pytest.approx(uninterrupted.logit_scale.item(), abs=1e-6)
+
+
+def test_slq_trainer_keeps_columns_skips_corrupt_examples_and_reports_them(model, tmp_path, caplog):
+    data = read_jsonl(_write_jsonl(tmp_path / "data", 4, corrupt=True))  # 5 examples, the last unreadable
+    args = _args(tmp_path / "out", num_train_epochs=1, remove_unused_columns=True, per_device_eval_batch_size=5)
+    trainer = SLQTrainer(model=model, args=args, train_dataset=data, eval_dataset=data,
+                         data_collator=SLQDataCollator(model.processor))
+    with caplog.at_level(logging.WARNING, logger="slq_hf.training.trainer"):
+        result = trainer.train()
+    assert result.global_step == 3  # the epoch ran to its end: ceil(5 / 2) steps
+    assert "1 train example(s) could not be loaded and were skipped" in caplog.text
+    assert "corrupt.jpg" in caplog.text
+    metrics = trainer.evaluate()
+    assert {"eval_loss", "eval_r1_query_to_positive", "eval_r1_positive_to_query"} <= set(metrics)
+    # Check R@1 over the 4 readable eval pairs against the model's own embeddings.
+    readable = [data[i] for i in range(4)]
+    batch = SLQDataCollator(model.processor)(readable)
+    with torch.no_grad():
+        out = model(**batch)
+    scores = out.pooler_output @ out.positive_pooler_output.T
+    expected = (scores.argmax(dim=1) == torch.arange(4)).float().mean().item()
+    assert metrics["eval_r1_query_to_positive"] == pytest.approx(expected)
+
+
+def test_4bit_backbone_training_step_has_exact_query_gradients(backbone, tmp_path):
+    import bitsandbytes.functional as bnbf
+    from bitsandbytes.nn import Linear4bit
+    from transformers import BitsAndBytesConfig
+
+    # The tiny vision tower (32 wide) is narrower than bitsandbytes' CPU 4-bit block (64): keep it unquantised, as
+    # in test_core. The whole text model is NF4.
+    quant = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.float32,
+                               llm_int8_skip_modules=["model.visual", "lm_head"])
+    model = SLQModel.from_backbone(backbone, num_queries=NUM_QUERIES, quantization_config=quant)
+    assert model.queries.dtype == torch.float32
+    model.encode(["a red square", _scene(COLOURS["red"])])  # zero-shot use first (may repack weights on some CPUs)
+    batch = SLQDataCollator(model.processor)(_pairs(3))
+    model(**batch).loss.backward()
+
+    # Reference: the fp32 backbone with every quantised weight replaced by its dequantised value. Same function, so
+    # the query gradients must agree: a 4-bit layer without a backward would make them differ.
+    reference = SLQModel.from_backbone(backbone, num_queries=NUM_QUERIES)
+    layers = {n: m for n, m in model.backbone.named_modules() if isinstance(m, Linear4bit)}
+    assert layers
+    with torch.no_grad():
+        for name, module in reference.backbone.named_modules():
+            if name in layers:
+                module.weight.copy_(bnbf.dequantize_4bit(layers[name].weight.data, layers[name].weight.quant_state))
+    reference(**batch).loss.backward()
+    torch.testing.assert_close(model.queries.grad, reference.queries.grad, rtol=1e-4, atol=1e-6)
+
+    packed = {n: m.weight.detach().clone() for n, m in layers.items()}
+    queries_before = model.queries.detach().clone()
+    trainer = Trainer(model=model, args=_args(tmp_path / "out", max_steps=1), train_dataset=_pairs(2),
+                      data_collator=SLQDataCollator(model.processor))
+    trainer.train()
+    assert model.queries.dtype == torch.float32
+    assert torch.isfinite(model.queries).all() and not torch.equal(model.queries.detach(), queries_before)
+    assert all(torch.equal(layers[n].weight, w) for n, w in packed.items())
+
+
+# ---------------------------------------------------------------------------------------------------- CLI
+def test_cli_train_end_to_end(backbone, tmp_path, capsys):
+    from slq_hf.cli import main
+
+    train = _write_jsonl(tmp_path / "train", 6, corrupt=True)
+    val = _write_jsonl(tmp_path / "val", 3)
+    out = tmp_path / "slq-out"
+    argv = ["train", "--backbone", backbone, "--train-data", str(train), "--output-dir", str(out), "--num-queries",
+            str(NUM_QUERIES), "--epochs", "1", "--lr", "1e-2", "--batch-size", "4", "--eval-data", str(val),
+            "--use-cpu", "--logging-steps", "1"]
+    assert main(argv) == 0
+    stdout = capsys.readouterr().out
+    summary = json.loads(stdout[stdout.rindex('{\n  "output_dir"'):])
+    assert summary["steps"] == 2 and math.isfinite(summary["train_loss"])
+    assert {"eval_loss", "eval_r1_query_to_positive"} <= set(summary)
+    assert set(load_file(out / "model.safetensors")) == {"queries", "logit_scale"}
+    reloaded = AutoModel.from_pretrained(out)
+    assert reloaded.config.num_queries == NUM_QUERIES
+    assert reloaded.encode(["a red square"]).shape == (1, reloaded.config.hidden_size)
+
+    with pytest.raises(SLQInputError, match=r"corrupt\.jpg"):
+        main([*argv[:6], str(tmp_path / "strict-out"), *argv[7:], "--strict"])
+
+
+def test_cli_train_help_explains_the_data_format(capsys):
+    from slq_hf.cli import main
+
+    with pytest.raises(SystemExit):
+        main(["train", "--help"])
+    text = capsys.readouterr().out
+    for needle in ("--train-data", "--load-in-4bit", "--strict", '{"image": "images/0001.jpg"', "queries-only"):
+        assert needle in text
+
+
+def test_pair_dataset_checks_keys_up_front():
+    with pytest.raises(ValueError, match="example 1"):
+        PairDataset([{"image": _scene((0, 0, 0)), "text": "ok"}, {"text": "no image"}])
