@@ -456,3 +456,13 @@ def test_cli_eval_help():
     text = build_parser()._subparsers._group_actions[0].choices["eval"].format_help()
     for word in ("karpathy", "jsonl", "karr", "--gap-plot", "--cache-dir", "modality gap", "example:"):
         assert word in text
+
+
+def test_readme_evaluation_example_runs(tmp_path, monkeypatch):
+    # The README's evaluation section promises a runnable example: run its first Python block as written.
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text(encoding="utf8")
+    section = readme.split("<!-- section:evaluation -->", 1)[1].split("<!-- /section:evaluation -->", 1)[0]
+    code = section.split("```python\n", 1)[1].split("```", 1)[0]
+    monkeypatch.chdir(tmp_path)
+    exec(compile(code, "README.md:evaluation", "exec"), {"__name__": "readme_example"})
+    assert (tmp_path / "gap.png").is_file() and any((tmp_path / ".slq_cache").glob("*.safetensors"))

@@ -282,25 +282,30 @@ def read_karpathy(path: str | os.PathLike, split: str | None = "test", image_roo
     for n, entry in enumerate(document["images"]):
         filename = entry.get("filename") if isinstance(entry, dict) else None
         where = f"images[{n}]" + (f" ({filename!r})" if isinstance(filename, str) else "")
-        line = _line_of(text, json.dumps(filename)) if isinstance(filename, str) else None
+
+        def fail(message: str, where: str = where, filename: Any = filename) -> DataFormatError:
+            # Located only on failure: searching a 150 MB COCO file for every entry would take minutes.
+            line = _line_of(text, json.dumps(filename)) if isinstance(filename, str) and filename else None
+            return DataFormatError(path, f"{where}: {message}", line)
+
         if not isinstance(entry, dict) or not isinstance(filename, str) or not filename:
-            raise DataFormatError(path, f"{where}: every image entry needs a \"filename\" string.", line)
+            raise fail("every image entry needs a \"filename\" string.")
         splits_seen.add(str(entry.get("split")))
         if wanted is not None and entry.get("split") not in wanted:
             continue
         sentences = entry.get("sentences")
         if not isinstance(sentences, list) or not sentences:
-            raise DataFormatError(path, f"{where}: \"sentences\" must be a non-empty list of {{\"raw\": ...}}.", line)
+            raise fail("\"sentences\" must be a non-empty list of {\"raw\": ...}.")
         raws = [s.get("raw") if isinstance(s, dict) else None for s in sentences]
         if not all(isinstance(r, str) and r.strip() for r in raws):
-            raise DataFormatError(path, f"{where}: every sentence needs a non-empty \"raw\" string.", line)
+            raise fail("every sentence needs a non-empty \"raw\" string.")
         filepath = entry.get("filepath") or ""
         if not isinstance(filepath, str):
-            raise DataFormatError(path, f"{where}: \"filepath\" must be a string, got {filepath!r}.", line)
+            raise fail(f"\"filepath\" must be a string, got {filepath!r}.")
         image = root / filepath / filename
         if check_files and not image.is_file():
-            raise DataFormatError(path, f"{where}: image file not found at {image}; pass image_root= "
-                                  "(--image-root) pointing at the folder the images live in.", line)
+            raise fail(f"image file not found at {image}; pass image_root= (--image-root) pointing at the folder "
+                       "the images live in.")
         raws = raws[:max_captions] if max_captions else raws
         texts.extend(raws)
         owners.extend([len(images)] * len(raws))
@@ -437,9 +442,13 @@ def read_hf(source: Any, split: str | None = "test", image_column: str | None = 
         # Undecoded rows are {"bytes", "path"}: hashing bytes identifies images without decoding the whole set.
         source = source.cast_column(image_column, datasets.Image(decode=False))
 
+    source = source.select_columns(list(dict.fromkeys([image_column, text_column])))
     images: list[ImageSource] = []
     ids, texts, owners, index_of = [], [], [], {}
-    for row, (value, text) in enumerate(zip(source[image_column], source[text_column])):
+    # Row batches keep memory bounded: a whole undecoded image column of COCO would be ~1 GB of bytes.
+    rows = ((value, text) for batch in source.iter(batch_size=256)
+            for value, text in zip(batch[image_column], batch[text_column]))
+    for row, (value, text) in enumerate(rows):
         where = f"{label}: row {row}"
         if isinstance(value, str):
             image_path = Path(value) if Path(value).is_absolute() else base / value
