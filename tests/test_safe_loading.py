@@ -1,0 +1,270 @@
+"""Loading is safe: only safetensors are read, pickles are refused (and never unpickled), loaded tensors are checked,
+and which Python code runs at load time is exactly what README's reliability section documents.
+
+Every pickle used here is a real exploit probe: unpickling it writes a marker file. The probe is shown to work
+(negative control), then every loading path is shown not to trigger it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pickle
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import save_file
+from transformers import AutoModel
+
+from slq_hf import SLQModel
+from slq_hf.modeling.modeling_slq import WEIGHTS_NAME
+
+NUM_QUERIES = 4
+
+
+class _Exploit:
+    """Unpickling this object runs code: it writes ``marker``."""
+
+    def __init__(self, marker: Path):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return exec, (f"open({self.marker!r}, 'w').write('pickle code ran')",)
+
+
+def _evil_pickle(path: Path, marker: Path) -> Path:
+    path.write_bytes(pickle.dumps({"queries": _Exploit(marker)}))
+    return path
+
+
+@pytest.fixture(scope="module")
+def model(tiny_backbone_path):
+    return SLQModel.from_backbone(tiny_backbone_path("qwen3_vl"), num_queries=NUM_QUERIES)
+
+
+@pytest.fixture
+def saved(model, tmp_path) -> Path:
+    out = tmp_path / "slq"
+    model.save_pretrained(out)
+    return out
+
+
+@pytest.fixture
+def marker(tmp_path) -> Path:
+    return tmp_path / "PWNED"
+
+
+def test_probe_works_when_unpickled(tmp_path, marker):
+    """Negative control: the probe really runs code when something unpickles it."""
+    probe = _evil_pickle(tmp_path / "probe.bin", marker)
+    pickle.loads(probe.read_bytes())
+    assert marker.read_text() == "pickle code ran"
+
+
+@pytest.mark.parametrize("name", ["pytorch_model.bin", "model.pt", "queries.pt"])
+@pytest.mark.parametrize("loader", ["automodel", "slqmodel"])
+def test_pickle_instead_of_safetensors_is_refused_unread(saved, marker, name, loader):
+    (saved / WEIGHTS_NAME).unlink()
+    _evil_pickle(saved / name, marker)
+    load = AutoModel.from_pretrained if loader == "automodel" else SLQModel.from_pretrained
+    with pytest.raises(OSError) as info:
+        load(saved)
+    message = str(info.value)
+    assert name in message and "pickle" in message and "convert-reference" in message
+    assert not marker.exists()
+
+
+def test_pickle_renamed_to_model_safetensors_is_refused_unread(saved, marker):
+    _evil_pickle(saved / WEIGHTS_NAME, marker)
+    with pytest.raises(ValueError, match="not a readable safetensors file.*Only safetensors are loaded"):
+        AutoModel.from_pretrained(saved)
+    assert not marker.exists()
+
+
+def test_pickle_next_to_safetensors_is_ignored(saved, model, marker):
+    for name in ("pytorch_model.bin", "model.pt", "queries.pt", "training_args.bin"):
+        _evil_pickle(saved / name, marker)
+    loaded = AutoModel.from_pretrained(saved)
+    assert torch.equal(loaded.queries, model.queries)
+    assert not marker.exists()
+
+
+def test_load_trainable_state_refuses_pickles(model, tmp_path, marker):
+    evil = _evil_pickle(tmp_path / "queries.safetensors", marker)
+    with pytest.raises(ValueError, match="not a readable safetensors file"):
+        model.load_trainable_state(evil)
+    assert not marker.exists()
+
+
+def test_sentence_transformers_loading_refuses_pickles(saved, marker):
+    pytest.importorskip("sentence_transformers")
+    from sentence_transformers import SentenceTransformer
+
+    (saved / WEIGHTS_NAME).unlink()
+    _evil_pickle(saved / "pytorch_model.bin", marker)
+    with pytest.raises(OSError, match="pickle"):
+        SentenceTransformer(str(saved), trust_remote_code=True, device="cpu")
+    assert not marker.exists()
+
+
+@pytest.mark.parametrize("cut", ["header", "data", "empty"])
+def test_truncated_or_garbage_safetensors(saved, cut):
+    path = saved / WEIGHTS_NAME
+    data = path.read_bytes()
+    path.write_bytes({"header": data[:6], "data": data[: len(data) - 40], "empty": b""}[cut])
+    with pytest.raises(ValueError, match="not a readable safetensors file"):
+        AutoModel.from_pretrained(saved)
+
+
+# ------------------------------------------------------------------------------------------------ tensor checks
+def _state(model: SLQModel) -> dict[str, torch.Tensor]:
+    return {k: v.clone() for k, v in model.trainable_state_dict().items()}
+
+
+def _bad_states(model: SLQModel) -> dict[str, tuple[dict[str, torch.Tensor], str]]:
+    hidden = model.config.hidden_size
+    good = _state(model)
+    nan_queries = good["queries"].clone()
+    nan_queries[1, 3] = float("nan")
+    inf_queries = good["queries"].clone()
+    inf_queries[0, 0] = float("inf")
+    return {
+        "too many queries": ({**good, "queries": torch.zeros(NUM_QUERIES + 1, hidden)}, r"shape \(5, 64\)"),
+        "1-d queries": ({**good, "queries": torch.zeros(NUM_QUERIES * hidden)}, "shape"),
+        "int queries": ({**good, "queries": torch.zeros(NUM_QUERIES, hidden, dtype=torch.int32)}, "dtype"),
+        "bool queries": ({**good, "queries": torch.zeros(NUM_QUERIES, hidden, dtype=torch.bool)}, "dtype"),
+        "nan queries": ({**good, "queries": nan_queries}, "NaN or Inf"),
+        "inf queries": ({**good, "queries": inf_queries}, "NaN or Inf"),
+        "-inf temperature": ({**good, "logit_scale": torch.tensor(float("-inf"))}, "'logit_scale'.*NaN or Inf"),
+        "scalar shape": ({**good, "logit_scale": torch.ones(2)}, "'logit_scale' has shape"),
+        "missing temperature": ({"queries": good["queries"]}, r"missing \['logit_scale'\]"),
+        "extra tensor": ({**good, "backbone.lm_head.weight": torch.zeros(2, 2)}, "unexpected"),
+    }
+
+
+@pytest.mark.parametrize("case", ["too many queries", "1-d queries", "int queries", "bool queries", "nan queries",
+                                  "inf queries", "-inf temperature", "scalar shape", "missing temperature",
+                                  "extra tensor"])
+def test_loaded_tensors_are_checked(model, saved, case):
+    state, message = _bad_states(model)[case]
+    save_file(state, str(saved / WEIGHTS_NAME))
+    with pytest.raises(ValueError, match=message) as info:
+        AutoModel.from_pretrained(saved)
+    assert str(saved / WEIGHTS_NAME) in str(info.value)
+
+
+def test_failed_load_leaves_queries_untouched(model):
+    before = model.queries.detach().clone()
+    state, _ = _bad_states(model)["nan queries"]
+    with pytest.raises(ValueError):
+        model.load_trainable_state(state)
+    assert torch.equal(model.queries, before)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float64])
+def test_other_float_dtypes_are_converted_to_fp32(model, saved, dtype):
+    state = _state(model)
+    state["queries"] = state["queries"].to(dtype)
+    save_file(state, str(saved / WEIGHTS_NAME))
+    loaded = AutoModel.from_pretrained(saved)
+    assert loaded.queries.dtype == torch.float32
+    assert torch.equal(loaded.queries, state["queries"].float())
+
+
+# --------------------------------------------------------------------------------------------- hidden sizes
+def _narrow_backbone(source: str, out: Path) -> Path:
+    """The tiny Qwen3-VL with a 32-wide language model (and vision output): another backbone of the same family."""
+    from transformers import AutoConfig, AutoModelForImageTextToText, AutoProcessor
+
+    config = AutoConfig.from_pretrained(source)
+    text = config.text_config
+    text.hidden_size, text.intermediate_size, text.num_attention_heads, text.num_key_value_heads = 32, 64, 2, 1
+    config.vision_config.out_hidden_size = 32
+    torch.manual_seed(0)
+    AutoModelForImageTextToText.from_config(config).save_pretrained(out)
+    AutoProcessor.from_pretrained(source).save_pretrained(out)
+    return out
+
+
+def test_backbone_with_another_hidden_size_names_both(saved, tiny_backbone_path, tmp_path):
+    narrow = _narrow_backbone(tiny_backbone_path("qwen3_vl"), tmp_path / "narrow")
+    with pytest.raises(ValueError) as info:
+        AutoModel.from_pretrained(saved, backbone_name_or_path=str(narrow))
+    message = str(info.value)
+    assert "hidden_size=64" in message and "32 dimensions" in message and str(narrow) in message
+    # and the same when only the saved queries say 64 (config.json without hidden_size)
+    config = json.loads((saved / "config.json").read_text())
+    config["hidden_size"] = None
+    (saved / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError) as info:
+        AutoModel.from_pretrained(saved, backbone_name_or_path=str(narrow))
+    assert "64 wide" in str(info.value) and "hidden size 32" in str(info.value)
+
+
+# ---------------------------------------------------------------------------------------------- remote code
+def _run(script: str, tmp_path: Path, marker: Path) -> subprocess.CompletedProcess:
+    env = {**os.environ, "HF_MODULES_CACHE": str(tmp_path / "modules"), "HF_HUB_OFFLINE": "1",
+           "SLQ_TEST_MARKER": str(marker)}
+    return subprocess.run([sys.executable, "-c", textwrap.dedent(script)], capture_output=True, text=True,
+                          cwd=tmp_path, env=env, timeout=300, stdin=subprocess.DEVNULL)
+
+
+def _plant_code_marker(folder: Path) -> None:
+    """Make the folder's copied configuration_slq.py announce when it is executed."""
+    with open(folder / "configuration_slq.py", "a", encoding="utf8") as handle:
+        handle.write("\nimport os as _os\nif _os.environ.get('SLQ_TEST_MARKER'):\n"
+                     "    open(_os.environ['SLQ_TEST_MARKER'], 'a').write('folder code ran\\n')\n")
+
+
+def test_which_code_runs_at_load_time(saved, tmp_path, marker):
+    """README, 'trust_remote_code': without slq_hf, the folder's code runs only with trust_remote_code=True; once
+    slq_hf is imported, the installed code is used and the folder's .py files never run. One interpreter, in order."""
+    _plant_code_marker(saved)
+    result = _run(f"""
+        import os, sys
+        from transformers import AutoModel
+        marker = os.environ["SLQ_TEST_MARKER"]
+        try:
+            AutoModel.from_pretrained({str(saved)!r})
+            raise SystemExit("loaded without trust_remote_code")
+        except ValueError as err:
+            assert "trust_remote_code" in str(err), err
+        assert not os.path.exists(marker), "folder code ran without trust_remote_code"
+        # Negative control: with trust_remote_code and no slq_hf, the folder's own code is what runs.
+        model = AutoModel.from_pretrained({str(saved)!r}, trust_remote_code=True)
+        assert "slq_hf" not in sys.modules and type(model).__module__.startswith("transformers_modules")
+        assert open(marker).read().startswith("folder code ran"), "the planted marker did not fire"
+        os.remove(marker)
+        import slq_hf
+        for kwargs in ({{}}, {{"trust_remote_code": True}}):
+            model = AutoModel.from_pretrained({str(saved)!r}, **kwargs)
+            assert type(model).__module__ == "slq_hf.modeling.modeling_slq", (kwargs, type(model).__module__)
+        assert not os.path.exists(marker), "folder code ran although slq_hf is imported"
+        print("OK")
+    """, tmp_path, marker)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "OK" in result.stdout and not marker.exists()
+
+
+def test_backbone_remote_code_never_runs(saved, tiny_backbone_path, tmp_path, marker):
+    """The pinned backbone is loaded without trust_remote_code, even when the SLQ folder is loaded with it: a
+    backbone folder whose config points at custom code gets transformers' own class."""
+    import shutil
+
+    backbone = tmp_path / "backbone_with_code"
+    shutil.copytree(tiny_backbone_path("qwen3_vl"), backbone)
+    (backbone / "evil.py").write_text(
+        f"open({str(marker)!r}, 'w').write('backbone code ran')\n"
+        "from transformers import Qwen3VLForConditionalGeneration\n"
+        "class Evil(Qwen3VLForConditionalGeneration):\n    pass\n")
+    config = json.loads((backbone / "config.json").read_text())
+    config["auto_map"] = {"AutoModelForImageTextToText": "evil.Evil"}
+    (backbone / "config.json").write_text(json.dumps(config))
+    for kwargs in ({}, {"trust_remote_code": True}):
+        loaded = AutoModel.from_pretrained(saved, backbone_name_or_path=str(backbone), **kwargs)
+        assert type(loaded.backbone).__module__.startswith("transformers.models.qwen3_vl")
+    assert not marker.exists()
