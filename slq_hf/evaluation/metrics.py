@@ -17,7 +17,7 @@ from collections.abc import Sequence
 import torch
 
 DEFAULT_KS: tuple[int, ...] = (1, 5, 10)
-_ROW_BLOCK = 2048
+_ROW_BLOCK = 512
 
 
 def _as_matrix(name: str, value, ndim: int = 2) -> torch.Tensor:
@@ -63,7 +63,7 @@ def ranks_from_similarity(similarity, positives, exclude=None) -> torch.Tensor:
             raise ValueError(f"exclude has shape {tuple(exc.shape)} but similarity has {tuple(sim.shape)}.")
         pos = pos & ~exc
     else:
-        exc = torch.zeros_like(pos)
+        exc = None
     missing = (~pos.any(dim=1)).nonzero().flatten()
     if len(missing):
         raise ValueError(f"Query rows {missing[:10].tolist()} have no (non-excluded) positive candidate; a rank is "
@@ -74,7 +74,7 @@ def ranks_from_similarity(similarity, positives, exclude=None) -> torch.Tensor:
         rows = slice(start, start + _ROW_BLOCK)
         s, p = sim[rows], pos[rows]
         best = s.masked_fill(~p, float("-inf")).amax(dim=1, keepdim=True)  # (q, 1)
-        competitors = ~p & ~exc[rows]  # (q, C)
+        competitors = ~p if exc is None else ~p & ~exc[rows]  # (q, C)
         ranks[rows] = ((s >= best) & competitors).sum(dim=1)
     return ranks
 
@@ -160,13 +160,15 @@ def image_text_retrieval_metrics(
     captioned = owns.any(dim=0)  # (I,)
     if not captioned.any():
         raise ValueError("No image owns a text; image-text retrieval needs at least one caption.")
+    # Row selection copies; skip it in the usual case where every image has captions (COCO: 500 MB saved).
+    queries = slice(None) if bool(captioned.all()) else captioned
     out = {
-        "i2t": recall_from_ranks(ranks_from_similarity(sim[captioned], owns.T[captioned]), ks),
+        "i2t": recall_from_ranks(ranks_from_similarity(sim[queries], owns.T[queries]), ks),
         "t2i": recall_from_ranks(ranks_from_similarity(sim.T, owns), ks),
     }
     if texts is not None:
         dup = duplicate_positives(text_to_image, texts, num_images)  # (T, I)
-        out["i2t_dedup"] = recall_from_ranks(ranks_from_similarity(sim[captioned], dup.T[captioned]), ks)
+        out["i2t_dedup"] = recall_from_ranks(ranks_from_similarity(sim[queries], dup.T[queries]), ks)
         out["t2i_dedup"] = recall_from_ranks(ranks_from_similarity(sim.T, dup), ks)
     return out
 
