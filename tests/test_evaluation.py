@@ -466,3 +466,21 @@ def test_readme_evaluation_example_runs(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     exec(compile(code, "README.md:evaluation", "exec"), {"__name__": "readme_example"})
     assert (tmp_path / "gap.png").is_file() and any((tmp_path / ".slq_cache").glob("*.safetensors"))
+
+
+def test_sentence_transformer_evaluates_like_slq_model(slq_dir, tmp_path):
+    pytest.importorskip("sentence_transformers")
+    from slq_hf import SLQModel
+    from slq_hf.integrations.sentence_transformers import load_sentence_transformer
+
+    for c in ("red", "blue"):
+        _png(tmp_path / f"{c}.png", c)
+    data = read_jsonl(_write_jsonl(tmp_path / "d.jsonl", [
+        {"image": "red.png", "texts": ["a red square", "red"]}, {"image": "blue.png", "text": "a blue square"},
+        {"reference": "red.png", "text": "make it blue", "target": "blue.png"},
+    ]))
+    ours = evaluate_retrieval(SLQModel.from_pretrained(slq_dir), data, return_embeddings=True)
+    theirs = evaluate_retrieval(load_sentence_transformer(slq_dir, device="cpu"), data, return_embeddings=True)
+    for part in ("image", "text", "composed"):
+        torch.testing.assert_close(theirs["embeddings"][part], ours["embeddings"][part], atol=1e-5, rtol=1e-4)
+    assert theirs["metrics"] == ours["metrics"]
