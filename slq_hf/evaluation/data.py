@@ -266,6 +266,9 @@ def read_karpathy(path: str | os.PathLike, split: str | None = "test", image_roo
             5K protocol keeps 5). None keeps all.
         check_files: verify every image exists now rather than failing mid-encode.
     """
+    if max_captions is not None and (isinstance(max_captions, bool) or not isinstance(max_captions, int)
+                                     or max_captions < 1):
+        raise ValueError(f"max_captions={max_captions!r} is invalid; expected a positive integer or None.")
     path = Path(path)
     text = _read_text(path)
     try:
