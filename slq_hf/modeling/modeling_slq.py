@@ -650,5 +650,12 @@ def _read_safetensors(path: str | os.PathLike) -> dict[str, torch.Tensor]:
 def _atomic_save_file(state: dict[str, torch.Tensor], path: Path) -> None:
     # Write next to the target, then rename: a crash never leaves a half-written weights file behind.
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    save_file(state, str(tmp), metadata={"format": "pt", "library": "slq_hf"})
-    os.replace(tmp, path)
+    try:
+        save_file(state, str(tmp), metadata={"format": "pt", "library": "slq_hf"})
+        # Flush to disk before the rename, so even a power loss cannot leave the new name on partial data.
+        with open(tmp, "rb+") as handle:
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():  # a failed write leaves neither a partial file nor the old one touched
+            tmp.unlink()

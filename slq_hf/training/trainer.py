@@ -6,11 +6,14 @@ and retrieval metrics (R@1 in both directions over the whole eval set) on evalua
 from __future__ import annotations
 
 import logging
+import os
+import shutil
 from typing import Any
 
 import numpy as np
 import torch
 from transformers import Trainer
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, rotate_checkpoints
 
 from .collator import SKIPPED_KEY, SLQDataCollator
 
@@ -18,6 +21,9 @@ logger = logging.getLogger(__name__)
 
 # Outputs of SLQModel.forward that evaluation should not collect: (B, N_q, H) per example is large and unused.
 EVAL_IGNORE_KEYS = ["query_states"]
+# Checkpoints are written here first and renamed to checkpoint-N when complete. The name never matches the
+# Trainer's ^checkpoint-(\d+)$ pattern, so resume_from_checkpoint=True never picks a half-written one.
+STAGING_DIR = ".checkpoint-staging"
 
 
 def retrieval_metrics(eval_pred: Any) -> dict[str, float]:
@@ -50,7 +56,10 @@ class SLQTrainer(Trainer):
     - with an :class:`SLQDataCollator`, examples skipped because they could not be loaded (``strict=False``) are
       counted across dataloader workers and reported in one warning at the end of ``train()``
       (:attr:`skipped_examples` holds the descriptions);
-    - ``compute_metrics`` defaults to :func:`retrieval_metrics`, and ``query_states`` are not collected.
+    - ``compute_metrics`` defaults to :func:`retrieval_metrics`, and ``query_states`` are not collected;
+    - checkpoints are atomic: ``checkpoint-N`` is written in a staging folder and renamed once complete (queries,
+      optimizer, scheduler, RNG and trainer state), so a run killed at any moment leaves only complete checkpoints
+      and ``resume_from_checkpoint=True`` (``slq-hf train --resume-from-checkpoint latest``) continues exactly.
     """
 
     def __init__(self, *args, **kwargs):
@@ -77,6 +86,52 @@ class SLQTrainer(Trainer):
         if ignore_keys is None:
             ignore_keys = EVAL_IGNORE_KEYS
         return super().prediction_step(model, inputs, prediction_loss_only, ignore_keys=ignore_keys)
+
+    def _get_output_dir(self, trial) -> str:
+        # While a checkpoint is being saved, the Trainer's own save code writes into the staging folder.
+        staging = getattr(self, "_checkpoint_staging", None)
+        return staging if staging is not None else super()._get_output_dir(trial)
+
+    def _save_checkpoint(self, model, trial) -> None:
+        """The Trainer's checkpoint, written to ``<run>/.checkpoint-staging/checkpoint-N`` and renamed to
+        ``<run>/checkpoint-N`` only when every file (and every rank's RNG state) is on disk."""
+        run_dir = self._get_output_dir(trial)
+        name = f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
+        staging_root = os.path.join(run_dir, STAGING_DIR)
+        if self.args.should_save:
+            shutil.rmtree(staging_root, ignore_errors=True)  # leftovers of a run killed while saving
+        self.accelerator.wait_for_everyone()
+        self._checkpoint_staging = staging_root
+        try:
+            super()._save_checkpoint(model, trial)
+        finally:
+            self._checkpoint_staging = None
+        self.accelerator.wait_for_everyone()  # every rank has written its files (rng_state_<rank>.pth)
+        if self.args.should_save:
+            final = os.path.join(run_dir, name)
+            if os.path.isdir(final):  # the same step saved again (e.g. a second train() call)
+                shutil.rmtree(final)
+            os.replace(os.path.join(staging_root, name), final)
+            shutil.rmtree(staging_root, ignore_errors=True)
+            if self._repoint_best_checkpoint(run_dir, staging_root):
+                state_file = os.path.join(final, "trainer_state.json")
+                self.state.save_to_json(state_file + ".tmp")
+                os.replace(state_file + ".tmp", state_file)
+            # The Trainer rotated inside the staging folder (a no-op there); rotate among the real checkpoints.
+            rotate_checkpoints(output_dir=run_dir, save_total_limit=self.args.save_total_limit,
+                               best_model_checkpoint=self.state.best_model_checkpoint, use_mtime=True)
+        self.accelerator.wait_for_everyone()
+
+    def _repoint_best_checkpoint(self, run_dir: str, staging_root: str) -> bool:
+        """The Trainer looked for the best checkpoint inside the staging folder; point at the real folder instead.
+        Returns True when ``state.best_model_checkpoint`` changed."""
+        before = self.state.best_model_checkpoint
+        best_step = self.state.best_global_step
+        if best_step and os.path.isdir(best := os.path.join(run_dir, f"{PREFIX_CHECKPOINT_DIR}-{best_step}")):
+            self.state.best_model_checkpoint = best
+        elif before and before.startswith(staging_root):
+            self.state.best_model_checkpoint = None
+        return self.state.best_model_checkpoint != before
 
     def train(self, *args, **kwargs):
         result = super().train(*args, **kwargs)
