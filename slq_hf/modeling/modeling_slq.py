@@ -14,6 +14,7 @@ import math
 import os
 import shutil
 import sys
+from collections import OrderedDict
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,8 +31,10 @@ from transformers.utils import logging as hf_logging
 from .backbones import backbone_spec, input_embedding_stats, pick_placeholder_token_id
 from .configuration_slq import SLQConfig
 from .losses import symmetric_infonce
+from .pickling import register_output_recorders, without_capture_hooks
 from .prefix_cache import prefix_cache_query_states
 from .processing_slq import SLQInput, collate, image_budget, prompt_length_limit, to_items
+from .sentence_transformers_files import write_sentence_transformers_files
 
 WEIGHTS_NAME = "model.safetensors"
 # CLIP clamps its learnable logit scale at 100 (temperature >= 0.01) to keep training stable.
@@ -298,6 +301,8 @@ class SLQModel(PreTrainedModel):
                 shutil.copyfile(source, out / source.name)
         if self.processor is not None:
             self.processor.save_pretrained(out)
+        # Every SLQ folder is also a sentence-transformers model (SentenceTransformer(out, trust_remote_code=True)).
+        write_sentence_transformers_files(out)
 
     def push_to_hub(
         self,
@@ -340,6 +345,17 @@ class SLQModel(PreTrainedModel):
         own = {k: v for k, v in state_dict.items() if not k.startswith("backbone.")}
         self.load_trainable_state(own)
         return nn.modules.module._IncompatibleKeys([], [])
+
+    def __getstate__(self) -> dict[str, Any]:
+        """Picklable even after a forward: transformers' output-capturing hooks (closures) are left out of the copy
+        (see pickling.py); sentence-transformers' multi-process pool pickles the model for its workers."""
+        state = super().__getstate__()
+        state["_modules"] = OrderedDict((name, without_capture_hooks(m)) for name, m in self._modules.items())
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        super().__setstate__(state)
+        register_output_recorders(self)  # see pickling.py: the new process never ran the backbone's __init__
 
     # ------------------------------------------------------------------------------------------------------ forward
     def _embedding_hook(self, module: nn.Module, args: tuple, kwargs: dict, output: torch.Tensor):
@@ -466,6 +482,9 @@ class SLQModel(PreTrainedModel):
             SLQModelOutput with ``pooler_output`` (B, embedding_dim) and ``query_states`` (B, N_q, H); for pair
             batches also ``positive_pooler_output`` (B, embedding_dim), ``loss`` () and ``accuracy`` ().
         """
+        # sentence-transformers and the Trainer pass return_dict=True; the output is always a ModelOutput, and
+        # forwarding it would clash with the return_dict the backbone call sets itself.
+        other_backbone_inputs.pop("return_dict", None)
         if torch.is_grad_enabled() and not getattr(self, "_grad_safe_4bit", False):
             _keep_4bit_layers_differentiable(self.backbone)
             self._grad_safe_4bit = True

@@ -1,0 +1,1 @@
+"""Optional integrations with other libraries; each submodule guards its own optional import."""

@@ -1,0 +1,114 @@
+"""sentence-transformers helpers for SLQ models (optional dependency: ``pip install slq_hf[sentence-transformers]``).
+
+Every folder ``SLQModel.save_pretrained`` writes already loads with plain sentence-transformers::
+
+    SentenceTransformer(folder, trust_remote_code=True)
+
+The helpers here cover what that one line cannot: wrapping an SLQ model that lives only in memory (fresh queries
+from ``SLQModel.from_backbone``, ready to train with ``SentenceTransformerTrainer``) without loading the backbone a
+second time. Importing this module without sentence-transformers installed works; calling a helper then raises an
+ImportError that says what to install.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from typing import TYPE_CHECKING, Any
+
+from ..modeling.modeling_slq import SLQModel
+from ..modeling.sentence_transformers_files import write_sentence_transformers_files
+
+if TYPE_CHECKING:
+    from sentence_transformers import SentenceTransformer
+
+_INSTALL_HINT = ("sentence-transformers>=6 is not installed; install it with "
+                 "`pip install 'slq_hf[sentence-transformers]'`.")
+
+
+def is_sentence_transformers_available() -> bool:
+    """True when sentence-transformers 6.x (the version with the multimodal Transformer module) is importable."""
+    try:
+        import sentence_transformers
+    except ImportError:
+        return False
+    major = sentence_transformers.__version__.split(".", 1)[0]
+    return major.isdigit() and int(major) >= 6
+
+
+def _require_sentence_transformers() -> None:
+    if not is_sentence_transformers_available():
+        raise ImportError(_INSTALL_HINT)
+
+
+def load_sentence_transformer(
+    path: str | os.PathLike,
+    *,
+    backbone: Any = None,
+    model_kwargs: dict[str, Any] | None = None,
+    **kwargs,
+) -> SentenceTransformer:
+    """Load an SLQ folder (or Hub repo) as a ``SentenceTransformer``.
+
+    Same as ``SentenceTransformer(path, trust_remote_code=True, ...)``, plus ``backbone=`` to reuse a backbone that is
+    already in memory instead of loading the one pinned in config.json.
+
+    Args:
+        path: SLQ folder or Hub id written by ``SLQModel.save_pretrained``.
+        backbone: an already loaded ``*ForConditionalGeneration`` backbone to share (no second copy of its weights).
+        model_kwargs: go to ``SLQModel.from_pretrained`` and from there to the backbone's ``from_pretrained``
+            (``dtype``, ``quantization_config``, ``attn_implementation``, ``backbone_name_or_path``...).
+        **kwargs: other ``SentenceTransformer`` arguments (``device``, ``prompts``, ``truncate_dim``...).
+    """
+    _require_sentence_transformers()
+    from sentence_transformers import SentenceTransformer
+
+    model_kwargs = dict(model_kwargs or {})
+    if backbone is not None:
+        model_kwargs["backbone"] = backbone
+    kwargs.setdefault("trust_remote_code", True)
+    return SentenceTransformer(str(path), model_kwargs=model_kwargs, **kwargs)
+
+
+def to_sentence_transformer(
+    model: SLQModel,
+    save_directory: str | os.PathLike | None = None,
+    *,
+    prompts: dict[str, str] | None = None,
+    **kwargs,
+) -> SentenceTransformer:
+    """Wrap an in-memory ``SLQModel`` as a ``SentenceTransformer`` that shares its backbone.
+
+    The model is saved (queries, config, processor, sentence-transformers files: a few hundred KB) to
+    ``save_directory`` and loaded back with ``backbone=model.backbone``, so the backbone weights are not copied. The
+    returned model starts from ``model``'s queries but holds its own copy of them: train the returned model (e.g.
+    with ``SentenceTransformerTrainer``) and save it with its ``save_pretrained``, which writes a queries-only SLQ
+    folder again.
+
+    Args:
+        model: an SLQ model, e.g. from ``SLQModel.from_backbone``; it needs a processor.
+        save_directory: where to write the folder; when None, a new temporary directory that is not deleted (it is
+            the returned model's ``name_or_path``).
+        prompts: sentence-transformers prompts by name; default ``{"query": "", "document": ""}`` (the paper uses
+            no instruction). A non-empty prompt is rendered as a system message.
+        **kwargs: other ``SentenceTransformer`` arguments (``device``, ``truncate_dim``, ``model_kwargs``...).
+    """
+    _require_sentence_transformers()
+    if not isinstance(model, SLQModel):
+        raise TypeError(f"to_sentence_transformer expects an SLQModel, got {type(model).__name__}.")
+    if model.processor is None:
+        raise ValueError("The SLQModel has no processor; pass processor= to SLQModel.from_backbone/from_pretrained so "
+                         "sentence-transformers can build prompts.")
+    if save_directory is None:
+        save_directory = tempfile.mkdtemp(prefix="slq_st_")
+    model.save_pretrained(save_directory)
+    if prompts is not None:
+        write_sentence_transformers_files(save_directory, prompts=prompts)
+    model_kwargs = dict(kwargs.pop("model_kwargs", None) or {})
+    model_kwargs.setdefault("processor", model.processor)
+    # Stay where the backbone already is, instead of the device sentence-transformers would pick on its own.
+    kwargs.setdefault("device", str(model.device))
+    return load_sentence_transformer(save_directory, backbone=model.backbone, model_kwargs=model_kwargs, **kwargs)
+
+
+__all__ = ["is_sentence_transformers_available", "load_sentence_transformer", "to_sentence_transformer"]
