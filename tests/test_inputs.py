@@ -430,3 +430,58 @@ def test_mixed_batch_of_all_kinds_matches_one_by_one(model, files):
     # the string path, the Path, the dict image and the PIL decode of the same file are one input
     _close(batched[2], batched[3], atol=0)
     _close(batched[2], batched[6], atol=0)
+
+
+# ------------------------------------------------------------------------------------------ training collator
+def test_collator_skips_and_counts_every_kind_of_bad_example(model, files):
+    from slq_hf.training import SLQDataCollator
+
+    collator = SLQDataCollator(model.processor, max_length=model.max_prompt_length())
+    good = {"image": _scene(64, 64), "text": "a red square", "_source": "good:1"}
+    bad = [
+        {"image": str(files["truncated"]), "text": "x", "_source": "bad:truncated"},
+        {"image": str(files["not_image"]), "text": "x", "_source": "bad:not-image"},
+        {"image": "missing/nowhere.jpg", "text": "x", "_source": "bad:missing"},
+        {"image": _scene(32, 32), "text": "   ", "_source": "bad:blank-text"},
+        {"image": _scene(4000, 10), "text": "x", "_source": "bad:aspect"},  # refused by the processor itself
+        {"query": None, "positive": "x", "_source": "bad:none"},
+    ]
+    batch = collator([good, *bad, {**good, "_source": "good:2"}])
+    assert batch["input_ids"].shape[0] == 2 and batch["positive_input_ids"].shape[0] == 2
+    assert collator.num_skipped == len(bad)
+    reasons = {s.source: s.reason for s in collator.skipped}
+    assert set(reasons) == {b["_source"] for b in bad}
+    assert "aspect ratio" in reasons["bad:aspect"] and "empty or whitespace" in reasons["bad:blank-text"]
+    assert "not an image" in reasons["bad:not-image"] and "not found" in reasons["bad:missing"]
+
+    strict = SLQDataCollator(model.processor, strict=True)
+    with pytest.raises(SLQInputError, match=r"example 1 of the batch \(bad:aspect\).*strict=True"):
+        strict([good, bad[4]])
+    with pytest.raises(SLQInputError, match="All 2 examples"):
+        collator(bad[:2])
+
+
+def test_collator_truncates_long_texts_and_shrinks_huge_images(model, monkeypatch, tmp_path):
+    from slq_hf.training import SLQDataCollator, SLQTrainer
+
+    monkeypatch.setattr(model.processor.tokenizer, "model_max_length", 64)
+    big = tmp_path / "big.jpg"
+    _scene(3000, 2000).save(big)
+    collator = SLQDataCollator(model.processor)
+    # SLQTrainer fills in the model's limit, so training truncates exactly like encode
+    from transformers import TrainingArguments
+
+    SLQTrainer(model=model, args=TrainingArguments(str(tmp_path / "out"), use_cpu=True, report_to="none"),
+               train_dataset=[], data_collator=collator)
+    assert collator.max_length == model.max_prompt_length() == 64 - NUM_QUERIES
+    long_text = "the quick brown fox jumps over " * 40
+    with pytest.warns(UserWarning, match="too long"):
+        batch = collator([{"image": str(big), "text": long_text}, {"image": _scene(64, 64), "text": "short"}])
+    mask = batch["positive_attention_mask"].bool()
+    assert mask.sum(dim=1).max() <= collator.max_length
+    suffix = _suffix_ids(model.processor)
+    first = batch["positive_input_ids"][0][mask[0]].tolist()
+    assert first[-len(suffix):] == suffix
+    budget = image_budget(model.processor)
+    assert torch.equal(batch["image_grid_thw"][0], collate(model.processor, [to_item(big, budget=budget)])[
+        "image_grid_thw"][0])

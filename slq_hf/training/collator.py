@@ -16,7 +16,7 @@ from typing import Any
 
 from PIL import Image
 
-from ..modeling.processing_slq import SLQInputError, SLQItem, collate, to_item
+from ..modeling.processing_slq import ImageBudget, SLQInputError, SLQItem, collate, image_budget, to_item
 
 logger = logging.getLogger(__name__)
 
@@ -101,8 +101,9 @@ def _decode_image_record(value: Any) -> Any:
     return value
 
 
-def load_item(value: Any) -> SLQItem:
-    """Load one item (text, image, image+text, ``{"bytes", "path"}`` record) into an SLQItem.
+def load_item(value: Any, budget: ImageBudget | None = None) -> SLQItem:
+    """Load one item (text, image, image+text, ``{"bytes", "path"}`` record) into an SLQItem; ``budget``
+    (``image_budget(processor)``) shrinks huge images while they are decoded.
 
     Raises SLQInputError (a ValueError) for unreadable or missing images, empty texts, None and wrong types.
     """
@@ -112,7 +113,7 @@ def load_item(value: Any) -> SLQItem:
         value = _decode_image_record(value)
     if isinstance(value, bytes):
         raise SLQInputError("Got raw bytes; pass {'image': {'bytes': ...}} or a PIL image.")
-    return to_item(value)
+    return to_item(value, budget=budget)
 
 
 class SLQDataCollator:
@@ -125,15 +126,20 @@ class SLQDataCollator:
             None) is left out of its batch, counted in :attr:`skipped` and logged (the first ``max_warnings``), so
             one bad file does not end a training run; :class:`~slq_hf.training.SLQTrainer` reports the total at the
             end of training. When True, the first such example raises SLQInputError. Examples whose KEYS are wrong
-            always raise ValueError: that is a format error of the whole dataset, not one corrupt example.
+            always raise ValueError: that is a format error of the whole dataset, not one corrupt example. An item
+            the backbone's processor refuses (e.g. Qwen-VL: an image with an aspect ratio above 200) counts as
+            unloadable too.
         max_warnings: how many skipped examples are logged individually.
+        max_length: longest prompt in tokens (``model.max_prompt_length()``; SLQTrainer fills it in from the model
+            when None). Longer user texts are truncated with a warning, keeping the chat template's generation
+            prompt, exactly as ``SLQModel.encode`` does.
 
     Returns (``__call__``): a dict of tensors, e.g. for Qwen-VL ``input_ids`` (B, L), ``attention_mask`` (B, L),
     ``pixel_values`` (P, C), ``image_grid_thw`` (B_img, 3), ``mm_token_type_ids`` (B, L) and the same keys with the
     ``positive_`` (B rows) and ``negative_`` (M rows) prefixes.
     """
 
-    def __init__(self, processor: Any, strict: bool = False, max_warnings: int = 10):
+    def __init__(self, processor: Any, strict: bool = False, max_warnings: int = 10, max_length: int | None = None):
         if processor is None:
             raise ValueError("SLQDataCollator: processor is None; pass model.processor (the backbone's processor).")
         if isinstance(max_warnings, bool) or not isinstance(max_warnings, int) or max_warnings < 0:
@@ -141,6 +147,9 @@ class SLQDataCollator:
         self.processor = processor
         self.strict = strict
         self.max_warnings = max_warnings
+        self.max_length = max_length
+        # Huge images are shrunk to the processor's budget while they are decoded (JPEG: at reduced scale).
+        self.image_budget = image_budget(processor)
         self.skipped: list[SkippedExample] = []
         # SLQTrainer sets this: with dataloader workers the collator runs in other processes, so the skipped
         # examples travel with the batch instead of living in this object.
@@ -149,34 +158,63 @@ class SLQDataCollator:
     def __call__(self, examples: list[dict]) -> dict[str, Any]:
         if not isinstance(examples, (list, tuple)) or not examples:
             raise ValueError(f"SLQDataCollator expects a non-empty list of examples, got {examples!r:.80}.")
-        loaded: list[dict[str, SLQItem]] = []
+        loaded: dict[int, dict[str, SLQItem]] = {}  # example index -> items by role
         skipped: list[SkippedExample] = []
         for index, example in enumerate(examples):
             roles = example_roles(example, index)
             try:
-                loaded.append({role: self._load(role, value) for role, value in roles.items()})
+                loaded[index] = {role: self._load(role, value) for role, value in roles.items()}
             except SLQInputError as err:
-                if self.strict:
-                    raise SLQInputError(f"{_describe(example, index)}: {err} (strict=True: fix or remove the "
-                                        "example, or train with strict=False to skip such examples).") from err
-                skipped.append(SkippedExample(index, example.get(SOURCE_KEY), str(err)))
+                self._skip(examples, index, str(err), skipped, err)
+        try:
+            batch = self._collate(list(loaded.values())) if loaded else None
+        except SLQInputError:
+            # The processor refused an item. Find the example(s) it cannot handle alone (rare: only after a
+            # failure), skip them like unreadable files and collate the rest.
+            refused = {index: reason for index, pair in loaded.items() if (reason := self._unprocessable(pair))}
+            if not refused:
+                raise
+            for index, reason in refused.items():
+                self._skip(examples, index, reason, skipped)
+                del loaded[index]
+            batch = self._collate(list(loaded.values())) if loaded else None
         self._record(skipped)
-        if not loaded:
+        if batch is None:
             raise SLQInputError(f"All {len(examples)} examples of this batch could not be loaded: "
                                 f"{'; '.join(map(str, skipped[:3]))}. Check the data paths and files.")
-        batch = dict(collate(self.processor, [pair["query"] for pair in loaded]))
-        batch.update({f"positive_{k}": v for k, v in collate(self.processor, [p["positive"] for p in loaded]).items()})
-        negatives = [pair["negative"] for pair in loaded if "negative" in pair]
-        if negatives:
-            batch.update({f"negative_{k}": v for k, v in collate(self.processor, negatives).items()})
         if self.report_skips_in_batch:
             batch[SKIPPED_KEY] = [str(s) for s in skipped]
         return batch
 
-    @staticmethod
-    def _load(role: str, value: Any) -> SLQItem:
+    def _collate(self, loaded: list[dict[str, SLQItem]]) -> dict[str, Any]:
+        batch = dict(collate(self.processor, [pair["query"] for pair in loaded], max_length=self.max_length))
+        positives = collate(self.processor, [pair["positive"] for pair in loaded], max_length=self.max_length)
+        batch.update({f"positive_{k}": v for k, v in positives.items()})
+        negatives = [pair["negative"] for pair in loaded if "negative" in pair]
+        if negatives:
+            batch.update({f"negative_{k}": v for k, v in
+                          collate(self.processor, negatives, max_length=self.max_length).items()})
+        return batch
+
+    def _unprocessable(self, pair: dict[str, SLQItem]) -> str | None:
+        """Why the processor refuses one of this example's items on its own, or None."""
+        for role, item in pair.items():
+            try:
+                collate(self.processor, [item], max_length=self.max_length)
+            except SLQInputError as err:
+                return f"{role!r}: {err}"
+        return None
+
+    def _skip(self, examples: list[dict], index: int, reason: str, skipped: list[SkippedExample],
+              cause: Exception | None = None) -> None:
+        if self.strict:
+            raise SLQInputError(f"{_describe(examples[index], index)}: {reason} (strict=True: fix or remove the "
+                                "example, or train with strict=False to skip such examples).") from cause
+        skipped.append(SkippedExample(index, examples[index].get(SOURCE_KEY), reason))
+
+    def _load(self, role: str, value: Any) -> SLQItem:
         try:
-            return load_item(value)
+            return load_item(value, budget=self.image_budget)
         except SLQInputError as err:
             raise SLQInputError(f"{role!r}: {err}") from err
 

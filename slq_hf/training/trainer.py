@@ -67,6 +67,9 @@ class SLQTrainer(Trainer):
         super().__init__(*args, **kwargs)
         if isinstance(self.data_collator, SLQDataCollator):
             self.data_collator.report_skips_in_batch = True
+            if self.data_collator.max_length is None and hasattr(self.model, "max_prompt_length"):
+                # Same truncation rule as SLQModel.encode: texts are cut so prompt + queries fit the backbone.
+                self.data_collator.max_length = self.model.max_prompt_length()
         self.skipped_examples: dict[str, list[str]] = {"train": [], "eval": []}
 
     # The SLQ collator needs the raw example columns; the Trainer's column filtering would drop all of them.
