@@ -30,6 +30,9 @@ _TRANSFORMERS_KEYS = frozenset({
     "model_type", "auto_map", "custom_pipelines", "torch_dtype", "name_or_path", "output_attentions",
     "attn_implementation", "experts_implementation", "per_layer_config", "num_labels", "quantization_config",
     "rope_scaling", "rope_theta",
+    # transformers' Trainer (and so SentenceTransformerTrainer) copies the tokenizer's special ids into model.config
+    # before training (align_special_tokens); the saved config then carries them. SLQ does not use them.
+    "bos_token_id", "eos_token_id", "pad_token_id",
 })
 
 
