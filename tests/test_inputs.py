@@ -485,3 +485,52 @@ def test_collator_truncates_long_texts_and_shrinks_huge_images(model, monkeypatc
     budget = image_budget(model.processor)
     assert torch.equal(batch["image_grid_thw"][0], collate(model.processor, [to_item(big, budget=budget)])[
         "image_grid_thw"][0])
+
+
+# ------------------------------------------------------------------------------------------ sentence-transformers
+@pytest.fixture(scope="module")
+def sentence_model(model, tmp_path_factory):
+    pytest.importorskip("sentence_transformers")
+    from sentence_transformers import SentenceTransformer
+
+    folder = tmp_path_factory.mktemp("st") / "slq"
+    model.save_pretrained(folder)
+    return SentenceTransformer(str(folder), trust_remote_code=True, device="cpu")
+
+
+def test_sentence_transformers_with_prepare_inputs_matches_encode(model, sentence_model, files, tmp_path):
+    from slq_hf.processing import prepare_inputs
+
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    rotated = tmp_path / "rotated.jpg"
+    _scene(64, 32).save(rotated, exif=exif)
+    high_depth = Image.frombytes("I;16", (40, 30), np.linspace(0, 60000, 1200).astype("<u2").tobytes())
+    inputs = ["a caption", str(files["good"]), rotated, high_depth, _scene(48, 48, mode="CMYK"), _scene(1, 1),
+              _scene(3000, 2000), {"image": _scene(96, 64, mode="RGBA"), "text": "what shape?"}]
+    prepared = prepare_inputs(inputs, sentence_model[0].processor)
+    assert [type(p).__name__ for p in prepared] == ["str", "Image", "Image", "Image", "Image", "Image", "Image",
+                                                    "dict"]
+    assert all(p.mode == "RGB" for p in prepared if isinstance(p, Image.Image))
+    got = sentence_model.encode(prepared, convert_to_tensor=True, batch_size=3)
+    _close(got, model.encode(inputs))
+    for value, message in [(None, r"None \(input 1\)"), (files["corrupt"], "input 1"), ("", r"empty.*input 1"),
+                           (["a", "b"], r"Nested list \(input 1\)")]:
+        with pytest.raises(SLQInputError, match=message):
+            prepare_inputs(["ok", value])
+
+
+def test_sentence_transformers_truncation_matches_encode(model, sentence_model, monkeypatch):
+    """With max_seq_length set to the model's prompt limit, sentence-transformers truncates long texts and restores
+    the chat-template suffix: the same prompt, hence the same embedding, as SLQModel.encode."""
+    monkeypatch.setattr(model.processor.tokenizer, "model_max_length", 44)
+    limit = model.max_prompt_length()
+    monkeypatch.setattr(sentence_model, "max_seq_length", limit)
+    long_text = "the quick brown fox jumps over " * 40
+    features = sentence_model[0].preprocess([long_text])
+    ids = features["input_ids"][0][features["attention_mask"][0].bool()].tolist()
+    suffix = _suffix_ids(model.processor)
+    assert len(ids) == limit and ids[-len(suffix):] == suffix
+    with pytest.warns(UserWarning, match="too long"):
+        expected = model.encode([long_text])
+    _close(sentence_model.encode([long_text], convert_to_tensor=True), expected)

@@ -337,6 +337,24 @@ def to_items(inputs: SLQInput | list[SLQInput], budget: ImageBudget | None = Non
     return [to_item(value, index, budget) for index, value in enumerate(inputs)]
 
 
+def prepare_inputs(inputs: SLQInput | list[SLQInput], processor: Any = None) -> list[str | Image.Image | dict]:
+    """Validate and convert inputs exactly as ``SLQModel.encode`` does, for APIs that run the processor themselves
+    (sentence-transformers: ``st.encode(prepare_inputs(inputs, st[0].processor))``).
+
+    Texts stay ``str``; images (PIL or path) become RGB PIL images: EXIF-transposed, mode-converted, checked against
+    the decompression-bomb limit and, with ``processor``, shrunk to its :func:`image_budget`; image+text inputs
+    become ``{"image": PIL, "text": str}``. Raises SLQInputError naming the index, like ``encode``.
+    """
+    budget = image_budget(processor) if processor is not None else None
+    prepared: list[str | Image.Image | dict] = []
+    for item in to_items(inputs, budget):
+        if item.image is not None and item.text is not None:
+            prepared.append({"image": item.image, "text": item.text})
+        else:
+            prepared.append(item.image if item.image is not None else item.text)
+    return prepared
+
+
 def build_messages(item: SLQItem, instruction: str | None = None) -> list[dict]:
     """The paper's prompt: one user turn holding the (optional) instruction, the image and the text."""
     content: list[dict] = []
