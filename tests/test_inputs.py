@@ -29,6 +29,7 @@ from slq_hf.processing import (
     to_item,
     to_items,
 )
+from slq_hf.testing.tiny_backbones import TINY_FAMILIES
 
 NUM_QUERIES = 4
 # The tiny Qwen3-VL chat template's generation-prompt suffix: end of the user turn, then the assistant header.
@@ -534,3 +535,41 @@ def test_sentence_transformers_truncation_matches_encode(model, sentence_model, 
     with pytest.warns(UserWarning, match="too long"):
         expected = model.encode([long_text])
     _close(sentence_model.encode([long_text], convert_to_tensor=True), expected)
+
+
+# --------------------------------------------------------------------------------------------- every family
+def _common_tail(a: list[int], b: list[int]) -> int:
+    count = 0
+    while count < min(len(a), len(b)) and a[-1 - count] == b[-1 - count]:
+        count += 1
+    return count
+
+
+@pytest.mark.parametrize("family", sorted(TINY_FAMILIES))
+def test_edge_inputs_on_every_backbone_family(tiny_backbone_path, family, monkeypatch):
+    """The same conversions on every processor family: tiny/huge/transparent/16-bit images and over-long texts
+    (truncated keeping the family's own chat-template tail) in one batch, each row equal to the input alone."""
+    slq = SLQModel.from_backbone(tiny_backbone_path(family), num_queries=NUM_QUERIES)
+    monkeypatch.setattr(slq.processor.tokenizer, "model_max_length", 200)
+    long_text = "the quick brown fox jumps over " * 60
+    inputs = ["hello", _scene(1, 1), _scene(3000, 2000), _scene(50, 40, mode="RGBA"),
+              Image.frombytes("I;16", (30, 30), np.arange(900, dtype="<u2").tobytes()), long_text,
+              {"image": _scene(64, 64), "text": long_text}]
+    with pytest.warns(UserWarning, match="too long"):
+        together = slq.encode(inputs, batch_size=len(inputs))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        alone = torch.cat([slq.encode([value]) for value in inputs])
+    assert torch.isfinite(together).all()
+    _close(together, alone)
+
+    def prompt(text: str) -> list[int]:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)
+            batch = collate(slq.processor, to_items([text]), max_length=slq.max_prompt_length())
+        return batch["input_ids"][0][batch["attention_mask"][0].bool()].tolist()
+
+    tail = _common_tail(prompt("a b c"), prompt("hello world"))
+    assert tail >= 2  # end of turn + assistant header
+    truncated = prompt(long_text)
+    assert len(truncated) <= slq.max_prompt_length() and truncated[-tail:] == prompt("a b c")[-tail:]
