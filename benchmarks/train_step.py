@@ -22,7 +22,7 @@ OS and RSS follows live memory). After a warm-up step, ``malloc_trim`` and a res
 (``/proc/self/clear_refs``), one more step runs; "step memory" is the kernel's peak RSS during that step (VmHWM)
 minus the RSS just before it: activations, gradients and temporaries, without the weights every method shares.
 
-    .venv/bin/python benchmarks/train_step.py                       # print the table (about 4 minutes)
+    .venv/bin/python benchmarks/train_step.py                       # print the table (5-8 minutes on 2 shared cores)
     .venv/bin/python benchmarks/train_step.py --write BENCHMARKS.md # also fill its train-step section
 """
 
