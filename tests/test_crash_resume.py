@@ -123,17 +123,21 @@ def test_sigkill_then_resume_equals_uninterrupted(tiny_backbone_path, data, refe
         "mid-epoch": ("step", 5, 4),
         # mid-checkpoint: checkpoint-6 half written; the last complete one is checkpoint-4
         "mid-checkpoint": ("saving", 6, 4),
-        # from outside, at a random moment after the first checkpoint (whatever the process is doing then)
+        # from outside, at a random moment: shortly after a randomly chosen checkpoint appears, whatever the process
+        # is doing then (a step, the next checkpoint's files...), with at least 4 steps still to go
         "random": ("none", -1, None),
     }
     processes = {name: _start(mode, step, _argv(backbone, data, tmp_path / name), tmp_path)
                  for name, (mode, step, _) in runs.items()}
-    delay = random.uniform(0.0, 1.5)
+    seed = random.randrange(2**32)
+    rng = random.Random(seed)
+    after, delay = rng.randrange(SAVE_STEPS, TOTAL_STEPS - 4, SAVE_STEPS), rng.uniform(0.0, 0.05)
+    where = f"random kill {delay:.3f}s after checkpoint-{after} (seed {seed})"
     deadline = time.monotonic() + 240
-    while not (tmp_path / "random" / "checkpoint-2").exists():
-        assert processes["random"].poll() is None, processes["random"].communicate()[1][-3000:]
-        assert time.monotonic() < deadline, "no checkpoint within 4 minutes"
-        time.sleep(0.02)
+    while not (tmp_path / "random" / f"checkpoint-{after}").exists():
+        assert processes["random"].poll() is None, f"{where}: " + processes["random"].communicate()[1][-3000:]
+        assert time.monotonic() < deadline, f"{where}: checkpoint not reached within 4 minutes"
+        time.sleep(0.005)
     time.sleep(delay)
     processes["random"].send_signal(signal.SIGKILL)
     for name, process in processes.items():
@@ -142,20 +146,20 @@ def test_sigkill_then_resume_equals_uninterrupted(tiny_backbone_path, data, refe
 
     for name, (_, _, expected_last) in runs.items():
         out = tmp_path / name
-        assert not (out / "model.safetensors").exists(), f"{name}: the run was killed before its final save"
+        assert not (out / "model.safetensors").exists(), f"{name}: killed only after the final save ({where})"
         last = get_last_checkpoint(str(out))
         assert last is not None, name
         if expected_last is not None:
             assert Path(last).name == f"checkpoint-{expected_last}", (name, last)
         for checkpoint in out.glob("checkpoint-*"):
             _assert_complete(checkpoint)  # every visible checkpoint is whole; partial ones stay in the staging dir
-        assert int(Path(last).name.split("-")[1]) < TOTAL_STEPS, f"{name}: killed after delay {delay:.2f}s too late"
+        assert int(Path(last).name.split("-")[1]) < TOTAL_STEPS, f"{name}: {where}: killed too late"
 
         assert main([*_argv(backbone, data, out), "--resume-from-checkpoint", "latest"]) == 0
         resumed = _queries(out)
         assert set(resumed) == set(reference)
         for key in reference:
-            assert torch.equal(resumed[key], reference[key]), f"{name} (delay {delay:.2f}s): {key} differs"
+            assert torch.equal(resumed[key], reference[key]), f"{name} ({where}): {key} differs"
         assert not (out / STAGING_DIR).exists()
     capsys.readouterr()
 
