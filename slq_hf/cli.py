@@ -18,6 +18,7 @@ COMMANDS: dict[str, str] = {
     "export": "slq_hf.commands.export",
     "push": "slq_hf.commands.push",
     "convert-reference": "slq_hf.commands.convert_reference",
+    "karr-build": "slq_hf.commands.karr_build",
 }
 
 

@@ -34,6 +34,7 @@ from .losses import symmetric_infonce
 from .pickling import register_output_recorders, without_capture_hooks
 from .prefix_cache import prefix_cache_query_states
 from .processing_slq import SLQInput, collate, image_budget, prompt_length_limit, to_items
+from .query_sets import QuerySetsMixin, SLQQuerySetsOutput
 from .sentence_transformers_files import write_sentence_transformers_files
 
 WEIGHTS_NAME = "model.safetensors"
@@ -70,7 +71,7 @@ class _Injection:
     queries: torch.Tensor  # (N_q, H)
 
 
-class SLQModel(PreTrainedModel):
+class SLQModel(QuerySetsMixin, PreTrainedModel):
     """Frozen vision-language backbone with ``num_queries`` trainable latent queries appended to every prompt.
 
     Build one with :meth:`from_backbone` (fresh queries) or :meth:`from_pretrained` (a saved SLQ folder). Only
@@ -230,6 +231,7 @@ class SLQModel(PreTrainedModel):
             processor = _load_processor(pretrained_model_name_or_path, config, location, shared)
         model = cls(config, backbone=backbone, processor=processor)
         model.load_trainable_state(weights)
+        model._load_saved_query_sets(pretrained_model_name_or_path, location)  # query_sets/*.safetensors, if any
         model.eval()
         return model
 
@@ -296,6 +298,7 @@ class SLQModel(PreTrainedModel):
         self.config.architectures = [type(self).__name__]
         self.config.save_pretrained(out)
         _atomic_save_file(self.trainable_state_dict(), out / WEIGHTS_NAME)
+        self._save_query_sets(out)  # extra query sets: query_sets/<name>.safetensors + sets.json
         for source in Path(__file__).parent.glob("*.py"):
             if source.name != "__init__.py":
                 shutil.copyfile(source, out / source.name)
@@ -343,7 +346,7 @@ class SLQModel(PreTrainedModel):
     def load_state_dict(self, state_dict: dict[str, torch.Tensor], strict: bool = True, assign: bool = False):
         """Accept full or queries-only state dicts (Trainer resume): backbone keys are never required."""
         own = {k: v for k, v in state_dict.items() if not k.startswith("backbone.")}
-        self.load_trainable_state(own)
+        self.load_trainable_state(self._load_query_set_state(own))  # extra query sets first, then the rest
         return nn.modules.module._IncompatibleKeys([], [])
 
     def __getstate__(self) -> dict[str, Any]:
@@ -378,8 +381,10 @@ class SLQModel(PreTrainedModel):
         finally:
             self._injection = previous
 
-    def _relay_left(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None, extra: dict[str, Any]):
-        """Move every row's padding to the left (stable sort on the mask) and append the query slots.
+    def _relay_left(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None, extra: dict[str, Any],
+                    num_queries: int | None = None):
+        """Move every row's padding to the left (stable sort on the mask) and append ``num_queries`` query slots
+        (default ``config.num_queries``; 0 for the prompt alone).
 
         Returns ids (B, L + N_q), mask (B, L + N_q) and the per-token extras re-laid and zero-extended.
         """
@@ -390,7 +395,7 @@ class SLQModel(PreTrainedModel):
             raise ValueError(f"attention_mask has shape {tuple(attention_mask.shape)} but input_ids has "
                              f"{tuple(input_ids.shape)}.")
         order = torch.sort(attention_mask.long(), dim=1, stable=True).indices  # (B, L): pads first, order kept
-        num_queries = self.config.num_queries
+        num_queries = self.config.num_queries if num_queries is None else num_queries
         pad = dict(device=input_ids.device, dtype=input_ids.dtype)
         ids = torch.cat([input_ids.gather(1, order), torch.full((batch, num_queries), self.config.placeholder_token_id,
                                                                 **pad)], dim=1)
@@ -416,19 +421,20 @@ class SLQModel(PreTrainedModel):
             (pooled (B, embedding_dim) float32, query_states (B, N_q, H) in the backbone's dtype)
         """
         backbone_inputs = {k: v for k, v in backbone_inputs.items() if v is not None}
-        ids, mask, relaid = self._relay_left(input_ids, attention_mask, backbone_inputs)
+        queries = self.active_queries  # (N_q, H): the default set unless another one is active
+        ids, mask, relaid = self._relay_left(input_ids, attention_mask, backbone_inputs, queries.shape[0])
         backbone_inputs.update(relaid)
         if self._use_prefix_cache():
             # Same result as the full forward, but backward only runs through the N_q query tokens (DESIGN.md).
-            n = self.config.num_queries
+            n = queries.shape[0]
             prompt_inputs = {k: v[:, :-n] if k in relaid else v for k, v in backbone_inputs.items()}
             query_states = prefix_cache_query_states(self.backbone.base_model, self.spec, ids[:, :-n], mask[:, :-n],
-                                                     self.queries, prompt_inputs)  # (B, N_q, H)
+                                                     queries, prompt_inputs)  # (B, N_q, H)
             return self.pool(query_states), query_states
-        with self._inject(tuple(ids.shape), self.queries):
+        with self._inject(tuple(ids.shape), queries):
             out = self.backbone.base_model(input_ids=ids, attention_mask=mask, use_cache=False, return_dict=True,
                                            **backbone_inputs)
-        query_states = out.last_hidden_state[:, -self.config.num_queries:]  # (B, N_q, H)
+        query_states = out.last_hidden_state[:, -queries.shape[0]:]  # (B, N_q, H)
         return self.pool(query_states), query_states
 
     def _use_prefix_cache(self) -> bool:
@@ -524,16 +530,21 @@ class SLQModel(PreTrainedModel):
         batch_size: int = 8,
         show_progress_bar: bool | None = None,
         instruction: str | None = None,
-    ) -> torch.Tensor:
-        """Embed texts, images (PIL or path) and ``{"image", "text"}`` dicts.
+        query_sets: list[str] | None = None,
+    ) -> torch.Tensor | dict[str, torch.Tensor]:
+        """Embed texts, images (PIL or path) and ``{"image", "text"}`` dicts with the active query set, or with
+        several sets at once (``query_sets=[...]``: one prompt pass per batch for all of them).
 
         Prompts follow the paper: the backbone's chat template with one user turn (instruction, image, text) and the
         generation prompt; the queries follow it. Inputs are length-sorted into batches; results come back in input
         order.
 
         Returns:
-            float32 tensor (N, embedding_dim) on CPU; (0, embedding_dim) for an empty list.
+            float32 tensor (N, embedding_dim) on CPU; (0, embedding_dim) for an empty list. With ``query_sets``:
+            a dict set name -> such a tensor.
         """
+        if query_sets is not None:
+            return self.encode_query_sets(inputs, query_sets, batch_size, show_progress_bar, instruction)
         if self.processor is None:
             raise ValueError("This SLQModel has no processor; pass processor= to from_backbone/from_pretrained.")
         if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
@@ -560,7 +571,7 @@ class SLQModel(PreTrainedModel):
     def max_prompt_length(self) -> int | None:
         """Longest prompt (tokens) that leaves room for the queries within the backbone's positions; ``collate``
         truncates longer user texts to it (with a warning), keeping the chat template's generation prompt."""
-        return prompt_length_limit(self.backbone.config, self.processor, reserved=self.config.num_queries)
+        return prompt_length_limit(self.backbone.config, self.processor, reserved=self.max_query_set_size())
 
     @property
     def device(self) -> torch.device:

@@ -23,6 +23,8 @@ WEIGHT_FILE_PATTERNS = (
     "*.bin", "*.pt", "*.pth", "*.ckpt", "*.pkl", "*.pickle", "*.gguf", "*.ggml", "*.h5", "*.keras", "*.msgpack",
     "*.onnx", "*.onnx_data", "*.tflite", "*.npz", "*.npy", "*.safetensors", "*.index.json", "*.mlmodel",
 )
+# Extra query sets written by SLQModel.save_pretrained (query_sets.py): one (N_q, H) "queries" tensor each.
+QUERY_SET_PATTERN = "query_sets/*.safetensors"
 # An SLQ folder is megabytes (the largest part is usually tokenizer.json); anything this big is not ours.
 MAX_FILE_BYTES = 256 * 2**20
 
@@ -42,7 +44,8 @@ def collect_upload_files(folder: str | os.PathLike) -> list[str]:
 
     Hidden files and folders (``.git``, ``.cache``) are skipped. Raises ``ValueError`` listing every file that looks
     like backbone weights: any weight-format file other than ``model.safetensors``, a ``model.safetensors`` holding
-    tensors that are not SLQ's (``queries``, ``logit_scale``, ``projection.*``), or any file over 256 MiB.
+    tensors that are not SLQ's (``queries``, ``logit_scale``, ``projection.*``), or any file over 256 MiB. Extra query
+    sets (``query_sets/<name>.safetensors``) go up when they hold only a ``queries`` tensor.
     """
     root = Path(folder)
     if not root.is_dir():
@@ -59,6 +62,11 @@ def collect_upload_files(folder: str | os.PathLike) -> list[str]:
             foreign = sorted(set(keys) - SLQ_TENSOR_NAMES)
             if foreign or "queries" not in keys:
                 refused.append(f"{name} (holds tensors {foreign[:3] or keys[:3]}..., not SLQ queries)")
+                continue
+        elif fnmatch.fnmatch(name, QUERY_SET_PATTERN):
+            keys = _safetensors_keys(path)
+            if keys != ["queries"]:
+                refused.append(f"{name} (holds tensors {keys[:3]}..., a query set holds only 'queries')")
                 continue
         elif any(fnmatch.fnmatch(path.name, pattern) for pattern in WEIGHT_FILE_PATTERNS):
             refused.append(f"{name} (a weights file)")

@@ -1,0 +1,427 @@
+"""Named query sets: several embedders on one frozen backbone, computed on one prompt pass, next to generate().
+
+- ``encode(inputs, query_sets=[...])`` equals one ``encode`` per active set (<= 1e-5) on every tiny backbone family,
+  with ONE prompt pass per batch (block mask + per-set offsets) except on sliding-window backbones (Gemma 3), which
+  fall back to one pass per set; negative controls (no block mask, wrong offsets) show the comparison can fail.
+- training: ``forward(query_sets=...)`` on a pair batch gives each set the loss and gradient it gets alone, with
+  one prompt pass per side; ``joint_query_sets`` lets the plain Trainer train several sets.
+- files: one queries-only safetensors file per set, reloaded by ``from_pretrained``; ``load_query_set`` onto another
+  model with the same backbone; width mismatches refused naming both widths.
+- sentence-transformers: ``encode_query`` / ``encode_document`` use the "query" / "document" sets (remote code).
+- one loaded model embeds and generates, interleaved, like two separate models, with one copy of the weights.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import load_file, save_file
+from transformers import AutoModelForImageTextToText, AutoProcessor, Trainer, TrainingArguments
+
+import slq_hf.modeling.prefix_cache as prefix_cache
+import slq_hf.modeling.query_sets as query_sets_module
+from slq_hf import SLQModel
+from slq_hf.modeling.query_sets import SLQQuerySetsOutput, has_sliding_window_layers
+from slq_hf.modeling.upload import collect_upload_files
+from slq_hf.testing import TINY_FAMILIES
+from slq_hf.training import SLQDataCollator
+
+NUM_QUERIES = 4
+DOC_QUERIES = 3  # sets may differ in size
+TOL = 1e-5
+GRAD_REL_TOL = 1e-4
+CONTROL_MIN_DIFF = 10 * TOL
+FAMILIES = sorted(TINY_FAMILIES)
+SETS = ["default", "query", "document"]
+
+
+def _scene(width: int, height: int, colour: tuple[int, int, int]) -> Image.Image:
+    image = Image.new("RGB", (width, height), (128, 128, 128))
+    image.paste(colour, (width // 4, height // 4, 3 * width // 4, 3 * height // 4))
+    return image
+
+
+# Texts of different lengths and images of two sizes in one batch: rows are padded, rope deltas differ per row.
+ITEMS = ["a green triangle", _scene(64, 64, (255, 0, 0)),
+         {"image": _scene(96, 64, (0, 0, 255)), "text": "what shape is this? describe the image."}, "hi",
+         "the quick brown fox jumps over a red square in the top left corner"]
+COLOURS = [("red", (255, 0, 0)), ("green", (0, 255, 0)), ("blue", (0, 0, 255)), ("cyan", (0, 255, 255))]
+PAIRS = [{"image": _scene(64, 64, rgb), "text": f"a {name} square"} for name, rgb in COLOURS]
+
+
+@torch.no_grad()
+def _sharpen_attention(backbone: torch.nn.Module, factor: float = 8.0) -> None:
+    """Scale q/k projections so attention is sharp (random tiny models attend uniformly, hiding position bugs)."""
+    for name, module in backbone.named_modules():
+        if name.endswith(("q_proj", "k_proj")) and isinstance(module, torch.nn.Linear):
+            module.weight.mul_(factor)
+
+
+def _with_sets(model: SLQModel) -> SLQModel:
+    model.add_query_set("query")
+    model.add_query_set("document", num_queries=DOC_QUERIES)
+    return model
+
+
+def _new(path: str, sharpen: bool = True) -> SLQModel:
+    model = SLQModel.from_backbone(path, num_queries=NUM_QUERIES)
+    if sharpen:
+        _sharpen_attention(model.backbone)
+    return _with_sets(model)
+
+
+@pytest.fixture(scope="module")
+def models(tiny_backbone_path):
+    """family -> SLQModel with sets default (4), query (4), document (3); shared by the read-only tests."""
+    cache: dict[str, SLQModel] = {}
+
+    def get(family: str) -> SLQModel:
+        if family not in cache:
+            cache[family] = _new(tiny_backbone_path(family))
+        return cache[family]
+
+    return get
+
+
+@pytest.fixture
+def qwen(tiny_backbone_path) -> SLQModel:
+    """A fresh tiny Qwen3-VL SLQ model with the three sets, for tests that change it."""
+    return _new(tiny_backbone_path("qwen3_vl"))
+
+
+def _count_prompt_passes(monkeypatch) -> list[int]:
+    calls: list[int] = []
+    original = prefix_cache.prompt_cache
+
+    def spy(*args, **kwargs):
+        calls.append(1)
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(prefix_cache, "prompt_cache", spy)
+    return calls
+
+
+def _alone(model: SLQModel, items) -> dict[str, torch.Tensor]:
+    out = {}
+    for name in SETS:
+        with model.use_query_set(name):
+            out[name] = model.encode(items)
+    return out
+
+
+# ------------------------------------------------------------------------------------------- one pass = alone
+@pytest.mark.parametrize("family", FAMILIES)
+def test_encode_query_sets_in_one_pass_equals_each_set_alone(models, family, monkeypatch):
+    model = models(family)
+    calls = _count_prompt_passes(monkeypatch)
+    together = model.encode(ITEMS, query_sets=SETS, batch_size=8)
+    shared = model.shares_prompt_across_query_sets()
+    assert shared == (not has_sliding_window_layers(model.backbone))
+    # One prompt pass for the single batch and all three sets; the fallback builds no cache (full pass per set).
+    assert len(calls) == (1 if shared else 0)
+    alone = _alone(model, ITEMS)
+    diffs = {name: (together[name] - alone[name]).abs().max().item() for name in SETS}
+    print(f"{family}: one pass vs alone, max |diff| " + ", ".join(f"{k} {v:.1e}" for k, v in diffs.items())
+          + ("" if shared else " (sliding-window fallback: one pass per set)"))
+    assert all(diff <= TOL for diff in diffs.values()), diffs
+    assert set(together) == set(SETS) and together["query"].shape == (len(ITEMS), model.config.embedding_dim)
+    # The sets are different embedders: a mix-up between them could not hide behind equal values.
+    assert (together["query"] - together["document"]).abs().max() > 0.05
+
+
+@pytest.mark.parametrize("family", ["qwen3_vl", "llava"])
+@pytest.mark.parametrize("broken", ["no block mask", "offsets not restarted per set"])
+def test_one_pass_without_block_mask_or_offsets_is_detected(models, family, broken, monkeypatch):
+    """Negative controls: sets that see each other, or later sets placed after earlier ones, change the result."""
+    model = models(family)
+    if broken == "no block mask":
+        monkeypatch.setattr(query_sets_module, "block_causal_mask",
+                            lambda sizes, device=None: torch.ones(sum(sizes), sum(sizes), dtype=torch.bool).tril())
+    else:
+        monkeypatch.setattr(query_sets_module, "query_offsets", lambda sizes, device=None: torch.arange(sum(sizes)))
+    together = model.encode(ITEMS, query_sets=SETS)
+    alone = _alone(model, ITEMS)
+    assert (together["default"] - alone["default"]).abs().max() <= TOL  # the first set is unaffected either way
+    assert (together["document"] - alone["document"]).abs().max() > CONTROL_MIN_DIFF
+
+
+def test_single_set_and_order(models):
+    model = models("qwen3_vl")
+    one = model.encode(ITEMS, query_sets=["document"])
+    reordered = model.encode(ITEMS, query_sets=["document", "default"])
+    assert list(reordered) == ["document", "default"]
+    assert (one["document"] - reordered["document"]).abs().max() <= TOL
+    assert (model.encode(ITEMS) - reordered["default"]).abs().max() <= TOL
+    empty = model.encode([], query_sets=SETS)
+    assert all(v.shape == (0, model.config.embedding_dim) for v in empty.values())
+
+
+# ---------------------------------------------------------------------------------------------------- training
+@pytest.mark.parametrize("family", ["qwen3_vl", "llava", "gemma3"])
+def test_joint_training_equals_each_set_trained_alone(tiny_backbone_path, family, monkeypatch):
+    """forward(query_sets=...) on a pair batch: per-set losses and gradients equal each set's own step, and the
+    prompt of each side runs once for all sets (Gemma 3: one pass per set)."""
+    model = _new(tiny_backbone_path(family))
+    model.train()
+    batch = SLQDataCollator(model.processor)(PAIRS)
+    params = {name: model.get_query_set(name) for name in SETS}
+
+    calls = _count_prompt_passes(monkeypatch)
+    out = model(**batch, query_sets=SETS)
+    assert isinstance(out, SLQQuerySetsOutput)
+    out.loss.backward()
+    # One prompt pass per side (query + positive) for all sets; the fallback runs one (prefix-cache) pass per set.
+    assert len(calls) == 2 * (1 if model.shares_prompt_across_query_sets() else len(SETS))
+    joint = {name: p.grad.clone() for name, p in params.items()}
+    assert torch.allclose(out.loss, torch.stack(list(out.losses.values())).mean())
+
+    for name, param in params.items():
+        for p in params.values():
+            p.grad = None
+        with model.use_query_set(name):
+            alone = model(**batch)
+        alone.loss.backward()
+        assert abs(alone.loss.item() - out.losses[name].item()) <= TOL
+        assert (alone.pooler_output - out.pooler_outputs[name]).abs().max() <= TOL
+        # The joint loss is the mean over K sets, so each set's gradient is its own gradient / K.
+        expected = param.grad / len(SETS)
+        rel = ((joint[name] - expected).norm() / expected.norm()).item()
+        print(f"{family} {name}: joint vs alone grad rel diff {rel:.1e}")
+        assert expected.norm() > 0 and rel <= GRAD_REL_TOL
+        others = [p.grad for other, p in params.items() if other != name]
+        assert all(g is None or g.abs().max() == 0 for g in others), "a set's loss must not reach the other sets"
+
+
+def test_plain_trainer_trains_joint_query_sets(qwen, tmp_path):
+    model = qwen
+    before = {name: model.get_query_set(name).detach().clone() for name in SETS}
+    backbone_before = {k: v.clone() for k, v in model.backbone.state_dict().items()}
+    model.joint_query_sets = ["query", "document"]
+    args = TrainingArguments(str(tmp_path / "out"), learning_rate=1e-2, per_device_train_batch_size=2, max_steps=2,
+                             remove_unused_columns=False, use_cpu=True, report_to="none", disable_tqdm=True,
+                             save_strategy="no")
+    Trainer(model=model, args=args, train_dataset=PAIRS, data_collator=SLQDataCollator(model.processor)).train()
+    assert not torch.equal(model.get_query_set("query").detach(), before["query"])
+    assert not torch.equal(model.get_query_set("document").detach(), before["document"])
+    assert torch.equal(model.queries.detach(), before["default"])  # not in joint_query_sets: untouched
+    assert all(torch.equal(backbone_before[k], v) for k, v in model.backbone.state_dict().items())
+
+
+# ------------------------------------------------------------------------------------------------------- files
+def test_save_pretrained_writes_one_queries_only_file_per_set_and_reloads(qwen, tmp_path):
+    model = qwen
+    model.set_active_query_set("query")
+    model.save_pretrained(tmp_path / "slq")
+    folder = tmp_path / "slq"
+    assert set(load_file(folder / "model.safetensors")) == {"queries", "logit_scale"}
+    for name, size in [("query", NUM_QUERIES), ("document", DOC_QUERIES)]:
+        tensors = load_file(folder / "query_sets" / f"{name}.safetensors")
+        assert list(tensors) == ["queries"] and tensors["queries"].shape == (size, model.config.hidden_size)
+    index = json.loads((folder / "query_sets" / "sets.json").read_text())
+    assert index["active"] == "query" and list(index["sets"]) == ["query", "document"]
+    # The Hub upload guard lets the set files through (they hold queries only).
+    assert {"query_sets/query.safetensors", "query_sets/document.safetensors"} <= set(collect_upload_files(folder))
+
+    reloaded = SLQModel.from_pretrained(folder)
+    assert reloaded.query_sets == SETS and reloaded.active_query_set == "query"
+    for name in SETS:
+        assert torch.equal(reloaded.get_query_set(name), model.get_query_set(name).detach())
+    assert (reloaded.encode(ITEMS[:2]) - model.encode(ITEMS[:2])).abs().max() <= TOL  # both encode with "query"
+
+    # A removed set does not come back from stale files; a model with only the default set writes no query_sets/.
+    model.remove_query_set("query")
+    assert model.active_query_set == "default"
+    model.save_pretrained(folder)
+    assert SLQModel.from_pretrained(folder).query_sets == ["default", "document"]
+    model.remove_query_set("document")
+    model.save_pretrained(folder)
+    assert not (folder / "query_sets").exists()
+
+
+def test_load_query_set_onto_another_model_with_the_same_backbone(qwen, tiny_backbone_path, tmp_path):
+    source = qwen
+    source.save_query_set("document", tmp_path / "document.safetensors")
+    source.save_pretrained(tmp_path / "slq")
+    target = SLQModel.from_backbone(tiny_backbone_path("qwen3_vl"), num_queries=NUM_QUERIES)
+    _sharpen_attention(target.backbone)
+    assert target.query_sets == ["default"]
+
+    assert target.load_query_set(tmp_path / "document.safetensors") == "document"  # the name comes from the file
+    assert target.load_query_set(tmp_path / "slq", name="q2", query_set="query") == "q2"
+    with pytest.raises(ValueError, match="default set; give it a name"):
+        target.load_query_set(tmp_path / "slq")
+    target.load_query_set(tmp_path / "slq", name="theirs")  # the folder's default set, under a new name
+    assert target.query_sets == ["default", "document", "q2", "theirs"]
+    got = target.encode(ITEMS, query_sets=["document", "q2", "theirs"])
+    want = source.encode(ITEMS, query_sets=["document", "query", "default"])
+    for mine, theirs in [("document", "document"), ("q2", "query"), ("theirs", "default")]:
+        assert (got[mine] - want[theirs]).abs().max() <= TOL
+
+    # Replacing the default set's values needs the same N_q.
+    target.load_query_set(tmp_path / "slq", name="default", query_set="query")
+    assert torch.equal(target.queries.detach(), source.get_query_set("query").detach())
+    with pytest.raises(ValueError, match="cannot replace the default set"):
+        target.load_query_set(tmp_path / "document.safetensors", name="default")
+
+
+def test_width_mismatch_and_bad_files_are_refused(qwen, tmp_path):
+    hidden = qwen.config.hidden_size
+    save_file({"queries": torch.randn(4, hidden + 8)}, str(tmp_path / "wide.safetensors"))
+    with pytest.raises(ValueError, match=rf"{hidden + 8} wide .* hidden size {hidden}"):
+        qwen.load_query_set(tmp_path / "wide.safetensors")
+    save_file({"weights": torch.randn(4, hidden)}, str(tmp_path / "other.safetensors"))
+    with pytest.raises(ValueError, match="no 'queries'"):
+        qwen.load_query_set(tmp_path / "other.safetensors")
+    (tmp_path / "pickle.safetensors").write_bytes(b"\x80\x04not safetensors")
+    with pytest.raises(ValueError, match="not a readable safetensors"):
+        qwen.load_query_set(tmp_path / "pickle.safetensors")
+    save_file({"queries": torch.full((4, hidden), float("nan"))}, str(tmp_path / "nan.safetensors"))
+    with pytest.raises(ValueError, match="NaN"):
+        qwen.load_query_set(tmp_path / "nan.safetensors", name="x")
+    with pytest.raises(OSError, match="query set 'missing'"):
+        qwen.load_query_set(tmp_path, query_set="missing", name="x")
+    with pytest.raises(ValueError, match=rf"{hidden + 8} wide"):
+        qwen.add_query_set("wide", queries=torch.randn(2, hidden + 8))
+    assert qwen.query_sets == SETS
+
+
+def test_full_state_dict_round_trip_carries_the_sets(qwen, tiny_backbone_path):
+    target = SLQModel.from_backbone(tiny_backbone_path("qwen3_vl"), num_queries=NUM_QUERIES)
+    target.load_state_dict(qwen.state_dict())
+    assert target.query_sets == SETS
+    for name in SETS:
+        assert torch.equal(target.get_query_set(name), qwen.get_query_set(name))
+
+
+# ---------------------------------------------------------------------------------------------------- registry
+def test_registry_names_and_active_set(qwen):
+    model = qwen
+    assert model.query_sets == SETS and model.active_query_set == "default"
+    with pytest.raises(ValueError, match="already exists"):
+        model.add_query_set("query")
+    with pytest.raises(ValueError, match="invalid"):
+        model.add_query_set("bad name.with dots")
+    with pytest.raises(KeyError, match=r"No query set named 'nope'.*\['default', 'query', 'document'\]"):
+        model.set_active_query_set("nope")
+    with pytest.raises(ValueError, match="cannot be removed"):
+        model.remove_query_set("default")
+    with pytest.raises(ValueError, match="names a set twice"):
+        model.encode(ITEMS[:1], query_sets=["query", "query"])
+    # New sets start from the backbone's embedding statistics, seeded by their name: distinct and reproducible.
+    assert not torch.equal(model.get_query_set("query"), model.queries)
+    twin = model.add_query_set("twin", num_queries=NUM_QUERIES)
+    model.remove_query_set("twin")
+    assert torch.equal(model.add_query_set("twin", num_queries=NUM_QUERIES), twin)
+    with model.use_query_set("document"):
+        assert model.active_query_set == "document" and model.active_queries.shape[0] == DOC_QUERIES
+        inside = model.encode(ITEMS[:2])
+    assert model.active_query_set == "default"
+    assert (inside - model.encode(ITEMS[:2], query_sets=["document"])["document"]).abs().max() <= TOL
+    assert model.query_set_for_task("query") == "query" and model.query_set_for_task("passage") is None
+    assert model.max_query_set_size() == NUM_QUERIES
+
+
+# ----------------------------------------------------------------------------------------- sentence-transformers
+def test_sentence_transformers_encode_query_and_document_use_their_sets(qwen, tiny_backbone_path, tmp_path):
+    """Remote code only (slq_hf never imported in the subprocess): task -> forward -> the set of that name, falling
+    back to the active set when the model has no such set."""
+    pytest.importorskip("sentence_transformers")
+    with_sets = tmp_path / "with_sets"
+    qwen.save_pretrained(with_sets)
+    plain = SLQModel.from_backbone(tiny_backbone_path("qwen3_vl"), num_queries=NUM_QUERIES)
+    plain.add_query_set("passage")  # no "query"/"document" set: both tasks fall back to the active set
+    plain.set_active_query_set("passage")
+    plain.save_pretrained(tmp_path / "plain")
+    texts, images = ["a red square", "what animal is this? describe the image."], [_scene(64, 64, (255, 0, 0))]
+    expected = {
+        "with_sets": {**qwen.encode(texts, query_sets=SETS), "images": qwen.encode(images, query_sets=["document"])},
+        "plain": {"passage": plain.encode(texts)},
+    }
+    torch.save(expected, tmp_path / "expected.pt")
+    script = textwrap.dedent(f"""
+        import sys, torch
+        from PIL import Image
+        from sentence_transformers import SentenceTransformer
+
+        image = Image.new("RGB", (64, 64), (128, 128, 128))
+        image.paste((255, 0, 0), (16, 16, 48, 48))
+        texts, expected = {texts!r}, torch.load({str(tmp_path / "expected.pt")!r})
+        st = SentenceTransformer({str(with_sets)!r}, trust_remote_code=True, device="cpu")
+        diff = lambda a, b: (torch.as_tensor(a) - b).abs().max().item()
+        e = expected["with_sets"]
+        print("DIFF query", diff(st.encode_query(texts), e["query"]))
+        print("DIFF document", diff(st.encode_document(texts), e["document"]))
+        print("DIFF document-image", diff(st.encode_document([image]), e["images"]["document"]))
+        print("DIFF plain-encode", diff(st.encode(texts), e["default"]))
+        st = SentenceTransformer({str(tmp_path / "plain")!r}, trust_remote_code=True, device="cpu")
+        print("DIFF fallback-query", diff(st.encode_query(texts), expected["plain"]["passage"]))
+        print("DIFF fallback-document", diff(st.encode_document(texts), expected["plain"]["passage"]))
+        assert "slq_hf" not in sys.modules, "slq_hf was imported"
+    """)
+    env = {**os.environ, "HF_MODULES_CACHE": str(tmp_path / "modules"), "HF_HUB_OFFLINE": "1"}
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=tmp_path, env=env,
+                            timeout=600, stdin=subprocess.DEVNULL)
+    assert result.returncode == 0, result.stderr[-3000:]
+    diffs = {line.split()[1]: float(line.split()[2]) for line in result.stdout.splitlines() if line.startswith("DIFF")}
+    print(diffs)
+    assert len(diffs) == 6 and all(v <= TOL for v in diffs.values()), diffs
+    # And the sets really differ, so "query" vs "document" routing is what the comparison checks.
+    assert (expected["with_sets"]["query"] - expected["with_sets"]["document"]).abs().max() > 0.05
+
+
+# ------------------------------------------------------------------------------------------- embed + generate
+def _chat(processor, text: str, image: Image.Image | None = None) -> dict:
+    content = ([{"type": "image", "image": image}] if image is not None else []) + [{"type": "text", "text": text}]
+    return processor.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True,
+                                         tokenize=True, return_dict=True, return_tensors="pt")
+
+
+def test_embed_and_generate_on_one_model_like_two_separate_models(tiny_backbone_path, tmp_path):
+    path = tiny_backbone_path("qwen3_vl")
+    backbone = AutoModelForImageTextToText.from_pretrained(path).eval()
+    pointers = {name: p.data_ptr() for name, p in backbone.named_parameters()}
+    shared = _with_sets(SLQModel.from_backbone(backbone, num_queries=NUM_QUERIES,
+                                               processor=AutoProcessor.from_pretrained(path)))
+    # One copy of the weights: SLQ wraps the very same tensors and adds only its queries and temperature.
+    assert {name: p.data_ptr() for name, p in shared.backbone.named_parameters()} == pointers
+    own = sum(p.numel() for name, p in shared.named_parameters() if not name.startswith("backbone."))
+    assert own == (2 * NUM_QUERIES + DOC_QUERIES) * shared.config.hidden_size + 1
+
+    generator = AutoModelForImageTextToText.from_pretrained(path).eval()  # two separate models: one generates,
+    embedder = SLQModel.from_backbone(path, num_queries=NUM_QUERIES)  # the other embeds with the same sets
+    for name in SETS:
+        embedder.load_query_set(shared.save_query_set(name, tmp_path / f"{name}.safetensors"), name=name)
+
+    processor = shared.processor
+    prompts = [_chat(processor, "describe the picture in one sentence", _scene(64, 64, (255, 0, 0))),
+               _chat(processor, "what animal is this?")]
+    steps = [("generate", prompts[0]), ("encode", ITEMS), ("generate", prompts[1]), ("encode", ITEMS[:2]),
+             ("generate", prompts[0])]
+    for kind, payload in steps:
+        if kind == "generate":
+            mine = shared.backbone.generate(**payload, max_new_tokens=6, do_sample=False)
+            ref = generator.generate(**payload, max_new_tokens=6, do_sample=False)
+            assert mine.shape[1] > payload["input_ids"].shape[1] and torch.equal(mine, ref)
+        else:
+            mine = shared.encode(payload, query_sets=SETS)
+            ref = embedder.encode(payload, query_sets=SETS)
+            assert all((mine[n] - ref[n]).abs().max() <= 1e-6 for n in SETS)
+
+
+def test_rag_example_runs(monkeypatch, capsys):
+    """examples/rag_toy.py end to end (tiny random backbone when the toy one is absent): retrieve, then generate."""
+    import runpy
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[1] / "examples" / "rag_toy.py"
+    monkeypatch.setattr(sys, "argv", [str(script), "--size", "4", "--questions", "2", "--max-new-tokens", "3"])
+    runpy.run_path(str(script), run_name="__main__")
+    out = capsys.readouterr().out
+    assert "model.backbone is the loaded backbone: True" in out and out.count("backbone answers:") == 2
