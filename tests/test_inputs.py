@@ -573,3 +573,19 @@ def test_edge_inputs_on_every_backbone_family(tiny_backbone_path, family, monkey
     assert tail >= 2  # end of turn + assistant header
     truncated = prompt(long_text)
     assert len(truncated) <= slq.max_prompt_length() and truncated[-tail:] == prompt("a b c")[-tail:]
+
+
+def test_saved_folder_makes_plain_sentence_transformers_truncate_like_encode(model, monkeypatch, tmp_path):
+    """save_pretrained caps sentence_bert_config's max_seq_length at the model's prompt limit, so a plain
+    SentenceTransformer(folder) truncates over-long texts exactly like encode, chat-template tail included."""
+    pytest.importorskip("sentence_transformers")
+    from sentence_transformers import SentenceTransformer
+
+    monkeypatch.setattr(model.processor.tokenizer, "model_max_length", 44)
+    model.save_pretrained(tmp_path / "slq")
+    st_model = SentenceTransformer(str(tmp_path / "slq"), trust_remote_code=True, device="cpu")
+    assert st_model.max_seq_length == model.max_prompt_length() == 44 - NUM_QUERIES
+    long_text = "the quick brown fox jumps over " * 40
+    with pytest.warns(UserWarning, match="too long"):
+        expected = model.encode(["short text", long_text])
+    _close(st_model.encode(["short text", long_text], convert_to_tensor=True), expected)

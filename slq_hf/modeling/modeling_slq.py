@@ -305,7 +305,8 @@ class SLQModel(QuerySetsMixin, PreTrainedModel):
         if self.processor is not None:
             self.processor.save_pretrained(out)
         # Every SLQ folder is also a sentence-transformers model (SentenceTransformer(out, trust_remote_code=True)).
-        write_sentence_transformers_files(out)
+        # max_seq_length: sentence-transformers then truncates over-long texts exactly like encode (tail kept).
+        write_sentence_transformers_files(out, max_seq_length=self.max_prompt_length())
 
     def push_to_hub(
         self,

@@ -107,14 +107,20 @@ def modules_config(existing: Any = None) -> list[dict[str, Any]]:
     ]
 
 
-def sentence_bert_config(existing: Any = None) -> dict[str, Any]:
+def sentence_bert_config(existing: Any = None, max_seq_length: int | None = None) -> dict[str, Any]:
     """sentence_bert_config.json: the Transformer module's settings.
 
     Keys SLQ depends on (modality_config, output name, padding) are always enforced; other settings already in the
-    file (e.g. ``processing_kwargs`` or ``max_seq_length`` a user changed) are kept.
+    file (e.g. ``processing_kwargs`` or a smaller ``max_seq_length`` a user chose) are kept. ``max_seq_length``
+    (``SLQModel.max_prompt_length()``) caps the file's value: sentence-transformers then truncates over-long texts
+    and restores the chat-template tail, giving the same prompt as ``SLQModel.encode``.
     """
     config = dict(existing) if isinstance(existing, dict) else {}
     config.setdefault("processing_kwargs", DEFAULT_PROCESSING_KWARGS)
+    if max_seq_length is not None:
+        current = config.get("max_seq_length")
+        valid = isinstance(current, int) and not isinstance(current, bool) and current > 0
+        config["max_seq_length"] = min(current, max_seq_length) if valid else max_seq_length
     config.update(json.loads(json.dumps(REQUIRED_SENTENCE_BERT_CONFIG)))  # deep copy of the constants
     return config
 
@@ -142,8 +148,8 @@ def st_model_config(existing: Any = None, prompts: dict[str, str] | None = None)
     return config
 
 
-def write_sentence_transformers_files(save_directory: str | os.PathLike,
-                                      prompts: dict[str, str] | None = None) -> None:
+def write_sentence_transformers_files(save_directory: str | os.PathLike, prompts: dict[str, str] | None = None,
+                                      max_seq_length: int | None = None) -> None:
     """Write (or update) modules.json, sentence_bert_config.json, 1_Normalize/config.json and
     config_sentence_transformers.json in an SLQ folder.
 
@@ -151,11 +157,13 @@ def write_sentence_transformers_files(save_directory: str | os.PathLike,
         save_directory: the SLQ folder (config.json, model.safetensors and the processor files live there too).
         prompts: sentence-transformers prompts by name (``{"query": ..., "document": ...}``); ``None`` keeps the
             prompts already in the folder, or the empty defaults.
+        max_seq_length: the model's prompt limit (``SLQModel.max_prompt_length()``); see :func:`sentence_bert_config`.
     """
     out = Path(save_directory)
     out.mkdir(parents=True, exist_ok=True)
     _write_json(modules_config(_read_json(out / MODULES_NAME)), out / MODULES_NAME)
-    _write_json(sentence_bert_config(_read_json(out / SENTENCE_BERT_CONFIG_NAME)), out / SENTENCE_BERT_CONFIG_NAME)
+    _write_json(sentence_bert_config(_read_json(out / SENTENCE_BERT_CONFIG_NAME), max_seq_length),
+                out / SENTENCE_BERT_CONFIG_NAME)
     normalize_dir = out / NORMALIZE_DIR
     normalize_dir.mkdir(exist_ok=True)
     _write_json({"module_input_name": "sentence_embedding", "module_output_name": "sentence_embedding"},
