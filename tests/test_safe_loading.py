@@ -268,3 +268,21 @@ def test_backbone_remote_code_never_runs(saved, tiny_backbone_path, tmp_path, ma
         loaded = AutoModel.from_pretrained(saved, backbone_name_or_path=str(backbone), **kwargs)
         assert type(loaded.backbone).__module__.startswith("transformers.models.qwen3_vl")
     assert not marker.exists()
+
+
+# ------------------------------------------------------------------------------------------------ query sets
+def test_query_set_files_get_the_same_checks(model, tmp_path, marker):
+    """Named query sets (query_sets/<name>.safetensors, load_query_set) follow the same rules as model.safetensors."""
+    evil = _evil_pickle(tmp_path / "evil.safetensors", marker)
+    with pytest.raises(ValueError, match="not a readable safetensors file"):
+        model.load_query_set(evil, name="evil")
+    assert not marker.exists()
+    hidden = model.config.hidden_size
+    bad = {"nan": (torch.full((3, hidden), float("nan")), "NaN or Inf"),
+           "int": (torch.zeros(3, hidden, dtype=torch.int64), "dtype"),
+           "narrow": (torch.zeros(3, hidden // 2), f"{hidden // 2} wide.*hidden size {hidden}"),
+           "1-d": (torch.zeros(hidden), "expected a \\(num_queries, hidden_size\\) tensor")}
+    for name, (queries, message) in bad.items():
+        save_file({"queries": queries}, str(tmp_path / f"{name}.safetensors"))
+        with pytest.raises(ValueError, match=message):
+            model.load_query_set(tmp_path / f"{name}.safetensors", name=name)
