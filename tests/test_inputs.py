@@ -130,8 +130,15 @@ def test_str_is_text_unless_it_names_an_image_file(model, files):
     assert as_text.shape == (1, 64)
     with pytest.raises(SLQInputError, match="Cannot read image"):
         model.encode([files["txt"]])
-    # an existing image path string is the image itself
+    # an existing image path string is the image itself, also with spaces in its name; a caption that merely ends
+    # like a file name (and names no file) stays text
     _close(model.encode([str(files["good"])]), model.encode([Image.open(files["good"])]), atol=0)
+    spaced = files["good"].with_name("my cat.jpg")
+    spaced.write_bytes(files["good"].read_bytes())
+    _close(model.encode([str(spaced)]), model.encode([Image.open(files["good"])]), atol=0)
+    assert model.encode(["a photo saved as cat.jpg"]).shape == (1, 64)
+    # texts that cannot be paths at all (too long for the file system, NUL byte) are just texts
+    assert model.encode(["word " * 200 + "end.png", "nul\x00byte.jpg x"]).shape == (2, 64)
 
 
 def test_decompression_bomb_refused_from_header_before_decoding(model, tmp_path):

@@ -274,6 +274,14 @@ def _to_rgb(image: Image.Image) -> Image.Image:
     return image.convert("RGB")
 
 
+def _is_file(text: str) -> bool:
+    # Texts are probed as paths: a 5000-character caption or one with a NUL byte must not raise here.
+    try:
+        return Path(text).expanduser().is_file()
+    except (OSError, ValueError):
+        return False
+
+
 def _looks_like_image_path(text: str) -> bool:
     stripped = text.strip()
     return bool(stripped) and not any(c.isspace() for c in stripped) and stripped.lower().endswith(IMAGE_EXTENSIONS)
@@ -300,9 +308,11 @@ def to_item(value: SLQInput, index: int | None = None, budget: ImageBudget | Non
         path = value if isinstance(value, os.PathLike) else None
         return SLQItem(image=load_image(value, index, budget), source=_label(index, path))
     if isinstance(value, str):
+        stripped = value.strip()
+        if stripped.lower().endswith(IMAGE_EXTENSIONS) and _is_file(stripped):
+            # An existing image file is the image, even with spaces in its name ("my cat.jpg").
+            return SLQItem(image=load_image(stripped, index, budget), source=_label(index, stripped))
         if _looks_like_image_path(value):
-            if Path(value.strip()).expanduser().is_file():
-                return SLQItem(image=load_image(value.strip(), index, budget), source=_label(index, value.strip()))
             raise SLQInputError(f"{value!r} looks like an image path but no such file exists{_where(index)}. Fix the "
                                 "path, or pass {'text': ...} to embed it as text.")
         return SLQItem(text=_check_text(value, index), source=_label(index))
