@@ -292,6 +292,15 @@ def test_width_mismatch_and_bad_files_are_refused(qwen, tmp_path):
     assert qwen.query_sets == SETS
 
 
+def test_set_from_another_backbone_type_of_the_same_width_warns(qwen, tmp_path, caplog):
+    hidden = qwen.config.hidden_size
+    save_file({"queries": torch.randn(4, hidden)}, str(tmp_path / "llava.safetensors"),
+              metadata={"slq_query_set": "other", "backbone_model_type": "llava"})
+    with caplog.at_level("WARNING"):
+        assert qwen.load_query_set(tmp_path / "llava.safetensors") == "other"
+    assert "trained on a 'llava' backbone" in caplog.text and "'qwen3_vl'" in caplog.text
+
+
 def test_full_state_dict_round_trip_carries_the_sets(qwen, tiny_backbone_path):
     target = SLQModel.from_backbone(tiny_backbone_path("qwen3_vl"), num_queries=NUM_QUERIES)
     target.load_state_dict(qwen.state_dict())
