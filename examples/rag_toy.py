@@ -6,7 +6,7 @@ the retrieved image. Embedding and generation interleave on the same weights: no
 LoRA-tuned embedder could not offer.
 
     .venv/bin/python examples/rag_toy.py                                  # tiny random backbone: plumbing only
-    .venv/bin/python examples/rag_toy.py --backbone examples/toy/backbone --slq examples/toy/slq
+    .venv/bin/python examples/rag_toy.py --backbone examples/toy/backbone --slq my-trained-toy-slq
 
 Backbone: ``--backbone`` (a folder or Hub id); by default the toy Qwen3-VL of ``examples/toy`` when it is there (a
 backbone pretrained on the toy scenes, so answers are real captions), else a tiny RANDOM Qwen3-VL built in code (the
@@ -61,7 +61,8 @@ def collection(size: int, seed: int) -> list[tuple[Image.Image, str, str]]:
 
 def answer(model: SLQModel, image: Image.Image, prompt: str, max_new_tokens: int) -> str:
     """The backbone's own greedy answer about ``image``: plain ``model.backbone.generate``."""
-    messages = [{"role": "user", "content": [{"type": "image", "image": image}, {"type": "text", "text": prompt}]}]
+    content = [{"type": "image", "image": image}] + ([{"type": "text", "text": prompt}] if prompt else [])
+    messages = [{"role": "user", "content": content}]
     inputs = model.processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=True,
                                                  return_dict=True, return_tensors="pt").to(model.device)
     with torch.inference_mode():
@@ -75,7 +76,8 @@ def main() -> None:
     parser.add_argument("--slq", help="trained SLQ folder for this backbone (default: fresh, untrained queries)")
     parser.add_argument("--size", type=int, default=12, help="images in the collection (default: 12)")
     parser.add_argument("--questions", type=int, default=3, help="questions to ask (default: 3)")
-    parser.add_argument("--prompt", default="describe", help="what the backbone is asked about the retrieved image")
+    parser.add_argument("--prompt", default="", help="text asked with the retrieved image (default: none, the image "
+                        "alone, as the toy backbone was trained; e.g. 'Describe the image.' for a real MLLM)")
     parser.add_argument("--max-new-tokens", type=int, default=16)
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
