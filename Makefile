@@ -33,9 +33,18 @@ lint: install
 bench: install
 	$(BIN)/python benchmarks/run_all.py
 
-# `import slq_hf` must work with only the core dependencies (optional imports guarded).
-check-repo: install
-	$(BIN)/python -c "import slq_hf, slq_hf.modeling, slq_hf.processing"
+# Every slq_hf module must import with only the core dependencies (optional ones are guarded): a bare venv without
+# the extras (no sentence-transformers, bitsandbytes, peft, datasets, accelerate, matplotlib) imports them all.
+BARE := .venv-bare
+check-repo:
+	$(PYTHON) -m venv $(BARE)
+	$(BARE)/bin/pip install --quiet --upgrade pip
+	$(BARE)/bin/pip install --quiet $(TORCH)
+	$(BARE)/bin/pip install --quiet -e .
+	$(BARE)/bin/python -c "import importlib, pkgutil, slq_hf; \
+	[importlib.import_module(m.name) for m in pkgutil.walk_packages(slq_hf.__path__, 'slq_hf.')]; \
+	from slq_hf.cli import main; main(['--help'])" > /dev/null
+	@echo "check-repo: every slq_hf module imports with core dependencies only"
 
 clean:
-	rm -rf $(VENV) .pytest_cache build *.egg-info
+	rm -rf $(VENV) $(BARE) .pytest_cache build *.egg-info
