@@ -29,7 +29,6 @@ import argparse
 import os
 import statistics
 import sys
-import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -38,7 +37,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from common import build_bench_qwen3_vl  # noqa: E402
+from common import build_bench_qwen3_vl, check, machine, rotation, wall_and_cpu, write_section  # noqa: E402
 
 SECTION = "encode"
 VARIANTS = ("bare forward", "SLQ forward", "SLQ forward, input order", "SLQ encode")
@@ -100,11 +99,10 @@ Timing = dict[str, list[float]]  # batch kind ("image" | "text" | "mixed") -> [w
 
 
 def _timed(fn: Callable[[], object], into: Timing, kind: str) -> None:
-    wall, cpu = time.perf_counter(), time.process_time()
-    fn()
+    wall, cpu = wall_and_cpu(fn)
     spent = into.setdefault(kind, [0.0, 0.0])
-    spent[0] += time.perf_counter() - wall
-    spent[1] += time.process_time() - cpu
+    spent[0] += wall
+    spent[1] += cpu
 
 
 def build_blocks(args) -> tuple[dict[str, Callable[[int, dict[str, Timing]], None]], dict]:
@@ -164,7 +162,7 @@ def time_interleaved(blocks: dict[str, Callable], rounds: int, warmup: int) -> d
     times: dict[str, list[Timing]] = {v: [] for v in VARIANTS}
     for r in range(warmup + rounds):
         out: dict[str, Timing] = {v: {} for v in VARIANTS}
-        for name in names[r % len(names):] + names[: r % len(names)]:
+        for name in rotation(names, r):
             blocks[name](r, out)
         if r >= warmup:
             for variant in VARIANTS:
@@ -202,7 +200,7 @@ def summarise(times: dict[str, list[Timing]], facts: dict, num_queries: int) -> 
         rows.append(f"| {label}: bare → SLQ forward | {med(bare):.2f} → {med(slq):.2f} | {count / med(bare):.1f} → "
                     f"{count / med(slq):.1f} | {r:.3f}× | {target:.3f} | {length:.1f} | {wall_bare:.2f} → "
                     f"{wall_slq:.2f} |")
-        checks.append(_check(f"{label}: SLQ/bare {r:.3f}× ≤ {target:.3f}", r <= target))
+        checks.append(check(f"{label}: SLQ/bare {r:.3f}× ≤ {target:.3f}", r <= target))
     enc = series("SLQ encode", None, 1)
     rows.append(f"| SLQ `encode` end to end (template, image processing, forward) | {med(enc):.2f} | "
                 f"{facts['items'] / med(enc):.1f} | | | | {med(series('SLQ encode', None, 0)):.2f} |")
@@ -216,35 +214,8 @@ def summarise(times: dict[str, list[Timing]], facts: dict, num_queries: int) -> 
            f"| length-sorted (what `encode` does) | {ps['real']} / {ps['total']} | {100 * ps['waste']:.1f} % "
            f"| {med(slq_all):.2f} |"]
     speedup = ratio(unsorted, slq_all)
-    checks.append(_check(f"length-sorted batching is faster than input order: {speedup:.2f}×", speedup > 1.0))
+    checks.append(check(f"length-sorted batching is faster than input order: {speedup:.2f}×", speedup > 1.0))
     return "\n".join(rows) + "\n\n" + "\n".join(pad), checks
-
-
-def _check(text: str, ok: bool) -> str:
-    return f"- {'met' if ok else 'MISSED'}: {text}"
-
-
-def machine() -> str:
-    cpu = "cpu"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return f"{cpu}, {os.cpu_count()} cores visible, torch {torch.__version__}"
-
-
-def write_section(path: Path, body: str) -> None:
-    """Replace only the text between this benchmark's markers in ``path``."""
-    start, end = f"<!-- section:{SECTION} -->", f"<!-- /section:{SECTION} -->"
-    text = path.read_text(encoding="utf8")  # re-read right before writing: others edit other sections
-    if start not in text or end not in text:
-        raise SystemExit(f"{path} has no {start} ... {end} markers.")
-    head, rest = text.split(start, 1)
-    _, tail = rest.split(end, 1)
-    path.write_text(f"{head}{start}\n{body.strip()}\n{end}{tail}", encoding="utf8")
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -302,7 +273,7 @@ def main(argv=None) -> None:
     print()
     print(body)
     if args.write:
-        write_section(args.write, body)
+        write_section(args.write, SECTION, body)
         print(f"\nwrote the {SECTION} section of {args.write}")
 
 

@@ -29,15 +29,9 @@ one more call runs, and "call memory" is the peak RSS during it above the RSS be
 from __future__ import annotations
 
 import argparse
-import ctypes
 import gc
 import json
-import os
-import platform
-import statistics
-import subprocess
 import sys
-import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -46,7 +40,15 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from common import build_bench_qwen3_vl  # noqa: E402
+from common import (  # noqa: E402
+    build_bench_qwen3_vl,
+    call_memory,
+    machine,
+    medians,
+    memory_subprocess,
+    time_interleaved,
+    write_section,
+)
 
 SECTION = "query-sets"
 # (label, group): the group pairs each one-pass variant with its K-separate baseline.
@@ -146,73 +148,26 @@ def build_variants(args) -> tuple[dict[str, Callable[[], object]], dict]:
     return variants, facts
 
 
-def time_interleaved(variants: dict[str, Callable], rounds: int, warmup: int) -> dict[str, dict[str, list[float]]]:
-    names = list(variants)
-    times = {name: {"wall": [], "cpu": []} for name in names}
-    for r in range(warmup + rounds):
-        shift = r % len(names)
-        for name in names[shift:] + names[:shift]:
-            wall, cpu = time.perf_counter(), time.process_time()
-            variants[name]()
-            if r >= warmup:
-                times[name]["cpu"].append(time.process_time() - cpu)
-                times[name]["wall"].append(time.perf_counter() - wall)
-        if r >= warmup:
-            print(f"  round {r - warmup + 1}/{rounds}: " + ", ".join(
-                f"{n} {times[n]['cpu'][-1]:.2f}s" for n in names), flush=True)
-    return times
-
-
 # --------------------------------------------------------------------------------------------------------- memory
-def _status_kib(field: str) -> int:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(field + ":"):
-            return int(line.split()[1])
-    raise RuntimeError(f"/proc/self/status has no {field}")
-
-
 def _memory_child(variant: str, args) -> None:
     torch.set_num_threads(args.threads)
     variants, _ = build_variants(args)
-    run = variants[variant]
-    run()  # warm-up: lazy initialisation, first-call allocations, grads allocated
-    gc.collect()
-    ctypes.CDLL("libc.so.6").malloc_trim(0)
-    before = _status_kib("VmRSS")
-    Path("/proc/self/clear_refs").write_text("5")  # reset VmHWM to the current RSS
-    run()
-    peak = _status_kib("VmHWM")
-    print(json.dumps({"variant": variant, "call_mib": (peak - before) / 1024, "peak_rss_mib": peak / 1024}))
+    call_mib, peak_rss_mib = call_memory(variants[variant])  # its warm-up call also allocates the grads
+    print(json.dumps({"variant": variant, "call_mib": call_mib, "peak_rss_mib": peak_rss_mib}))
 
 
 def measure_memory(args) -> dict[str, dict]:
-    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="131072", OMP_NUM_THREADS=str(args.threads))
     results = {}
     for variant in VARIANTS:
         cmd = [sys.executable, __file__, "--memory-child", variant, *_shared_cli(args)]
-        out = subprocess.run(cmd, env=env, capture_output=True, text=True, check=False)
-        if out.returncode != 0:
-            raise RuntimeError(f"memory subprocess for {variant!r} failed:\n{out.stderr[-3000:]}")
-        results[variant] = json.loads(out.stdout.strip().splitlines()[-1])
+        results[variant] = memory_subprocess(cmd, args.threads, variant)
         print(f"  {variant}: call {results[variant]['call_mib']:.0f} MiB", flush=True)
     return results
 
 
 # ------------------------------------------------------------------------------------------------------ reporting
-def machine() -> str:
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return f"{cpu}, {os.cpu_count()} cores visible, torch {torch.__version__}"
-
-
 def table(times: dict, memory: dict | None, facts: dict, args) -> str:
-    med = {n: {k: statistics.median(v) for k, v in t.items()} for n, t in times.items()}
+    med = medians(times)
     unit = med["1 set, encode"]["cpu"]
     k = facts["sets"]
     rows = ["| variant | CPU (s) | × 1-set encode | wall (s) | call memory (MiB) | peak RSS (MiB) |",
@@ -253,17 +208,6 @@ def table(times: dict, memory: dict | None, facts: dict, args) -> str:
     return "\n".join(lines)
 
 
-def write_section(path: Path, body: str) -> None:
-    """Replace the text between this benchmark's section markers (and nothing else)."""
-    start, end = f"<!-- section:{SECTION} -->", f"<!-- /section:{SECTION} -->"
-    text = path.read_text(encoding="utf8")  # re-read right before writing: others edit other sections
-    if start not in text or end not in text:
-        raise SystemExit(f"{path} has no {start} ... {end} markers.")
-    head, rest = text.split(start, 1)
-    _, tail = rest.split(end, 1)
-    path.write_text(f"{head}{start}\n## Query sets: K sets in one pass\n\n{body}\n{end}{tail}", encoding="utf8")
-
-
 def _shared_cli(args) -> list[str]:
     return ["--text-hidden", str(args.text_hidden), "--text-layers", str(args.text_layers), "--num-sets",
             str(args.num_sets), "--num-queries", str(args.num_queries), "--num-images", str(args.num_images),
@@ -301,7 +245,7 @@ def main() -> None:
     body = table(times, memory, facts, args)
     print("\n" + body)
     if args.write:
-        write_section(args.write, body)
+        write_section(args.write, SECTION, f"## Query sets: K sets in one pass\n\n{body}")
         print(f"\nwrote the {SECTION} section of {args.write}")
 
 

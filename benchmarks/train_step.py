@@ -29,16 +29,12 @@ minus the RSS just before it: activations, gradients and temporaries, without th
 from __future__ import annotations
 
 import argparse
-import ctypes
 import gc
 import json
 import os
-import platform
 import statistics
-import subprocess
 import sys
 import tempfile
-import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -47,7 +43,16 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from common import build_bench_qwen3_vl  # noqa: E402
+from common import (  # noqa: E402
+    build_bench_qwen3_vl,
+    call_memory,
+    check,
+    machine,
+    medians,
+    memory_subprocess,
+    time_interleaved,
+    write_section,
+)
 
 METHODS = ("no-grad forward", "SLQ prefix-cache", "SLQ full-sequence", "LoRA r=8")
 FLOOR = METHODS[0]
@@ -186,85 +191,29 @@ def build_steps(backbone_dir: str, args, methods=METHODS) -> tuple[dict[str, Cal
     return {m: steps[m] for m in methods}, facts
 
 
-# --------------------------------------------------------------------------------------------------------- timing
-def time_interleaved(steps: dict[str, Callable[[], None]], rounds: int, warmup: int) -> dict[str, dict]:
-    """Run every step once per round, rotating the order each round.
-
-    Returns name -> {"wall": [s per round], "cpu": [s per round]}. CPU time (all threads of this process) is what a
-    step costs when it has its cores to itself; wall time also counts waiting for cores taken by other processes.
-    """
-    names = list(steps)
-    for _ in range(warmup):
-        for name in names:
-            steps[name]()
-    times: dict[str, dict] = {name: {"wall": [], "cpu": []} for name in names}
-    for r in range(rounds):
-        order = names[r % len(names):] + names[:r % len(names)]
-        for name in order:
-            gc.collect()
-            wall, cpu = time.perf_counter(), time.process_time()
-            steps[name]()
-            times[name]["cpu"].append(time.process_time() - cpu)
-            times[name]["wall"].append(time.perf_counter() - wall)
-        print(f"  round {r + 1}/{rounds}: " + ", ".join(
-            f"{n} {times[n]['wall'][-1]:.2f}s wall / {times[n]['cpu'][-1]:.2f}s cpu" for n in names), flush=True)
-    return times
-
-
 # --------------------------------------------------------------------------------------------------------- memory
-def _status_kib(field: str) -> int:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(field + ":"):
-            return int(line.split()[1])
-    raise RuntimeError(f"/proc/self/status has no {field}")
-
-
 def _memory_child(method: str, backbone_dir: str, args) -> None:
     """Subprocess body: one warm-up step, then the kernel's peak RSS over one measured step."""
     torch.set_num_threads(args.threads)
     steps, _ = build_steps(backbone_dir, args, methods=(method,))
-    step = steps[method]
-    step()  # warm-up: optimizer state, lazy initialisation, first-call allocations
-    gc.collect()
-    ctypes.CDLL("libc.so.6").malloc_trim(0)
-    before = _status_kib("VmRSS")
-    Path("/proc/self/clear_refs").write_text("5")  # reset VmHWM to the current RSS
-    step()
-    peak = _status_kib("VmHWM")
-    print(json.dumps({"method": method, "step_mib": (peak - before) / 1024, "peak_rss_mib": peak / 1024}))
+    step_mib, peak_rss_mib = call_memory(steps[method])
+    print(json.dumps({"method": method, "step_mib": step_mib, "peak_rss_mib": peak_rss_mib}))
 
 
 def measure_memory(backbone_dir: str, args) -> dict[str, dict]:
-    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="131072", OMP_NUM_THREADS=str(args.threads))
     results = {}
     for method in METHODS:
         cmd = [sys.executable, __file__, "--memory-child", method, "--backbone-dir", backbone_dir,
                *_shared_cli(args)]
-        out = subprocess.run(cmd, env=env, capture_output=True, text=True, check=False)
-        if out.returncode != 0:
-            raise RuntimeError(f"memory subprocess for {method!r} failed:\n{out.stderr[-3000:]}")
-        results[method] = json.loads(out.stdout.strip().splitlines()[-1])
+        results[method] = memory_subprocess(cmd, args.threads, method)
         print(f"  {method}: step {results[method]['step_mib']:.0f} MiB (peak RSS {results[method]['peak_rss_mib']:.0f}"
               " MiB)", flush=True)
     return results
 
 
 # ------------------------------------------------------------------------------------------------------- reporting
-def machine() -> str:
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return (f"{cpu}, {os.cpu_count()} cores visible, Linux {platform.release()}, Python {platform.python_version()}, "
-            f"torch {torch.__version__}")
-
-
 def table(times: dict[str, dict], memory: dict[str, dict] | None, facts: dict) -> str:
-    med = {n: {k: statistics.median(v) for k, v in t.items()} for n, t in times.items()}
+    med = medians(times)
     trainable = {"no-grad forward": "-", "SLQ prefix-cache": facts.get("slq_trainable"),
                  "SLQ full-sequence": facts.get("slq_trainable"), "LoRA r=8": facts.get("lora_trainable")}
     rows = ["| method | wall (s) | × no-grad fwd (wall) | CPU (s) | × no-grad fwd (CPU) | step memory (MiB) "
@@ -289,32 +238,17 @@ def targets(times: dict[str, dict], memory: dict[str, dict] | None) -> list[str]
         fast = med["SLQ prefix-cache"]
         label = "wall time" if clock == "wall" else "CPU time"
         lines += [
-            _check(f"{label}: prefix-cache step ≤ 1.3× the no-grad forward: {fast / med[FLOOR]:.2f}×",
-                   fast / med[FLOOR] <= 1.3),
-            _check(f"{label}: ≥ 1.3× faster than the full-sequence step: {med['SLQ full-sequence'] / fast:.2f}×",
-                   med["SLQ full-sequence"] / fast >= 1.3),
-            _check(f"{label}: ≥ 1.3× faster than the LoRA step: {med['LoRA r=8'] / fast:.2f}×",
-                   med["LoRA r=8"] / fast >= 1.3),
+            check(f"{label}: prefix-cache step ≤ 1.3× the no-grad forward: {fast / med[FLOOR]:.2f}×",
+                  fast / med[FLOOR] <= 1.3),
+            check(f"{label}: ≥ 1.3× faster than the full-sequence step: {med['SLQ full-sequence'] / fast:.2f}×",
+                  med["SLQ full-sequence"] / fast >= 1.3),
+            check(f"{label}: ≥ 1.3× faster than the LoRA step: {med['LoRA r=8'] / fast:.2f}×",
+                  med["LoRA r=8"] / fast >= 1.3),
         ]
     if memory:
         ratio = memory["SLQ prefix-cache"]["step_mib"] / memory["LoRA r=8"]["step_mib"]
-        lines.append(_check(f"prefix-cache step memory ≤ ½ of LoRA's: {ratio:.2f}×", ratio <= 0.5))
+        lines.append(check(f"prefix-cache step memory ≤ ½ of LoRA's: {ratio:.2f}×", ratio <= 0.5))
     return lines
-
-
-def _check(text: str, ok: bool) -> str:
-    return f"- {'met' if ok else 'MISSED'}: {text}"
-
-
-def write_section(path: Path, body: str) -> None:
-    """Replace the text between the train-step markers of ``path`` (nothing else in the file changes)."""
-    start, end = f"<!-- section:{SECTION} -->", f"<!-- /section:{SECTION} -->"
-    text = path.read_text(encoding="utf8")
-    if start not in text or end not in text:
-        raise SystemExit(f"{path} has no {start} ... {end} markers.")
-    head, rest = text.split(start, 1)
-    _, tail = rest.split(end, 1)
-    path.write_text(f"{head}{start}\n{body.strip()}\n{end}{tail}", encoding="utf8")
 
 
 # ------------------------------------------------------------------------------------------------------------- cli
@@ -368,7 +302,7 @@ def main(argv=None) -> None:
         load_before = os.getloadavg()[0]
         print(f"timing {args.rounds} interleaved rounds ({args.threads} thread(s)) ...", flush=True)
         steps, facts = build_steps(backbone_dir, args)
-        times = time_interleaved(steps, args.rounds, args.warmup)
+        times = time_interleaved(steps, args.rounds, args.warmup, collect=True)
         del steps
         gc.collect()
         memory = None
@@ -388,7 +322,8 @@ def main(argv=None) -> None:
         "### One training step: prefix cache vs full sequence vs LoRA",
         "",
         f"Command: `{command.strip()}`  ",
-        f"Machine: {machine()}; load average {load_before:.1f} → {load_after:.1f} (cores shared with other jobs).  ",
+        f"Machine: {machine(details=True)}; load average {load_before:.1f} → {load_after:.1f} (cores shared with "
+        "other jobs).  ",
         f"Setup: {config}",
         "",
         f"Times are medians of {args.rounds} interleaved rounds (order rotating) after {args.warmup} warm-up "
@@ -408,7 +343,7 @@ def main(argv=None) -> None:
     print()
     print(body)
     if args.write:
-        write_section(args.write, body)
+        write_section(args.write, SECTION, body)
         print(f"\nwrote the {SECTION} section of {args.write}")
 
 

@@ -12,7 +12,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from PIL import Image
 from safetensors.torch import load_file, save_file
 from transformers import AutoModel
 
@@ -20,19 +19,15 @@ import slq_hf
 import slq_hf.processing
 from slq_hf import SLQConfig, SLQModel
 
+from helpers import scene
+
 NUM_QUERIES = 4
-
-
-def _scene(width: int, height: int, colour: tuple[int, int, int]) -> Image.Image:
-    image = Image.new("RGB", (width, height), (128, 128, 128))
-    image.paste(colour, (width // 4, height // 4, 3 * width // 4, 3 * height // 4))
-    return image
 
 
 INPUTS = [
     "a red square on grey",
-    _scene(64, 64, (255, 0, 0)),
-    {"image": _scene(96, 64, (0, 0, 255)), "text": "what shape is this?"},
+    scene(64, 64, (255, 0, 0)),
+    {"image": scene(96, 64, (0, 0, 255)), "text": "what shape is this?"},
     "hello",
 ]
 

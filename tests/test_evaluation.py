@@ -32,6 +32,8 @@ from slq_hf.evaluation import (
     save_results_json,
 )
 
+from helpers import run_readme_example
+
 COLOURS = {"red": (220, 30, 30), "green": (30, 200, 30), "blue": (30, 30, 220), "yellow": (230, 220, 30)}
 
 
@@ -459,12 +461,7 @@ def test_cli_eval_help():
 
 
 def test_readme_evaluation_example_runs(tmp_path, monkeypatch):
-    # The README's evaluation section promises a runnable example: run its first Python block as written.
-    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text(encoding="utf8")
-    section = readme.split("<!-- section:evaluation -->", 1)[1].split("<!-- /section:evaluation -->", 1)[0]
-    code = section.split("```python\n", 1)[1].split("```", 1)[0]
-    monkeypatch.chdir(tmp_path)
-    exec(compile(code, "README.md:evaluation", "exec"), {"__name__": "readme_example"})
+    run_readme_example("evaluation", tmp_path, monkeypatch)
     assert (tmp_path / "gap.png").is_file() and any((tmp_path / ".slq_cache").glob("*.safetensors"))
 
 

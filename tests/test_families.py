@@ -16,13 +16,14 @@ from __future__ import annotations
 
 import pytest
 import torch
-from PIL import Image
 from transformers import AutoConfig, AutoModelForImageTextToText
 
 from slq_hf import SLQModel
 from slq_hf.modeling.backbones import BACKBONES
 from slq_hf.processing import collate, to_items
 from slq_hf.testing import TINY_FAMILIES
+
+from helpers import scene, sharpen_attention
 
 NUM_QUERIES = 4
 TOL = 1e-5
@@ -32,19 +33,13 @@ FAMILIES = sorted(TINY_FAMILIES)
 ATTN = ["sdpa", "eager"]
 
 
-def _scene(width: int, height: int, colour: tuple[int, int, int]) -> Image.Image:
-    image = Image.new("RGB", (width, height), (128, 128, 128))
-    image.paste(colour, (width // 4, height // 4, 3 * width // 4, 3 * height // 4))
-    return image
-
-
 # Two items of each kind, of different lengths where the family's processor allows it (dynamic-resolution
 # families give the two image sizes different token counts; fixed-size ones do not).
 ITEMS = {
     "text": ["a red square", "what animal is this? describe the image in one sentence."],
-    "image": [_scene(64, 64, (255, 0, 0)), _scene(96, 48, (0, 0, 255))],
-    "image+text": [{"image": _scene(64, 64, (0, 255, 0)), "text": "what shape is this?"},
-                   {"image": _scene(48, 96, (255, 255, 0)), "text": "a blue circle"}],
+    "image": [scene(64, 64, (255, 0, 0)), scene(96, 48, (0, 0, 255))],
+    "image+text": [{"image": scene(64, 64, (0, 255, 0)), "text": "what shape is this?"},
+                   {"image": scene(48, 96, (255, 255, 0)), "text": "a blue circle"}],
 }
 # Longer than any prompt above, so every item under test gets padding even where all images cost the same tokens.
 FILLER = "the quick brown fox jumps over a green triangle in the top left corner, then describe the picture " * 2
@@ -56,16 +51,8 @@ def _load(tiny_backbone_path, family: str, attn: str, sharpen: bool = True, **kw
                                    **kwargs)
     assert model.backbone.config.get_text_config()._attn_implementation == attn
     if sharpen:
-        _sharpen_attention(model.backbone)
+        sharpen_attention(model.backbone)
     return model
-
-
-@torch.no_grad()
-def _sharpen_attention(backbone: torch.nn.Module, factor: float = 8.0) -> None:
-    """Scale q/k projections so attention logits are O(1) instead of ~0.02: positions and pads then matter."""
-    for name, module in backbone.named_modules():
-        if name.endswith(("q_proj", "k_proj")) and isinstance(module, torch.nn.Linear):
-            module.weight.mul_(factor)
 
 
 def _force_side(batch, side: str):

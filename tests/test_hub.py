@@ -16,7 +16,6 @@ from pathlib import Path
 import pytest
 import torch
 from huggingface_hub import HfApi, ModelCard, RepoUrl
-from PIL import Image
 from safetensors import safe_open
 from transformers import AutoModel
 
@@ -26,20 +25,16 @@ from slq_hf.cli import main as cli_main
 from slq_hf.hub import convert_reference, export, load_eval_results, push, render_model_card
 from slq_hf.modeling.upload import collect_upload_files
 
+from helpers import scene
+
 NUM_QUERIES = 4
 REPO_ID = "test-org/slq-tiny"
 ST_FILES = {"modules.json", "sentence_bert_config.json", "config_sentence_transformers.json",
             "1_Normalize/config.json"}
 
 
-def _scene(width: int, height: int, colour: tuple[int, int, int]) -> Image.Image:
-    image = Image.new("RGB", (width, height), (128, 128, 128))
-    image.paste(colour, (width // 4, height // 4, 3 * width // 4, 3 * height // 4))
-    return image
-
-
 TEXTS = ["a red square on grey", "hello world"]
-IMAGES = [_scene(64, 64, (255, 0, 0)), _scene(96, 64, (0, 0, 255))]
+IMAGES = [scene(64, 64, (255, 0, 0)), scene(96, 64, (0, 0, 255))]
 
 
 @pytest.fixture(scope="module")

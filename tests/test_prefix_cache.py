@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-from PIL import Image
 
 import slq_hf.modeling.positions as positions
 import slq_hf.modeling.prefix_cache as prefix_cache
@@ -21,6 +20,8 @@ from slq_hf import SLQModel
 from slq_hf.modeling.backbones import backbone_spec
 from slq_hf.processing import collate, to_items
 from slq_hf.testing import TINY_FAMILIES
+
+from helpers import count_prompt_passes, scene, sharpen_attention
 
 NUM_QUERIES = 4
 EMBED_TOL = 1e-5
@@ -33,34 +34,15 @@ ATTN = ["sdpa", "eager"]
 MROPE_FAMILIES = [f for f in FAMILIES if backbone_spec(TINY_FAMILIES[f].model_type).rope == "mrope"]
 
 
-def _scene(width: int, height: int, colour: tuple[int, int, int]) -> Image.Image:
-    image = Image.new("RGB", (width, height), (128, 128, 128))
-    image.paste(colour, (width // 4, height // 4, 3 * width // 4, 3 * height // 4))
-    return image
-
-
 # Lengths differ inside every batch, so rows are padded; images of two sizes give different rope deltas.
 BATCHES = {
     "text": ["a red square on a grey background", "hello", "what animal is this? describe the image."],
-    "image": [_scene(64, 64, (255, 0, 0)), _scene(96, 64, (0, 0, 255))],
-    "image+text": [{"image": _scene(64, 64, (0, 255, 0)), "text": "what shape is this?"},
-                   {"image": _scene(96, 64, (255, 255, 0)), "text": "a blue circle"}],
-    "mixed": ["a green triangle", _scene(64, 64, (255, 0, 0)),
-              {"image": _scene(96, 64, (0, 0, 255)), "text": "what shape is this? describe the image."}, "hi"],
+    "image": [scene(64, 64, (255, 0, 0)), scene(96, 64, (0, 0, 255))],
+    "image+text": [{"image": scene(64, 64, (0, 255, 0)), "text": "what shape is this?"},
+                   {"image": scene(96, 64, (255, 255, 0)), "text": "a blue circle"}],
+    "mixed": ["a green triangle", scene(64, 64, (255, 0, 0)),
+              {"image": scene(96, 64, (0, 0, 255)), "text": "what shape is this? describe the image."}, "hi"],
 }
-
-
-@torch.no_grad()
-def _sharpen_attention(backbone: torch.nn.Module, factor: float = 8.0) -> None:
-    """Scale every q/k projection so attention logits are O(1) instead of ~0.02 (random init, std 0.02).
-
-    Near-uniform attention hardly depends on positions, so a wrong position rule would move the embeddings by only
-    ~1e-5 on some tiny backbones (Qwen2-VL). Trained models attend sharply; so do these after scaling, which makes
-    both the equivalence checks and the negative controls stricter. Any weights must give equal paths.
-    """
-    for name, module in backbone.named_modules():
-        if isinstance(module, torch.nn.Linear) and name.rsplit(".", 1)[-1] in ("q_proj", "k_proj"):
-            module.weight.mul_(factor)
 
 
 @pytest.fixture(scope="module")
@@ -75,7 +57,7 @@ def models(tiny_backbone_path):
             with torch.no_grad():
                 # Distinct, larger-than-init queries: a misplaced or mis-positioned query shows clearly.
                 model.queries.copy_(torch.randn(model.queries.shape, generator=torch.Generator().manual_seed(1)))
-            _sharpen_attention(model.backbone)
+            sharpen_attention(model.backbone)
             cache[family, attn] = model
         return cache[family, attn]
 
@@ -97,18 +79,6 @@ def _step(model: SLQModel, batch: dict, path: str) -> tuple[torch.Tensor, torch.
     return embeddings.detach(), model.queries.grad.clone()
 
 
-def _count_prompt_passes(monkeypatch) -> list[int]:
-    calls: list[int] = []
-    original = prefix_cache.prompt_cache
-
-    def spy(*args, **kwargs):
-        calls.append(1)
-        return original(*args, **kwargs)
-
-    monkeypatch.setattr(prefix_cache, "prompt_cache", spy)
-    return calls
-
-
 @pytest.mark.parametrize("kind", list(BATCHES))
 @pytest.mark.parametrize("attn", ATTN)
 @pytest.mark.parametrize("family", FAMILIES)
@@ -117,7 +87,7 @@ def test_prefix_cache_equals_full_forward(models, family, attn, kind, monkeypatc
     batch = _batch(model, kind)
     if kind != "image":  # fixed-resolution processors (LLaVA, Gemma 3, ...) give equal-length image-only prompts
         assert (batch["attention_mask"] == 0).any(), "the batch must be padded for this test to mean anything"
-    calls = _count_prompt_passes(monkeypatch)
+    calls = count_prompt_passes(monkeypatch)
 
     full_emb, full_grad = _step(model, batch, "full")
     assert not calls, "training_path='full' must not build a prefix cache"
@@ -180,7 +150,7 @@ def test_stale_rope_deltas_are_never_read(models, family):
 def test_prefix_cache_only_for_grad_steps_on_a_frozen_backbone(models, monkeypatch):
     model = models("qwen3_vl", "sdpa")
     batch = _batch(model, "mixed")
-    calls = _count_prompt_passes(monkeypatch)
+    calls = count_prompt_passes(monkeypatch)
     model.config.training_path = "prefix_cache"
     with torch.no_grad():
         model.embed(**batch)

@@ -25,13 +25,14 @@ from PIL import Image
 from safetensors.torch import load_file, save_file
 from transformers import AutoModelForImageTextToText, AutoProcessor, Trainer, TrainingArguments
 
-import slq_hf.modeling.prefix_cache as prefix_cache
 import slq_hf.modeling.query_sets as query_sets_module
 from slq_hf import SLQModel
 from slq_hf.modeling.query_sets import SLQQuerySetsOutput, has_sliding_window_layers
 from slq_hf.modeling.upload import collect_upload_files
 from slq_hf.testing import TINY_FAMILIES
 from slq_hf.training import SLQDataCollator
+
+from helpers import count_prompt_passes, scene, sharpen_attention
 
 NUM_QUERIES = 4
 DOC_QUERIES = 3  # sets may differ in size
@@ -42,26 +43,12 @@ FAMILIES = sorted(TINY_FAMILIES)
 SETS = ["default", "query", "document"]
 
 
-def _scene(width: int, height: int, colour: tuple[int, int, int]) -> Image.Image:
-    image = Image.new("RGB", (width, height), (128, 128, 128))
-    image.paste(colour, (width // 4, height // 4, 3 * width // 4, 3 * height // 4))
-    return image
-
-
 # Texts of different lengths and images of two sizes in one batch: rows are padded, rope deltas differ per row.
-ITEMS = ["a green triangle", _scene(64, 64, (255, 0, 0)),
-         {"image": _scene(96, 64, (0, 0, 255)), "text": "what shape is this? describe the image."}, "hi",
+ITEMS = ["a green triangle", scene(64, 64, (255, 0, 0)),
+         {"image": scene(96, 64, (0, 0, 255)), "text": "what shape is this? describe the image."}, "hi",
          "the quick brown fox jumps over a red square in the top left corner"]
 COLOURS = [("red", (255, 0, 0)), ("green", (0, 255, 0)), ("blue", (0, 0, 255)), ("cyan", (0, 255, 255))]
-PAIRS = [{"image": _scene(64, 64, rgb), "text": f"a {name} square"} for name, rgb in COLOURS]
-
-
-@torch.no_grad()
-def _sharpen_attention(backbone: torch.nn.Module, factor: float = 8.0) -> None:
-    """Scale q/k projections so attention is sharp (random tiny models attend uniformly, hiding position bugs)."""
-    for name, module in backbone.named_modules():
-        if name.endswith(("q_proj", "k_proj")) and isinstance(module, torch.nn.Linear):
-            module.weight.mul_(factor)
+PAIRS = [{"image": scene(64, 64, rgb), "text": f"a {name} square"} for name, rgb in COLOURS]
 
 
 def _with_sets(model: SLQModel) -> SLQModel:
@@ -73,7 +60,7 @@ def _with_sets(model: SLQModel) -> SLQModel:
 def _new(path: str, sharpen: bool = True) -> SLQModel:
     model = SLQModel.from_backbone(path, num_queries=NUM_QUERIES)
     if sharpen:
-        _sharpen_attention(model.backbone)
+        sharpen_attention(model.backbone)
     return _with_sets(model)
 
 
@@ -96,18 +83,6 @@ def qwen(tiny_backbone_path) -> SLQModel:
     return _new(tiny_backbone_path("qwen3_vl"))
 
 
-def _count_prompt_passes(monkeypatch) -> list[int]:
-    calls: list[int] = []
-    original = prefix_cache.prompt_cache
-
-    def spy(*args, **kwargs):
-        calls.append(1)
-        return original(*args, **kwargs)
-
-    monkeypatch.setattr(prefix_cache, "prompt_cache", spy)
-    return calls
-
-
 def _alone(model: SLQModel, items) -> dict[str, torch.Tensor]:
     out = {}
     for name in SETS:
@@ -120,7 +95,7 @@ def _alone(model: SLQModel, items) -> dict[str, torch.Tensor]:
 @pytest.mark.parametrize("family", FAMILIES)
 def test_encode_query_sets_in_one_pass_equals_each_set_alone(models, family, monkeypatch):
     model = models(family)
-    calls = _count_prompt_passes(monkeypatch)
+    calls = count_prompt_passes(monkeypatch)
     together = model.encode(ITEMS, query_sets=SETS, batch_size=8)
     shared = model.shares_prompt_across_query_sets()
     assert shared == (not has_sliding_window_layers(model.backbone))
@@ -173,7 +148,7 @@ def test_joint_training_equals_each_set_trained_alone(tiny_backbone_path, family
     batch = SLQDataCollator(model.processor)(PAIRS)
     params = {name: model.get_query_set(name) for name in SETS}
 
-    calls = _count_prompt_passes(monkeypatch)
+    calls = count_prompt_passes(monkeypatch)
     out = model(**batch, query_sets=SETS)
     assert isinstance(out, SLQQuerySetsOutput)
     out.loss.backward()
@@ -250,7 +225,7 @@ def test_load_query_set_onto_another_model_with_the_same_backbone(qwen, tiny_bac
     source.save_query_set("document", tmp_path / "document.safetensors")
     source.save_pretrained(tmp_path / "slq")
     target = SLQModel.from_backbone(tiny_backbone_path("qwen3_vl"), num_queries=NUM_QUERIES)
-    _sharpen_attention(target.backbone)
+    sharpen_attention(target.backbone)
     assert target.query_sets == ["default"]
 
     assert target.load_query_set(tmp_path / "document.safetensors") == "document"  # the name comes from the file
@@ -348,7 +323,7 @@ def test_sentence_transformers_encode_query_and_document_use_their_sets(qwen, ti
     plain.add_query_set("passage")  # no "query"/"document" set: both tasks fall back to the active set
     plain.set_active_query_set("passage")
     plain.save_pretrained(tmp_path / "plain")
-    texts, images = ["a red square", "what animal is this? describe the image."], [_scene(64, 64, (255, 0, 0))]
+    texts, images = ["a red square", "what animal is this? describe the image."], [scene(64, 64, (255, 0, 0))]
     expected = {
         "with_sets": {**qwen.encode(texts, query_sets=SETS), "images": qwen.encode(images, query_sets=["document"])},
         "plain": {"passage": plain.encode(texts)},
@@ -409,7 +384,7 @@ def test_embed_and_generate_on_one_model_like_two_separate_models(tiny_backbone_
         embedder.load_query_set(shared.save_query_set(name, tmp_path / f"{name}.safetensors"), name=name)
 
     processor = shared.processor
-    prompts = [_chat(processor, "describe the picture in one sentence", _scene(64, 64, (255, 0, 0))),
+    prompts = [_chat(processor, "describe the picture in one sentence", scene(64, 64, (255, 0, 0))),
                _chat(processor, "what animal is this?")]
     steps = [("generate", prompts[0]), ("encode", ITEMS), ("generate", prompts[1]), ("encode", ITEMS[:2]),
              ("generate", prompts[0])]

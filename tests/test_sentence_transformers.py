@@ -18,11 +18,12 @@ from pathlib import Path
 
 import pytest
 import torch
-from PIL import Image
 from safetensors import safe_open
 
 from slq_hf import SLQModel
 from slq_hf.modeling import sentence_transformers_files as st_files
+
+from helpers import run_readme_example, scene
 
 pytest.importorskip("sentence_transformers")
 from sentence_transformers import SentenceTransformer  # noqa: E402
@@ -33,15 +34,9 @@ TOL = 1e-5
 COLOURS = {"red": (255, 0, 0), "green": (0, 160, 0), "blue": (0, 0, 255), "yellow": (255, 220, 0)}
 
 
-def _scene(width: int, height: int, colour: tuple[int, int, int]) -> Image.Image:
-    image = Image.new("RGB", (width, height), (128, 128, 128))
-    image.paste(colour, (width // 4, height // 4, 3 * width // 4, 3 * height // 4))
-    return image
-
-
 # Different sizes on purpose (they must batch together). Kept at most twice the tiny processors' resolution, where
 # SLQModel.encode hands images to the processor unshrunk, as sentence-transformers always does.
-IMAGES = [_scene(48, 48, COLOURS["red"]), _scene(56, 40, COLOURS["blue"]), _scene(32, 56, COLOURS["green"])]
+IMAGES = [scene(48, 48, COLOURS["red"]), scene(56, 40, COLOURS["blue"]), scene(32, 56, COLOURS["green"])]
 TEXTS = ["a red square on grey", "an animal with nine lives", "hello"]
 
 
@@ -204,7 +199,7 @@ def test_information_retrieval_evaluator_text_to_image(slq, family):
     from sentence_transformers.sentence_transformer.evaluation import InformationRetrievalEvaluator
 
     model, _, st = slq(family)
-    corpus = {f"img{i}": _scene(40 + 8 * i, 40, rgb) for i, rgb in enumerate(COLOURS.values())}
+    corpus = {f"img{i}": scene(40 + 8 * i, 40, rgb) for i, rgb in enumerate(COLOURS.values())}
     queries = {f"q{i}": f"a {name} square on grey" for i, name in enumerate(COLOURS)}
     relevant = {f"q{i}": {f"img{i}"} for i in range(len(COLOURS))}
     evaluator = InformationRetrievalEvaluator(queries, corpus, relevant, name="t2i", batch_size=4,
@@ -306,7 +301,7 @@ def test_sentence_transformer_trainer_updates_only_the_queries(tiny_backbone_pat
     assert inner.backbone is slq_model.backbone  # shared, not a second copy
     names = list(COLOURS)
     dataset = Dataset.from_dict({"anchor": [f"a {name} square on grey" for name in names],
-                                 "positive": [_scene(32 + 8 * i, 40, COLOURS[n]) for i, n in enumerate(names)]})
+                                 "positive": [scene(32 + 8 * i, 40, COLOURS[n]) for i, n in enumerate(names)]})
     queries_before = inner.queries.detach().clone()
     logit_scale_before = inner.logit_scale.detach().clone()
     backbone_before = {k: v.detach().clone() for k, v in inner.backbone.state_dict().items()}
@@ -365,12 +360,7 @@ def test_4bit_through_model_kwargs(slq, family):
 
 # ------------------------------------------------------------------------------------------------------- README
 def test_readme_sentence_transformers_example_runs(tmp_path, monkeypatch):
-    # The README promises a runnable example: run the section's Python block as written.
-    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text(encoding="utf8")
-    section = readme.split("<!-- section:sentence-transformers -->", 1)[1].split("<!-- /section:", 1)[0]
-    code = section.split("```python\n", 1)[1].split("```", 1)[0]
-    monkeypatch.chdir(tmp_path)
-    exec(compile(code, "README.md:sentence-transformers", "exec"), {"__name__": "readme_example"})
+    run_readme_example("sentence-transformers", tmp_path, monkeypatch)
     with safe_open(str(tmp_path / "slq-tiny-trained" / "model.safetensors"), framework="pt") as handle:
         assert set(handle.keys()) == {"queries", "logit_scale"}
     assert (tmp_path / "slq-tiny-trained" / "modules.json").is_file()

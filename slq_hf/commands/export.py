@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import sys
 
 DESCRIPTION = """\
 Make a hub-ready copy of a saved SLQ folder (from save_pretrained, the Trainer or `slq-hf convert-reference`).
@@ -52,23 +51,16 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
 
 
 def run(args: argparse.Namespace) -> int:
-    import warnings
-
     from ..hub import export
+    from .reporting import run_reported
 
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        try:
-            files = export(args.model_dir, args.out, eval_results=args.eval_results, training_info=args.training_info,
-                           backbone=args.backbone, backbone_revision=args.backbone_revision, repo_id=args.repo_id,
-                           model_name=args.model_name, license=args.license, template=args.template,
-                           overwrite=args.overwrite)
-        except (OSError, ValueError) as err:
-            print(f"slq-hf export: error: {err}", file=sys.stderr)
-            return 2
-    for warning in caught:
-        if issubclass(warning.category, UserWarning):
-            print(f"slq-hf export: warning: {warning.message}", file=sys.stderr)
+    files, status = run_reported("export", lambda: export(
+        args.model_dir, args.out, eval_results=args.eval_results, training_info=args.training_info,
+        backbone=args.backbone, backbone_revision=args.backbone_revision, repo_id=args.repo_id,
+        model_name=args.model_name, license=args.license, template=args.template, overwrite=args.overwrite,
+    ), errors=(OSError, ValueError))
+    if status:
+        return status
     print(f"Exported {args.model_dir} -> {args.out} ({len(files)} files):")
     for name in files:
         print(f"  {name}")

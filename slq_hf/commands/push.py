@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import sys
 
 DESCRIPTION = """\
 Upload a folder made by `slq-hf export` to a Hugging Face Hub model repository (created if missing), in one
@@ -39,31 +38,23 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
 
 
 def run(args: argparse.Namespace) -> int:
-    import warnings
-
     from ..hub import push
     from ..modeling.upload import collect_upload_files
+    from .reporting import run_reported
 
-    try:
-        files = collect_upload_files(args.hub_dir)
-    except ValueError as err:
-        print(f"slq-hf push: error: {err}", file=sys.stderr)
-        return 2
+    files, status = run_reported("push", lambda: collect_upload_files(args.hub_dir))
+    if status:
+        return status
     print(f"{len(files)} files to upload from {args.hub_dir} to {args.repo_id}:")
     for name in files:
         print(f"  {name}")
     if args.dry_run:
         return 0
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        try:
-            commit = push(args.hub_dir, args.repo_id, private=args.private or None, token=args.token,
-                          revision=args.revision, create_pr=args.create_pr, commit_message=args.commit_message)
-        except ValueError as err:
-            print(f"slq-hf push: error: {err}", file=sys.stderr)
-            return 2
-    for warning in caught:
-        if issubclass(warning.category, UserWarning):
-            print(f"slq-hf push: warning: {warning.message}", file=sys.stderr)
+    commit, status = run_reported("push", lambda: push(
+        args.hub_dir, args.repo_id, private=args.private or None, token=args.token, revision=args.revision,
+        create_pr=args.create_pr, commit_message=args.commit_message,
+    ))
+    if status:
+        return status
     print(f"Pushed: {getattr(commit, 'commit_url', commit)}")
     return 0

@@ -15,6 +15,7 @@ import os
 import shutil
 import sys
 from collections import OrderedDict
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -546,6 +547,21 @@ class SLQModel(QuerySetsMixin, PreTrainedModel):
         """
         if query_sets is not None:
             return self.encode_query_sets(inputs, query_sets, batch_size, show_progress_bar, instruction)
+        count, batches = self._encode_batches(inputs, batch_size, show_progress_bar, instruction)
+        out = torch.empty(count, self.config.embedding_dim, dtype=torch.float32)
+        for index, batch in batches:
+            out[index] = self(**batch).pooler_output.float().cpu()
+        return out
+
+    def _encode_batches(self, inputs: SLQInput | list[SLQInput], batch_size: int, show_progress_bar: bool | None,
+                        instruction: str | None) -> tuple[int, Iterator[tuple[list[int], dict[str, Any]]]]:
+        """The batching ``encode`` and ``encode_query_sets`` share: inputs -> length-sorted prompt batches.
+
+        Checks the arguments and loads the inputs at once (so errors come before any work), then returns the number
+        of items and an iterator of (row indices in input order, collated batch on the model's device). Batches are
+        collated as they are consumed, so only one is held at a time; the caller writes each batch's embeddings to
+        its rows.
+        """
         if self.processor is None:
             raise ValueError("This SLQModel has no processor; pass processor= to from_backbone/from_pretrained.")
         if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
@@ -553,21 +569,22 @@ class SLQModel(QuerySetsMixin, PreTrainedModel):
         # Huge images are shrunk to the processor's budget while loading (JPEGs decode at reduced scale).
         items = to_items(inputs, budget=image_budget(self.processor))
         max_length = self.max_prompt_length()
-        out = torch.empty(len(items), self.config.embedding_dim, dtype=torch.float32)
-        if not items:
-            return out
-        order = sorted(range(len(items)), key=lambda i: items[i].length_key())
-        starts = range(0, len(order), batch_size)
-        if show_progress_bar is None:
-            show_progress_bar = len(starts) > 8
-        from tqdm.auto import tqdm
 
-        for start in tqdm(starts, desc="SLQ encode", unit="batch", disable=not show_progress_bar):
-            index = order[start : start + batch_size]
-            batch = collate(self.processor, [items[i] for i in index], instruction, max_length=max_length)
-            batch = {k: v.to(self.device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
-            out[index] = self(**batch).pooler_output.float().cpu()
-        return out
+        def batches() -> Iterator[tuple[list[int], dict[str, Any]]]:
+            if not items:
+                return
+            # Similar lengths share a batch, so little of it is padding.
+            order = sorted(range(len(items)), key=lambda i: items[i].length_key())
+            starts = range(0, len(order), batch_size)
+            show = len(starts) > 8 if show_progress_bar is None else show_progress_bar
+            from tqdm.auto import tqdm
+
+            for start in tqdm(starts, desc="SLQ encode", unit="batch", disable=not show):
+                index = order[start : start + batch_size]
+                batch = collate(self.processor, [items[i] for i in index], instruction, max_length=max_length)
+                yield index, {k: v.to(self.device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+
+        return len(items), batches()
 
     def max_prompt_length(self) -> int | None:
         """Longest prompt (tokens) that leaves room for the queries within the backbone's positions; ``collate``

@@ -42,7 +42,6 @@ from transformers.utils import logging as hf_logging
 
 from .backbones import input_embedding_stats
 from .prefix_cache import prefix_cache_query_states
-from .processing_slq import collate, image_budget, to_items
 
 logger = hf_logging.get_logger(__name__)
 
@@ -529,26 +528,11 @@ class QuerySetsMixin:
         Returns:
             name -> float32 (N, embedding_dim) on CPU, rows in input order; equal to ``encode`` with that set active.
         """
-        if self.processor is None:
-            raise ValueError("This SLQModel has no processor; pass processor= to from_backbone/from_pretrained.")
-        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-            raise ValueError(f"batch_size={batch_size!r} is invalid; expected a positive integer.")
         names = self._check_set_names(query_sets)
-        items = to_items(inputs, budget=image_budget(self.processor))
-        max_length = self.max_prompt_length()
-        out = {name: torch.empty(len(items), self.config.embedding_dim, dtype=torch.float32) for name in names}
-        if not items:
-            return out
-        order = sorted(range(len(items)), key=lambda i: items[i].length_key())
-        starts = range(0, len(order), batch_size)
-        if show_progress_bar is None:
-            show_progress_bar = len(starts) > 8
-        from tqdm.auto import tqdm
-
-        for start in tqdm(starts, desc="SLQ encode", unit="batch", disable=not show_progress_bar):
-            index = order[start : start + batch_size]
-            batch = collate(self.processor, [items[i] for i in index], instruction, max_length=max_length)
-            batch = {k: v.to(self.device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+        # The same batches as ``encode`` (SLQModel._encode_batches), so each set's rows equal encode with it active.
+        count, batches = self._encode_batches(inputs, batch_size, show_progress_bar, instruction)
+        out = {name: torch.empty(count, self.config.embedding_dim, dtype=torch.float32) for name in names}
+        for index, batch in batches:
             result = self(**batch, query_sets=names).pooler_outputs
             for name in names:
                 out[name][index] = result[name].float().cpu()
