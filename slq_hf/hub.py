@@ -401,15 +401,14 @@ def export(
         training_info = _trainer_state_info(src / TRAINER_STATE_NAME)
 
     _prepare_out_dir(out, src, overwrite)
-    from safetensors.torch import save_file
-
     from .modeling import modeling_slq
+    from .modeling.safetensors_io import atomic_save_file
     from .modeling.sentence_transformers_files import write_sentence_transformers_files
 
     config.auto_map = {"AutoConfig": "configuration_slq.SLQConfig", "AutoModel": "modeling_slq.SLQModel"}
     config.architectures = ["SLQModel"]
     config.save_pretrained(out)
-    save_file(state, str(out / WEIGHTS_NAME), metadata={"format": "pt", "library": "slq_hf"})
+    atomic_save_file(state, out / WEIGHTS_NAME, metadata=modeling_slq.WEIGHTS_METADATA)
     # Same rule as SLQModel.save_pretrained: every modeling file, so trust_remote_code resolves sibling imports.
     for source in Path(modeling_slq.__file__).parent.glob("*.py"):
         if source.name != "__init__.py":

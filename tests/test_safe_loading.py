@@ -17,7 +17,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import save_file
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
 from transformers import AutoModel
 
 from slq_hf import SLQModel
@@ -286,3 +287,20 @@ def test_query_set_files_get_the_same_checks(model, tmp_path, marker):
         save_file({"queries": queries}, str(tmp_path / f"{name}.safetensors"))
         with pytest.raises(ValueError, match=message):
             model.load_query_set(tmp_path / f"{name}.safetensors", name=name)
+
+
+def test_checkpoint_bytes_are_reproducible_across_processes(tmp_path):
+    """safetensors orders its header by a per-process hash; SLQ sorts it so equal tensors give equal files."""
+    script = (
+        "import sys, torch; from slq_hf.modeling.safetensors_io import atomic_save_file; "
+        "atomic_save_file({'queries': torch.arange(6.).reshape(2, 3), 'logit_scale': torch.tensor(2.0)}, sys.argv[1], "
+        "metadata={'format': 'pt', 'library': 'slq_hf', 'extra': 'x'})"
+    )
+    files = [tmp_path / f"{i}.safetensors" for i in range(4)]
+    for path in files:
+        subprocess.run([sys.executable, "-c", script, str(path)], check=True)
+    assert len({path.read_bytes() for path in files}) == 1
+    loaded = load_file(files[0])
+    assert torch.equal(loaded["queries"], torch.arange(6.0).reshape(2, 3)) and loaded["logit_scale"].item() == 2.0
+    with safe_open(str(files[0]), framework="pt") as handle:
+        assert handle.metadata() == {"format": "pt", "library": "slq_hf", "extra": "x"}

@@ -23,7 +23,6 @@ from typing import Any
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
 from torch import nn
 from transformers import AutoModelForImageTextToText, AutoProcessor, PreTrainedModel
 from transformers.utils import ModelOutput, cached_file
@@ -36,9 +35,11 @@ from .pickling import register_output_recorders, without_capture_hooks
 from .prefix_cache import prefix_cache_query_states
 from .processing_slq import SLQInput, collate, image_budget, prompt_length_limit, to_items
 from .query_sets import QuerySetsMixin, SLQQuerySetsOutput
+from .safetensors_io import atomic_save_file
 from .sentence_transformers_files import write_sentence_transformers_files
 
 WEIGHTS_NAME = "model.safetensors"
+WEIGHTS_METADATA = {"format": "pt", "library": "slq_hf"}
 # CLIP clamps its learnable logit scale at 100 (temperature >= 0.01) to keep training stable.
 MAX_LOGIT_SCALE = math.log(100.0)
 # Hub arguments that locate the SLQ folder itself; the backbone gets its own revision from the config.
@@ -298,7 +299,7 @@ class SLQModel(QuerySetsMixin, PreTrainedModel):
         self.config.auto_map = {"AutoConfig": "configuration_slq.SLQConfig", "AutoModel": "modeling_slq.SLQModel"}
         self.config.architectures = [type(self).__name__]
         self.config.save_pretrained(out)
-        _atomic_save_file(self.trainable_state_dict(), out / WEIGHTS_NAME)
+        atomic_save_file(self.trainable_state_dict(), out / WEIGHTS_NAME, metadata=WEIGHTS_METADATA)
         self._save_query_sets(out)  # extra query sets: query_sets/<name>.safetensors + sets.json
         for source in Path(__file__).parent.glob("*.py"):
             if source.name != "__init__.py":
@@ -693,17 +694,3 @@ def _read_safetensors(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     except Exception as err:  # safetensors raises its own error types for corrupt headers
         raise ValueError(f"{path}: not a readable safetensors file ({err}). Only safetensors are loaded; a pickle "
                          "file or a truncated download ends up here.") from err
-
-
-def _atomic_save_file(state: dict[str, torch.Tensor], path: Path) -> None:
-    # Write next to the target, then rename: a crash never leaves a half-written weights file behind.
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        save_file(state, str(tmp), metadata={"format": "pt", "library": "slq_hf"})
-        # Flush to disk before the rename, so even a power loss cannot leave the new name on partial data.
-        with open(tmp, "rb+") as handle:
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():  # a failed write leaves neither a partial file nor the old one touched
-            tmp.unlink()

@@ -35,13 +35,13 @@ from typing import Any
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
 from torch import nn
 from transformers.utils import ModelOutput, cached_file
 from transformers.utils import logging as hf_logging
 
 from .backbones import input_embedding_stats
 from .prefix_cache import prefix_cache_query_states
+from .safetensors_io import atomic_save_file
 
 logger = hf_logging.get_logger(__name__)
 
@@ -124,13 +124,6 @@ def _read_set_file(path: str | os.PathLike) -> tuple[torch.Tensor, dict[str, str
     except Exception as err:  # safetensors raises its own error types for corrupt headers
         raise ValueError(f"{path}: not a readable safetensors file ({err}). Query sets are only read from "
                          "safetensors files.") from err
-
-
-def _atomic_save(state: dict[str, torch.Tensor], path: Path, metadata: dict[str, str]) -> None:
-    # Write next to the target, then rename: a crash never leaves a half-written set file behind.
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    save_file(state, str(tmp), metadata=metadata)
-    os.replace(tmp, path)
 
 
 def _resolve(path_or_repo: str | os.PathLike, filename: str, hub_kwargs: dict[str, Any]) -> str | None:
@@ -295,7 +288,7 @@ class QuerySetsMixin:
             "backbone_name_or_path": str(self.config.backbone_name_or_path or ""),
             "backbone_model_type": str(self.config.backbone_model_type or ""),
         }
-        _atomic_save({QUERY_SET_TENSOR: queries.detach().float().cpu().contiguous()}, path, metadata)
+        atomic_save_file({QUERY_SET_TENSOR: queries.detach().float().cpu().contiguous()}, path, metadata)
         return path
 
     def load_query_set(self, path_or_repo: str | os.PathLike, name: str | None = None, *, query_set: str | None = None,
