@@ -337,3 +337,17 @@ def test_4bit_backbone_on_cpu_with_fp32_queries(tiny_backbone_path, tmp_path):
     reloaded = AutoModel.from_pretrained(tmp_path / "slq", quantization_config=quant)
     assert any(isinstance(m, Linear4bit) for m in reloaded.backbone.modules())
     torch.testing.assert_close(reloaded.encode(INPUTS), emb, atol=1e-5, rtol=0)
+
+
+def test_bad_option_fails_before_the_backbone_loads(tmp_path):
+    # The path does not exist: a config error must come first, not a loading error.
+    with pytest.raises(ValueError, match="`pooling`='max'"):
+        SLQModel.from_backbone(str(tmp_path / "no-such-backbone"), num_queries=4, pooling="max")
+
+
+def test_loaded_backbone_finds_its_processor(tiny_backbone_path):
+    from transformers import AutoModelForImageTextToText
+
+    backbone = AutoModelForImageTextToText.from_pretrained(tiny_backbone_path("qwen3_vl"))
+    model = SLQModel.from_backbone(backbone, num_queries=2)
+    assert model.processor is not None and model.encode(["x"]).shape == (1, model.config.hidden_size)

@@ -166,17 +166,9 @@ class SLQModel(QuerySetsMixin, PreTrainedModel):
             **backbone_kwargs: go to the backbone's ``from_pretrained`` (``dtype``, ``device_map``,
                 ``quantization_config``, ``attn_implementation``, ...).
         """
-        if isinstance(backbone, PreTrainedModel):
-            if backbone_kwargs:
-                raise ValueError(f"Backbone arguments {sorted(backbone_kwargs)} were given with an already loaded "
-                                 "backbone; load the backbone with them yourself, or pass its id/path instead.")
-            name = backbone.config._name_or_path or backbone.name_or_path
-            model = backbone
-        else:
-            name = str(backbone)
-            model = _load_backbone(name, revision, **backbone_kwargs)
-            if processor is None:
-                processor = AutoProcessor.from_pretrained(name, revision=revision)
+        loaded = isinstance(backbone, PreTrainedModel)
+        name = (backbone.config._name_or_path or backbone.name_or_path) if loaded else str(backbone)
+        # The config is validated first, so a bad option fails before a multi-GB backbone is loaded.
         config = SLQConfig(
             backbone_name_or_path=name or None,
             backbone_revision=revision,
@@ -188,6 +180,20 @@ class SLQModel(QuerySetsMixin, PreTrainedModel):
             projection_dim=projection_dim,
             training_path=training_path,
         )
+        if loaded:
+            if backbone_kwargs:
+                raise ValueError(f"Backbone arguments {sorted(backbone_kwargs)} were given with an already loaded "
+                                 "backbone; load the backbone with them yourself, or pass its id/path instead.")
+            model = backbone
+            if processor is None and name:
+                try:  # the loaded model remembers where it came from; its processor usually lives there too
+                    processor = AutoProcessor.from_pretrained(name, revision=revision)
+                except (OSError, ValueError):
+                    processor = None  # encode() then asks for processor=; forward() works without one
+        else:
+            model = _load_backbone(name, revision, **backbone_kwargs)
+            if processor is None:
+                processor = AutoProcessor.from_pretrained(name, revision=revision)
         return cls(config, backbone=model, processor=processor)
 
     @classmethod
