@@ -16,7 +16,7 @@ KARR-Bench-style test in miniature. SLQ keeps the backbone untouched, so what it
 It then saves the SLQ folder (queries only), reloads it through ``AutoModel`` and ``SentenceTransformer`` and checks
 the recall is unchanged, and writes the modality-gap figures. Outputs go to ``outputs/demo/``.
 
-    .venv/bin/python examples/demo.py [--steps 300] [--num-queries 8] [--out outputs/demo]
+    .venv/bin/python examples/demo.py [--steps 1000] [--num-queries 8] [--out outputs/demo]
 """
 
 from __future__ import annotations
@@ -56,19 +56,22 @@ class DemoConfig:
     """Everything the demo's numbers depend on (all seeds pinned)."""
 
     backbone: str = str(TOY_BACKBONE)
-    steps: int = 300
+    steps: int = 1000
     batch_size: int = 32
     num_queries: int = 8
     query_init: str = "normal"
-    slq_lr: float = 1e-2
+    pooling: str = "mean"
+    projection_dim: int | None = None
+    slq_lr: float = 3e-2
     temperature: float = 0.07
+    learn_temperature: bool = True
     lora_rank: int = 8
-    lora_lr: float = 1e-3
+    lora_lr: float = 3e-3
     warmup: int = 10
     seed: int = TRAIN_SEED
     eval_scenes: int | None = None  # None: all 150 held-out scenes (one per combination)
     eval_batch_size: int = 64
-    log_every: int = 25
+    log_every: int = 100
     out: str = "outputs/demo"
     extra: dict[str, Any] = field(default_factory=dict)
 
@@ -137,7 +140,8 @@ def last_token_encoder(backbone, processor, batch_size: int = 64) -> Callable[[l
 def train_slq(model: SLQModel, config: DemoConfig) -> float:
     """Train only the queries and the temperature with symmetric InfoNCE (the model's own loss); returns seconds."""
     collator = SLQDataCollator(model.processor, strict=True)
-    params = [model.queries, model.logit_scale]
+    model.logit_scale.requires_grad_(config.learn_temperature)
+    params = [p for p in model.parameters() if p.requires_grad]  # queries, temperature (+ optional head)
     optimizer = torch.optim.AdamW(params, lr=config.slq_lr, weight_decay=0.0)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, config))
     model.train()
@@ -249,13 +253,14 @@ def run(config: DemoConfig) -> dict[str, Any]:
 
     rows: dict[str, dict[str, Any]] = {}
     log("2. Zero-shot last token (no training): the final state of the last prompt token")
-    results = evaluate(last_token_encoder(backbone, processor, config.eval_batch_size), datasets, config,
-                       gap_plot=out / "modality_gap_last_token.png")
-    rows["zero-shot last token"] = {**recall_row(results), "params": 0, "seconds": 0}
+    last_token_results = evaluate(last_token_encoder(backbone, processor, config.eval_batch_size), datasets, config,
+                                  gap_plot=out / "modality_gap_last_token.png")
+    rows["zero-shot last token"] = {**recall_row(last_token_results), "params": 0, "seconds": 0}
     log("   " + _short(rows["zero-shot last token"]))
 
     model = SLQModel.from_backbone(backbone, num_queries=config.num_queries, processor=processor,
-                                   query_init=config.query_init, temperature=config.temperature)
+                                   query_init=config.query_init, temperature=config.temperature,
+                                   pooling=config.pooling, projection_dim=config.projection_dim)
     slq_params = sum(p.numel() for p in model.parameters() if p.requires_grad)
     log(f"3. SLQ with {config.num_queries} random queries (untrained, {slq_params:,} trainable parameters)")
     rows["SLQ, random queries"] = {**recall_row(evaluate(model, datasets, config)), "params": 0, "seconds": 0}
@@ -310,7 +315,8 @@ def run(config: DemoConfig) -> dict[str, Any]:
     log(f"\nModality-gap figures: {out / 'modality_gap_slq.png'}, {out / 'modality_gap_last_token.png'}")
     log(f"Reload checks: {reload_checks}; total {minutes:.1f} min")
     summary = {"config": asdict(config), "rows": rows, "reload_checks": reload_checks, "minutes": minutes,
-               "table": table, "modality_gap_slq": slq_results["caption"]["modality_gap"]}
+               "table": table, "modality_gap_slq": slq_results["caption"]["modality_gap"],
+               "modality_gap_last_token": last_token_results["caption"]["modality_gap"]}
     (out / "results.json").write_text(json.dumps(summary, indent=2) + "\n")
     return summary
 

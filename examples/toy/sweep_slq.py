@@ -3,7 +3,7 @@
 Each row trains SLQ queries (or, with ``lora``, the LoRA baseline) with the demo's code and seeds, changing one
 setting from the demo's defaults, and reports R@1 on the 150 held-out scenes.
 
-    .venv/bin/python examples/toy/sweep_slq.py                         # the default sweep, ~10 minutes
+    .venv/bin/python examples/toy/sweep_slq.py                         # the default sweep, ~20 minutes on 2 cores
     .venv/bin/python examples/toy/sweep_slq.py num_queries=16 query_init=vocab slq_lr=3e-2
     .venv/bin/python examples/toy/sweep_slq.py lora lora_lr=3e-3
 
@@ -24,9 +24,12 @@ from pathlib import Path
 import torch
 
 EXAMPLES = Path(__file__).resolve().parents[1]
+# The demo's recipe over three data seeds, then the factors that moved it most (BENCHMARKS.md lists every row's
+# settings, so any other row can be re-run by passing it).
 DEFAULT_SWEEP = [
-    "default", "query_init=vocab", "num_queries=4", "num_queries=16", "num_queries=32", "temperature=0.02",
-    "slq_lr=3e-3", "slq_lr=3e-2", "steps=600", "seed=1", "lora", "lora,lora_lr=3e-3",
+    "default", "seed=1", "seed=2", "steps=300,slq_lr=1e-2", "steps=300", "num_queries=16,steps=700",
+    "num_queries=16,steps=700,seed=1", "num_queries=16,steps=700,seed=2", "query_init=vocab,steps=700",
+    "lora", "lora,lora_lr=1e-2,steps=700",
 ]
 
 
@@ -50,7 +53,10 @@ def parse_row(row: str, base):
         key, _, value = part.partition("=")
         if key not in types:
             raise SystemExit(f"Unknown setting {key!r} in {row!r}; settings: {sorted(types)}.")
-        changes[key] = types[key](value) if types[key] is not type(None) else int(value)
+        if types[key] is bool:
+            changes[key] = value.lower() in ("1", "true", "yes")
+        else:
+            changes[key] = types[key](value) if types[key] is not type(None) else int(value)
     return lora, replace(base, **changes)
 
 
@@ -82,7 +88,8 @@ def main() -> None:
             encoder = demo.last_token_encoder(backbone, processor, config.eval_batch_size)
         else:
             encoder = SLQModel.from_backbone(backbone, num_queries=config.num_queries, processor=processor,
-                                             query_init=config.query_init, temperature=config.temperature)
+                                             query_init=config.query_init, temperature=config.temperature,
+                                             pooling=config.pooling, projection_dim=config.projection_dim)
             demo.train_slq(encoder, config)
         seconds = time.perf_counter() - started
         recall = demo.recall_row(demo.evaluate(encoder, datasets, config))
