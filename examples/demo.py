@@ -31,7 +31,7 @@ import sys
 import time
 import warnings
 from collections.abc import Callable, Iterator
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -73,7 +73,6 @@ class DemoConfig:
     eval_batch_size: int = 64
     log_every: int = 100
     out: str = "outputs/demo"
-    extra: dict[str, Any] = field(default_factory=dict)
 
 
 def log(message: str) -> None:
@@ -272,6 +271,7 @@ def run(config: DemoConfig) -> dict[str, Any]:
     slq_results = evaluate(model, datasets, config, gap_plot=out / "modality_gap_slq.png")
     rows["SLQ trained (frozen backbone)"] = {**recall_row(slq_results), "params": slq_params, "seconds": seconds}
     log("   " + _short(rows["SLQ trained (frozen backbone)"]))
+    log(f"   the same backbone object still generates: {_caption(model.backbone, processor, sample)!r}")
 
     log("5. Save the SLQ folder and reload it")
     folder = out / "slq-toy"
@@ -312,6 +312,10 @@ def run(config: DemoConfig) -> dict[str, Any]:
     log(f"\nResults on {num_scenes} held-out scenes (chance {100 / num_scenes:.1f}%); knowledge captions were never "
         "used to train SLQ or LoRA:\n")
     log(table)
+    slq_row, lora_row = rows["SLQ trained (frozen backbone)"], rows[f"LoRA r={config.lora_rank} q,k,v,o, last token"]
+    lead = {part: slq_row[f"{part} t2i"] - lora_row[f"{part} t2i"] for part in ("knowledge", "caption")}
+    log(f"\nSLQ minus LoRA, text->image R@1: knowledge captions {lead['knowledge']:+.1f} points, explicit captions "
+        f"{lead['caption']:+.1f} points")
     log(f"\nModality-gap figures: {out / 'modality_gap_slq.png'}, {out / 'modality_gap_last_token.png'}")
     log(f"Reload checks: {reload_checks}; total {minutes:.1f} min")
     summary = {"config": asdict(config), "rows": rows, "reload_checks": reload_checks, "minutes": minutes,
