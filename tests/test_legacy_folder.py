@@ -1,4 +1,5 @@
-"""Folders written before the LatentQueries refactor load with the current code and embed identically.
+"""Folders written before the LatentQueries refactor load with the current code and embed identically (to 1e-6:
+the same code in another process already differs by ~6e-8 in fp32).
 
 The folders in tests/fixtures/legacy_slq* and the embeddings next to them were written by the old code
 (tests/fixtures/legacy_make_fixture.py says how); nothing here recomputes the expected values.
@@ -34,13 +35,13 @@ def test_legacy_folder_embeds_identically(name):
     expected = load_file(str(folder / "embeddings.safetensors"))
     model = SLQModel.from_pretrained(folder, backbone_name_or_path=str(BACKBONE), dtype=torch.float32)
     inputs = _inputs(folder)
-    torch.testing.assert_close(model.encode(inputs, batch_size=2), expected["active"], rtol=0, atol=0)
+    torch.testing.assert_close(model.encode(inputs, batch_size=2), expected["active"], rtol=0, atol=1e-6)
     sets = [k[len("set_"):] for k in expected if k.startswith("set_")]
     if sets:
         assert sorted(model.query_sets) == sorted(sets)
         got = model.encode(inputs, batch_size=2, query_sets=sets)
         for set_name in sets:
-            torch.testing.assert_close(got[set_name], expected[f"set_{set_name}"], rtol=0, atol=0)
+            torch.testing.assert_close(got[set_name], expected[f"set_{set_name}"], rtol=0, atol=1e-6)
 
 
 def test_legacy_folder_keeps_active_set_and_sizes():
