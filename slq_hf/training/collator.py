@@ -24,6 +24,8 @@ logger = logging.getLogger(__name__)
 SOURCE_KEY = "_source"
 # Batch key carrying the descriptions of skipped examples to SLQTrainer (set only when report_skips_in_batch=True).
 SKIPPED_KEY = "slq_skipped_examples"
+# Batch key of the list of micro-batches (GradCache); each is a complete pair batch of consecutive examples.
+MICRO_BATCHES_KEY = "slq_micro_batches"
 PAIR_KEYS = ("query", "positive", "negative")
 IMAGE_TEXT_KEYS = ("image", "text")
 
@@ -81,7 +83,8 @@ def example_roles(example: Any, index: int | None = None) -> dict[str, Any]:
         raise ValueError(f"{where} has {problem}; expected {{'image': ..., 'text': ...}} or {{'query': ..., "
                          "'positive': ..., 'negative'?: ...}. Drop other dataset columns (dataset.select_columns) "
                          "or wrap the dataset with slq_hf.training.HFPairDataset.")
-    return {"query": {"image": example["image"]}, "positive": example["text"]}
+    # The "text" of an {"image", "text"} example is a text even when it reads like a file name ("IMG_0042.JPG").
+    return {"query": {"image": example["image"]}, "positive": {"text": example["text"]}}
 
 
 def _decode_image_record(value: Any) -> Any:
@@ -133,13 +136,19 @@ class SLQDataCollator:
         max_length: longest prompt in tokens (``model.max_prompt_length()``; SLQTrainer fills it in from the model
             when None). Longer user texts are truncated with a warning, keeping the chat template's generation
             prompt, exactly as ``SLQModel.encode`` does.
+        micro_batch_size: GradCache (``SLQTrainer(micro_batch_size=...)`` sets it): the loaded examples are split
+            into complete pair batches of at most this many examples, returned as a list under
+            ``"slq_micro_batches"``; the contrastive batch is still the whole batch.
 
     Returns (``__call__``): a dict of tensors, e.g. for Qwen-VL ``input_ids`` (B, L), ``attention_mask`` (B, L),
     ``pixel_values`` (P, C), ``image_grid_thw`` (B_img, 3), ``mm_token_type_ids`` (B, L) and the same keys with the
-    ``positive_`` (B rows) and ``negative_`` (M rows) prefixes.
+    ``positive_`` (B rows) and ``negative_`` (M rows) prefixes. When every example of a batch is unloadable and
+    ``strict`` is False, SLQTrainer gets a batch without inputs (only the skip descriptions) and skips the step;
+    without SLQTrainer that raises SLQInputError.
     """
 
-    def __init__(self, processor: Any, strict: bool = False, max_warnings: int = 10, max_length: int | None = None):
+    def __init__(self, processor: Any, strict: bool = False, max_warnings: int = 10, max_length: int | None = None,
+                 micro_batch_size: int | None = None):
         if processor is None:
             raise ValueError("SLQDataCollator: processor is None; pass model.processor (the backbone's processor).")
         if isinstance(max_warnings, bool) or not isinstance(max_warnings, int) or max_warnings < 0:
@@ -148,6 +157,11 @@ class SLQDataCollator:
         self.strict = strict
         self.max_warnings = max_warnings
         self.max_length = max_length
+        if micro_batch_size is not None and (isinstance(micro_batch_size, bool) or not isinstance(
+                micro_batch_size, int) or micro_batch_size < 1):
+            raise ValueError(f"SLQDataCollator: micro_batch_size={micro_batch_size!r} is invalid; expected a "
+                             "positive integer or None.")
+        self.micro_batch_size = micro_batch_size
         # Huge images are shrunk to the processor's budget while they are decoded (JPEG: at reduced scale).
         self.image_budget = image_budget(processor)
         self.skipped: list[SkippedExample] = []
@@ -167,7 +181,7 @@ class SLQDataCollator:
             except SLQInputError as err:
                 self._skip(examples, index, str(err), skipped, err)
         try:
-            batch = self._collate(list(loaded.values())) if loaded else None
+            batch = self._collate_all(list(loaded.values())) if loaded else None
         except SLQInputError:
             # The processor refused an item. Find the example(s) it cannot handle alone (rare: only after a
             # failure), skip them like unreadable files and collate the rest.
@@ -177,14 +191,24 @@ class SLQDataCollator:
             for index, reason in refused.items():
                 self._skip(examples, index, reason, skipped)
                 del loaded[index]
-            batch = self._collate(list(loaded.values())) if loaded else None
+            batch = self._collate_all(list(loaded.values())) if loaded else None
         self._record(skipped)
+        if batch is None and self.report_skips_in_batch:
+            return {SKIPPED_KEY: [str(s) for s in skipped]}  # SLQTrainer skips the step and counts the examples
         if batch is None:
             raise SLQInputError(f"All {len(examples)} examples of this batch could not be loaded: "
                                 f"{'; '.join(map(str, skipped[:3]))}. Check the data paths and files.")
         if self.report_skips_in_batch:
             batch[SKIPPED_KEY] = [str(s) for s in skipped]
         return batch
+
+    def _collate_all(self, loaded: list[dict[str, SLQItem]]) -> dict[str, Any]:
+        """One pair batch, or (GradCache) {"slq_micro_batches": [pair batch, ...]} in example order."""
+        if self.micro_batch_size is None:
+            return self._collate(loaded)
+        size = self.micro_batch_size
+        return {MICRO_BATCHES_KEY: [self._collate(loaded[start : start + size])
+                                    for start in range(0, len(loaded), size)]}
 
     def _collate(self, loaded: list[dict[str, SLQItem]]) -> dict[str, Any]:
         batch = dict(collate(self.processor, [pair["query"] for pair in loaded], max_length=self.max_length))

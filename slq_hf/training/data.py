@@ -1,4 +1,4 @@
-"""Training data readers: JSONL pair files and ``datasets`` image/text datasets, as map-style torch datasets.
+"""Training data: the records of ``slq_hf.data``'s readers as a map-style torch dataset of pair examples.
 
 Images are NOT opened here: the collator opens them, so a corrupt file costs one skipped example rather than the
 epoch (see ``SLQDataCollator(strict=...)``).
@@ -6,14 +6,20 @@ epoch (see ``SLQDataCollator(strict=...)``).
 
 from __future__ import annotations
 
-import json
 import os
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
 from torch.utils.data import Dataset
 
-from .collator import PAIR_KEYS, SOURCE_KEY, example_roles
+from ..data import DatasetImage, Item, Record, read_records
+from .collator import SOURCE_KEY, example_roles
+
+
+def _raw(value: Any) -> Any:
+    # A dataset image is fetched only when its example is used (in a dataloader worker), undecoded.
+    return value.raw() if isinstance(value, DatasetImage) else value
 
 
 class PairDataset(Dataset):
@@ -33,131 +39,63 @@ class PairDataset(Dataset):
         return len(self.examples)
 
     def __getitem__(self, index: int) -> dict[str, Any]:
-        return self.examples[index]
+        example = self.examples[index]
+        return {k: {**v, "image": _raw(v["image"])} if isinstance(v, dict) and "image" in v else _raw(v)
+                for k, v in example.items()}
 
 
-def _resolve(path: Any, root: Path) -> Any:
-    if isinstance(path, str) and path.strip() and not os.path.isabs(os.path.expanduser(path)):
-        return str(root / path)
-    return path
+def _item(item: Item) -> dict[str, Any]:
+    """The collator's form of an item; a text stays ``{"text": ...}`` so it is never taken for an image path."""
+    image = str(item.image) if isinstance(item.image, Path) else item.image
+    return {k: v for k, v in (("image", image), ("text", item.text)) if v is not None}
 
 
-def _jsonl_item(value: Any, root: Path, where: str, role: str) -> Any:
-    """A JSONL item: a string is a TEXT (never guessed to be a path); ``{"image": path, "text"?: str}`` an image."""
-    if isinstance(value, str):
-        return {"text": value}
-    if isinstance(value, dict):
-        unknown = sorted(set(value) - {"image", "text"})
-        if unknown or not value:
-            raise ValueError(f"{where}: {role!r} has keys {sorted(value)}; an item is a text string or "
-                             "{'image': 'path/to/file.jpg'} with an optional 'text'.")
-        if "image" in value and not isinstance(value["image"], str):
-            raise ValueError(f"{where}: {role!r}['image'] is {type(value['image']).__name__}; in JSONL an image is "
-                             "a path string (relative to the JSONL file or absolute).")
-        return {**value, "image": _resolve(value["image"], root)} if "image" in value else value
-    raise ValueError(f"{where}: {role!r} is {type(value).__name__}; an item is a text string or {{'image': path, "
-                     "'text'?: str}.")
+def examples_from_records(records: Iterable[Record]) -> list[dict[str, Any]]:
+    """One pair example per (record, positive); image -> caption records keep the plain ``{"image", "text"}``."""
+    examples = []
+    for record in records:
+        for n, positive in enumerate(record.positives):
+            source = record.source + (f"[{n}]" if len(record.positives) > 1 else "")
+            if (record.query.text is None and record.negative is None and positive.image is None
+                    and positive.text is not None):
+                example = {"image": _item(record.query)["image"], "text": positive.text}
+            else:
+                example = {"query": _item(record.query), "positive": _item(positive)}
+                if record.negative is not None:
+                    example["negative"] = _item(record.negative)
+            examples.append({**example, SOURCE_KEY: source})
+    return examples
 
 
 def read_jsonl(path: str | os.PathLike) -> PairDataset:
-    """Read a JSONL file of training pairs; relative image paths are resolved from the file's folder.
+    """Read a JSONL file of training pairs (any ``slq_hf.data`` JSONL form); image paths are relative to the file.
 
-    One JSON object per line, either ``{"image": "imgs/0001.jpg", "text": "a dog on a beach"}`` or the general form
-    ``{"query": item, "positive": item, "negative": item}`` (negative optional) where an item is a text string,
-    ``{"image": path}`` or ``{"image": path, "text": str}``. Blank lines are ignored. Every example carries
-    ``"_source": "<file>:<line>"`` so errors and skip warnings point at the line.
-
-    Raises:
-        FileNotFoundError if the file does not exist; ValueError naming the line for invalid JSON or keys.
+    ``{"image": "imgs/0001.jpg", "text": "a dog on a beach"}`` (or ``"texts"``/``"captions"``: one pair per
+    caption) or ``{"query": item, "positive": item, "negative"?: item}`` where an item is a text string or
+    ``{"image": path, "text"?: str}``. Every example carries ``"_source": "<file>:<line>"`` for messages.
+    Raises DataFormatError (a ValueError) naming the file and line.
     """
-    path = Path(path).expanduser()
-    if not path.is_file():
-        raise FileNotFoundError(f"Training data file {str(path)!r} does not exist.")
-    root = path.resolve().parent
-    examples = []
-    with path.open(encoding="utf-8") as handle:
-        for number, line in enumerate(handle, start=1):
-            if not line.strip():
-                continue
-            where = f"{path}:{number}"
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise ValueError(f"{where}: not valid JSON ({err}). Each line must be one JSON object.") from None
-            if not isinstance(record, dict):
-                raise ValueError(f"{where}: expected a JSON object, got {type(record).__name__}.")
-            record[SOURCE_KEY] = where
-            example_roles(record)  # key check, message names the line through _source
-            if "query" in record:
-                example = {role: _jsonl_item(record[role], root, where, role) for role in PAIR_KEYS if role in record}
-            else:
-                if not isinstance(record["image"], str):
-                    raise ValueError(f"{where}: 'image' is {type(record['image']).__name__}; in JSONL an image is a "
-                                     "path string (relative to the JSONL file or absolute).")
-                example = {"image": _resolve(record["image"], root), "text": record["text"]}
-            example[SOURCE_KEY] = where
-            examples.append(example)
-    if not examples:
-        raise ValueError(f"{path}: no examples (the file is empty).")
-    return PairDataset(examples)
+    return PairDataset(examples_from_records(read_records(path, "jsonl", check_files=False)))
 
 
-class HFPairDataset(Dataset):
-    """Image/text pairs from a ``datasets.Dataset`` with an image column and a text column.
+class HFPairDataset(PairDataset):
+    """Image/text pairs from a ``datasets.Dataset``: one pair per caption when the text column holds lists.
 
-    A text column holding lists of captions (COCO: five per image) yields one pair per caption. A ``datasets``
-    Image column is read with ``decode=False`` so images are decoded by the collator (a corrupt image is skipped
-    there, not raised inside the dataloader). A column of path strings is resolved against ``image_root``.
-
-    Args:
-        dataset: a ``datasets.Dataset``.
-        image_column / text_column: column names.
-        image_root: folder that relative image paths are relative to (default: the working directory).
+    Image cells are kept undecoded and fetched per example, so the collator decodes them (a corrupt image is
+    skipped there). A column of path strings is resolved against ``image_root`` (default: the working directory).
     """
 
     def __init__(self, dataset: Any, image_column: str = "image", text_column: str = "text",
                  image_root: str | os.PathLike | None = None):
-        columns = list(getattr(dataset, "column_names", []) or [])
-        missing = [c for c in (image_column, text_column) if c not in columns]
-        if missing:
-            raise ValueError(f"HFPairDataset: column(s) {missing} not in the dataset (columns: {columns}); pass "
-                             "image_column=... and text_column=...")
-        import datasets
-
-        dataset = dataset.select_columns([image_column, text_column])
-        feature = dataset.features[image_column]
-        if isinstance(feature, datasets.Image) and feature.decode:
-            dataset = dataset.cast_column(image_column, datasets.Image(decode=False))
-        texts = dataset[text_column]
-        # (row, caption index or None): one pair per caption when the column holds lists.
-        self._index = [(row, j) for row, text in enumerate(texts)
-                       for j in (range(len(text)) if isinstance(text, (list, tuple)) else [None])]
-        self.dataset = dataset
-        self.image_column, self.text_column = image_column, text_column
-        self.image_root = Path(image_root).expanduser() if image_root is not None else None
-
-    def __len__(self) -> int:
-        return len(self._index)
-
-    def __getitem__(self, index: int) -> dict[str, Any]:
-        row, caption = self._index[index]
-        record = self.dataset[row]
-        image, text = record[self.image_column], record[self.text_column]
-        if caption is not None:
-            text = text[caption]
-        if self.image_root is not None:
-            image = _resolve(image, self.image_root)
-        return {"image": image, "text": text, SOURCE_KEY: f"row {row}" + ("" if caption is None else f"[{caption}]")}
+        super().__init__(examples_from_records(read_records(
+            dataset, "hf", image_column=image_column, text_column=text_column, image_root=image_root,
+            check_files=False)))
 
 
-def load_training_data(path: str | os.PathLike, image_column: str = "image", text_column: str = "text"):
-    """A JSONL file (:func:`read_jsonl`) or a folder written by ``datasets``' ``save_to_disk`` (HFPairDataset)."""
-    path = Path(path).expanduser()
-    if path.is_dir():
-        import datasets
-
-        loaded = datasets.load_from_disk(str(path))
-        if isinstance(loaded, datasets.DatasetDict):
-            raise ValueError(f"{path} holds a DatasetDict with splits {list(loaded)}; point at one split's folder.")
-        return HFPairDataset(loaded, image_column, text_column, image_root=path)
-    return read_jsonl(path)
+def load_training_data(path: str | os.PathLike, image_column: str = "image", text_column: str = "text",
+                       format: str | None = None, split: str | None = None) -> PairDataset:
+    """Training examples from any ``slq_hf.data`` format (None: guessed from the path as ``slq-hf eval`` does; a
+    folder is a ``datasets`` folder read with ``image_column``/``text_column``); ``split`` None keeps every line."""
+    hf = format == "hf" or (format in (None, "auto") and Path(path).is_dir())
+    options = {"image_column": image_column, "text_column": text_column} if hf else {}
+    return PairDataset(examples_from_records(read_records(path, format, split, check_files=False, **options)))

@@ -1,0 +1,321 @@
+"""One table of readers for image+text data: ``jsonl``, ``karpathy``, ``karr`` and ``hf``, each yielding Records.
+
+- ``jsonl``: one JSON object a line, image paths relative to the file. Three line forms:
+  ``{"image": "a.jpg", "text": "a dog"}`` (or ``"texts"``/``"caption"``/``"captions"``: one caption or a list);
+  ``{"query": item, "positive": item, "negative"?: item}`` where an item is a text string or
+  ``{"image": path, "text"?: str}``; composed retrieval ``{"reference": "a.jpg", "text": "make it red",
+  "target": "b.jpg"}``. In every form a plain string is a text, never a guessed path. Optional ``"split"``,
+  ``"id"`` and other fields (``"object"`` for karr-build) are kept in ``Record.fields``.
+- ``karpathy``: Karpathy-split JSON (COCO, Flickr30K): ``{"images": [{"filename", "filepath"?, "split",
+  "sentences": [{"raw"}, ...]}, ...]}``; images at ``image_root / filepath / filename``.
+- ``karr``: KARR-Bench layout, one line per image: ``{"image": "s/1.png", "knowledge": "the shape with three
+  corners", "caption"?: "a red triangle", "split"?, "id"?}``; ``text_field`` picks knowledge or caption.
+- ``hf``: a ``datasets.Dataset``/``DatasetDict``, a ``save_to_disk`` folder or a folder ``datasets.load_dataset``
+  reads, with an image column and a text column (a caption or a list of captions per row).
+
+Errors are :class:`DataFormatError` (a ValueError) naming the file and, where there is one, the line.
+"""
+
+from __future__ import annotations
+
+import inspect
+import json
+import os
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+from .records import (
+    DataFormatError,
+    DatasetImage,
+    Item,
+    Record,
+    captions,
+    json_lines,
+    read_text,
+    resolve_image,
+    split_filter,
+)
+
+TEXT_KEYS = ("text", "texts", "caption", "captions")
+PAIR_KEYS = ("query", "positive", "negative")
+_HF_IMAGE_COLUMNS = ("image", "img", "jpg", "png", "image_path", "filepath", "file_name")
+_HF_TEXT_COLUMNS = ("text", "caption", "captions", "sentences", "raw", "txt", "sentence")
+
+
+# ---------------------------------------------------------------------------------------------------- jsonl
+def _pair_item(value: Any, role: str, base: Path, path: Path, line: int, check: bool) -> Item:
+    if isinstance(value, str):
+        return Item(text=value)
+    if isinstance(value, dict) and value and set(value) <= {"image", "text"}:
+        text = value.get("text")
+        if text is not None and not isinstance(text, str):
+            raise DataFormatError(path, f"{role!r}['text'] is {type(text).__name__}; expected a string.", line)
+        if "image" not in value:
+            return Item(text=text)
+        return Item(resolve_image(value["image"], base, path, line, check, f"{role}['image']"), text, value["image"])
+    shown = sorted(value) if isinstance(value, dict) else type(value).__name__
+    raise DataFormatError(path, f"{role!r} is {shown}; an item is a text string or {{\"image\": \"path/to/file.jpg\", "
+                          "\"text\"?: str}.", line)
+
+
+def read_jsonl(path: str | os.PathLike, split: str | None = None, check_files: bool = True) -> Iterator[Record]:
+    """Records of a JSONL file in any of its three line forms (see the module docstring)."""
+    path = Path(path)
+    base = path.resolve().parent
+    for line, rec in split_filter(json_lines(path), split, path):
+        fields = {k: v for k, v in rec.items() if k not in (*PAIR_KEYS, "image", "reference", "target", *TEXT_KEYS)}
+        where = dict(source=f"{path}:{line}", line=line, split=rec.get("split"), fields=fields)
+        if "query" in rec or "positive" in rec:
+            missing = [k for k in ("query", "positive") if k not in rec]
+            if missing:
+                raise DataFormatError(path, f"a pair line needs \"query\" and \"positive\" (\"negative\" optional); "
+                                      f"missing {missing}.", line)
+            items = {r: _pair_item(rec[r], r, base, path, line, check_files) for r in PAIR_KEYS if r in rec}
+            yield Record(items["query"], (items["positive"],), items.get("negative"), **where)
+        elif "reference" in rec or "target" in rec:
+            missing = [k for k in ("reference", "text", "target") if k not in rec]
+            if missing:
+                raise DataFormatError(path, "a composed line needs \"reference\", \"text\" and \"target\"; "
+                                      f"missing {missing}.", line)
+            if not isinstance(rec["text"], str) or not rec["text"].strip():
+                raise DataFormatError(path, f"\"text\" must be a non-empty string, got {rec['text']!r}.", line)
+            reference, target = (resolve_image(rec[k], base, path, line, check_files, k) for k in ("reference",
+                                                                                                    "target"))
+            yield Record(Item(reference, rec["text"], str(rec["reference"])),
+                         (Item(target, name=str(rec["target"])),), **where)
+        elif "image" in rec:
+            present = [k for k in TEXT_KEYS if k in rec]
+            if len(present) != 1:
+                detail = f"has {present}" if present else "has none"
+                raise DataFormatError(path, f"a pair line needs exactly one of {list(TEXT_KEYS)}; this line "
+                                      f"{detail}.", line)
+            image = resolve_image(rec["image"], base, path, line, check_files)
+            texts = captions(rec[present[0]], present[0], path, line)
+            yield Record(Item(image, name=str(rec.get("id", rec["image"]))), tuple(Item(text=t) for t in texts),
+                         **where)
+        else:
+            raise DataFormatError(path, "a line needs \"image\" plus a caption, \"query\"/\"positive\", or "
+                                  f"\"reference\"/\"text\"/\"target\"; got keys {sorted(rec)}.", line)
+
+
+def read_karr(path: str | os.PathLike, split: str | None = None, text_field: str = "knowledge",
+              check_files: bool = True) -> Iterator[Record]:
+    """KARR-Bench lines: one image, its ``knowledge`` caption (or explicit ``caption``), one line per image."""
+    if text_field not in ("knowledge", "caption"):
+        raise ValueError(f"text_field={text_field!r} (--text-field) is invalid; expected 'knowledge' or 'caption'.")
+    path = Path(path)
+    base, first_line = path.resolve().parent, {}
+    for line, rec in split_filter(json_lines(path), split, path):
+        for key in ("image", text_field):
+            if key not in rec:
+                raise DataFormatError(path, f"a KARR line needs \"image\" and \"{text_field}\"; missing {key!r} "
+                                      f"(keys: {sorted(rec)}).", line)
+        text = rec[text_field]
+        if not isinstance(text, str) or not text.strip():
+            raise DataFormatError(path, f"\"{text_field}\" must be one non-empty string, got {text!r}.", line)
+        image = resolve_image(rec["image"], base, path, line, check_files)
+        key = image.resolve()
+        if key in first_line:
+            raise DataFormatError(path, f"image {rec['image']!r} already appeared on line {first_line[key]}; the "
+                                  "KARR layout has one line (one knowledge caption) per image.", line)
+        first_line[key] = line
+        yield Record(Item(image, name=str(rec.get("id", rec["image"]))), (Item(text=text),), source=f"{path}:{line}",
+                     line=line, split=rec.get("split"), fields={k: v for k, v in rec.items() if k != "image"})
+
+
+# ------------------------------------------------------------------------------------------------- karpathy
+def _line_of(text: str, needle: str) -> int | None:
+    # JSON documents carry no per-entry line numbers; finding the entry's own string locates it for the user.
+    at = text.find(needle)
+    return text.count("\n", 0, at) + 1 if at >= 0 else None
+
+
+def read_karpathy(path: str | os.PathLike, split: str | None = None, image_root: str | os.PathLike | None = None,
+                  max_captions: int | None = None, check_files: bool = True) -> Iterator[Record]:
+    """Karpathy-split JSON. ``split`` "train" includes "restval", as Karpathy's own loaders do; ``image_root``
+    (default: the JSON's folder) holds ``filepath/filename``; ``max_captions`` keeps the first N per image."""
+    if max_captions is not None and (isinstance(max_captions, bool) or not isinstance(max_captions, int)
+                                     or max_captions < 1):
+        raise ValueError(f"max_captions={max_captions!r} (--max-captions) is invalid; expected a positive integer.")
+    path = Path(path)
+    text = read_text(path)
+    try:
+        document = json.loads(text)
+    except json.JSONDecodeError as err:
+        raise DataFormatError(path, f"invalid JSON at column {err.colno}: {err.msg}.", err.lineno) from err
+    if not isinstance(document, dict) or not isinstance(document.get("images"), list):
+        raise DataFormatError(path, "expected a Karpathy-split JSON object with an \"images\" list "
+                              "({\"images\": [{\"filename\", \"split\", \"sentences\": [{\"raw\"}]}]}).")
+    root = Path(image_root) if image_root is not None else path.parent
+    wanted = None if split in (None, "all") else ({"train", "restval"} if split == "train" else {split})
+    splits_seen, found = set(), False
+    for n, entry in enumerate(document["images"]):
+        filename = entry.get("filename") if isinstance(entry, dict) else None
+
+        def fail(message: str, n: int = n, filename: Any = filename) -> DataFormatError:
+            # Located only on failure: searching a 150 MB COCO file for every entry would take minutes.
+            line = _line_of(text, json.dumps(filename)) if isinstance(filename, str) and filename else None
+            label = f"images[{n}]" + (f" ({filename!r})" if isinstance(filename, str) else "")
+            return DataFormatError(path, f"{label}: {message}", line)
+
+        if not isinstance(entry, dict) or not isinstance(filename, str) or not filename:
+            raise fail("every image entry needs a \"filename\" string.")
+        splits_seen.add(str(entry.get("split")))
+        if wanted is not None and entry.get("split") not in wanted:
+            continue
+        sentences = entry.get("sentences")
+        if not isinstance(sentences, list) or not sentences:
+            raise fail("\"sentences\" must be a non-empty list of {\"raw\": ...}.")
+        raws = [s.get("raw") if isinstance(s, dict) else None for s in sentences]
+        if not all(isinstance(r, str) and r.strip() for r in raws):
+            raise fail("every sentence needs a non-empty \"raw\" string.")
+        filepath = entry.get("filepath") or ""
+        if not isinstance(filepath, str):
+            raise fail(f"\"filepath\" must be a string, got {filepath!r}.")
+        image = root / filepath / filename
+        if check_files and not image.is_file():
+            raise fail(f"image file not found at {image}; pass image_root= (--image-root) pointing at the folder "
+                       "the images live in.")
+        found = True
+        name = str(entry.get("cocoid", entry.get("imgid", filename)))
+        yield Record(Item(image, name=name), tuple(Item(text=r) for r in raws[:max_captions]),
+                     source=f"{path}: images[{n}]", split=entry.get("split"))
+    if not found:
+        raise DataFormatError(path, f"no image has split {split!r}; splits in the file: {sorted(splits_seen)}.")
+
+
+# ------------------------------------------------------------------------------------------------------- hf
+def _pick_column(columns: list[str], given: str | None, candidates: tuple[str, ...], what: str, source: str) -> str:
+    if given is not None:
+        if given not in columns:
+            raise ValueError(f"{source}: column {given!r} is not in the dataset (columns: {columns}); pass "
+                             f"{what}_column= (--{what}-column).")
+        return given
+    for name in candidates:
+        if name in columns:
+            return name
+    raise ValueError(f"{source}: cannot tell which column holds the {what}; columns are {columns}. Pass "
+                     f"{what}_column= (--{what}-column).")
+
+
+def load_hf(source: Any, split: str | None = None) -> tuple[Any, str]:
+    """(``datasets.Dataset``, label) from a Dataset, a DatasetDict (``split`` picks one) or a local folder."""
+    try:
+        import datasets
+    except ImportError as err:
+        raise ImportError("Reading `datasets` data needs the datasets package: "
+                          "pip install 'slq_hf[training]'.") from err
+    label = str(source) if isinstance(source, (str, os.PathLike)) else (
+        getattr(getattr(source, "info", None), "dataset_name", None) or "dataset")
+    if isinstance(source, (str, os.PathLike)):
+        folder = Path(source).expanduser()
+        if not folder.exists():
+            raise DataFormatError(folder, "dataset folder not found.")
+        if any((folder / marker).exists() for marker in ("dataset_info.json", "state.json", "dataset_dict.json")):
+            source = datasets.load_from_disk(str(folder))
+        else:
+            source = datasets.load_dataset(str(folder))
+    if isinstance(source, (datasets.DatasetDict, dict)):
+        if split is None:
+            raise ValueError(f"{label} holds a DatasetDict with splits {sorted(source)}; pick one (split=, --split) "
+                             "or point at one split's folder.")
+        if split not in source:
+            raise ValueError(f"{label}: no split {split!r}; splits are {sorted(source)}.")
+        source = source[split]
+    if not isinstance(source, datasets.Dataset):
+        raise ValueError(f"{label}: expected a datasets.Dataset or DatasetDict, got {type(source).__name__}.")
+    return source, label
+
+
+def read_hf(source: Any, split: str | None = None, image_column: str | None = None, text_column: str | None = None,
+            image_root: str | os.PathLike | None = None, check_files: bool = True) -> Iterator[Record]:
+    """One record per row (a caption or a list of captions); columns are detected from common names when None.
+
+    Image cells stay undecoded (:class:`DatasetImage`) until used; path strings resolve against ``image_root``
+    (default: the dataset folder, or the working directory for an in-memory dataset).
+    """
+    import datasets
+
+    folder = Path(source) if isinstance(source, (str, os.PathLike)) else None
+    table, label = load_hf(source, split)
+    columns = list(table.column_names)
+    image_column = _pick_column(columns, image_column, _HF_IMAGE_COLUMNS, "image", label)
+    text_column = _pick_column(columns, text_column, _HF_TEXT_COLUMNS, "text", label)
+    # An Image column is never read here (its cells can total gigabytes): rows refer to it as DatasetImage, decoded
+    # when used, so a corrupt image fails (or is skipped in training) there. Path-string columns are read.
+    lazy = isinstance(table.features[image_column], datasets.Image)
+    if lazy:
+        table = table.cast_column(image_column, datasets.Image(decode=False))
+    table = table.select_columns(list(dict.fromkeys([image_column, text_column])))
+    read = [text_column] if lazy else table.column_names
+    root = Path(image_root or folder or Path.cwd()).expanduser()
+    row = 0
+    for batch in table.select_columns(read).iter(batch_size=256):
+        for n, text in enumerate(batch[text_column]):
+            where = f"{label}: row {row}"
+            value = None if lazy else batch[image_column][n]
+            if lazy or isinstance(value, dict) and (value.get("bytes") or value.get("path")):
+                image, name = DatasetImage(table, image_column, row), str(row)
+            elif isinstance(value, str):
+                image = Path(value) if Path(value).is_absolute() else root / value
+                if check_files and not image.is_file():
+                    raise ValueError(f"{where}: image file {value!r} not found (looked at {image}).")
+                name = value
+            else:
+                raise ValueError(f"{where}: column {image_column!r} holds {type(value).__name__}, not an image.")
+            values = [v.get("raw") if isinstance(v, dict) else v for v in ([text] if isinstance(text, str) else
+                                                                             text if isinstance(text, list) else [])]
+            if not values or not all(isinstance(v, str) and v.strip() for v in values):
+                raise ValueError(f"{where}, column {text_column!r}: expected a caption or a non-empty list of "
+                                 f"captions, got {text!r}.")
+            yield Record(Item(image, name=name), tuple(Item(text=v) for v in values), source=where, split=split)
+            row += 1
+    if not row:
+        raise ValueError(f"{label}: the dataset is empty.")
+
+
+# ---------------------------------------------------------------------------------------------------- table
+READERS: dict[str, Callable[..., Iterator[Record]]] = {
+    "jsonl": read_jsonl, "karpathy": read_karpathy, "karr": read_karr, "hf": read_hf,
+}
+FORMATS = tuple(READERS)
+
+
+def detect_format(path: str | os.PathLike | Any) -> str:
+    """Guess the reader: a ``datasets`` object or a folder -> hf; .json -> karpathy; .jsonl -> karr if its first
+    record has "knowledge", else jsonl."""
+    if not isinstance(path, (str, os.PathLike)):
+        return "hf"
+    path = Path(path)
+    if path.is_dir():
+        return "hf"
+    if path.suffix == ".json":
+        return "karpathy"
+    if path.suffix == ".jsonl":
+        return "karr" if "knowledge" in json_lines(path)[0][1] else "jsonl"
+    if not path.exists():
+        raise DataFormatError(path, "data file not found.")
+    raise DataFormatError(path, f"cannot tell the format from the suffix {path.suffix!r}; pass format= (--format) "
+                          f"as one of {list(FORMATS)}.")
+
+
+def read_records(source: str | os.PathLike | Any, format: str | None = None, split: str | None = None,
+                 **options: Any) -> list[Record]:
+    """Every record of ``source`` with the reader of ``format`` (None/"auto": :func:`detect_format`).
+
+    ``options`` are the reader's own keywords (``image_root``, ``text_field``, ``image_column``...); None values are
+    dropped, and an option the format does not take is an error rather than silently ignored.
+    """
+    format = detect_format(source) if format in (None, "auto") else format
+    if format not in READERS:
+        raise ValueError(f"format={format!r} (--format) is not supported; expected one of {list(FORMATS)} or 'auto'.")
+    reader = READERS[format]
+    accepted = inspect.signature(reader).parameters
+    options = {k: v for k, v in options.items() if v is not None}
+    wrong = sorted(set(options) - set(accepted))
+    if wrong:
+        flags = ", ".join(f"--{k.replace('_', '-')}" for k in wrong)
+        raise ValueError(f"{flags} does not apply to the {format} format (it takes "
+                         f"{[k for k in accepted if k not in ('path', 'source', 'split')]}).")
+    return list(reader(source, split=split, **options))

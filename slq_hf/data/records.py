@@ -1,0 +1,166 @@
+"""The one record type every image+text reader yields, and the helpers the file readers share.
+
+A :class:`Record` is one example as written in a data file: a query :class:`Item`, its positives (several captions
+of one image are several positives), an optional hard negative, and where it came from. Training turns records
+into pair examples, evaluation into a retrieval set, ``karr-build`` into images with captions to rewrite.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from functools import cached_property
+from pathlib import Path
+from typing import Any
+
+from PIL import Image
+
+
+class DataFormatError(ValueError):
+    """A data file is missing, unreadable or malformed; the message names the file and, if known, the line."""
+
+    def __init__(self, path: str | os.PathLike, message: str, line: int | None = None):
+        self.path, self.line = str(path), line
+        super().__init__(f"{path}:{line}: {message}" if line is not None else f"{path}: {message}")
+
+
+@dataclass(frozen=True)
+class DatasetImage:
+    """An image in row ``row`` of ``column`` of a ``datasets`` table, read only when needed."""
+
+    dataset: Any = field(repr=False, compare=False)
+    column: str
+    row: int
+
+    def raw(self) -> Any:
+        """The undecoded cell: ``{"bytes", "path"}`` (what the training collator decodes) or a path string."""
+        return self.dataset[self.row][self.column]
+
+    @cached_property
+    def key(self) -> str:
+        """Identifies the image's content (hash of its bytes, else its path): equal images share a key."""
+        value = self.raw()
+        if isinstance(value, dict) and value.get("bytes"):
+            return "sha1:" + hashlib.sha1(value["bytes"]).hexdigest()
+        return f"path:{value.get('path') if isinstance(value, dict) else value}"
+
+    def load(self) -> Image.Image:
+        value = self.raw()
+        if isinstance(value, Image.Image):
+            return value
+        if isinstance(value, dict) and value.get("bytes"):
+            return Image.open(io.BytesIO(value["bytes"]))
+        if isinstance(value, dict) and value.get("path"):
+            return Image.open(value["path"])
+        raise ValueError(f"Row {self.row} of column {self.column!r} holds no image bytes or path.")
+
+
+ImageSource = str | os.PathLike | Image.Image | DatasetImage
+
+
+@dataclass(frozen=True)
+class Item:
+    """One side of an example: an image, a text, or both (an image with an instruction, a composed query).
+
+    ``text`` is always a text: a caption such as ``IMG_0042.JPG`` or one naming a file that exists is never taken
+    for an image path. ``name`` is how the data file names the image (its id or path as written).
+    """
+
+    image: ImageSource | None = None
+    text: str | None = None
+    name: str | None = None
+
+
+@dataclass(frozen=True)
+class Record:
+    """One example of a data file. ``source`` is ``"<file>:<line>"`` or ``"<dataset>: row <n>"``, for messages."""
+
+    query: Item
+    positives: tuple[Item, ...]
+    negative: Item | None = None
+    source: str = ""
+    line: int | None = None
+    split: str | None = None
+    fields: Mapping[str, Any] = field(default_factory=dict)  # the line's other fields (caption, object, id, ...)
+
+
+# ---------------------------------------------------------------------------------------------- file helpers
+def read_text(path: Path) -> str:
+    if not path.exists():
+        raise DataFormatError(path, "data file not found.")
+    if path.is_dir():
+        raise DataFormatError(path, "is a directory; expected a data file (use --format hf for a datasets folder).")
+    try:
+        return path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as err:
+        raise DataFormatError(path, f"not UTF-8 text ({err}); is this really a JSON/JSONL file?") from err
+
+
+def json_lines(path: Path) -> list[tuple[int, dict]]:
+    """(line number, object) for every non-blank line; every line must be one JSON object."""
+    records = []
+    for number, raw in enumerate(read_text(path).splitlines(), start=1):
+        if not raw.strip():
+            continue
+        try:
+            record = json.loads(raw)
+        except json.JSONDecodeError as err:
+            raise DataFormatError(path, f"not valid JSON (invalid JSON at column {err.colno}: {err.msg}); each line "
+                                  "must be one JSON object.", number) from err
+        if not isinstance(record, dict):
+            raise DataFormatError(path, f"expected a JSON object, got {type(record).__name__}.", number)
+        records.append((number, record))
+    if not records:
+        raise DataFormatError(path, "the file holds no records.")
+    return records
+
+
+def resolve_image(raw: Any, base: Path, path: Path, line: int | None, check: bool, what: str = "image") -> Path:
+    """An image path of a data file, relative to ``base`` (the file's folder) unless absolute."""
+    if not isinstance(raw, str) or not raw.strip():
+        raise DataFormatError(path, f"{what!r} must be a non-empty path string (relative to the file or absolute), "
+                              f"got {raw!r}.", line)
+    resolved = Path(raw).expanduser()
+    resolved = resolved if resolved.is_absolute() else base / resolved
+    if check and not resolved.is_file():
+        raise DataFormatError(path, f"{what} file {raw!r} not found (looked at {resolved}).", line)
+    return resolved
+
+
+def split_filter(records: list[tuple[int, dict]], split: str | None, path: Path) -> list[tuple[int, dict]]:
+    """Keep the lines of ``split`` when the file has a split field; files without one are a single split."""
+    if split is None or split == "all":
+        return records
+    tagged = [(line, rec) for line, rec in records if "split" in rec]
+    if not tagged:
+        return records
+    if len(tagged) != len(records):
+        line = next(line for line, rec in records if "split" not in rec)
+        raise DataFormatError(path, "this line has no \"split\" while other lines do; give every line a split.", line)
+    kept = [(line, rec) for line, rec in records if rec["split"] == split]
+    if not kept:
+        found = sorted({str(rec["split"]) for _, rec in records})
+        raise DataFormatError(path, f"no line has split {split!r}; splits in the file: {found}.")
+    return kept
+
+
+def captions(value: Any, key: str, path: Path, line: int | None) -> list[str]:
+    """One caption or a non-empty list of them, as a list."""
+    values = [value] if isinstance(value, str) else value
+    if not isinstance(values, list) or not values or not all(isinstance(v, str) and v.strip() for v in values):
+        raise DataFormatError(path, f"{key!r} must be a non-empty caption or a list of them, got {value!r}.", line)
+    return values
+
+
+def image_key(image: ImageSource) -> Any:
+    """What makes two images the same image: the resolved file, or a dataset image's content key."""
+    if isinstance(image, DatasetImage):
+        return image.key
+    if isinstance(image, (str, os.PathLike)):
+        resolved = Path(image)
+        return resolved.resolve() if resolved.exists() else resolved
+    return id(image)
