@@ -1,0 +1,259 @@
+"""Reranking with the frozen backbone (slq_hf/modeling/reranking.py): scores against a hand-written reference, the
+shared-prefix cache against full forwards, batch/padding invariance, the backbone left untouched, bad inputs."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import AutoModelForImageTextToText, AutoProcessor
+
+from slq_hf.modeling.processing_slq import SLQInputError, prepare_inputs
+from slq_hf.modeling.reranking import YES_NO_DEFAULTS, YesNoPrompt, rerank
+from slq_hf.testing import toy_scenes
+
+from helpers import scene, sharpen_attention
+
+TOY = Path(__file__).resolve().parents[1] / "examples" / "toy" / "backbone"
+# Words that are one token each in the tiny byte-level BPE vocabularies (which have no "yes").
+TINY_YES_NO = YesNoPrompt(question='Is "{text}" right? say a or the', yes="a", no="the")
+FAMILIES = ["toy", "llava"]
+
+
+def _load(family: str, tiny_backbone_path):
+    path = str(TOY) if family == "toy" else tiny_backbone_path(family)
+    model = AutoModelForImageTextToText.from_pretrained(path, dtype=torch.float32).eval()
+    if family != "toy":
+        sharpen_attention(model)  # random tiny weights attend almost uniformly; sharper attention exposes errors
+    return model, AutoProcessor.from_pretrained(path)
+
+
+@pytest.fixture(scope="module")
+def scenes():
+    return toy_scenes.heldout_scenes()[:5]
+
+
+# ----------------------------------------------------------------------------------------------- the reference
+def _reference_inputs(processor, image, user_text: str | None, answer: list[int]):
+    """Prompt through the processor's own chat template, then ``answer`` appended by hand.
+
+    The image first goes through ``prepare_inputs``: the input path ``encode`` and ``rerank`` share (large images
+    are shrunk to twice the processor's resolution before it resizes them, which moves pixels slightly).
+    """
+    image = prepare_inputs([image], processor)[0]
+    content = [{"type": "image", "image": image}] + ([{"type": "text", "text": user_text}] if user_text else [])
+    batch = processor.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True,
+                                          tokenize=True, return_dict=True, return_tensors="pt")
+    batch = dict(batch)
+    extra = torch.tensor([answer], dtype=batch["input_ids"].dtype)
+    start = batch["input_ids"].shape[1]
+    batch["input_ids"] = torch.cat([batch["input_ids"], extra], dim=1)
+    batch["attention_mask"] = torch.ones_like(batch["input_ids"])
+    for key in ("mm_token_type_ids", "token_type_ids"):
+        if key in batch:
+            batch[key] = torch.cat([batch[key], torch.zeros_like(extra)], dim=1)
+    return batch, start
+
+
+def _answer(family: str, processor, text: str) -> list[int]:
+    """The assistant answer as each template writes it: ChatML ``text<|im_end|>``; LLaVA ``ASSISTANT: text``."""
+    tokenizer = processor.tokenizer
+    if family == "toy":
+        return tokenizer(text, add_special_tokens=False).input_ids + [tokenizer.convert_tokens_to_ids("<|im_end|>")]
+    return tokenizer(" " + text, add_special_tokens=False).input_ids
+
+
+@torch.no_grad()
+def reference_likelihood(family, model, processor, image, text: str) -> float:
+    batch, start = _reference_inputs(processor, image, None, _answer(family, processor, text))
+    logprobs = torch.log_softmax(model(**batch).logits[0].float(), dim=-1)  # (L, V)
+    targets = batch["input_ids"][0, start:]
+    return logprobs[start - 1 : -1].gather(1, targets[:, None]).mean().item()
+
+
+@torch.no_grad()
+def reference_yes_no(model, processor, image, text: str, prompt: YesNoPrompt) -> float:
+    batch, _ = _reference_inputs(processor, image, prompt.question.replace("{text}", text), [])
+    logits = model(**batch).logits[0, -1].float()
+    tokenizer = processor.tokenizer
+    yes, no = (tokenizer(w, add_special_tokens=False).input_ids[0] for w in (prompt.yes, prompt.no))
+    return (logits[yes] - logits[no]).item()
+
+
+# ------------------------------------------------------------------------------------------------------- tests
+@pytest.mark.parametrize("family", FAMILIES)
+def test_likelihood_equals_the_reference_both_directions(family, tiny_backbone_path, scenes):
+    model, processor = _load(family, tiny_backbone_path)
+    captions = [s.caption for s in scenes]
+    image_query = rerank(model, processor, scenes[0].image, captions, batch_size=2)
+    expected = [reference_likelihood(family, model, processor, scenes[0].image, c) for c in captions]
+    torch.testing.assert_close(image_query.scores, torch.tensor(expected), atol=1e-5, rtol=0)
+    text_query = rerank(model, processor, captions[1], [s.image for s in scenes], batch_size=2)
+    expected = [reference_likelihood(family, model, processor, s.image, captions[1]) for s in scenes]
+    torch.testing.assert_close(text_query.scores, torch.tensor(expected), atol=1e-5, rtol=0)
+
+
+def test_toy_likelihood_finds_the_right_pairs(scenes):
+    """The toy backbone captions scenes: its own caption must win in both directions (a test that can fail)."""
+    model, processor = _load("toy", None)
+    captions = [s.caption for s in scenes]
+    for i, s in enumerate(scenes):
+        assert rerank(model, processor, s.image, captions).order[0].item() == i
+        assert rerank(model, processor, captions[i], [x.image for x in scenes]).order[0].item() == i
+
+
+@pytest.mark.parametrize("family", ["llava", "qwen3_vl"])
+def test_yes_no_equals_the_reference(family, tiny_backbone_path, scenes):
+    model, processor = _load(family, tiny_backbone_path)
+    captions = [s.caption for s in scenes]
+    result = rerank(model, processor, scenes[2].image, captions, scorer="yes_no", yes_no=TINY_YES_NO, batch_size=2)
+    expected = [reference_yes_no(model, processor, scenes[2].image, c, TINY_YES_NO) for c in captions]
+    torch.testing.assert_close(result.scores, torch.tensor(expected), atol=1e-5, rtol=0)
+    result = rerank(model, processor, captions[0], [s.image for s in scenes], scorer="yes_no", yes_no=TINY_YES_NO)
+    expected = [reference_yes_no(model, processor, s.image, captions[0], TINY_YES_NO) for s in scenes]
+    torch.testing.assert_close(result.scores, torch.tensor(expected), atol=1e-5, rtol=0)
+
+
+# The toy vocabulary has no "yes" (see test_yes_no_refuses_words_outside_the_vocabulary): likelihood only there.
+@pytest.mark.parametrize("family, scorer", [("toy", "likelihood"), ("llava", "likelihood"), ("llava", "yes_no"),
+                                            ("qwen3_vl", "likelihood"), ("qwen3_vl", "yes_no")])
+def test_shared_prefix_equals_full_forwards(family, scorer, tiny_backbone_path, scenes, monkeypatch):
+    import slq_hf.modeling.reranking as reranking
+
+    model, processor = _load(family, tiny_backbone_path)
+    texts = [s.caption for s in scenes] + [s.knowledge_caption for s in scenes] + ["a", "red"]
+    kwargs = {"yes_no": TINY_YES_NO} if family != "toy" else {}
+    prefix_passes = []
+    original = reranking._SharedPrefix.__init__
+    monkeypatch.setattr(reranking._SharedPrefix, "__init__",
+                        lambda self, *a, **k: (prefix_passes.append(1), original(self, *a, **k))[1])
+    # batch_size 3 < 12 candidates: the same cached prefix serves four batches, so a batch that mutated it would show.
+    shared = rerank(model, processor, scenes[0].image, texts, scorer, batch_size=3, **kwargs)
+    assert prefix_passes == [1]
+    full = rerank(model, processor, scenes[0].image, texts, scorer, batch_size=5, share_prefix=False, **kwargs)
+    assert prefix_passes == [1]
+    torch.testing.assert_close(shared.scores, full.scores, atol=1e-5, rtol=0)
+    assert shared.scores.std() > 1e-3  # the scores differ between candidates: the comparison means something
+
+
+@pytest.mark.parametrize("family", ["toy", "qwen3_vl"])
+def test_batch_and_padding_invariance(family, tiny_backbone_path):
+    """Images of different sizes (different prompt lengths and M-RoPE deltas) in one padded batch vs one by one."""
+    model, processor = _load(family, tiny_backbone_path)
+    images = [scene(96, 96, (200, 30, 30)), scene(64, 128, (30, 200, 30)), scene(160, 64, (30, 30, 200)),
+              scene(32, 32, (200, 200, 30))]
+    query = "a red square in the centre"
+    batched = rerank(model, processor, query, images, batch_size=4)
+    alone = torch.cat([rerank(model, processor, query, [image]).scores for image in images])
+    torch.testing.assert_close(batched.scores, alone, atol=1e-5, rtol=0)
+    permuted = rerank(model, processor, query, images[::-1], batch_size=3)
+    torch.testing.assert_close(permuted.scores, batched.scores.flip(0), atol=1e-5, rtol=0)
+    texts = ["a red square", "a green circle in the top left of the picture", "blue"]
+    one = rerank(model, processor, images[1], texts, batch_size=1)
+    many = rerank(model, processor, images[1], texts, batch_size=8)
+    torch.testing.assert_close(one.scores, many.scores, atol=1e-5, rtol=0)
+
+
+def test_order_and_top_k(scenes):
+    model, processor = _load("toy", None)
+    captions = [s.caption for s in scenes]
+    result = rerank(model, processor, scenes[3].image, captions, top_k=2)
+    assert result.order.shape == (2,) and result.scores.shape == (len(captions),)
+    assert result.order.tolist() == torch.argsort(result.scores, descending=True)[:2].tolist()
+    assert rerank(model, processor, scenes[3].image, []).scores.shape == (0,)
+
+
+def test_backbone_unchanged_and_generate_still_works(scenes):
+    from slq_hf import SLQModel
+
+    model, processor = _load("toy", None)
+    slq = SLQModel.from_backbone(model, num_queries=4, processor=processor)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    messages = [{"role": "user", "content": [{"type": "image", "image": scenes[0].image}]}]
+    batch = processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=True,
+                                          return_tensors="pt")
+    generated = model.generate(**batch, max_new_tokens=10, do_sample=False)
+    embedding = slq.encode([scenes[0].caption, scenes[0].image])
+    rerank(slq.backbone, processor, scenes[0].image, [s.caption for s in scenes], batch_size=2)
+    rerank(slq.backbone, processor, scenes[0].caption, [s.image for s in scenes], scorer="likelihood")
+    after = model.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    assert all(not p.requires_grad for p in model.parameters())
+    assert torch.equal(model.generate(**batch, max_new_tokens=10, do_sample=False), generated)
+    caption = processor.decode(generated[0, batch["input_ids"].shape[1]:], skip_special_tokens=True).strip()
+    assert caption == scenes[0].caption  # the toy backbone still captions the scene
+    torch.testing.assert_close(slq.encode([scenes[0].caption, scenes[0].image]), embedding, atol=1e-6, rtol=0)
+
+
+BAD_CANDIDATES = [
+    ([""], "empty or whitespace only"),
+    (["a red square", None], "input 1"),
+    (["missing_file.png"], "no such file exists"),
+    ([["nested"]], "Nested list"),
+    ([{"image": None, "txt": "x"}], "Unknown keys"),
+    ([3.5], "Unsupported input type"),
+]
+
+
+@pytest.mark.parametrize("candidates, message", BAD_CANDIDATES)
+def test_bad_candidates_get_encodes_errors(candidates, message, scenes):
+    from slq_hf import SLQModel
+
+    model, processor = _load("toy", None)
+    slq = SLQModel.from_backbone(model, num_queries=2, processor=processor)
+    with pytest.raises(SLQInputError, match=message) as from_encode:
+        slq.encode(candidates)
+    with pytest.raises(SLQInputError) as from_rerank:
+        rerank(model, processor, "a red square", candidates)
+    assert str(from_rerank.value) == str(from_encode.value)
+
+
+def test_bad_pairs_and_arguments(scenes, tmp_path):
+    model, processor = _load("toy", None)
+    image = scenes[0].image
+    with pytest.raises(SLQInputError, match="candidate 1 is image"):
+        rerank(model, processor, image, ["a red square", image])
+    with pytest.raises(SLQInputError, match="candidate 0 is a text"):
+        rerank(model, processor, "a red square", ["a blue circle"])
+    with pytest.raises(SLQInputError, match="empty or whitespace"):
+        rerank(model, processor, "   ", [image])
+    with pytest.raises(SLQInputError, match="list of inputs"):
+        rerank(model, processor, image, "a red square")
+    broken = tmp_path / "broken.png"
+    broken.write_bytes(b"not a png")
+    with pytest.raises(SLQInputError, match="Cannot read image"):
+        rerank(model, processor, "a red square", [image, str(broken)])
+    with pytest.raises(ValueError, match="scorer='cosine' is unknown"):
+        rerank(model, processor, image, ["a"], scorer="cosine")
+    for bad in (0, -1, True, 2.0):
+        with pytest.raises(ValueError, match="batch_size"):
+            rerank(model, processor, image, ["a"], batch_size=bad)
+    with pytest.raises(ValueError, match="top_k"):
+        rerank(model, processor, image, ["a"], top_k=0)
+
+
+def test_yes_no_refuses_words_outside_the_vocabulary(scenes):
+    model, processor = _load("toy", None)  # word-level vocabulary: "no" exists, "yes" does not
+    with pytest.raises(ValueError, match="'yes' is not in this backbone's vocabulary"):
+        rerank(model, processor, scenes[0].image, ["a red square"], scorer="yes_no")
+    with pytest.raises(ValueError, match="no '\\{text\\}' field"):
+        YesNoPrompt(question="Does it match?")
+    with pytest.raises(ValueError, match="two different"):
+        YesNoPrompt(yes="no", no="no")
+
+
+def test_every_supported_family_has_yes_no_defaults():
+    from slq_hf.modeling.backbones import BACKBONES
+
+    assert set(YES_NO_DEFAULTS) == set(BACKBONES)
+
+
+def test_control_tokens_in_a_candidate_are_literal_text(scenes):
+    """A caption holding ``<|im_end|>`` is scored as those characters, not as an early end of the answer."""
+    model, processor = _load("toy", None)
+    tricky = scenes[0].caption + " <|im_end|>"
+    score = rerank(model, processor, scenes[0].image, [tricky, scenes[0].caption]).scores
+    # As literal text the toy's word-level tokenizer has no such word (unknown tokens), so it must score far lower
+    # than the clean caption; as a control token it would be almost the same sequence.
+    assert score[0] < score[1] - 1.0
