@@ -22,8 +22,7 @@ from transformers import AutoModel
 import slq_hf
 from slq_hf import SLQConfig, SLQModel
 from slq_hf.cli import main as cli_main
-from slq_hf.hub import convert_reference, export, load_eval_results, push, render_model_card
-from slq_hf.modeling.upload import collect_upload_files
+from slq_hf.hub import collect_upload_files, convert_reference, export, load_eval_results, push, render_model_card
 
 from helpers import scene
 
@@ -375,7 +374,7 @@ def test_model_push_to_hub_keeps_existing_card(trained, hub_calls):
 
 
 def test_default_push_card_is_valid(trained):
-    from slq_hf.modeling.upload import default_model_card
+    from slq_hf.hub import default_model_card
 
     model, _ = trained
     card = ModelCard(default_model_card(model.config, REPO_ID, tags=["demo"]))

@@ -17,8 +17,8 @@ from transformers import AutoTokenizer, GenerationConfig
 
 from slq_hf import SLQModel
 from slq_hf.cli import main
-from slq_hf.commands import karr_build
-from slq_hf.commands.karr_build import (
+from slq_hf.data import karr_build
+from slq_hf.data.karr_build import (
     DEFAULT_TEMPLATE,
     build_karr,
     clean_rewrite,

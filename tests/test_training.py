@@ -206,7 +206,7 @@ def test_read_jsonl_resolves_paths_relative_to_the_file(tmp_path, model, monkeyp
 
 
 @pytest.mark.parametrize("line, message", [
-    ("{not json", r"pairs\.jsonl:2: not valid JSON"),
+    ("{not json", r"pairs\.jsonl:2: invalid JSON"),
     ('{"image": "a.png"}', r"pairs\.jsonl:2: a pair line needs exactly one of \['text'"),
     ('{"query": "a", "positive": 3}', r"pairs\.jsonl:2: 'positive' is int"),
     ('["a", "b"]', r"pairs\.jsonl:2: expected a JSON object"),

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import argparse
-import sys
+
+from .reporting import report
 
 DESCRIPTION = """\
 Turn latent queries trained with the SLQ paper's research code into an SLQ folder that AutoModel,
@@ -50,11 +51,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
 def run(args: argparse.Namespace) -> int:
     from ..hub import convert_reference
 
-    try:
-        out = convert_reference(args.queries, args.backbone, args.out, num_queries=args.num_queries,
-                                revision=args.revision, temperature=args.temperature, dtype=args.dtype)
-    except (OSError, ValueError) as err:
-        print(f"slq-hf convert-reference: error: {err}", file=sys.stderr)
-        return 2
-    print(f"Wrote SLQ folder {out} (queries from {args.queries}, backbone {args.backbone}).")
-    return 0
+    return report("convert-reference", lambda: convert_reference(
+        args.queries, args.backbone, args.out, num_queries=args.num_queries, revision=args.revision,
+        temperature=args.temperature, dtype=args.dtype,
+    ), lambda out: print(f"Wrote SLQ folder {out} (queries from {args.queries}, backbone {args.backbone})."))

@@ -5,6 +5,9 @@ from __future__ import annotations
 import argparse
 import sys
 
+from .common import add_model_options, load_model
+from .reporting import report
+
 DESCRIPTION = """\
 Evaluate a saved SLQ model on an image-text retrieval set: Recall@1/5/10 both ways (image->text is a hit when any
 of the image's captions is in the top k), mean/median rank, recall with duplicate captions counted as hits,
@@ -18,7 +21,8 @@ Data formats (--format, guessed from the path by default):
             [...]); composed queries {"reference": "a.jpg", "text": "make it red", "target": "b.jpg"}.
   karr      KARR-Bench layout, one line per image: {"image": "a.png", "knowledge": "...", "caption": "..."?}.
   hf        a `datasets` folder (save_to_disk, or one load_dataset reads) with image and text columns.
-An optional "split" field on jsonl/karr lines is filtered by --split.
+An optional "split" field on jsonl/karr lines is filtered by --split. In jsonl a plain string is always a text,
+even one that names a file ("IMG_0042.JPG"). Training reads the same formats (slq_hf.data).
 """
 
 EPILOG = """\
@@ -32,13 +36,13 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     parser = subparsers.add_parser("eval", help="image-text retrieval evaluation (recall, ranks, modality gap)",
                                    description=DESCRIPTION, epilog=EPILOG,
                                    formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", required=True, metavar="DIR", help="saved SLQ folder (or Hub id)")
+    add_model_options(parser)
     parser.add_argument("--data", required=True, metavar="PATH", help="data file or datasets folder")
     parser.add_argument("--format", choices=["auto", "karpathy", "jsonl", "karr", "hf"], default="auto",
                         help="data layout (default: guessed from PATH)")
     parser.add_argument("--split", default="test", help="split to evaluate; 'all' for every line (default: test)")
     parser.add_argument("--image-root", metavar="DIR", help="karpathy: folder holding filepath/filename")
-    parser.add_argument("--text-field", choices=["knowledge", "caption"], default="knowledge",
+    parser.add_argument("--text-field", choices=["knowledge", "caption"],
                         help="karr: which caption to retrieve with (default: knowledge)")
     parser.add_argument("--image-column", help="hf: image column (default: detected)")
     parser.add_argument("--text-column", help="hf: text column (default: detected)")
@@ -47,54 +51,36 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     parser.add_argument("--gap-plot", metavar="PNG", help="write the modality-gap PCA figure here")
     parser.add_argument("--cache-dir", metavar="DIR", help="reuse/store embeddings here (safetensors)")
     parser.add_argument("--batch-size", type=int, default=16, help="encode batch size (default: 16)")
-    parser.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
     parser.add_argument("--no-progress", action="store_true", help="hide progress bars")
     parser.set_defaults(func=run)
     return parser
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..evaluation import (
-        DataFormatError,
-        evaluate_retrieval,
-        format_results_table,
-        load_retrieval_dataset,
-        save_results_json,
-    )
+    from ..evaluation import evaluate_retrieval, format_results_table, load_retrieval_dataset, save_results_json
 
-    if args.batch_size < 1:
-        print(f"slq-hf eval: error: --batch-size must be positive, got {args.batch_size}.", file=sys.stderr)
-        return 2
-    split = None if args.split == "all" else args.split
-    try:
-        dataset = load_retrieval_dataset(args.data, args.format, split, image_root=args.image_root,
+    def evaluate() -> dict:
+        if args.batch_size < 1:
+            raise ValueError(f"--batch-size must be positive, got {args.batch_size}.")
+        dataset = load_retrieval_dataset(args.data, args.format, args.split, image_root=args.image_root,
                                          text_field=args.text_field, image_column=args.image_column,
                                          text_column=args.text_column, max_captions=args.max_captions)
-    except (DataFormatError, OSError, ValueError) as err:
-        print(f"slq-hf eval: error: {err}", file=sys.stderr)
-        return 2
+        model = load_model(args)  # after the data: a typo in --data fails in a second, not after a model load
+        print(f"Evaluating {args.model} on {dataset!r}", file=sys.stderr)
+        result = evaluate_retrieval(model, dataset, batch_size=args.batch_size, cache_dir=args.cache_dir,
+                                    gap_plot=args.gap_plot, show_progress_bar=False if args.no_progress else None)
+        result["model"] = {"path": str(args.model), "backbone": model.config.backbone_name_or_path,
+                           "num_queries": model.config.num_queries}
+        result["data"] = {"path": str(args.data), "format": args.format, "split": args.split}
+        return result
 
-    import torch
+    def done(result: dict) -> None:
+        print(format_results_table(result))
+        if args.gap_plot and result["gap_plot"] is None:
+            print("(no captions in the data: modality-gap figure skipped)", file=sys.stderr)
+        if args.output:
+            print(f"results: {save_results_json(result, args.output)}", file=sys.stderr)
+        if result["gap_plot"]:
+            print(f"modality-gap figure: {result['gap_plot']}", file=sys.stderr)
 
-    from .. import SLQModel
-
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        model = SLQModel.from_pretrained(args.model).to(device)
-    except (OSError, ValueError) as err:
-        print(f"slq-hf eval: error: cannot load the SLQ model from {args.model!r}: {err}", file=sys.stderr)
-        return 2
-    print(f"Evaluating {args.model} on {dataset!r}", file=sys.stderr)
-    result = evaluate_retrieval(model, dataset, batch_size=args.batch_size, cache_dir=args.cache_dir,
-                                gap_plot=args.gap_plot, show_progress_bar=False if args.no_progress else None)
-    result["model"] = {"path": str(args.model), "backbone": model.config.backbone_name_or_path,
-                       "num_queries": model.config.num_queries}
-    result["data"] = {"path": str(args.data), "format": args.format, "split": args.split}
-    print(format_results_table(result))
-    if args.gap_plot and result["gap_plot"] is None:
-        print("(no captions in the data: modality-gap figure skipped)", file=sys.stderr)
-    if args.output:
-        print(f"results: {save_results_json(result, args.output)}", file=sys.stderr)
-    if result["gap_plot"]:
-        print(f"modality-gap figure: {result['gap_plot']}", file=sys.stderr)
-    return 0
+    return report("eval", evaluate, done)

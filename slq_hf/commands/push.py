@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 
+from .reporting import report
+
 DESCRIPTION = """\
 Upload a folder made by `slq-hf export` to a Hugging Face Hub model repository (created if missing), in one
 commit. Only the SLQ files go up: config.json, the queries-only model.safetensors, code, processor and
@@ -38,23 +40,16 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..hub import push
-    from ..modeling.upload import collect_upload_files
-    from .reporting import run_reported
+    from ..hub import collect_upload_files, push
 
-    files, status = run_reported("push", lambda: collect_upload_files(args.hub_dir))
-    if status:
-        return status
-    print(f"{len(files)} files to upload from {args.hub_dir} to {args.repo_id}:")
-    for name in files:
-        print(f"  {name}")
-    if args.dry_run:
-        return 0
-    commit, status = run_reported("push", lambda: push(
-        args.hub_dir, args.repo_id, private=args.private or None, token=args.token, revision=args.revision,
-        create_pr=args.create_pr, commit_message=args.commit_message,
-    ))
-    if status:
-        return status
-    print(f"Pushed: {getattr(commit, 'commit_url', commit)}")
-    return 0
+    def upload() -> list[str]:
+        files = collect_upload_files(args.hub_dir)
+        print(f"{len(files)} files to upload from {args.hub_dir} to {args.repo_id}:")
+        print("".join(f"  {name}\n" for name in files), end="")
+        if not args.dry_run:
+            commit = push(args.hub_dir, args.repo_id, private=args.private or None, token=args.token,
+                          revision=args.revision, create_pr=args.create_pr, commit_message=args.commit_message)
+            print(f"Pushed: {getattr(commit, 'commit_url', commit)}")
+        return files
+
+    return report("push", upload)

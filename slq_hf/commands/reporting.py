@@ -1,4 +1,11 @@
-"""How the publishing commands (`slq-hf export`, `slq-hf push`) report the library call they wrap."""
+"""The one way every `slq-hf` command reports: ``slq-hf COMMAND: error: ...`` / ``warning: ...`` lines on stderr.
+
+A command's ``run(args)`` is ``return report("NAME", lambda: library_call(...), done)``: the library reports user
+mistakes as exceptions (ValueError, including DataFormatError/SLQInputError; OSError such as a missing file or a
+model that cannot be loaded; ImportError for a missing extra) and doubtful inputs as ``UserWarning``. Here each
+becomes one line instead of a traceback; exit status 2 for bad input. A bug (any other exception) still shows its
+traceback, as it should.
+"""
 
 from __future__ import annotations
 
@@ -7,23 +14,41 @@ import warnings
 from collections.abc import Callable
 from typing import Any
 
+USER_ERRORS: tuple[type[BaseException], ...] = (ValueError, OSError, ImportError)
+BAD_INPUT, FAILED = 2, 1  # exit statuses: the input was refused / the command ran but produced nothing usable
 
-def run_reported(command: str, call: Callable[[], Any],
-                 errors: tuple[type[Exception], ...] = (ValueError,)) -> tuple[Any, int]:
-    """Run ``call()``; returns (its result, exit status 0), or (None, 2) after printing an error.
 
-    The library reports user mistakes as ``errors`` (``ValueError`` ...) and doubtful inputs as ``UserWarning``.
-    On a terminal, both become one ``slq-hf COMMAND: error: ...`` / ``warning: ...`` line on stderr instead of a
-    traceback. Warnings are printed only when the call succeeds: after an error they would only distract from it.
+def error(command: str, message: Any, status: int = BAD_INPUT) -> int:
+    """Print one error line for ``command``; returns ``status`` so ``return error(...)`` ends a ``run``."""
+    # One line even for libraries' multi-line messages (transformers' OSErrors), so the error is easy to spot.
+    print(f"slq-hf {command}: error: {' '.join(str(message).split())}", file=sys.stderr)
+    return status
+
+
+def warn(command: str, message: Any) -> None:
+    print(f"slq-hf {command}: warning: {message}", file=sys.stderr)
+
+
+def report(command: str, call: Callable[[], Any], done: Callable[[Any], int | None] | None = None) -> int:
+    """Run ``call()``, then ``done(result)`` (printing the outcome; its return value, default 0, is the status).
+
+    UserWarnings raised meanwhile are printed as they happen (a long training run should not hide them until the
+    end); ``USER_ERRORS`` end the command with one error line and status 2.
     """
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
+    with warnings.catch_warnings():
+        original = warnings.showwarning
+
+        def show(message, category, *args, **kwargs):
+            if issubclass(category, UserWarning):
+                warn(command, message)
+            else:
+                original(message, category, *args, **kwargs)
+
+        warnings.simplefilter("default", UserWarning)  # each distinct warning once, not once per batch
+        warnings.showwarning = show
         try:
             result = call()
-        except errors as err:
-            print(f"slq-hf {command}: error: {err}", file=sys.stderr)
-            return None, 2
-    for warning in caught:
-        if issubclass(warning.category, UserWarning):
-            print(f"slq-hf {command}: warning: {warning.message}", file=sys.stderr)
-    return result, 0
+        except USER_ERRORS as err:
+            return error(command, err)
+    status = done(result) if done is not None else 0
+    return int(status or 0)

@@ -109,8 +109,8 @@ def json_lines(path: Path) -> list[tuple[int, dict]]:
         try:
             record = json.loads(raw)
         except json.JSONDecodeError as err:
-            raise DataFormatError(path, f"not valid JSON (invalid JSON at column {err.colno}: {err.msg}); each line "
-                                  "must be one JSON object.", number) from err
+            raise DataFormatError(path, f"invalid JSON at column {err.colno}: {err.msg}; each line must be one JSON "
+                                  "object.", number) from err
         if not isinstance(record, dict):
             raise DataFormatError(path, f"expected a JSON object, got {type(record).__name__}.", number)
         records.append((number, record))

@@ -1,0 +1,107 @@
+"""``convert_reference``: queries trained by the SLQ paper's research code (a ``torch.save`` tensor) -> SLQ folder."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from pathlib import Path
+
+import torch
+
+
+def _reference_tensor(path: Path) -> torch.Tensor:
+    import pickle
+
+    try:
+        # weights_only: a pickle can run any code on load; only tensors and plain containers are accepted.
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as err:
+        raise ValueError(f"{path}: refused to load: it holds Python objects other than tensors (pickled code or "
+                         f"classes), which torch.load(weights_only=True) does not execute. Re-save the queries as a "
+                         f"plain tensor: torch.save(queries.detach().cpu(), path). Details: {err}") from err
+    except (OSError, RuntimeError, EOFError) as err:
+        raise ValueError(f"{path}: not a readable torch.save file ({err}).") from err
+    if isinstance(obj, Mapping):
+        tensors = {k: v for k, v in obj.items() if isinstance(v, torch.Tensor)}
+        named = [k for k in ("meta_queries", "queries", "latent_queries") if k in tensors]
+        if named:
+            obj = tensors[named[0]]
+        elif len(tensors) == 1:
+            obj = next(iter(tensors.values()))
+        else:
+            raise ValueError(f"{path}: a dict with keys {sorted(map(str, obj))[:10]}; expected a tensor, or a dict "
+                             "with one tensor or a 'meta_queries'/'queries' entry.")
+    if not isinstance(obj, torch.Tensor):
+        raise ValueError(f"{path}: holds a {type(obj).__name__}; expected a tensor [N_q, hidden] or [hidden].")
+    return obj
+
+
+def _backbone_hidden_size(backbone: str, revision: str | None) -> int | None:
+    """The backbone's text hidden size from its config alone (no weights), for an early, clear width check."""
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(backbone, revision=revision)
+    return getattr(config.get_text_config(), "hidden_size", None)
+
+
+def convert_reference(
+    queries_path: str | os.PathLike,
+    backbone: str,
+    out_dir: str | os.PathLike,
+    *,
+    num_queries: int | None = None,
+    revision: str | None = None,
+    temperature: float = 0.07,
+    **backbone_kwargs,
+) -> Path:
+    """Turn queries trained with the paper's research code into an SLQ folder.
+
+    Args:
+        queries_path: ``torch.save`` file holding a tensor ``[N_q, hidden]`` (or ``[hidden]``: one query vector,
+            repeated ``num_queries`` times, as research code that broadcasts a single query does). A dict with a
+            ``meta_queries``/``queries`` entry is accepted too. Read with ``torch.load(weights_only=True)``: files
+            holding pickled code are refused.
+        backbone: Hub id or local path of the backbone the queries were trained on (its hidden size must match).
+        out_dir: the SLQ folder to write (save_pretrained layout).
+        num_queries: for a ``[N_q, hidden]`` tensor, must equal N_q if given; for ``[hidden]``, how many query slots
+            the vector fills (default 1).
+        revision: backbone revision to load and pin.
+        temperature: contrastive temperature stored with the queries (research files hold only the queries).
+        **backbone_kwargs: go to the backbone's ``from_pretrained`` (``dtype``, ``device_map``...).
+    """
+    from ..modeling import SLQModel
+
+    path = Path(queries_path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no such file.")
+    if num_queries is not None and (isinstance(num_queries, bool) or not isinstance(num_queries, int)
+                                    or num_queries < 1):
+        raise ValueError(f"num_queries={num_queries!r} (--num-queries) is invalid; expected a positive integer.")
+    tensor = _reference_tensor(path)
+    if not tensor.is_floating_point():
+        raise ValueError(f"{path}: the queries have dtype {tensor.dtype}; expected a float tensor.")
+    if tensor.ndim == 1:
+        tensor = tensor.unsqueeze(0).expand(num_queries or 1, -1)  # (N_q, H): one vector in every slot
+    elif tensor.ndim == 3 and tensor.shape[0] == 1:
+        tensor = tensor[0]  # (1, N_q, H) as saved from a batched parameter
+    if tensor.ndim != 2:
+        raise ValueError(f"{path}: queries have shape {tuple(tensor.shape)}; expected [N_q, hidden] or [hidden].")
+    if num_queries is not None and tensor.shape[0] != num_queries:
+        raise ValueError(f"{path}: holds {tensor.shape[0]} queries but num_queries={num_queries} (--num-queries) was "
+                         "given.")
+    if not torch.isfinite(tensor).all():
+        raise ValueError(f"{path}: the queries contain NaN or Inf values.")
+    hidden_size = _backbone_hidden_size(backbone, revision)
+    width = tensor.shape[1]
+    if hidden_size is not None and hidden_size != width:
+        raise ValueError(f"{path}: the queries are {width} wide, but the backbone {backbone!r} has hidden size "
+                         f"{hidden_size}. They were trained for a different backbone; pass the one they were "
+                         "trained on (--backbone).")
+    model = SLQModel.from_backbone(backbone, num_queries=tensor.shape[0], revision=revision, temperature=temperature,
+                                   **backbone_kwargs)
+    state = model.trainable_state_dict()
+    state["queries"] = tensor.float().contiguous()
+    model.load_trainable_state(state)  # checks the shape against the loaded embedding width once more
+    out = Path(out_dir)
+    model.save_pretrained(out)
+    return out

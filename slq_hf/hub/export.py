@@ -1,0 +1,183 @@
+"""``export``: an SLQ folder -> a hub-ready folder with the queries only and a filled-in model card."""
+
+from __future__ import annotations
+
+import math
+import os
+import shutil
+import warnings
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from ..modeling.checkpoint import (
+    CONFIG_NAME,
+    QUERY_SETS_DIR,
+    QUERY_SETS_INDEX,
+    WEIGHTS_METADATA,
+    WEIGHTS_NAME,
+    expected_tensors,
+    read_query_set_index,
+    read_tensors,
+    save_tensors,
+    write_folder,
+)
+from ..modeling.configuration_slq import SLQConfig
+from .card import (
+    EvalBlock,
+    _is_local_path,
+    load_eval_results,
+    read_json_object,
+    read_training_info,
+    render_model_card,
+)
+from .publish import README_NAME, collect_upload_files
+
+ST_FILES = ("modules.json", "sentence_bert_config.json", "config_sentence_transformers.json")
+
+
+def _model_type(config_path: Path) -> str | None:
+    try:
+        return read_json_object(config_path, "config").get("model_type")
+    except ValueError:
+        return None
+
+
+def _check_out_dir(out: Path, src: Path, overwrite: bool) -> None:
+    if out.resolve() == src.resolve():
+        raise ValueError(f"--out {out} is the model folder itself; export writes a new folder.")
+    if out.exists() and any(out.iterdir()):
+        if not overwrite:
+            raise FileExistsError(f"{out} exists and is not empty; pass --overwrite (overwrite=True) to replace a "
+                                  "previous export.")
+        if _model_type(out / CONFIG_NAME) != "slq":
+            raise FileExistsError(f"{out} is not empty and is not an SLQ folder; refusing to delete it. Choose an "
+                                  "empty or new folder.")
+
+
+def _save_processor(src: Path, out: Path, config: SLQConfig) -> bool:
+    """Re-save the processor (tokenizer, image processor, chat template); False when none could be loaded."""
+    from transformers import AutoProcessor
+    from transformers.utils import logging as hf_logging
+
+    verbosity = hf_logging.get_verbosity()
+    # The tokenizer loader peeks at our config.json and warns that "slq" is not its model type: noise here.
+    hf_logging.set_verbosity_error()
+    try:
+        for source, revision in ((str(src), None), (config.backbone_name_or_path, config.backbone_revision)):
+            try:
+                processor = AutoProcessor.from_pretrained(source, revision=revision, trust_remote_code=False)
+            except (OSError, ValueError, KeyError, TypeError):
+                continue
+            processor.save_pretrained(out)
+            return True
+        return False
+    finally:
+        hf_logging.set_verbosity(verbosity)
+
+
+def _pinned_config(src: Path, backbone: str | None, backbone_revision: str | None) -> SLQConfig:
+    if not (src / CONFIG_NAME).is_file():
+        raise FileNotFoundError(f"{src}: no {CONFIG_NAME}; expected an SLQ folder written by save_pretrained.")
+    if not (src / WEIGHTS_NAME).is_file():
+        pickles = sorted(p.name for p in src.glob("*") if p.suffix in (".bin", ".pt", ".pth"))
+        hint = (f" It holds {pickles}: convert research-code queries with `slq-hf convert-reference`."
+                if pickles else "")
+        raise FileNotFoundError(f"{src}: no {WEIGHTS_NAME}.{hint}")
+    model_type = _model_type(src / CONFIG_NAME)
+    if model_type != "slq":
+        raise ValueError(f"{src}/{CONFIG_NAME} has model_type {model_type!r}, not 'slq'; export takes an SLQ folder "
+                         "(SLQModel.save_pretrained), not a backbone.")
+    config = SLQConfig.from_pretrained(src)
+    config.backbone_name_or_path = backbone or config.backbone_name_or_path
+    config.backbone_revision = backbone_revision or config.backbone_revision
+    if not config.backbone_name_or_path:
+        raise ValueError(f"{src}: {CONFIG_NAME} pins no backbone; pass --backbone HUB_ID (backbone=).")
+    if _is_local_path(config.backbone_name_or_path):
+        warnings.warn(f"The backbone is pinned as the local path {config.backbone_name_or_path!r}: the export will "
+                      "only load where that path exists. Pass --backbone HUB_ID (backbone=) to pin its Hub id.",
+                      UserWarning, stacklevel=3)
+    elif not config.backbone_revision:
+        warnings.warn(f"The backbone {config.backbone_name_or_path!r} is not pinned to a revision, so the export "
+                      "loads whatever that repository holds later. Pass --backbone-revision COMMIT "
+                      "(backbone_revision=) for a reproducible model.", UserWarning, stacklevel=3)
+    return config
+
+
+def export(
+    model_dir: str | os.PathLike,
+    out_dir: str | os.PathLike,
+    *,
+    eval_results: str | os.PathLike | list[str | os.PathLike] | list[EvalBlock] | None = None,
+    training_info: str | os.PathLike | Mapping[str, Any] | None = None,
+    backbone: str | None = None,
+    backbone_revision: str | None = None,
+    model_name: str | None = None,
+    repo_id: str | None = None,
+    license: str | None = None,
+    template: str | os.PathLike | None = None,
+    overwrite: bool = False,
+) -> list[str]:
+    """Write a hub-ready copy of the SLQ folder ``model_dir`` to ``out_dir``; returns the files, as push would send.
+
+    The backbone is never loaded: the export works on the files. Written: config.json (backbone id and revision
+    pinned, versions stamped), model.safetensors (only SLQ tensors, checked against config.json), query sets, the
+    modeling code of this slq_hf, the processor files, the sentence-transformers files and README.md (from
+    ``MODEL_CARD.md``). Anything else in ``model_dir`` (optimizer state, training arguments, checkpoints) is left
+    behind. The folder is written atomically: a failed export leaves a previous one as it was.
+
+    Args:
+        eval_results: one or several results JSON files from ``slq-hf eval`` (or parsed blocks); all reach the card.
+            Without them the card says that no evaluation results were provided.
+        training_info: a JSON file or mapping of training facts (dataset, steps, learning rate...) for the card;
+            by default what the run recorded (:func:`~slq_hf.hub.card.read_training_info`).
+        backbone / backbone_revision: re-pin the backbone (e.g. replace a local path with its Hub id, pin a commit).
+        model_name: title of the card (default: the name of ``out_dir``).
+        repo_id: the Hub id the card's usage snippets load (default: a ``your-org/<model_name>`` placeholder).
+        license: licence id for the card header (default: a placeholder pointing at the backbone's licence).
+        overwrite: replace ``out_dir`` if it holds a previous export.
+    """
+    from ..modeling import modeling_slq
+    from ..modeling.sentence_transformers_files import write_sentence_transformers_files
+
+    src, out = Path(model_dir), Path(out_dir)
+    config = _pinned_config(src, backbone, backbone_revision)
+    state = read_tensors(src / WEIGHTS_NAME, expected_tensors(config.num_queries, config.hidden_size,
+                                                              config.projection_dim))
+    query_sets = (src / QUERY_SETS_INDEX).is_file() and read_query_set_index(src / QUERY_SETS_INDEX)
+    if eval_results is not None and not (isinstance(eval_results, list) and eval_results
+                                         and isinstance(eval_results[0], EvalBlock)):
+        eval_results = load_eval_results(eval_results)
+    if isinstance(training_info, (str, os.PathLike)):
+        training_info = read_json_object(training_info, "training info")
+    elif training_info is None:
+        training_info = read_training_info(src)
+    card = render_model_card(
+        config, model_name=model_name or out.resolve().name, repo_id=repo_id, eval_results=eval_results,
+        training_info=training_info, learned_temperature=math.exp(-state["logit_scale"].item()), license=license,
+        template=template,
+    )
+    _check_out_dir(out, src, overwrite)
+
+    def write(staging: Path) -> None:
+        config.auto_map = {"AutoConfig": "configuration_slq.SLQConfig", "AutoModel": "modeling_slq.SLQModel"}
+        config.architectures = ["SLQModel"]
+        config.save_pretrained(staging)
+        save_tensors(state, staging / WEIGHTS_NAME, metadata=WEIGHTS_METADATA)
+        if query_sets:  # validated above; the set files are checked again by the upload guard
+            shutil.copytree(src / QUERY_SETS_DIR, staging / QUERY_SETS_DIR)
+        # Same rule as SLQModel.save_pretrained: every modeling file, so trust_remote_code resolves sibling imports.
+        for source in Path(modeling_slq.__file__).parent.glob("*.py"):
+            if source.name != "__init__.py":
+                shutil.copyfile(source, staging / source.name)
+        if not _save_processor(src, staging, config):
+            warnings.warn(f"No processor could be loaded from {src} or the backbone; the export has no processor "
+                          "files and SLQModel.from_pretrained will fetch the backbone's.", UserWarning, stacklevel=3)
+        # Keep the user's sentence-transformers settings (prompts, max length) and fill in whatever is missing.
+        for name in ST_FILES:
+            if (src / name).is_file():
+                shutil.copyfile(src / name, staging / name)
+        write_sentence_transformers_files(staging)
+        (staging / README_NAME).write_text(card, encoding="utf-8")
+
+    return collect_upload_files(write_folder(out, write))  # the export must be pushable: the check push makes

@@ -1,0 +1,147 @@
+"""Uploading SLQ folders to the Hub (huggingface_hub), with the guard that no backbone weights go up.
+
+An SLQ checkpoint is a few hundred KB of queries plus config, code and processor files. The frozen backbone stays
+in its own repository: pushing a copy of its weights would be a licence problem and gigabytes of waste, so
+:func:`collect_upload_files` refuses any file that looks like model weights other than the queries-only
+``model.safetensors`` (and ``query_sets/*.safetensors``), before any network call.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import os
+import warnings
+from pathlib import Path
+from typing import Any
+
+from ..modeling.checkpoint import (
+    CONFIG_NAME,
+    QUERY_SET_TENSOR,
+    QUERY_SETS_DIR,
+    SLQ_TENSOR_NAMES,
+    WEIGHT_FILE_PATTERNS,
+    WEIGHTS_NAME,
+    read_header,
+)
+
+README_NAME = "README.md"
+# An SLQ folder is megabytes (the largest part is usually tokenizer.json); anything this big is not ours.
+MAX_FILE_BYTES = 256 * 2**20
+
+
+def _refusal(root: Path, name: str, size: int) -> str | None:
+    """Why ``name`` may not be uploaded, or None when it may."""
+    if name == WEIGHTS_NAME or fnmatch.fnmatch(name, f"{QUERY_SETS_DIR}/*.safetensors"):
+        allowed = SLQ_TENSOR_NAMES if name == WEIGHTS_NAME else {QUERY_SET_TENSOR}
+        try:
+            keys = sorted(read_header(root / name)[0])
+        except ValueError as err:
+            return f"{name} (unreadable: {err})"
+        if set(keys) - allowed or QUERY_SET_TENSOR not in keys:
+            return f"{name} (holds tensors {keys[:3]}..., not SLQ queries)"
+    elif any(fnmatch.fnmatch(Path(name).name, pattern) for pattern in WEIGHT_FILE_PATTERNS):
+        return f"{name} (a weights file)"
+    if size > MAX_FILE_BYTES:
+        return f"{name} ({size / 2**20:.0f} MiB)"
+    return None
+
+
+def collect_upload_files(folder: str | os.PathLike) -> list[str]:
+    """The files of an SLQ folder that would be uploaded, as sorted POSIX paths relative to ``folder``.
+
+    Hidden files and folders (``.git``, ``.cache``) are skipped. Raises ``ValueError`` listing every file that looks
+    like backbone weights: any weight-format file other than ``model.safetensors``, a ``model.safetensors`` holding
+    tensors that are not SLQ's (``queries``, ``logit_scale``, ``projection.*``), a query set holding more than
+    ``queries``, or any file over 256 MiB.
+    """
+    root = Path(folder)
+    if not root.is_dir():
+        raise ValueError(f"{root}: not a folder; expected an SLQ folder (save_pretrained or `slq-hf export`).")
+    files, refused = [], []
+    for path in sorted(root.rglob("*")):
+        rel = path.relative_to(root)
+        if any(part.startswith(".") for part in rel.parts) or not path.is_file():
+            continue
+        problem = _refusal(root, rel.as_posix(), path.stat().st_size)
+        (refused if problem else files).append(problem or rel.as_posix())
+    if refused:
+        raise ValueError(
+            f"{root}: refusing to upload {refused}. An SLQ repository holds only the queries ({WEIGHTS_NAME} with "
+            f"tensors {sorted(SLQ_TENSOR_NAMES)}), config, code and processor files; the backbone's weights stay in "
+            "the backbone's own repository. Remove these files or export a clean folder with `slq-hf export`."
+        )
+    if WEIGHTS_NAME not in files or CONFIG_NAME not in files:
+        raise ValueError(f"{root}: no {WEIGHTS_NAME} and {CONFIG_NAME}; this is not an SLQ folder.")
+    return files
+
+
+def upload_folder(folder: str | os.PathLike, repo_id: str, *, private: bool | None = None,
+                  token: bool | str | None = None, revision: str | None = None, create_pr: bool = False,
+                  commit_message: str | None = None, commit_description: str | None = None) -> Any:
+    """Create ``repo_id`` if needed and commit exactly the files :func:`collect_upload_files` allows.
+
+    Returns huggingface_hub's ``CommitInfo`` (a ``str`` holding the commit URL).
+    """
+    from huggingface_hub import CommitOperationAdd, HfApi
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+    try:
+        validate_repo_id(repo_id)
+    except HFValidationError as err:
+        raise ValueError(f"repo_id {repo_id!r} is invalid (--repo-id); expected 'org/name' ({err}).") from err
+    root = Path(folder)
+    files = collect_upload_files(root)
+    api = HfApi(token=token)
+    repo_id = api.create_repo(repo_id, private=private, exist_ok=True, repo_type="model").repo_id
+    # One explicit operation per allowed file (not upload_folder + patterns): what is listed is what goes up.
+    operations = [CommitOperationAdd(path_in_repo=name, path_or_fileobj=str(root / name)) for name in files]
+    return api.create_commit(repo_id, operations, commit_message=commit_message or "Upload SLQ model (queries only)",
+                             commit_description=commit_description, revision=revision, create_pr=create_pr,
+                             repo_type="model")
+
+
+def push(hub_dir: str | os.PathLike, repo_id: str, **kwargs: Any) -> Any:
+    """Upload a folder made by ``slq-hf export`` (:func:`upload_folder`), warning when it has no model card or the
+    card's usage snippets load another repository. ``kwargs``: ``private``, ``token``, ``revision``, ``create_pr``,
+    ``commit_message``."""
+    readme = Path(hub_dir) / README_NAME
+    if not readme.is_file():
+        warnings.warn(f"{hub_dir} has no {README_NAME}: the repository will have no model card. Make the folder with "
+                      "`slq-hf export` to get one.", UserWarning, stacklevel=2)
+    elif f'"{repo_id}"' not in readme.read_text(encoding="utf-8", errors="replace"):
+        warnings.warn(f"The model card's usage snippets do not load {repo_id!r}; re-export with --repo-id "
+                      f"{repo_id} so they do.", UserWarning, stacklevel=2)
+    return upload_folder(hub_dir, repo_id, **kwargs)
+
+
+def default_model_card(config: Any, repo_id: str, tags: list[str] | None = None) -> str:
+    """A short model card for an upload without one; ``slq-hf export`` renders the full card (with evaluations)."""
+    from huggingface_hub import ModelCard, ModelCardData
+
+    from .card import CARD_TAGS, _is_local_path
+
+    backbone = config.backbone_name_or_path
+    data = ModelCardData(library_name="transformers", pipeline_tag="feature-extraction",
+                         base_model=None if _is_local_path(backbone) else backbone,
+                         tags=list(dict.fromkeys([*CARD_TAGS, *(tags or [])])))
+    revision = f" (revision `{config.backbone_revision}`)" if config.backbone_revision else ""
+    return str(ModelCard(f"""---
+{data.to_yaml()}
+---
+
+# {repo_id.split("/")[-1]}
+
+An SLQ (Shared Latent Queries, arXiv 2604.13710) embedding model: {config.num_queries} trained latent queries on the
+frozen backbone `{backbone}`{revision}. This repository holds only the queries; the backbone is downloaded from its
+own repository when the model loads.
+
+```python
+from transformers import AutoModel
+
+model = AutoModel.from_pretrained("{repo_id}", trust_remote_code=True)
+embeddings = model.encode(["a photo of a cat", "cat.jpg"])
+```
+
+No evaluation results were provided with this upload. A full model card (training details, evaluation table) is made
+by `slq-hf export DIR --out HUB_DIR --eval-results results.json` followed by `slq-hf push HUB_DIR --repo-id ...`.
+"""))
