@@ -16,7 +16,7 @@ import pytest
 import torch
 from PIL import Image
 
-import slq_hf.modeling.processing_slq as processing_slq
+import slq_hf.modeling.image_files as image_files
 from slq_hf import SLQModel
 from slq_hf.processing import (
     ImageBudget,
@@ -124,10 +124,11 @@ def test_missing_paths(model, files, tmp_path):
         model.encode([{"image": str(missing)}])
 
 
-def test_str_is_text_unless_it_names_an_image_file(model, files):
-    """A string naming a non-image file is embedded as TEXT (documented); a Path to it is refused as an image."""
-    as_text = model.encode([str(files["txt"])])
-    assert as_text.shape == (1, 64)
+def test_str_is_text_unless_it_looks_like_a_path(model, files):
+    """A path-like string naming a non-image file is refused (never embedded as text); so is a Path to it."""
+    with pytest.raises(SLQInputError, match=r"names a file that is not a readable image \(input 0\)"):
+        model.encode([str(files["txt"])])
+    assert model.encode([{"text": str(files["txt"])}]).shape == (1, 64)
     with pytest.raises(SLQInputError, match="Cannot read image"):
         model.encode([files["txt"]])
     # an existing image path string is the image itself, also with spaces in its name; a caption that merely ends
@@ -136,9 +137,12 @@ def test_str_is_text_unless_it_names_an_image_file(model, files):
     spaced = files["good"].with_name("my cat.jpg")
     spaced.write_bytes(files["good"].read_bytes())
     _close(model.encode([str(spaced)]), model.encode([Image.open(files["good"])]), atol=0)
-    assert model.encode(["a photo saved as cat.jpg"]).shape == (1, 64)
-    # texts that cannot be paths at all (too long for the file system, NUL byte) are just texts
-    assert model.encode(["word " * 200 + "end.png", "nul\x00byte.jpg x"]).shape == (2, 64)
+    # a string ending like an image file name is a path: never silently embedded as text; {"text": ...} is text
+    with pytest.raises(SLQInputError, match=r"no such file.*input 0.*\{'text': \.\.\.\}"):
+        model.encode(["a photo saved as cat.jpg"])
+    assert model.encode([{"text": "a photo saved as cat.jpg"}]).shape == (1, 64)
+    # texts that cannot be paths at all (several lines, NUL byte inside) are just texts
+    assert model.encode(["word " * 200 + "\nend.png", "nul\x00byte.jpg x"]).shape == (2, 64)
 
 
 def test_decompression_bomb_refused_from_header_before_decoding(model, tmp_path):
@@ -146,14 +150,14 @@ def test_decompression_bomb_refused_from_header_before_decoding(model, tmp_path)
     with pytest.raises(SLQInputError, match="too large to decode safely") as info:
         model.encode(["ok", bomb])
     assert "input 1" in str(info.value)
-    # Between PIL's own limit and 2x it PIL only warns: our check on the header still refuses.
-    moderate = _png_header_only(tmp_path / "moderate.png", 20_000, 15_000)  # 300M > MAX_IMAGE_PIXELS (268M)
+    # Below PIL's own limit but above ours (8000 x 9000 RGB = 275 MiB decoded > 256 MiB): refused from the header.
+    moderate = _png_header_only(tmp_path / "moderate.png", 8_000, 9_000)
     with pytest.raises(SLQInputError, match="too large"):
         load_image(moderate)
 
 
-def test_pixel_limit_applies_to_pil_images_too(model, monkeypatch):
-    monkeypatch.setattr(processing_slq, "MAX_IMAGE_PIXELS", 1000)
+def test_decoded_size_limit_applies_to_pil_images_too(model, monkeypatch):
+    monkeypatch.setattr(image_files, "MAX_DECODED_BYTES", 4 * 1000)  # 1000 RGB pixels
     with pytest.raises(SLQInputError, match=r"too large.*input 0|input 0.*too large"):
         model.encode([_scene(40, 40)])
     assert model.encode([_scene(30, 30)]).shape == (1, 64)

@@ -6,17 +6,21 @@ Every folder ``SLQModel.save_pretrained`` writes already loads with plain senten
 
 The helpers here cover what that one line cannot: wrapping an SLQ model that lives only in memory (fresh queries
 from ``SLQModel.from_backbone``, ready to train with ``SentenceTransformerTrainer``) without loading the backbone a
-second time. Importing this module without sentence-transformers installed works; calling a helper then raises an
-ImportError that says what to install.
+second time. Models returned by these helpers (or passed to :func:`use_encode_input_handling`) also take their inputs
+the way ``SLQModel.encode`` does (validation, image decoding, path rule; see the README), instead of
+sentence-transformers' own input handling. Importing this module without sentence-transformers installed works;
+calling a helper then raises an ImportError that says what to install.
 """
 
 from __future__ import annotations
 
+import functools
 import os
 import tempfile
 from typing import TYPE_CHECKING, Any
 
 from ..modeling.modeling_slq import SLQModel
+from ..modeling.processing_slq import image_budget, to_item
 from ..modeling.sentence_transformers_files import write_sentence_transformers_files
 
 if TYPE_CHECKING:
@@ -67,7 +71,45 @@ def load_sentence_transformer(
     if backbone is not None:
         model_kwargs["backbone"] = backbone
     kwargs.setdefault("trust_remote_code", True)
-    return SentenceTransformer(str(path), model_kwargs=model_kwargs, **kwargs)
+    return use_encode_input_handling(SentenceTransformer(str(path), model_kwargs=model_kwargs, **kwargs))
+
+
+def _is_message(value: Any) -> bool:
+    if isinstance(value, dict):
+        return "role" in value
+    return isinstance(value, list) and bool(value) and isinstance(value[0], dict) and "role" in value[0]
+
+
+def _like_encode(value: Any, budget: Any) -> Any:
+    """One sentence-transformers input converted as ``SLQModel.encode`` converts it (chat messages unchanged)."""
+    if _is_message(value):
+        return value
+    item = to_item(value, budget=budget)
+    if item.image is not None and item.text is not None:
+        return {"image": item.image, "text": item.text}
+    return item.image if item.image is not None else item.text
+
+
+def _preprocess_like_encode(module: Any, inputs: Any, *args, **kwargs) -> Any:
+    budget = image_budget(module.processor)
+    return type(module).preprocess(module, [_like_encode(value, budget) for value in inputs], *args, **kwargs)
+
+
+def use_encode_input_handling(model: SentenceTransformer) -> SentenceTransformer:
+    """Make ``model.encode`` (and training through it) take inputs exactly as ``SLQModel.encode`` does.
+
+    sentence-transformers otherwise opens image paths with its own decoder (an animated GIF path fails with "too many
+    values to unpack"), does not apply EXIF orientation to PIL images, crashes on zero-size images
+    (ZeroDivisionError), embeds empty strings and missing paths as text, and does not bound decoding cost. After this
+    call every input goes through slq_hf's validation and conversion first: SLQInputError for bad inputs, RGB images
+    (first frame, EXIF-transposed, shrunk to the processor's budget), the same path rule as ``encode``. Chat-message
+    inputs are passed through unchanged. Returns ``model`` (changed in place; the change is not saved with it).
+    """
+    module = model[0]
+    if not isinstance(module.__dict__.get("preprocess"), functools.partial):
+        # A partial of a module-level function (not a closure) so the model still pickles for multi-process pools.
+        module.preprocess = functools.partial(_preprocess_like_encode, module)
+    return model
 
 
 def to_sentence_transformer(
@@ -111,4 +153,5 @@ def to_sentence_transformer(
     return load_sentence_transformer(save_directory, backbone=model.backbone, model_kwargs=model_kwargs, **kwargs)
 
 
-__all__ = ["is_sentence_transformers_available", "load_sentence_transformer", "to_sentence_transformer"]
+__all__ = ["is_sentence_transformers_available", "load_sentence_transformer", "to_sentence_transformer",
+           "use_encode_input_handling"]

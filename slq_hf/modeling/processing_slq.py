@@ -1,24 +1,37 @@
-"""Turning user inputs into backbone prompts: validation, image loading, chat template, batching.
+"""Turning user inputs into backbone prompts: validation, lazy images, chat template, batching.
 
 Lives in ``modeling/`` (and so ships with every checkpoint) because ``SLQModel.encode`` needs it even when the
 model is loaded with ``trust_remote_code=True`` in an interpreter that never imported slq_hf. ``slq_hf.processing``
-is the public import path for these helpers.
+is the public import path for these helpers. Image files: :mod:`.image_files`; control tokens in user text:
+:mod:`.control_tokens`.
 """
 
 from __future__ import annotations
 
-import math
 import os
 import warnings
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from PIL import Image, ImageOps
+from PIL import Image
 
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
-# Refuse images whose header claims more pixels than this (decompression-bomb guard, ~ 16k x 16k).
-MAX_IMAGE_PIXELS = 268_435_456
+from .control_tokens import split_text_ids, template_with_literal_texts
+from .image_files import (
+    IMAGE_EXTENSIONS,
+    IMAGE_FORMATS,
+    MAX_DECODED_BYTES,
+    ImageBudget,
+    PendingImage,
+    SLQInputError,
+    decode_image,
+    fit_image,
+    image_budget,
+    image_label,
+    load_image,
+    open_image,
+    pending_image,
+)
 
 SLQInput = str | os.PathLike | Image.Image | dict
 # Tokenizers without a real limit report transformers' VERY_LARGE_INTEGER (1e30) as model_max_length.
@@ -26,17 +39,23 @@ _NO_LIMIT = 10**12
 # Errors a processor raises for an input it cannot handle (e.g. Qwen-VL: aspect ratio >= 200); they are re-raised
 # as SLQInputError naming the input.
 _PROCESSOR_ERRORS = (ValueError, TypeError, IndexError, RuntimeError, OSError)
+_SEPARATORS = tuple({"/", os.sep, os.altsep or "/"})
 
-
-class SLQInputError(ValueError):
-    """An input to encode/collate is malformed; the message names the input and says what to do."""
+__all__ = ["IMAGE_EXTENSIONS", "IMAGE_FORMATS", "MAX_DECODED_BYTES", "ImageBudget", "PendingImage", "SLQInput",
+           "SLQInputError", "SLQItem", "build_messages", "collate", "fit_image", "image_budget", "load_image",
+           "looks_like_path", "open_image", "prepare_inputs", "prompt_length_limit", "to_item", "to_items"]
 
 
 @dataclass
 class SLQItem:
-    """One normalised input: an RGB image, a text, or both (image first, then text, in the user turn)."""
+    """One normalised input: an image, a text, or both (image first, then text, in the user turn).
 
-    image: Image.Image | None = None
+    ``image`` is an RGB PIL image once decoded, or a :class:`PendingImage` (header checked, pixels not decoded yet):
+    ``to_items`` returns pending images and ``collate`` decodes them, so memory grows with the batch, not with the
+    number of inputs.
+    """
+
+    image: Image.Image | PendingImage | None = None
     text: str | None = None
     # Where the item came from ("input 3, file 'cat.jpg'"), so errors raised later (collate) can name it.
     source: str | None = None
@@ -53,225 +72,16 @@ class SLQItem:
         pixels = self.image.width * self.image.height if self.image is not None else 0
         return order, pixels + len(self.text or "")
 
-
-def _label(index: int | None, path: Any = None) -> str | None:
-    parts = []
-    if index is not None:
-        parts.append(f"input {index}")
-    if path is not None:
-        parts.append(f"file {str(path)!r}")
-    return ", ".join(parts) if parts else None
+    def decoded(self, budget: ImageBudget | None = None) -> SLQItem:
+        """This item with its image decoded (RGB, EXIF-transposed, shrunk to ``budget``); itself when already so."""
+        if isinstance(self.image, PendingImage):
+            return replace(self, image=decode_image(self.image, budget))
+        return self
 
 
 def _where(index: int | None, path: Any = None) -> str:
-    label = _label(index, path)
+    label = image_label(index, path)
     return f" ({label})" if label else ""
-
-
-# ------------------------------------------------------------------------------------------------ image budget
-@dataclass(frozen=True)
-class ImageBudget:
-    """How far an image may be shrunk before the processor sees it without changing what the processor produces.
-
-    Every processor resizes images to its own resolution anyway; shrinking a huge image with PIL first (and decoding
-    JPEGs at reduced scale) makes a 50-megapixel photo cost about as much as a 1-megapixel one.
-
-    Attributes:
-        max_pixels: pixel-count budget (Qwen-VL style processors resize to at most this many pixels).
-        unit: with ``max_pixels``: the processor makes both sides multiples of this (Qwen-VL: patch x merge size).
-            The image is then shrunk to exactly the size the processor's own rule would pick, so the processor does
-            no second resize and the token grid is the one the full-size image would get.
-        max_long_side: the longer side may be shrunk to this (processors that resize the longest edge).
-        max_short_side: the shorter side may be shrunk to this (shortest-edge, fixed-size and tiling processors).
-    """
-
-    max_pixels: int | None = None
-    unit: int | None = None
-    max_long_side: int | None = None
-    max_short_side: int | None = None
-
-    def target_size(self, width: int, height: int) -> tuple[int, int] | None:
-        """(width, height) to shrink a ``width`` x ``height`` image to, or None when it already fits."""
-        if self.max_pixels and self.unit and max(width, height) / min(width, height) <= 200:
-            # Qwen2-VL's smart_resize: sides rounded to the unit; when that exceeds the budget, scale by beta and
-            # floor to the unit. Only the second branch shrinks, so only then do we act (extreme aspect ratios
-            # are left to the processor, which refuses them with its own message).
-            unit = self.unit
-            if round(height / unit) * unit * round(width / unit) * unit <= self.max_pixels:
-                return None
-            beta = math.sqrt(height * width / self.max_pixels)
-            return (max(unit, math.floor(width / beta / unit) * unit),
-                    max(unit, math.floor(height / beta / unit) * unit))
-        factors = [1.0]
-        if self.max_pixels:
-            factors.append(math.sqrt(self.max_pixels / (width * height)))
-        if self.max_long_side:
-            factors.append(self.max_long_side / max(width, height))
-        if self.max_short_side:
-            factors.append(self.max_short_side / min(width, height))
-        factor = min(factors)
-        if factor >= 1.0:
-            return None
-        # Short side rounded up, long side down: the aspect ratio never grows (Qwen-VL refuses ratios > 200).
-        new_width, new_height = width * factor, height * factor
-        if new_width <= new_height:
-            return math.ceil(new_width), max(1, math.floor(new_height))
-        return max(1, math.floor(new_width)), math.ceil(new_height)
-
-
-def _size_values(size: Any) -> dict[str, int]:
-    # Image processors keep sizes as dicts or SizeDict objects; read both the same way.
-    keys = ("height", "width", "shortest_edge", "longest_edge", "max_pixels", "max_height", "max_width")
-    if size is None:
-        return {}
-    if isinstance(size, int):
-        return {"height": size, "width": size}
-    get = size.get if isinstance(size, dict) else (lambda key: getattr(size, key, None))
-    return {k: int(v) for k in keys if isinstance(v := get(k), (int, float)) and not isinstance(v, bool) and v > 0}
-
-
-def image_budget(processor: Any) -> ImageBudget | None:
-    """The :class:`ImageBudget` of a backbone processor, read from its image processor's settings.
-
-    One row per way processors resize (not per model family), so new processors of a known kind just work:
-
-    - pixel budget (Qwen2-VL/2.5-VL/3-VL: ``size.longest_edge`` counts pixels): shrink to exactly that many pixels;
-      the processor would resize to at most that many anyway.
-    - longest-edge resize (Idefics3, SmolVLM): shrink the longer side to 2x ``size.longest_edge``.
-    - everything else (CLIP/LLaVA shortest edge + crop, fixed height/width, tiles of InternVL/LLaVA-NeXT/
-      OneVision/Gemma 3 pan-and-scan): shrink the SHORTER side to 2x the largest side the processor can output,
-      counting tiles. Bounding the shorter side never removes detail the processor would keep.
-
-    The 2x margin leaves the final (antialiased) resize to the processor. Returns None when the processor has no
-    image processor or does not resize.
-    """
-    image_processor = getattr(processor, "image_processor", None)
-    if image_processor is None or getattr(image_processor, "do_resize", True) is False:
-        return None
-    size = _size_values(getattr(image_processor, "size", None))
-    explicit = getattr(image_processor, "max_pixels", None)
-    if isinstance(explicit, int) and explicit > 0:
-        return ImageBudget(max_pixels=explicit)
-    if "max_pixels" in size:
-        return ImageBudget(max_pixels=size["max_pixels"])
-    if getattr(image_processor, "temporal_patch_size", None) and "longest_edge" in size:
-        # Qwen-VL: size counts pixels, not a side length; sides are multiples of patch x merge size.
-        patch, merge = getattr(image_processor, "patch_size", None), getattr(image_processor, "merge_size", None)
-        unit = patch * merge if isinstance(patch, int) and isinstance(merge, int) else None
-        return ImageBudget(max_pixels=size["longest_edge"], unit=unit)
-    if "longest_edge" in size and not getattr(image_processor, "image_grid_pinpoints", None):
-        return ImageBudget(max_long_side=2 * size["longest_edge"])
-    sides = [v for k, v in size.items() if k != "max_pixels"]
-    for attribute in ("crop_size", "max_image_size"):
-        sides += _size_values(getattr(image_processor, attribute, None)).values()
-    for pinpoint in getattr(image_processor, "image_grid_pinpoints", None) or []:
-        sides += [int(v) for v in pinpoint]
-    if not sides:
-        return None
-    tiles = 1
-    if getattr(image_processor, "crop_to_patches", False):
-        tiles = int(getattr(image_processor, "max_patches", 1) or 1)
-    if getattr(image_processor, "do_pan_and_scan", False):
-        tiles = int(getattr(image_processor, "pan_and_scan_max_num_crops", 1) or 1)
-    return ImageBudget(max_short_side=2 * max(sides) * tiles)
-
-
-def fit_image(image: Image.Image, budget: ImageBudget | None) -> Image.Image:
-    """Shrink ``image`` (aspect ratio kept, bicubic) to ``budget``; returned unchanged when it already fits."""
-    size = budget.target_size(image.width, image.height) if budget is not None else None
-    if size is None or (size[0] >= image.width and size[1] >= image.height):
-        return image
-    # reducing_gap: box-reduce by an integer factor first, then bicubic; as good as plain bicubic and much faster.
-    return image.resize(size, Image.Resampling.BICUBIC, reducing_gap=3.0)
-
-
-def _too_large(width: int, height: int, index: int | None, path: Any) -> SLQInputError:
-    return SLQInputError(f"Image of {width}x{height} pixels is too large to decode safely{_where(index, path)} (limit "
-                         f"{MAX_IMAGE_PIXELS:,} pixels, a guard against decompression bombs). Downscale it first, or "
-                         "raise slq_hf.modeling.processing_slq.MAX_IMAGE_PIXELS if you trust the file.")
-
-
-def load_image(image: Image.Image | str | os.PathLike, index: int | None = None,
-               budget: ImageBudget | None = None) -> Image.Image:
-    """Open/convert an image to an RGB PIL image with EXIF orientation applied.
-
-    Args:
-        image: a PIL image or the path of an image file.
-        index: position of the input, named in errors.
-        budget: shrink the image to this budget (:func:`image_budget`); JPEG files are then decoded at reduced
-            scale, which is what makes huge photos cheap.
-
-    Raises SLQInputError naming the input for missing, unreadable, truncated, empty or absurdly large images.
-    """
-    path = None
-    if isinstance(image, (str, os.PathLike)):
-        path = Path(image).expanduser()
-        if not path.is_file():
-            raise SLQInputError(f"Image file not found{_where(index, path)}. Check the path (relative paths are "
-                                f"resolved from {os.getcwd()!r}).")
-        try:
-            previous, Image.MAX_IMAGE_PIXELS = Image.MAX_IMAGE_PIXELS, MAX_IMAGE_PIXELS
-            try:
-                with warnings.catch_warnings():
-                    # PIL only warns between 1x and 2x its limit; the header check below refuses those images.
-                    warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-                    opened = Image.open(path)
-                with opened:
-                    # The header gives the size: refuse before decoding anything.
-                    if opened.width * opened.height > MAX_IMAGE_PIXELS:
-                        raise _too_large(opened.width, opened.height, index, path)
-                    target = budget.target_size(opened.width, opened.height) if budget is not None else None
-                    if target is not None:
-                        # JPEG only: libjpeg decodes at 1/2, 1/4 or 1/8 scale, never below the requested size.
-                        opened.draft(None, target)
-                    opened.load()
-                    image = opened.copy()
-            finally:
-                Image.MAX_IMAGE_PIXELS = previous
-        except Image.DecompressionBombError as err:
-            raise SLQInputError(f"Image is too large to decode safely{_where(index, path)}: {err}. Downscale it "
-                                f"below {MAX_IMAGE_PIXELS:,} pixels first.") from err
-        except SLQInputError:
-            raise
-        except (OSError, SyntaxError, ValueError, EOFError) as err:
-            raise SLQInputError(f"Cannot read image{_where(index, path)}: {err}. The file is not an image or is "
-                                "truncated/corrupt; re-export it or drop it from the inputs.") from err
-    elif not isinstance(image, Image.Image):
-        raise SLQInputError(f"Expected a PIL image or an image path{_where(index)}, got {type(image).__name__}.")
-    if image.width * image.height > MAX_IMAGE_PIXELS:
-        raise _too_large(image.width, image.height, index, path)
-    if image.width < 1 or image.height < 1:
-        raise SLQInputError(f"Image has zero size ({image.width}x{image.height}){_where(index, path)}; drop it.")
-    try:
-        image = ImageOps.exif_transpose(image)
-        # Shrink before the mode conversion: converting a huge image is the other expensive step.
-        image = fit_image(image, budget)
-        if image.mode != "RGB":
-            image = _to_rgb(image)
-    except (OSError, SyntaxError, ValueError) as err:
-        # A PIL image given directly may be lazily loaded: truncation shows only now.
-        raise SLQInputError(f"Cannot decode image{_where(index, path)}: {err}. The image data is truncated or "
-                            "corrupt; re-export it or drop it from the inputs.") from err
-    return image
-
-
-def _to_rgb(image: Image.Image) -> Image.Image:
-    # Transparent pixels go on white (what a viewer shows); 16/32-bit greyscale is rescaled to 8 bit first.
-    if image.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
-        import numpy as np
-
-        array = np.nan_to_num(np.asarray(image, dtype="float64"), nan=0.0, posinf=0.0, neginf=0.0)
-        low, high = float(array.min()), float(array.max())
-        scaled = (array - low) / (high - low) * 255.0 if high > low else array * 0
-        image = Image.fromarray(scaled.astype("uint8"), mode="L")
-    if image.mode == "P":
-        image = image.convert("RGBA")
-    if image.mode in ("La", "RGBa"):  # premultiplied alpha: PIL converts these only to their straight-alpha twin
-        image = image.convert("LA" if image.mode == "La" else "RGBA")
-    if image.mode in ("RGBA", "LA", "PA"):
-        background = Image.new("RGBA", image.size, (255, 255, 255, 255))
-        return Image.alpha_composite(background, image.convert("RGBA")).convert("RGB")
-    return image.convert("RGB")
 
 
 def _is_file(text: str) -> bool:
@@ -282,9 +92,40 @@ def _is_file(text: str) -> bool:
         return False
 
 
-def _looks_like_image_path(text: str) -> bool:
+def _exists(text: str) -> bool:
+    try:
+        return Path(text).expanduser().exists()
+    except (OSError, ValueError):
+        return False
+
+
+def looks_like_path(text: str) -> bool:
+    """The rule that decides whether a ``str`` input is meant as a file path rather than a text.
+
+    A one-line string (surrounding spaces ignored) is a path when it ends with an image extension (``cat.jpg``,
+    ``my cat.jpg``, ``https://x/y.png``), or ends with a path separator (``photos/``), or has no whitespace, contains
+    a separator and names something that exists (``data/photos``, ``./notes.txt``). A path-like string must be a
+    readable image; everything else is a text.
+    """
     stripped = text.strip()
-    return bool(stripped) and not any(c.isspace() for c in stripped) and stripped.lower().endswith(IMAGE_EXTENSIONS)
+    if not stripped or "\n" in stripped:
+        return False
+    if stripped.lower().endswith(IMAGE_EXTENSIONS) or stripped.endswith(_SEPARATORS):
+        return True
+    return not any(c.isspace() for c in stripped) and any(s in stripped for s in _SEPARATORS) and _exists(stripped)
+
+
+def _path_error(value: str, index: int | None) -> SLQInputError:
+    stripped = value.strip()
+    if stripped.startswith(("http://", "https://")):
+        problem = "is a URL; slq_hf does not download images"
+    elif _exists(stripped):
+        folder = Path(stripped).expanduser().is_dir()
+        problem = "is a folder" if folder else "names a file that is not a readable image"
+    else:
+        problem = "looks like an image path but no such file exists"
+    return SLQInputError(f"{value!r} {problem}{_where(index)}. A string that looks like a path is never embedded as "
+                         "text: fix the path, or pass {'text': ...} to embed the string as text.")
 
 
 def _check_text(text: Any, index: int | None) -> str:
@@ -296,26 +137,40 @@ def _check_text(text: Any, index: int | None) -> str:
     return text
 
 
-def to_item(value: SLQInput, index: int | None = None, budget: ImageBudget | None = None) -> SLQItem:
+def to_item(value: SLQInput, index: int | None = None, budget: ImageBudget | None = None,
+            lazy: bool = False) -> SLQItem:
     """Normalise one user input.
 
-    Accepted: a text ``str``; a ``str``/``Path`` to an existing image file; a PIL image; a dict with ``"image"``
-    and/or ``"text"``. A ``str`` is an image path only if it names an existing file with an image extension; a
-    string that looks like an image path but does not exist is refused (a silent text embedding of a file name
-    would be garbage). ``budget`` (:func:`image_budget`) shrinks huge images while loading them.
+    Accepted: a text ``str``; a ``str``/``Path`` naming an image file; a PIL image; a dict with ``"image"`` and/or
+    ``"text"``. A ``str`` is a path when :func:`looks_like_path` says so, and must then name a readable image (an
+    existing image file is the image, spaces in its name allowed); anything else path-like (a folder, a missing
+    file, a non-image file) is refused rather than silently embedded as text. ``{"text": ...}`` is always text.
+
+    Images are checked from their header (allowed format, size limit for ``budget``). With ``lazy=False`` they are
+    decoded right away (RGB, EXIF-transposed, shrunk to ``budget``); with ``lazy=True`` they stay
+    :class:`PendingImage` until :func:`collate` (or :meth:`SLQItem.decoded`) decodes them.
     """
+    item = _normalise(value, index, budget)
+    return item if lazy else item.decoded(budget)
+
+
+def _image(value: Any, index: int | None, budget: ImageBudget | None) -> PendingImage:
+    path = value if isinstance(value, (str, os.PathLike)) else None
+    return pending_image(value, image_label(index, path), budget)
+
+
+def _normalise(value: SLQInput, index: int | None, budget: ImageBudget | None) -> SLQItem:
     if isinstance(value, (Image.Image, os.PathLike)):
         path = value if isinstance(value, os.PathLike) else None
-        return SLQItem(image=load_image(value, index, budget), source=_label(index, path))
+        return SLQItem(image=_image(value, index, budget), source=image_label(index, path))
     if isinstance(value, str):
         stripped = value.strip()
         if stripped.lower().endswith(IMAGE_EXTENSIONS) and _is_file(stripped):
             # An existing image file is the image, even with spaces in its name ("my cat.jpg").
-            return SLQItem(image=load_image(stripped, index, budget), source=_label(index, stripped))
-        if _looks_like_image_path(value):
-            raise SLQInputError(f"{value!r} looks like an image path but no such file exists{_where(index)}. Fix the "
-                                "path, or pass {'text': ...} to embed it as text.")
-        return SLQItem(text=_check_text(value, index), source=_label(index))
+            return SLQItem(image=_image(stripped, index, budget), source=image_label(index, stripped))
+        if looks_like_path(value):
+            raise _path_error(value, index)
+        return SLQItem(text=_check_text(value, index), source=image_label(index))
     if isinstance(value, dict):
         unknown = set(value) - {"image", "text"}
         if unknown:
@@ -325,8 +180,8 @@ def to_item(value: SLQInput, index: int | None = None, budget: ImageBudget | Non
         if image is None and text is None:
             raise SLQInputError(f"Input dict has neither 'image' nor 'text'{_where(index)}.")
         path = image if isinstance(image, (str, os.PathLike)) else None
-        return SLQItem(image=None if image is None else load_image(image, index, budget),
-                       text=None if text is None else _check_text(text, index), source=_label(index, path))
+        return SLQItem(image=None if image is None else _image(image, index, budget),
+                       text=None if text is None else _check_text(text, index), source=image_label(index, path))
     if value is None:
         raise SLQInputError(f"Input is None{_where(index)}; pass a text, an image, an image path or "
                             "{'image': ..., 'text': ...}, or drop it.")
@@ -338,26 +193,33 @@ def to_item(value: SLQInput, index: int | None = None, budget: ImageBudget | Non
                         "an image path or {'image': ..., 'text': ...}." + hint)
 
 
-def to_items(inputs: SLQInput | list[SLQInput], budget: ImageBudget | None = None) -> list[SLQItem]:
-    """Normalise a single input or a list of inputs; errors name the offending index."""
+def to_items(inputs: SLQInput | list[SLQInput], budget: ImageBudget | None = None,
+             lazy: bool = True) -> list[SLQItem]:
+    """Normalise a single input or a list of inputs; errors name the offending index.
+
+    Every input is checked now (types, texts, files exist and are allowed images of acceptable size, from their
+    headers), so bad inputs fail before any work; with ``lazy=True`` (the default) images are decoded only when
+    :func:`collate` builds their batch.
+    """
     if isinstance(inputs, (str, os.PathLike, Image.Image, dict)):
         inputs = [inputs]
     if not isinstance(inputs, (list, tuple)):
         raise SLQInputError(f"Expected a list of inputs, got {type(inputs).__name__}.")
-    return [to_item(value, index, budget) for index, value in enumerate(inputs)]
+    return [to_item(value, index, budget, lazy=lazy) for index, value in enumerate(inputs)]
 
 
 def prepare_inputs(inputs: SLQInput | list[SLQInput], processor: Any = None) -> list[str | Image.Image | dict]:
     """Validate and convert inputs exactly as ``SLQModel.encode`` does, for APIs that run the processor themselves
     (sentence-transformers: ``st.encode(prepare_inputs(inputs, st[0].processor))``).
 
-    Texts stay ``str``; images (PIL or path) become RGB PIL images: EXIF-transposed, mode-converted, checked against
-    the decompression-bomb limit and, with ``processor``, shrunk to its :func:`image_budget`; image+text inputs
-    become ``{"image": PIL, "text": str}``. Raises SLQInputError naming the index, like ``encode``.
+    Texts stay ``str``; images (PIL or path) become RGB PIL images: EXIF-transposed, mode-converted, first frame
+    only, checked against the decoded-size limit and, with ``processor``, shrunk to its :func:`image_budget`;
+    image+text inputs become ``{"image": PIL, "text": str}``. Raises SLQInputError naming the index, like ``encode``.
+    All images are decoded at once: pass a batch at a time for large inputs.
     """
     budget = image_budget(processor) if processor is not None else None
     prepared: list[str | Image.Image | dict] = []
-    for item in to_items(inputs, budget):
+    for item in to_items(inputs, budget, lazy=False):
         if item.image is not None and item.text is not None:
             prepared.append({"image": item.image, "text": item.text})
         else:
@@ -404,15 +266,18 @@ def prompt_length_limit(backbone_config: Any, tokenizer: Any = None, reserved: i
 
 
 def _template(processor, items: list[SLQItem], instruction: str | None):
-    conversations = [build_messages(item, instruction) for item in items]
-    return processor.apply_chat_template(
-        conversations,
-        add_generation_prompt=True,
-        tokenize=True,
-        return_dict=True,
-        return_tensors="pt",
-        processor_kwargs={"padding": True},
-    )
+    def apply(conversations: list) -> Any:
+        return processor.apply_chat_template(
+            conversations,
+            add_generation_prompt=True,
+            tokenize=True,
+            return_dict=True,
+            return_tensors="pt",
+            processor_kwargs={"padding": True},
+        )
+
+    # Control tokens inside the user's text or instruction stay literal text, never template structure.
+    return template_with_literal_texts(processor, [build_messages(item, instruction) for item in items], apply)
 
 
 def _template_checked(processor, items: list[SLQItem], instruction: str | None):
@@ -458,7 +323,8 @@ def _truncate_text(processor, item: SLQItem, instruction: str | None, max_length
                             "the model accepts before its queries; use a smaller image or lower the processor's "
                             "max_pixels.")
     tokenizer = getattr(processor, "tokenizer", processor)
-    ids = tokenizer(item.text, add_special_tokens=False)["input_ids"]
+    # Literal-text ids: control tokens in the text come back as the same characters when decoded.
+    ids = split_text_ids(processor, item.text)
     keep, current = len(ids), length
     # Tokens at the cut may merge differently once re-tokenised in context, so re-measure and repeat if needed.
     for _ in range(8):
@@ -481,7 +347,9 @@ def _truncate_text(processor, item: SLQItem, instruction: str | None, max_length
 def collate(processor, items: list[SLQItem], instruction: str | None = None, max_length: int | None = None):
     """Apply the backbone's chat template (generation prompt added) and its processor to a batch of items.
 
-    Images larger than the processor's budget (:func:`image_budget`) are shrunk with PIL first. With
+    Pending images (:func:`to_items`) are decoded here, one batch at a time; images larger than the processor's
+    budget (:func:`image_budget`) are shrunk with PIL first. Control tokens in texts and in ``instruction`` are
+    embedded as literal text (:mod:`.control_tokens`). With
     ``max_length`` (see :func:`prompt_length_limit`), a prompt longer than that has its user text truncated, with a
     warning, so that the full templated prompt fits. A processor failure is raised as SLQInputError naming the item.
 
@@ -491,6 +359,7 @@ def collate(processor, items: list[SLQItem], instruction: str | None = None, max
     if not items:
         raise SLQInputError("Cannot collate an empty batch.")
     budget = image_budget(processor)
+    items = [item.decoded(budget) for item in items]
     items = [item if item.image is None else replace(item, image=fit_image(item.image, budget)) for item in items]
     batch = _template_checked(processor, items, instruction)
     if max_length is not None:

@@ -14,9 +14,7 @@ import logging
 from dataclasses import dataclass
 from typing import Any
 
-from PIL import Image
-
-from ..modeling.processing_slq import ImageBudget, SLQInputError, SLQItem, collate, image_budget, to_item
+from ..modeling.processing_slq import ImageBudget, SLQInputError, SLQItem, collate, image_budget, open_image, to_item
 
 logger = logging.getLogger(__name__)
 
@@ -91,13 +89,8 @@ def _decode_image_record(value: Any) -> Any:
     """``datasets`` Image(decode=False) records {"bytes", "path"} -> PIL image or path; anything else unchanged."""
     if isinstance(value, dict) and set(value) <= {"bytes", "path"} and value:
         if value.get("bytes") is not None:
-            try:
-                with Image.open(io.BytesIO(value["bytes"])) as opened:
-                    opened.load()
-                    return opened.copy()
-            except Exception as err:  # PIL raises many types for corrupt data
-                name = value.get("path") or "<bytes>"
-                raise SLQInputError(f"Cannot decode image {name!r}: {err}.") from err
+            # Header only (allowed formats, size), decoded later by to_item with the size limits and the budget.
+            return open_image(io.BytesIO(value["bytes"]), f"file {value.get('path') or '<bytes>'!r}")
         if value.get("path"):
             return value["path"]
         raise SLQInputError("Image record has neither bytes nor a path.")
