@@ -1,0 +1,185 @@
+"""slq_hf.data: one record type and one reader table, read the same way by training, evaluation and karr-build.
+
+The rule under test everywhere: in every JSONL form a plain string is a text, even when it names a file that exists
+or reads like a camera file name (``IMG_0042.JPG``).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from slq_hf.data import FORMATS, READERS, DataFormatError, DatasetImage, Item, read_records
+from slq_hf.data.karr_build import read_pairs
+from slq_hf.evaluation import load_retrieval_dataset, read_jsonl
+from slq_hf.training import SLQDataCollator, example_roles, load_item, load_training_data
+
+
+def _png(path: Path, colour=(200, 30, 30)) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.new("RGB", (32, 32), colour).save(path)
+    return path
+
+
+def _jsonl(path: Path, lines: list) -> Path:
+    path.write_text("".join((line if isinstance(line, str) else json.dumps(line)) + "\n" for line in lines))
+    return path
+
+
+@pytest.fixture
+def files(tmp_path):
+    """Two images, and captions that name one of them or look like camera file names."""
+    _png(tmp_path / "img" / "a.png")
+    _png(tmp_path / "img" / "b.png", (30, 30, 200))
+    return tmp_path
+
+
+# ------------------------------------------------------------------------------------------------ reader table
+def test_the_table_has_one_reader_per_format():
+    assert FORMATS == tuple(READERS) and set(READERS) == {"jsonl", "karpathy", "karr", "hf"}
+
+
+def test_every_format_reads_to_records(files):
+    root = files
+    jsonl = _jsonl(root / "pairs.jsonl", [{"image": "img/a.png", "texts": ["a red square", "red"]}])
+    karr = _jsonl(root / "karr.jsonl", [{"image": "img/b.png", "knowledge": "the sky's colour", "caption": "blue"}])
+    karpathy = root / "dataset_toy.json"
+    karpathy.write_text(json.dumps({"images": [{"filename": "a.png", "filepath": "img", "split": "train",
+                                                "sentences": [{"raw": "a red square"}]}]}))
+    records = {name: read_records(path) for name, path in (("jsonl", jsonl), ("karr", karr), ("karpathy", karpathy))}
+    assert records["jsonl"][0].query == Item(root / "img" / "a.png", name="img/a.png")
+    assert [p.text for p in records["jsonl"][0].positives] == ["a red square", "red"]
+    assert records["jsonl"][0].source == f"{jsonl}:1" and records["jsonl"][0].line == 1
+    assert [p.text for p in records["karr"][0].positives] == ["the sky's colour"]
+    assert records["karr"][0].fields["caption"] == "blue"
+    assert [p.text for p in read_records(karr, text_field="caption")[0].positives] == ["blue"]
+    assert records["karpathy"][0].query.image == root / "img" / "a.png"
+    assert records["karpathy"][0].split == "train"
+
+
+def test_hf_reader_keeps_images_undecoded_until_used(tmp_path):
+    datasets = pytest.importorskip("datasets")
+    import io
+
+    red = io.BytesIO()
+    Image.new("RGB", (16, 16), (255, 0, 0)).save(red, format="PNG")
+    table = datasets.Dataset.from_dict({"image": [{"bytes": red.getvalue(), "path": "r.png"},
+                                                  {"bytes": b"not an image", "path": "bad.png"},
+                                                  {"bytes": red.getvalue(), "path": "r2.png"}],
+                                        "caption": [["r0", "r1"], ["broken"], ["again"]]})
+    table = table.cast_column("image", datasets.Image())
+    records = read_records(table, "hf")  # the corrupt row does not fail the read: nothing is decoded here
+    assert [len(r.positives) for r in records] == [2, 1, 1]
+    images = [r.query.image for r in records]
+    assert all(isinstance(image, DatasetImage) for image in images)
+    assert images[0].key == images[2].key != images[1].key  # same bytes, same image
+    assert images[0].load().getpixel((0, 0)) == (255, 0, 0)
+
+
+# ---------------------------------------------------------------------------- plain strings are texts everywhere
+CAPTIONS = ["img/b.png", "IMG_0042.JPG", "a red square"]  # an existing file, a camera name, a plain caption
+
+
+def test_jsonl_captions_that_name_files_are_texts_in_training(files, tiny_backbone_path):
+    from transformers import AutoProcessor
+
+    path = _jsonl(files / "pairs.jsonl", [
+        *[{"image": "img/a.png", "text": caption} for caption in CAPTIONS],
+        {"query": "img/b.png", "positive": {"image": "img/a.png"}},
+        {"query": {"image": "img/a.png", "text": "IMG_0042.JPG"}, "positive": "img/b.png"},
+    ])
+    data = load_training_data(path)
+    assert len(data) == 5
+    assert [data[i]["text"] for i in range(3)] == CAPTIONS
+    assert data[3]["query"] == {"text": "img/b.png"}
+    assert data[4]["query"]["text"] == "IMG_0042.JPG" and data[4]["positive"] == {"text": "img/b.png"}
+    # What the collator does with them: every caption loads as a text, none as an image (or a missing one).
+    for index in range(3):
+        item = load_item(example_roles(data[index])["positive"])
+        assert item.image is None and item.text == CAPTIONS[index]
+    # In a real batch the text side has no pixels at all: a caption taken for an image would add some.
+    processor = AutoProcessor.from_pretrained(tiny_backbone_path("qwen3_vl"))
+    batch = SLQDataCollator(processor, strict=True)([data[i] for i in range(3)])
+    assert batch["positive_input_ids"].shape[0] == 3 and "positive_pixel_values" not in batch
+    assert batch["input_ids"].shape[0] == 3 and "pixel_values" in batch
+
+
+def test_jsonl_captions_that_name_files_are_texts_in_evaluation_and_karr_build(files):
+    path = _jsonl(files / "pairs.jsonl", [{"image": "img/a.png", "text": caption} for caption in CAPTIONS])
+    data = read_jsonl(path, split=None)
+    assert data.texts == CAPTIONS and data.text_to_image == [0, 0, 0]
+    assert data.images == [files / "img" / "a.png"]  # img/b.png is a caption here, not a second image
+    (pair,) = read_pairs(path)
+    assert pair.captions == CAPTIONS
+
+
+def test_training_and_evaluation_read_the_same_pairs(files):
+    path = _jsonl(files / "pairs.jsonl", [
+        {"image": "img/a.png", "captions": ["a red square", "IMG_0042.JPG"], "split": "test"},
+        {"image": "img/b.png", "text": "a blue square", "split": "test"},
+    ])
+    train = load_training_data(path)
+    evaluation = load_retrieval_dataset(path, split="test")
+    pairs_train = [(Path(train[i]["image"]), train[i]["text"]) for i in range(len(train))]
+    pairs_eval = [(evaluation.images[o], t) for t, o in zip(evaluation.texts, evaluation.text_to_image)]
+    assert pairs_train == pairs_eval
+
+
+def test_training_reads_every_format_of_the_table(files):
+    karr = _jsonl(files / "karr.jsonl", [{"image": "img/a.png", "knowledge": "the colour of blood"}])
+    assert [load_training_data(karr)[0][k] for k in ("image", "text")] == [str(files / "img" / "a.png"),
+                                                                           "the colour of blood"]
+    karpathy = files / "dataset_toy.json"
+    karpathy.write_text(json.dumps({"images": [
+        {"filename": "a.png", "filepath": "img", "split": "train", "sentences": [{"raw": "red"}, {"raw": "rouge"}]},
+        {"filename": "b.png", "filepath": "img", "split": "test", "sentences": [{"raw": "blue"}]}]}))
+    data = load_training_data(karpathy, split="train")
+    assert [data[i]["text"] for i in range(len(data))] == ["red", "rouge"]
+    assert data[1]["_source"].endswith("images[0][1]")
+
+
+# --------------------------------------------------------------------------------------- errors name file + line
+@pytest.mark.parametrize("line, message", [
+    ('{"image": "img/a.png", "text": "ok"', "invalid JSON at column"),
+    ('"just a string"', "expected a JSON object, got str"),
+    ('{"image": "img/a.png"}', "needs exactly one of ['text', 'texts', 'caption', 'captions']"),
+    ('{"image": "img/a.png", "text": "x", "caption": "y"}', "this line has ['text', 'caption']"),
+    ('{"image": "img/a.png", "texts": []}', "'texts' must be a non-empty caption or a list"),
+    ('{"image": 3, "text": "x"}', "'image' must be a non-empty path string"),
+    ('{"image": "img/none.png", "text": "x"}', "image file 'img/none.png' not found"),
+    ('{"query": "a"}', "needs \"query\" and \"positive\""),
+    ('{"query": "a", "positive": 3}', "'positive' is int"),
+    ('{"query": "a", "positive": {"img": "a.png"}}', "'positive' is ['img']"),
+    ('{"reference": "img/a.png", "target": "img/b.png"}', "missing ['text']"),
+    ('{"caption": "x"}', "got keys ['caption']"),
+])
+def test_jsonl_errors_name_the_file_and_line(files, line, message):
+    path = _jsonl(files / "d.jsonl", ['{"image": "img/a.png", "text": "fine"}', "", line])
+    with pytest.raises(DataFormatError, match=re.escape(f"{path}:3: ") + ".*" + re.escape(message)):
+        read_records(path)
+
+
+def test_other_errors_name_what_to_do(files):
+    path = _jsonl(files / "d.jsonl", [{"image": "img/a.png", "text": "x"}])
+    with pytest.raises(ValueError, match=r"--image-root does not apply to the jsonl format"):
+        read_records(path, image_root=files)
+    with pytest.raises(ValueError, match=r"format='csv' \(--format\) is not supported"):
+        read_records(path, "csv")
+    with pytest.raises(DataFormatError, match=re.escape(f"{files / 'missing.jsonl'}: data file not found")):
+        read_records(files / "missing.jsonl", "jsonl")
+    with pytest.raises(DataFormatError, match="cannot tell the format from the suffix '.csv'"):
+        read_records(_jsonl(files / "d.csv", ["x"]))
+    karr = _jsonl(files / "k.jsonl", [{"image": "img/a.png", "knowledge": "a"}, {"image": "img/a.png",
+                                                                                "knowledge": "b"}])
+    with pytest.raises(DataFormatError, match=re.escape(f"{karr}:2: ") + ".*already appeared on line 1"):
+        read_records(karr)
+    pairs = _jsonl(files / "p.jsonl", [{"image": "img/a.png", "text": "a cat", "object": 3}])
+    with pytest.raises(DataFormatError, match=re.escape(f"{pairs}:1: ") + "\"object\" must be a word"):
+        read_pairs(pairs)
+    composed = _jsonl(files / "c.jsonl", [{"reference": "img/a.png", "text": "same", "target": "img/a.png"}])
+    with pytest.raises(DataFormatError, match=re.escape(f"{composed}:1: reference and target are the same image")):
+        read_jsonl(composed)
