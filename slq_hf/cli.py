@@ -1,15 +1,23 @@
 """`slq-hf` command line. Each subcommand lives in ``slq_hf/commands/<name>.py`` and is listed in COMMANDS.
 
-A subcommand module defines ``add_parser(subparsers) -> argparse.ArgumentParser`` and sets ``func`` on it with
-``parser.set_defaults(func=run)``; ``run(args) -> int | None`` does the work. Heavy imports (torch,
-transformers) belong inside ``run`` so ``slq-hf --help`` stays fast.
+A subcommand module defines ``add_parser(subparsers) -> argparse.ArgumentParser`` (its one-line ``help=`` is the
+summary ``slq-hf --help`` lists) and sets ``func`` on it with ``parser.set_defaults(func=run)``;
+``run(args) -> int | None`` does the work. Heavy imports (torch, transformers) belong inside ``run``.
+
+The parser is lazy: ``slq-hf --help`` reads each command's summary from its module's source without importing it,
+and ``slq-hf COMMAND ...`` imports only that command's module. So the listing answers in a fraction of a second, and
+a command's ``--help`` costs only its own module's imports.
 """
 
 from __future__ import annotations
 
 import argparse
+import ast
 import importlib
+import importlib.util
 import sys
+from collections.abc import Iterable, Sequence
+from functools import cache
 
 # name -> module. Order = order in `slq-hf --help`.
 COMMANDS: dict[str, str] = {
@@ -21,21 +29,58 @@ COMMANDS: dict[str, str] = {
     "karr-build": "slq_hf.commands.karr_build",
 }
 
+DESCRIPTION = ("SLQ (Shared Latent Queries): embedding models on frozen Hugging Face vision-language backbones. "
+               "Run `slq-hf COMMAND --help` for the options of a command.")
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="slq-hf",
-        description="SLQ (Shared Latent Queries): embedding models on frozen Hugging Face vision-language "
-        "backbones. Run `slq-hf COMMAND --help` for the options of a command.",
-    )
+
+@cache
+def command_summary(name: str) -> str:
+    """The ``help=`` text that COMMANDS[name]'s ``add_parser`` passes to ``subparsers.add_parser(name, ...)``.
+
+    Read from the module's source with ``ast`` (the module is located, not executed), so listing the commands
+    imports none of them. A module whose call has no literal ``help=`` string gets its docstring's first line.
+    """
+    module = COMMANDS[name]
+    spec = importlib.util.find_spec(module)
+    if spec is None or spec.origin is None:
+        raise ModuleNotFoundError(f"slq-hf command {name!r}: module {module} (listed in slq_hf.cli.COMMANDS) "
+                                  "was not found")
+    with open(spec.origin, encoding="utf-8") as handle:
+        tree = ast.parse(handle.read(), filename=spec.origin)
+    for node in ast.walk(tree):
+        if (isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and node.func.attr == "add_parser"
+                and node.args and isinstance(node.args[0], ast.Constant) and node.args[0].value == name):
+            for keyword in node.keywords:
+                if keyword.arg == "help" and isinstance(keyword.value, ast.Constant):
+                    return str(keyword.value.value)
+    docstring = ast.get_docstring(tree) or ""
+    return docstring.split("\n", 1)[0].split(": ", 1)[-1]
+
+
+def build_parser(commands: Iterable[str] | None = None) -> argparse.ArgumentParser:
+    """The ``slq-hf`` parser. Commands in ``commands`` (default: all) get their full parser, which imports their
+    module; the others are listed with their summary only (nothing imported)."""
+    full = set(COMMANDS if commands is None else commands)
+    parser = argparse.ArgumentParser(prog="slq-hf", description=DESCRIPTION)
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name, module in COMMANDS.items():
-        importlib.import_module(module).add_parser(subparsers)
+        if name in full:
+            importlib.import_module(module).add_parser(subparsers)
+        else:
+            subparsers.add_parser(name, help=command_summary(name), add_help=False)
     return parser
 
 
+def _command_in(argv: Sequence[str]) -> str | None:
+    """The subcommand ``argv`` names: its first argument that is not an option (the top level takes only -h)."""
+    first = next((arg for arg in argv if not arg.startswith("-")), None)
+    return first if first in COMMANDS else None
+
+
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
+    argv = sys.argv[1:] if argv is None else list(argv)
+    command = _command_in(argv)
+    parser = build_parser([] if command is None else [command])
     args = parser.parse_args(argv)
     if not getattr(args, "func", None):
         parser.print_help()
