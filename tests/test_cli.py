@@ -1,0 +1,175 @@
+"""The `slq-hf` commands as a user meets them: bad input ends in one clear error line and exit status 2 (1 when a
+command ran but produced nothing usable), never a traceback; `--backbone` on every command that loads a model; the
+model-card template found by an installed package, from any working directory."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+
+from slq_hf import SLQModel
+from slq_hf.cli import main
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def moved_model(tiny_backbone_path, tmp_path_factory):
+    """(SLQ folder, the backbone's new location): trained on a backbone copy that was then moved away."""
+    root = tmp_path_factory.mktemp("cli")
+    shutil.copytree(tiny_backbone_path("qwen3_vl"), root / "backbone")
+    model = SLQModel.from_backbone(str(root / "backbone"), num_queries=4)
+    with torch.no_grad():
+        model.queries.normal_(generator=torch.Generator().manual_seed(0))
+    model.save_pretrained(root / "slq")
+    (root / "backbone").rename(root / "moved")
+    return root / "slq", root / "moved"
+
+
+@pytest.fixture
+def data(tmp_path):
+    Image.new("RGB", (32, 32), (200, 30, 30)).save(tmp_path / "red.png")
+    Image.new("RGB", (32, 32), (30, 30, 200)).save(tmp_path / "blue.png")
+    path = tmp_path / "pairs.jsonl"
+    path.write_text(json.dumps({"image": "red.png", "text": "a red square"}) + "\n"
+                    + json.dumps({"image": "blue.png", "text": "IMG_0042.JPG"}) + "\n")
+    return path
+
+
+def _one_error_line(capsys, command: str) -> str:
+    err = capsys.readouterr().err
+    errors = [line for line in err.splitlines() if line.startswith(f"slq-hf {command}: error: ")]
+    assert len(errors) == 1 and "Traceback" not in err, err
+    return errors[0]
+
+
+def _bad_inputs(tmp: Path, data: Path, model: Path) -> list[tuple[str, list[str], str]]:
+    """(command, argv, what the error line must say) for each command's typical input mistakes."""
+    missing, template = str(tmp / "missing.jsonl"), tmp / "template.txt"
+    if tmp.is_dir():
+        template.write_text("no placeholder")
+    return [
+        ("eval", ["--model", str(model), "--data", missing], "missing.jsonl: data file not found"),
+        ("eval", ["--model", str(model), "--data", str(data), "--image-root", str(tmp)],
+         "--image-root does not apply to the jsonl format"),
+        ("eval", ["--model", str(model), "--data", str(data), "--batch-size", "0"], "--batch-size must be positive"),
+        ("eval", ["--model", str(tmp / "nowhere"), "--data", str(data)], "cannot load the SLQ model"),
+        ("export", [str(tmp / "nowhere"), "--out", str(tmp / "hub")], "no config.json"),
+        ("export", [str(model), "--out", str(tmp / "hub"), "--template", str(tmp / "none.md")], "--template PATH"),
+        ("export", [str(model), "--out", str(tmp / "hub"), "--eval-results", missing],
+         "cannot read the evaluation results"),
+        ("push", [str(tmp / "nowhere"), "--repo-id", "org/name", "--dry-run"], "not a folder"),
+        ("convert-reference", [str(tmp / "q.pt"), "--backbone", str(tmp), "--out", str(tmp / "o")], "no such file"),
+        ("karr-build", ["--data", missing, "--model", str(model), "--out", str(tmp / "k.jsonl")],
+         "data file not found"),
+        ("karr-build", ["--data", str(data), "--model", str(model), "--out", str(tmp / "k.jsonl"),
+                        "--template", str(template)], "has no {caption} placeholder"),
+        ("karr-build", ["--data", str(data), "--model", str(model), "--out", str(tmp / "k.jsonl"), "--limit", "0"],
+         "--limit (limit=) must be a positive integer"),
+        ("train", ["--backbone", str(tmp / "nowhere"), "--train-data", missing, "--output-dir", str(tmp / "run")],
+         "missing.jsonl"),
+    ]
+
+
+CASES = [f"{command}-{n}" for n, (command, _, _) in enumerate(_bad_inputs(Path("t"), Path("d"), Path("m")))]
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_bad_input_ends_in_one_error_line_and_status_2(case, moved_model, data, tmp_path, capsys):
+    model, _ = moved_model
+    command, argv, message = _bad_inputs(tmp_path, data, model)[CASES.index(case)]
+    assert main([command, *argv]) == 2
+    assert message in _one_error_line(capsys, command)
+    assert not (tmp_path / "hub").exists() and not (tmp_path / "k.jsonl").exists()
+
+
+def test_every_command_is_covered_by_the_bad_input_test(moved_model, data, tmp_path):
+    from slq_hf.cli import COMMANDS
+
+    covered = {command for command, _, _ in _bad_inputs(tmp_path, data, moved_model[0])}
+    mine = {"train", "eval", "export", "push", "convert-reference", "karr-build"}
+    assert mine <= set(COMMANDS) and covered == mine
+
+
+def test_a_real_process_prints_no_traceback(data, tmp_path):
+    """The installed entry point, as a shell user runs it: one line on stderr, exit status 2."""
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    result = subprocess.run([sys.executable, "-m", "slq_hf.cli", "eval", "--model", str(tmp_path / "nowhere"),
+                             "--data", str(data), "--format", "karr"], capture_output=True, text=True, env=env,
+                            cwd=tmp_path, timeout=300, stdin=subprocess.DEVNULL)
+    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr
+    assert result.stderr.strip().splitlines()[-1].startswith("slq-hf eval: error: "), result.stderr
+    assert "pairs.jsonl:1: a KARR line needs" in result.stderr
+
+
+def test_karr_build_that_keeps_nothing_exits_1(moved_model, data, tmp_path, monkeypatch, capsys):
+    from slq_hf.data import karr_build
+
+    model, moved = moved_model
+    monkeypatch.setattr(karr_build, "rewrite_captions", lambda *args, **kwargs: ["a red square", ""])
+    assert main(["karr-build", "--data", str(data), "--model", str(model), "--backbone", str(moved),
+                 "--out", str(tmp_path / "k.jsonl")]) == 1
+    assert "no rewrite was kept" in _one_error_line(capsys, "karr-build")
+
+
+# -------------------------------------------------------------------------------------------------- --backbone
+def test_eval_takes_backbone_like_export(moved_model, data, tmp_path, capsys):
+    model, moved = moved_model
+    assert main(["eval", "--model", str(model), "--data", str(data), "--split", "all", "--no-progress"]) == 2
+    line = _one_error_line(capsys, "eval")
+    assert "--backbone" in line and "backbone" in line  # names the missing backbone and how to point elsewhere
+    out = tmp_path / "r.json"
+    assert main(["eval", "--model", str(model), "--backbone", str(moved), "--data", str(data), "--split", "all",
+                 "--no-progress", "--output", str(out)]) == 0
+    result = json.loads(out.read_text())
+    assert result["model"]["backbone"] == str(moved)
+    # The same numbers as evaluating the folder loaded by hand with the backbone's new location.
+    from slq_hf.evaluation import evaluate_retrieval, load_retrieval_dataset
+
+    reference = evaluate_retrieval(SLQModel.from_pretrained(model, backbone_name_or_path=str(moved)),
+                                   load_retrieval_dataset(data, split="all"), show_progress_bar=False)
+    for direction in ("t2i", "i2t"):
+        assert result["metrics"][direction]["R@1"] == pytest.approx(reference["metrics"][direction]["R@1"])
+        assert result["metrics"][direction]["mean_rank"] == pytest.approx(reference["metrics"][direction]["mean_rank"])
+
+
+@pytest.mark.parametrize("command", ["eval", "karr-build"])
+def test_model_loading_commands_document_backbone(command, capsys):
+    with pytest.raises(SystemExit):
+        main([command, "--help"])
+    assert "--backbone ID_OR_PATH" in capsys.readouterr().out
+
+
+# ---------------------------------------------------------------------------------- export after an install
+def test_the_template_is_one_file_inside_the_package():
+    from slq_hf.hub import MODEL_CARD_TEMPLATE
+
+    assert MODEL_CARD_TEMPLATE.parent == REPO / "slq_hf" / "hub"
+    assert (REPO / "MODEL_CARD.md").resolve() == MODEL_CARD_TEMPLATE.resolve()  # the repository's card: same file
+
+
+def test_export_from_an_installed_copy_in_another_directory(moved_model, tmp_path):
+    """A regular install holds only the package: copy slq_hf/ alone (no repository around it) and export from an
+    unrelated working directory; the card must still render from the packaged template."""
+    model, moved = moved_model
+    site = tmp_path / "site-packages"
+    shutil.copytree(REPO / "slq_hf", site / "slq_hf", ignore=shutil.ignore_patterns("__pycache__"))
+    cwd = tmp_path / "elsewhere"
+    cwd.mkdir()
+    env = {**os.environ, "PYTHONPATH": str(site), "HF_HUB_OFFLINE": "1"}
+    code = (f"import slq_hf, sys; assert slq_hf.__file__.startswith({str(site)!r}), slq_hf.__file__; "
+            "from slq_hf.cli import main; sys.exit(main(sys.argv[1:]))")
+    result = subprocess.run([sys.executable, "-c", code, "export", str(model), "--out", "hub", "--backbone",
+                             "Qwen/Qwen3-VL-2B-Instruct", "--backbone-revision", "abc123"], capture_output=True,
+                            text=True, env=env, cwd=cwd, timeout=300, stdin=subprocess.DEVNULL)
+    assert result.returncode == 0, result.stderr[-2000:]
+    card = (cwd / "hub" / "README.md").read_text()
+    assert "Qwen/Qwen3-VL-2B-Instruct" in card and "No evaluation results were provided" in card
