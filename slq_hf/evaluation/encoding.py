@@ -10,10 +10,13 @@ Inputs reach the model as texts (``str``; ``{"text": str}`` for SLQModel, so a c
 mistaken for a path), PIL images, and ``{"image": PIL, "text": str}`` composed queries. Images are opened one chunk
 at a time, so a 5k-image test set never sits decoded in memory.
 
-Cache: with ``cache_dir`` the embeddings of each input list are stored as safetensors under a key derived from the
-model's weights (a fingerprint, see :func:`model_fingerprint`) and the inputs' content (texts, image file path +
-size + mtime, or image pixels), so re-running an evaluation, or evaluating another caption set on the same images,
-skips the image encoding.
+Cache: with ``cache_dir`` the embeddings of each input list are stored as safetensors under a key derived from
+everything that changes an embedding: the model (:func:`model_fingerprint`: weights, active query set, config,
+processor and chat template, truncation, normalisation, prompts, dtype, image limits), the instruction and any
+``encode_kwargs``, and the inputs' content (texts, image file path + size + mtime, or image pixels). Re-running an
+evaluation, or evaluating another caption set on the same images, skips the image encoding; changing any of those
+settings encodes again. Things that cannot change an embedding (the temperature, query sets that are not active)
+are left out of the key, so they never cost a re-encode.
 """
 
 from __future__ import annotations
@@ -33,7 +36,9 @@ from PIL import Image
 from ..processing import load_image
 from .data import DatasetImage, ImageSource
 
-CACHE_VERSION = "1"
+# "2": the key covers the active query set, truncation, prompts, chat template and image limits (issue: "1" keys
+# returned the default set's vectors after switching sets).
+CACHE_VERSION = "2"
 # Tensors up to this many elements are hashed whole; larger ones (backbone matrices) at evenly spaced samples, so
 # fingerprinting a 2B-parameter backbone costs milliseconds, not a full pass over its weights.
 _FULL_HASH_ELEMENTS = 1 << 20
@@ -56,26 +61,123 @@ def _tensor_digest(hasher, name: str, tensor: torch.Tensor) -> None:
     hasher.update(flat.view(torch.uint8).numpy().tobytes())
 
 
-def model_fingerprint(model: Encoder) -> str:
-    """A hex digest that changes when the model's weights, config or processor settings change.
+def _json_default(value: Any) -> str:
+    return repr(value)
 
-    ``nn.Module``: class name, config, processor settings, every state-dict tensor (sampled if large). A plain
-    callable has no inspectable state: pass ``model_id=`` to the encoders to cache it.
+
+def _processor_settings(processor: Any) -> dict[str, Any]:
+    """Processor settings that change what the model sees: image sizes/limits, chat template, tokenizer."""
+    out: dict[str, Any] = {"class": type(processor).__qualname__}
+    if hasattr(processor, "to_json_string"):
+        try:
+            out["json"] = processor.to_json_string()
+        except (TypeError, ValueError):  # a non-serialisable attribute: the class still counts
+            pass
+    out["chat_template"] = getattr(processor, "chat_template", None)
+    tokenizer = getattr(processor, "tokenizer", None)
+    if tokenizer is not None:
+        backend = getattr(tokenizer, "backend_tokenizer", None)
+        vocab = None
+        if hasattr(backend, "to_str"):
+            # Padding/truncation state changes with every processor call; the rest is the tokenizer itself.
+            state = {k: v for k, v in json.loads(backend.to_str()).items() if k not in ("padding", "truncation")}
+            vocab = hashlib.sha256(json.dumps(state, sort_keys=True).encode()).hexdigest()
+        out["tokenizer"] = [type(tokenizer).__qualname__, len(tokenizer), vocab,
+                            getattr(tokenizer, "chat_template", None), getattr(tokenizer, "truncation_side", None),
+                            getattr(tokenizer, "model_max_length", None)]
+    return out
+
+
+def _query_set_settings(model: torch.nn.Module) -> tuple[dict[str, Any], set[int]]:
+    """SLQ models (also inside a SentenceTransformer): the active query set of each (name + digest of its tensor),
+    and the storage of every query set, which is then left out of the state-dict hash (a set that is not active
+    changes no embedding)."""
+    settings: dict[str, Any] = {}
+    storages: set[int] = set()
+    for path, module in model.named_modules():
+        active = getattr(module, "active_query_set", None)
+        if not isinstance(active, str):
+            continue
+        hasher = hashlib.sha256()
+        queries = getattr(module, "active_queries", None)
+        if isinstance(queries, torch.Tensor):
+            _tensor_digest(hasher, "active", queries)
+        settings[path or "model"] = {"active_query_set": active, "active_queries": hasher.hexdigest()}
+        names, lookup = getattr(module, "query_sets", None), getattr(module, "get_query_set", None)
+        if isinstance(names, (list, tuple)) and callable(lookup) and isinstance(queries, torch.Tensor):
+            storages.update(t.data_ptr() for t in map(lookup, names) if isinstance(t, torch.Tensor))
+    return settings, storages
+
+
+def _input_limits() -> dict[str, Any]:
+    """The library's module-level input settings (allowed image formats, decode limits, ...), read at call time:
+    changing one changes which images load and how they are shrunk."""
+    import importlib
+
+    limits: dict[str, Any] = {}
+    for name in ("slq_hf.modeling.processing_slq", "slq_hf.modeling.image_files"):
+        try:
+            module = importlib.import_module(name)
+        except ImportError:  # the module layout differs in this version: what exists still counts
+            continue
+        limits.update({f"{name}.{key}": value for key, value in vars(module).items()
+                       if key.isupper() and isinstance(value, (int, float, str, tuple, dict))})
+    return limits
+
+
+def model_settings(model: torch.nn.Module) -> dict[str, Any]:
+    """Everything besides the weights that changes a model's embeddings, as JSON-able values.
+
+    Config (SLQ: pooling, normalisation, head), processor + chat template + tokenizer, the active query set,
+    sentence-transformers' ``truncate_dim`` / ``prompts`` / ``default_prompt_name`` / ``max_seq_length`` and each
+    module's config (a ``Normalize`` module shows up here: it has no weights), and the library's input limits.
+    """
+    settings: dict[str, Any] = {"class": f"{type(model).__module__}.{type(model).__qualname__}",
+                                "input_limits": _input_limits()}
+    config = getattr(model, "config", None)
+    if config is not None and hasattr(config, "to_json_string"):
+        settings["config"] = config.to_json_string(use_diff=False)
+    processor = getattr(model, "processor", None)
+    if processor is not None:
+        settings["processor"] = _processor_settings(processor)
+    settings["query_sets"] = _query_set_settings(model)[0]
+    for attribute in ("truncate_dim", "prompts", "default_prompt_name", "max_seq_length"):
+        if hasattr(model, attribute):
+            settings[attribute] = getattr(model, attribute)
+    modules = []
+    for name, module in model.named_modules():
+        if isinstance(module, (torch.nn.ParameterDict, torch.nn.ParameterList)):
+            continue  # parameter containers compute nothing (SLQ's query sets live in one); their tensors count below
+        entry: list[Any] = [name, type(module).__qualname__]
+        if name and hasattr(module, "get_config_dict"):  # sentence-transformers modules (Transformer, Normalize...)
+            try:
+                entry.append(module.get_config_dict())
+            except Exception:  # a module whose config cannot be read: its type still counts
+                pass
+        if name and hasattr(module, "processor") and module.processor is not processor:
+            entry.append(_processor_settings(module.processor))
+        modules.append(entry)
+    settings["modules"] = hashlib.sha256(json.dumps(modules, sort_keys=True, default=_json_default).encode()
+                                         ).hexdigest()
+    return settings
+
+
+def model_fingerprint(model: Encoder) -> str:
+    """A hex digest that changes whenever the model's embeddings can change.
+
+    ``nn.Module``: :func:`model_settings` plus every state-dict tensor (name, shape, dtype and values; tensors above
+    a million elements at evenly spaced samples). Left out because they cannot change an embedding: SLQ's
+    ``logit_scale`` (the training temperature) and query sets other than the active one. A plain callable has no
+    inspectable state: pass ``model_id=`` to the encoders to cache it.
     """
     if not isinstance(model, torch.nn.Module):
         raise ValueError(f"Cannot fingerprint a {type(model).__name__} for the embedding cache; pass model_id= "
                          "(a string that changes whenever the model does) or no cache_dir.")
-    hasher = hashlib.sha256(f"{type(model).__module__}.{type(model).__qualname__}|".encode())
-    config = getattr(model, "config", None)
-    if config is not None and hasattr(config, "to_json_string"):
-        hasher.update(config.to_json_string(use_diff=False).encode())
-    processor = getattr(model, "processor", None)
-    if processor is not None and hasattr(processor, "to_json_string"):
-        try:
-            hasher.update(processor.to_json_string().encode())
-        except (TypeError, ValueError):  # a processor with a non-serialisable attribute: its class still counts
-            hasher.update(type(processor).__qualname__.encode())
+    hasher = hashlib.sha256(json.dumps(model_settings(model), sort_keys=True, default=_json_default).encode())
+    _, query_storages = _query_set_settings(model)
     for name, tensor in model.state_dict().items():
+        if name.rsplit(".", 1)[-1] == "logit_scale" or tensor.data_ptr() in query_storages:
+            continue
         _tensor_digest(hasher, name, tensor)
     return hasher.hexdigest()
 
@@ -122,8 +224,11 @@ def _materialise(item: Any, wrap_text: bool) -> Any:
     return _open(item)
 
 
-def _call(model: Encoder, inputs: list, batch_size: int, instruction: str | None) -> torch.Tensor:
-    kwargs = {} if instruction is None else {"instruction": instruction}
+def _call(model: Encoder, inputs: list, batch_size: int, instruction: str | None,
+          encode_kwargs: dict[str, Any] | None = None) -> torch.Tensor:
+    kwargs = dict(encode_kwargs or {})
+    if instruction is not None:
+        kwargs["instruction"] = instruction
     if hasattr(model, "encode"):
         out = model.encode(inputs, batch_size=batch_size, show_progress_bar=False, **kwargs)
     elif callable(model):
@@ -155,6 +260,7 @@ def encode_inputs(
     show_progress_bar: bool | None = None,
     desc: str = "encode",
     stats: dict | None = None,
+    encode_kwargs: dict[str, Any] | None = None,
 ) -> torch.Tensor:
     """Embed ``inputs`` chunk by chunk with a progress bar, reusing / filling the on-disk cache.
 
@@ -169,6 +275,8 @@ def encode_inputs(
         instruction: passed to ``encode(..., instruction=)`` when given (SLQModel prompt prefix).
         show_progress_bar: None shows it only on an interactive terminal.
         stats: if a dict is given, "seconds" and "cache" ("hit" | "miss" | "off") are written into it.
+        encode_kwargs: more keyword arguments for ``model.encode`` / the callable (e.g. sentence-transformers'
+            ``truncate_dim=``, ``normalize_embeddings=``, ``prompt_name=``); part of the cache key.
 
     Returns:
         float32 (N, D) on CPU, in input order.
@@ -180,7 +288,8 @@ def encode_inputs(
     cache_path = key = None
     if cache_dir is not None:
         ident = model_id if model_id is not None else model_fingerprint(model)
-        key = hashlib.sha256(json.dumps([CACHE_VERSION, ident, instruction, inputs_fingerprint(inputs)]).encode())
+        settings = [CACHE_VERSION, ident, instruction, encode_kwargs or {}, inputs_fingerprint(inputs)]
+        key = hashlib.sha256(json.dumps(settings, sort_keys=True, default=_json_default).encode())
         key = key.hexdigest()
         cache_path = Path(cache_dir) / f"{desc.replace(' ', '_')}-{key[:32]}.safetensors"
         cached = _load_cached(cache_path, key, len(inputs))
@@ -199,7 +308,7 @@ def encode_inputs(
     with tqdm(total=len(inputs), desc=desc, unit="item", disable=disable) as bar:
         for start in range(0, len(inputs), chunk_size):
             chunk = [_materialise(item, wrap_text) for item in inputs[start : start + chunk_size]]
-            parts.append(_call(model, chunk, batch_size, instruction))
+            parts.append(_call(model, chunk, batch_size, instruction, encode_kwargs))
             bar.update(len(chunk))
     out = torch.cat(parts) if parts else torch.empty(0, 0)
     if not torch.isfinite(out).all():

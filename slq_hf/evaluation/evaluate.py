@@ -12,7 +12,13 @@ import torch
 
 from .data import RetrievalDataset
 from .encoding import Encoder, encode_inputs, model_fingerprint
-from .metrics import DEFAULT_KS, composed_retrieval_metrics, modality_gap, retrieval_metrics
+from .metrics import (
+    DEFAULT_KS,
+    composed_retrieval_metrics,
+    cosine_similarity_matrix,
+    modality_gap,
+    retrieval_metrics,
+)
 from .report import plot_modality_gap
 
 
@@ -27,16 +33,19 @@ def encode_dataset(
     text_instruction: str | None = None,
     show_progress_bar: bool | None = None,
     stats: dict | None = None,
+    encode_kwargs: dict[str, Any] | None = None,
 ) -> dict[str, torch.Tensor]:
     """Embed every image, caption and composed query of ``dataset``.
 
     Returns:
         {"image": (I, D), "text": (T, D), "composed": (Q, D)} float32 CPU tensors ("text"/"composed" only when the
-        dataset has them). ``stats`` (if a dict) receives per-part {"seconds", "cache"}.
+        dataset has them). ``stats`` (if a dict) receives per-part {"seconds", "cache"}. ``encode_kwargs`` go to
+        every ``model.encode`` call (and into the cache key).
     """
     if cache_dir is not None and model_id is None and isinstance(model, torch.nn.Module):
         model_id = model_fingerprint(model)  # once, not once per part
-    common = dict(batch_size=batch_size, cache_dir=cache_dir, model_id=model_id, show_progress_bar=show_progress_bar)
+    common = dict(batch_size=batch_size, cache_dir=cache_dir, model_id=model_id, show_progress_bar=show_progress_bar,
+                  encode_kwargs=encode_kwargs)
     parts: dict[str, list] = {"image": list(dataset.images)}
     if dataset.texts:
         parts["text"] = list(dataset.texts)
@@ -112,6 +121,11 @@ def evaluate_retrieval(
     text_instruction: str | None = None,
     show_progress_bar: bool | None = None,
     return_embeddings: bool = False,
+    encode_kwargs: dict[str, Any] | None = None,
+    rerank_top_k: int | None = None,
+    rerank_scorer: str = "likelihood",
+    rerank_batch_size: int = 8,
+    rerank_kwargs: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Encode ``dataset`` with ``model`` and compute every retrieval metric it supports.
 
@@ -127,6 +141,12 @@ def evaluate_retrieval(
         image_instruction / text_instruction: forwarded as ``encode(..., instruction=)``.
         return_embeddings: add {"embeddings": {"image", "text", "composed"}} tensors to the result (not JSON-able;
             pop it before saving).
+        encode_kwargs: more ``model.encode`` arguments (sentence-transformers: ``truncate_dim``, ...); cache-keyed.
+        rerank_top_k: also rerank each query's top k with the model's own frozen backbone (SLQModel only) and report
+            recall after it under ``result["rerank"]`` (see :func:`slq_hf.evaluation.reranking.
+            rerank_retrieval_metrics`), both directions.
+        rerank_scorer / rerank_batch_size / rerank_kwargs: the reranker's scorer (``"likelihood"`` or
+            ``"yes_no"``), pairs per forward, and more ``rerank`` options (``prompt``, ``yes_no``).
 
     Returns:
         :func:`evaluate_embeddings`'s dict plus "encode": per-part {"seconds", "cache"} and "gap_plot" (path or
@@ -136,7 +156,7 @@ def evaluate_retrieval(
     stats: dict = {}
     embeddings = encode_dataset(model, dataset, batch_size=batch_size, cache_dir=cache_dir, model_id=model_id,
                                 image_instruction=image_instruction, text_instruction=text_instruction,
-                                show_progress_bar=show_progress_bar, stats=stats)
+                                show_progress_bar=show_progress_bar, stats=stats, encode_kwargs=encode_kwargs)
     result = evaluate_embeddings(dataset, embeddings["image"], embeddings.get("text"), embeddings.get("composed"),
                                  ks)
     result["encode"] = stats
@@ -144,6 +164,13 @@ def evaluate_retrieval(
     if gap_plot is not None and "text" in embeddings:
         result["gap_plot"] = str(plot_modality_gap(embeddings["image"], embeddings["text"], Path(gap_plot),
                                                    title=dataset.name))
+    if rerank_top_k is not None and "text" in embeddings:
+        from .reranking import rerank_retrieval_metrics
+
+        similarity = cosine_similarity_matrix(embeddings["image"], embeddings["text"])  # (I, T), as the metrics use
+        result["rerank"] = rerank_retrieval_metrics(model, dataset, similarity, top_k=rerank_top_k,
+                                                    scorer=rerank_scorer, ks=ks, batch_size=rerank_batch_size,
+                                                    show_progress_bar=show_progress_bar, **(rerank_kwargs or {}))
     result["seconds"] = time.perf_counter() - started
     if return_embeddings:
         result["embeddings"] = embeddings
