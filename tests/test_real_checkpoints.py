@@ -4,12 +4,18 @@
 
 They need the Hub (tests/conftest.py defaults to offline, hence HF_HUB_OFFLINE=0) or a warm HF cache, and skip
 with the reason when the model cannot be loaded. These were NOT run on the CPU-only development machine.
+Without the Hub and without a cached copy they skip at once: one short probe of the Hub replaces each load's
+network retries (about a minute per test otherwise).
 """
 
 from __future__ import annotations
 
+import functools
+import os
+
 import pytest
 import torch
+from huggingface_hub import constants, get_session, try_to_load_from_cache
 from PIL import Image
 
 import slq_hf.processing
@@ -21,7 +27,24 @@ BACKBONES = ["Qwen/Qwen3-VL-2B-Instruct", "OpenGVLab/InternVL3-1B-hf", "HuggingF
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 
+@functools.cache
+def _hub_unreachable() -> str | None:
+    """Why the Hub cannot be used here, or None when it answers. One HEAD request with a short timeout and no
+    retries, through huggingface_hub's own HTTP session (so proxies and HF_ENDPOINT apply)."""
+    if os.environ.get("HF_HUB_OFFLINE", "0").upper() in {"1", "ON", "YES", "TRUE"}:
+        return "HF_HUB_OFFLINE is set (tests/conftest.py's default; run with HF_HUB_OFFLINE=0 to download)"
+    try:
+        get_session().head(constants.ENDPOINT, timeout=5)
+    except Exception as err:  # any transport error (DNS, refused, timeout, proxy) means: no Hub from here
+        return f"{constants.ENDPOINT} is unreachable ({type(err).__name__}: {err})"
+    return None
+
+
 def _load(name: str, **kwargs) -> SLQModel:
+    cached = isinstance(try_to_load_from_cache(name, "config.json"), str)
+    reason = _hub_unreachable()
+    if reason and not cached:
+        pytest.skip(f"{name} is not in the local Hugging Face cache and {reason}")
     try:
         return SLQModel.from_backbone(name, num_queries=40, dtype=torch.float32, device_map=DEVICE, **kwargs)
     except OSError as err:  # no network and no cache: say so instead of failing
