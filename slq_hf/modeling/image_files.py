@@ -262,11 +262,14 @@ def is_undecoded(image: Image.Image) -> bool:
 
 
 def check_pil_image(image: Image.Image, budget: ImageBudget | None, label: str | None) -> None:
-    """Refuse a caller's PIL image that would be unsafe to decode or convert: a lazily opened file of a format outside
-    :data:`IMAGE_FORMATS` (decoding an EPS runs Ghostscript), zero size, or too large (:func:`check_cost`)."""
-    if is_undecoded(image) and image.format not in IMAGE_FORMATS:
+    """Refuse a caller's PIL image that would be unsafe to decode or convert: one opened from a file of a format
+    outside :data:`IMAGE_FORMATS` (decoding an EPS runs Ghostscript), zero size, or too large (:func:`check_cost`)."""
+    # Some plugins (ICO, EPS) decode in their own load(), so "not decoded yet" cannot be told for every format:
+    # any image a file decoder produced counts, and image.convert("RGB") makes a plain image that is accepted.
+    if isinstance(image, ImageFile.ImageFile) and image.format not in IMAGE_FORMATS:
         raise SLQInputError(f"Cannot read image{_where(label)}: it was opened as {image.format}, which slq_hf does "
-                            f"not decode (only {_names()}). Convert it to PNG or JPEG first.")
+                            f"not decode (only {_names()}). Convert it yourself (image.convert('RGB')) if you trust "
+                            "the file.")
     target = budget.target_size(image.width, image.height) if budget is not None and image.width and image.height \
         else None
     check_cost(image, target, label)
