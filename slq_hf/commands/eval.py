@@ -51,6 +51,13 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     parser.add_argument("--gap-plot", metavar="PNG", help="write the modality-gap PCA figure here")
     parser.add_argument("--cache-dir", metavar="DIR", help="reuse/store embeddings here (safetensors)")
     parser.add_argument("--batch-size", type=int, default=16, help="encode batch size (default: 16)")
+    parser.add_argument("--rerank-top-k", type=int, metavar="K",
+                        help="also rerank each query's top K with the model's own frozen backbone and report recall "
+                             "before and after, both directions (cost: K backbone forwards per text query)")
+    parser.add_argument("--rerank-scorer", choices=["likelihood", "yes_no"], default="likelihood",
+                        help="likelihood: log-probability of the caption as the backbone's answer to the image (any "
+                             "captioning backbone); yes_no: logit('yes') - logit('no') after asking whether they "
+                             "match (instruction-tuned backbones) (default: likelihood)")
     parser.add_argument("--no-progress", action="store_true", help="hide progress bars")
     parser.set_defaults(func=run)
     return parser
@@ -62,13 +69,16 @@ def run(args: argparse.Namespace) -> int:
     def evaluate() -> dict:
         if args.batch_size < 1:
             raise ValueError(f"--batch-size must be positive, got {args.batch_size}.")
+        if args.rerank_top_k is not None and args.rerank_top_k < 1:
+            raise ValueError(f"--rerank-top-k must be positive, got {args.rerank_top_k}.")
         dataset = load_retrieval_dataset(args.data, args.format, args.split, image_root=args.image_root,
                                          text_field=args.text_field, image_column=args.image_column,
                                          text_column=args.text_column, max_captions=args.max_captions)
         model = load_model(args)  # after the data: a typo in --data fails in a second, not after a model load
         print(f"Evaluating {args.model} on {dataset!r}", file=sys.stderr)
         result = evaluate_retrieval(model, dataset, batch_size=args.batch_size, cache_dir=args.cache_dir,
-                                    gap_plot=args.gap_plot, show_progress_bar=False if args.no_progress else None)
+                                    gap_plot=args.gap_plot, show_progress_bar=False if args.no_progress else None,
+                                    rerank_top_k=args.rerank_top_k, rerank_scorer=args.rerank_scorer)
         result["model"] = {"path": str(args.model), "backbone": model.config.backbone_name_or_path,
                            "num_queries": model.config.num_queries}
         result["data"] = {"path": str(args.data), "format": args.format, "split": args.split}
