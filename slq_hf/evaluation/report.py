@@ -26,7 +26,8 @@ def _recall_columns(blocks: Sequence[Mapping[str, Any]]) -> list[str]:
 
 
 def format_results_table(results: Mapping[str, Any]) -> str:
-    """Markdown table of one :func:`evaluate_retrieval` result: one row per direction, recall in percent."""
+    """Markdown table of one :func:`evaluate_retrieval` result: one row per direction, recall in percent; with
+    ``rerank_top_k``, one more row per reranked direction (after reranking) below the embedding-only rows."""
     metrics = results["metrics"]
     rows = [(label, metrics[key]) for key, label in DIRECTIONS.items() if key in metrics]
     recalls = _recall_columns([block for _, block in rows])
@@ -36,10 +37,23 @@ def format_results_table(results: Mapping[str, Any]) -> str:
         cells = [label, *[f"{100 * block[k]:.1f}" for k in recalls], f"{block['mean_rank']:.1f}",
                  f"{block['median_rank']:.0f}", str(block.get("num_queries", ""))]
         lines.append("| " + " | ".join(cells) + " |")
+    rerank = results.get("rerank")
+    if rerank:
+        label = f"reranked top-{rerank['top_k']} ({rerank['scorer']})"
+        for key, name in DIRECTIONS.items():
+            block = rerank["metrics"].get(key)
+            if block is not None:
+                cells = [f"{name}, {label}", *[f"{100 * block[k]:.1f}" if k in block else "–" for k in recalls],
+                         f"{block['mean_rank']:.1f}", f"{block['median_rank']:.0f}", str(block.get("num_queries", ""))]
+                lines.append("| " + " | ".join(cells) + " |")
     data = results.get("dataset", {})
     notes = [f"{data.get('name', 'dataset')}: {data.get('num_images', '?')} images, "
              f"{data.get('num_texts', '?')} texts" + (f", {data['num_composed']} composed queries"
                                                      if data.get("num_composed") else "")]
+    if rerank:
+        cost = ", ".join(f"{d} {1000 * s:.0f} ms" for d, s in rerank.get("seconds_per_query", {}).items())
+        notes.append(f"rerank with the frozen backbone: {rerank['num_queries']} queries, {rerank['seconds']:.1f} s "
+                     f"({cost} per query)")
     if results.get("modality_gap") is not None:
         notes.append(f"modality gap ||mean(img) - mean(txt)|| = {results['modality_gap']:.3f}")
     return "\n".join(lines) + "\n\n" + "; ".join(notes)
