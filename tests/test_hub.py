@@ -244,6 +244,53 @@ def test_readme_training_info_from_trainer_state(trained, tmp_path):
     assert "| dataset | COCO captions (Karpathy train) |" in text and "| learning rate | 0.0005 |" in text
 
 
+def test_readme_training_info_from_the_run(trained, tmp_path):
+    """What `slq-hf train` knew reaches the card: its training_summary.json, else the newest checkpoint's state."""
+    _, folder = trained
+    src = tmp_path / "run"
+    shutil.copytree(folder, src)
+    for step, batch in ((2, 8), (10, 16)):  # checkpoint-10 is the newer one (numeric, not text order)
+        (src / f"checkpoint-{step}").mkdir()
+        (src / f"checkpoint-{step}" / "trainer_state.json").write_text(json.dumps(
+            {"global_step": step, "epoch": step / 10, "train_batch_size": batch,
+             "log_history": [{"learning_rate": 5e-4, "step": 1}, {"learning_rate": 2e-4, "step": 2}]}))
+    _export(src, tmp_path / "a")
+    text = (tmp_path / "a" / "README.md").read_text()
+    assert "| steps | 10 |" in text and "| batch size per device | 16 |" in text and "| epochs | 1.0 |" in text
+    assert "| learning rate (peak logged) | 0.0005 |" in text
+    summary = {"train_data": "coco_train.jsonl", "steps": 1000, "epochs": 1.0, "batch_size_per_device": 32,
+               "learning_rate": 5e-4, "warmup": None}
+    (src / "training_summary.json").write_text(json.dumps(summary))
+    _export(src, tmp_path / "b")
+    text = (tmp_path / "b" / "README.md").read_text()
+    for row in ("| train data | coco_train.jsonl |", "| steps | 1000 |", "| batch size per device | 32 |",
+                "| learning rate | 0.0005 |"):
+        assert row in text
+    assert "warmup" not in text and "| steps | 10 |" not in text
+    (src / "training_summary.json").write_text("[1, 2]")
+    with pytest.raises(ValueError, match="training_summary.json: the training summary must be a JSON object"):
+        _export(src, tmp_path / "c")
+
+
+def test_several_eval_results_all_reach_the_card(trained, tmp_path):
+    _, folder = trained
+    explicit = _results_json(tmp_path)
+    knowledge = tmp_path / "knowledge.json"
+    knowledge.write_text(json.dumps({"dataset": {"name": "toy-karr:knowledge", "split": "test"},
+                                     "metrics": {"t2i": {"R@1": 0.25, "R@5": 0.5}}}))
+    out = tmp_path / "hub"
+    _export(folder, out, eval_results=[explicit, knowledge])
+    card = ModelCard.load(out / "README.md")
+    assert {r.dataset_name for r in card.data.eval_results} == {"tiny-flickr", "toy-karr:knowledge"}
+    assert "| tiny-flickr | test | text → image | 75.0 |" in card.text
+    assert "| toy-karr:knowledge | test | text → image | 25.0 | 50.0 |" in card.text
+    assert cli_main(["export", str(folder), "--out", str(tmp_path / "cli"), "--eval-results", str(explicit),
+                     str(knowledge)]) == 0
+    assert "toy-karr:knowledge" in (tmp_path / "cli" / "README.md").read_text()
+    with pytest.raises(ValueError, match=r"again.json: tiny-flickr/i2t \(split test\) is also in .*results.json"):
+        load_eval_results([explicit, shutil.copy(explicit, tmp_path / "again.json")])
+
+
 def test_eval_results_validation(tmp_path):
     percent = tmp_path / "percent.json"
     percent.write_text(json.dumps({"dataset": {"name": "x"}, "metrics": {"t2i": {"R@1": 85.8}}}))
