@@ -257,3 +257,69 @@ def test_control_tokens_in_a_candidate_are_literal_text(scenes):
     # As literal text the toy's word-level tokenizer has no such word (unknown tokens), so it must score far lower
     # than the clean caption; as a control token it would be almost the same sequence.
     assert score[0] < score[1] - 1.0
+
+
+# ------------------------------------------------------------------------------------------- evaluation hookup
+@pytest.fixture(scope="module")
+def toy_slq():
+    from slq_hf import SLQModel
+
+    model, processor = _load("toy", None)
+    return SLQModel.from_backbone(model, num_queries=4, processor=processor)
+
+
+def test_eval_rerank_of_every_candidate_equals_reranking_by_hand(toy_slq, scenes):
+    """top_k = all candidates: recall after reranking is recall of the rerank scores alone, computed here by hand."""
+    from slq_hf.evaluation import RetrievalDataset, evaluate_retrieval
+
+    images, texts = [s.image for s in scenes], [s.knowledge_caption for s in scenes]
+    data = RetrievalDataset.from_pairs(images, texts, name="toy")
+    result = evaluate_retrieval(toy_slq, data, show_progress_bar=False, rerank_top_k=len(scenes), rerank_batch_size=3)
+    t2i = [rerank(toy_slq.backbone, toy_slq.processor, t, images).order[0].item() == i for i, t in enumerate(texts)]
+    i2t = [rerank(toy_slq.backbone, toy_slq.processor, im, texts).order[0].item() == i for i, im in enumerate(images)]
+    assert result["rerank"]["metrics"]["t2i"]["R@1"] == pytest.approx(sum(t2i) / len(t2i))
+    assert result["rerank"]["metrics"]["i2t"]["R@1"] == pytest.approx(sum(i2t) / len(i2t))
+    assert result["rerank"]["num_queries"] == 2 * len(scenes)
+    from slq_hf.evaluation import format_results_table
+
+    assert "reranked top-5 (likelihood)" in format_results_table(result)
+
+
+def test_eval_rerank_top_1_changes_nothing(toy_slq, scenes):
+    from slq_hf.evaluation import RetrievalDataset, evaluate_retrieval
+
+    data = RetrievalDataset.from_pairs([s.image for s in scenes], [s.caption for s in scenes], name="toy")
+    result = evaluate_retrieval(toy_slq, data, show_progress_bar=False, rerank_top_k=1)
+    for direction in ("t2i", "i2t", "t2i_dedup", "i2t_dedup"):
+        assert result["rerank"]["metrics"][direction] == result["metrics"][direction]
+
+
+def test_rerank_similarity_keeps_the_tail_and_reorders_the_top():
+    from slq_hf.evaluation.reranking import rerank_similarity
+
+    similarity = torch.tensor([[0.9, 0.8, 0.7, 0.1, 0.0]])
+    out = rerank_similarity(similarity, 3, lambda row, top: torch.tensor([-5.0, -1.0, -3.0]), show_progress_bar=False)
+    assert torch.argsort(out[0], descending=True).tolist() == [1, 2, 0, 3, 4]
+    assert out[0, 3:].tolist() == pytest.approx([0.1, 0.0])
+
+
+def test_cli_eval_rerank_flags(toy_slq, scenes, tmp_path, capsys):
+    import json
+
+    from slq_hf.cli import main
+
+    folder = tmp_path / "slq"
+    toy_slq.save_pretrained(folder)
+    lines = []
+    for i, s in enumerate(scenes):
+        s.image.save(tmp_path / f"{i}.png")
+        lines.append(json.dumps({"image": f"{i}.png", "text": s.caption}))
+    (tmp_path / "data.jsonl").write_text("\n".join(lines) + "\n")
+    argv = ["eval", "--model", str(folder), "--data", str(tmp_path / "data.jsonl"), "--split", "all",
+            "--no-progress", "--output", str(tmp_path / "out.json")]
+    assert main(argv + ["--rerank-top-k", "3"]) == 0
+    saved = json.loads((tmp_path / "out.json").read_text())
+    assert saved["rerank"]["top_k"] == 3 and set(saved["rerank"]["metrics"]) >= {"t2i", "i2t"}
+    assert "reranked top-3 (likelihood)" in capsys.readouterr().out
+    assert main(argv + ["--rerank-top-k", "0"]) == 2
+    assert "--rerank-top-k must be positive" in capsys.readouterr().err
