@@ -1,0 +1,212 @@
+"""Corpora to index: a folder of images, a JSONL of items, or any retrieval layout ``slq-hf eval`` reads.
+
+A corpus is an ordered list of :class:`CorpusItem` (an id, an image and/or a text, free metadata). Readers:
+
+- ``folder``: every image file under a folder, recursively (sorted by relative path; id = the relative path).
+- ``items``: JSONL, one item a line: ``{"id"?, "image"?, "text"?, ...metadata}``. ``image`` is relative to the
+  file's folder; an item with both is embedded as an ``{"image", "text"}`` pair; other keys are metadata. A line
+  that cannot become an item (bad JSON, neither image nor text) is kept as a *bad item* with its reason, so one
+  broken line does not stop a million-item build (``strict`` turns it into an error).
+- ``karpathy`` / ``jsonl`` / ``karr`` / ``hf``: the evaluation layouts
+  (:func:`slq_hf.evaluation.load_retrieval_dataset`): their images become the items, with the captions as
+  ``metadata["captions"]``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+EVAL_FORMATS = ("karpathy", "jsonl", "karr", "hf")
+CORPUS_FORMATS = ("folder", "items", *EVAL_FORMATS)
+_DATASETS_MARKERS = ("dataset_info.json", "state.json", "dataset_dict.json")
+_RESERVED = ("id", "image", "text")
+
+
+@dataclass(frozen=True)
+class CorpusItem:
+    """One thing to embed.
+
+    Attributes:
+        id: unique within the corpus.
+        image: an image file path, a ``slq_hf.evaluation.DatasetImage`` or None.
+        text: a text or None (both given: embedded as an ``{"image", "text"}`` pair).
+        metadata: JSON-able extra fields, returned with search results.
+        image_ref: the image as the data names it (relative path, dataset row), stored in the index.
+        error: why the data line could not become an item (the item is then skipped as bad).
+        where: the item's location for messages ("data.jsonl:12", "photos/a.jpg").
+    """
+
+    id: str
+    image: Any = None
+    text: str | None = None
+    metadata: dict = field(default_factory=dict)
+    image_ref: str | None = None
+    error: str | None = None
+    where: str = ""
+
+    def key(self) -> str:
+        """Digest of what the item is: id, text, metadata and the image file's path, size and mtime."""
+        image = None
+        if self.image is not None:
+            if isinstance(self.image, (str, os.PathLike)):
+                try:
+                    stat = os.stat(self.image)
+                    image = [self.image_ref, stat.st_size, stat.st_mtime_ns]
+                except OSError:
+                    image = [self.image_ref, None, None]
+            else:
+                image = [self.image_ref, getattr(self.image, "key", None)]
+        payload = json.dumps([self.id, image, self.text, self.metadata, self.error], sort_keys=True, default=str)
+        return hashlib.sha256(payload.encode()).hexdigest()
+
+
+@dataclass
+class Corpus:
+    """Items in index order, where they came from (``source``, ``format``) and the folder image paths are under."""
+
+    items: list[CorpusItem]
+    source: str
+    format: str
+    root: str | None = None
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __repr__(self) -> str:
+        return f"Corpus({self.source!r}, format={self.format!r}, items={len(self.items)})"
+
+
+def _image_extensions() -> tuple[str, ...]:
+    from ..processing import IMAGE_EXTENSIONS
+
+    return tuple(ext.lower() for ext in IMAGE_EXTENSIONS)
+
+
+def read_image_folder(folder: str | os.PathLike) -> Corpus:
+    """Every image file (by extension) under ``folder``, recursively; hidden files and folders are left out."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise FileNotFoundError(f"{folder}: image folder not found.")
+    extensions = _image_extensions()
+    found = []
+    for dirpath, dirnames, filenames in os.walk(folder):
+        dirnames[:] = [d for d in dirnames if not d.startswith(".")]
+        for name in filenames:
+            if not name.startswith(".") and name.lower().endswith(extensions):
+                found.append(Path(dirpath, name).relative_to(folder).as_posix())
+    if not found:
+        raise ValueError(f"{folder}: no image files found (looked for {', '.join(extensions)}, recursively).")
+    items = [CorpusItem(id=rel, image=str(folder / rel), image_ref=rel, where=rel) for rel in sorted(found)]
+    return Corpus(items, str(folder), "folder", root=str(folder.resolve()))
+
+
+def _item_from_record(record: Any, base: Path, where: str, line: int) -> CorpusItem:
+    fallback_id = f"line-{line}"
+    if not isinstance(record, dict):
+        return CorpusItem(fallback_id, error=f"expected a JSON object, got {type(record).__name__}", where=where)
+    raw_id = record.get("id", None)
+    item_id = str(raw_id) if raw_id is not None else None
+    image, text = record.get("image"), record.get("text")
+    metadata = {k: v for k, v in record.items() if k not in _RESERVED}
+    if image is None and text is None:
+        return CorpusItem(item_id or fallback_id, metadata=metadata, where=where,
+                          error=f"the item has neither \"image\" nor \"text\" (keys: {sorted(record)})")
+    if image is not None and (not isinstance(image, str) or not image.strip()):
+        return CorpusItem(item_id or fallback_id, metadata=metadata, where=where,
+                          error=f"\"image\" must be a non-empty path string, got {image!r}")
+    if text is not None and not isinstance(text, str):
+        return CorpusItem(item_id or fallback_id, metadata=metadata, where=where,
+                          error=f"\"text\" must be a string, got {type(text).__name__}")
+    path = None
+    if image is not None:
+        path = Path(image).expanduser()
+        path = str(path if path.is_absolute() else base / path)
+    return CorpusItem(item_id or (image if image is not None else fallback_id), image=path, text=text,
+                      metadata=metadata, image_ref=image, where=where)
+
+
+def read_items_jsonl(path: str | os.PathLike) -> Corpus:
+    """JSONL items (module docstring). Raises on duplicate ids; keeps unusable lines as bad items."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: data file not found.")
+    items, seen = [], {}
+    with path.open(encoding="utf-8") as handle:
+        for number, raw in enumerate(handle, start=1):
+            if not raw.strip():
+                continue
+            where = f"{path.name}:{number}"
+            try:
+                record = json.loads(raw)
+            except json.JSONDecodeError as err:
+                items.append(CorpusItem(f"line-{number}", error=f"invalid JSON ({err.msg}, column {err.colno})",
+                                        where=where))
+                continue
+            item = _item_from_record(record, path.parent, where, number)
+            if item.id in seen:
+                raise ValueError(f"{where}: id {item.id!r} was already used on line {seen[item.id]}; ids must be "
+                                 "unique (give each line its own \"id\").")
+            seen[item.id] = number
+            items.append(item)
+    if not items:
+        raise ValueError(f"{path}: the file holds no items.")
+    return Corpus(items, str(path), "items", root=str(path.parent.resolve()))
+
+
+def _from_dataset(dataset, source: str, format: str, root: str | None) -> Corpus:
+    captions: list[list[str]] = [[] for _ in dataset.images]
+    for text, owner in zip(dataset.texts, dataset.text_to_image):
+        captions[owner].append(text)
+    items = []
+    for image, image_id, texts in zip(dataset.images, dataset.image_ids, captions):
+        is_path = isinstance(image, (str, os.PathLike))
+        ref = os.path.relpath(image, root) if is_path and root else (str(image) if is_path else image_id)
+        items.append(CorpusItem(str(image_id), image=str(image) if is_path else image, image_ref=ref,
+                                metadata={"captions": texts} if texts else {}, where=ref))
+    return Corpus(items, source, format, root=root)
+
+
+def detect_corpus_format(path: str | os.PathLike) -> str:
+    """folder of images -> "folder"; a ``datasets`` folder -> "hf"; .jsonl -> "items"; .json -> "karpathy"."""
+    path = Path(path)
+    if path.is_dir():
+        if any((path / marker).exists() for marker in _DATASETS_MARKERS):
+            return "hf"
+        return "folder"
+    if not path.exists():
+        raise FileNotFoundError(f"{path}: data not found.")
+    if path.suffix == ".jsonl":
+        return "items"
+    if path.suffix == ".json":
+        return "karpathy"
+    raise ValueError(f"{path}: cannot tell the layout from the suffix {path.suffix!r}; pass format= (--format) as "
+                     f"one of {list(CORPUS_FORMATS)}.")
+
+
+def read_corpus(path: str | os.PathLike, format: str | None = None, *, split: str | None = None,
+                image_root: str | os.PathLike | None = None, **eval_kwargs) -> Corpus:
+    """Read a corpus in any supported layout (module docstring); ``format`` None/"auto" guesses it.
+
+    Args:
+        split: evaluation layouts only: the split to index (None = every line).
+        image_root: karpathy only: the folder ``filepath/filename`` is relative to.
+        **eval_kwargs: forwarded to ``load_retrieval_dataset`` (``text_field``, ``image_column``, ...).
+    """
+    format = detect_corpus_format(path) if format in (None, "auto") else format
+    if format == "folder":
+        return read_image_folder(path)
+    if format == "items":
+        return read_items_jsonl(path)
+    if format not in EVAL_FORMATS:
+        raise ValueError(f"format={format!r} is not supported; expected one of {list(CORPUS_FORMATS)} or 'auto'.")
+    from ..evaluation import load_retrieval_dataset
+
+    dataset = load_retrieval_dataset(path, format, split, image_root=image_root, check_files=False, **eval_kwargs)
+    base = Path(path)
+    root = Path(image_root) if image_root is not None else (base if base.is_dir() else base.parent)
+    return _from_dataset(dataset, str(path), format, str(root.resolve()))

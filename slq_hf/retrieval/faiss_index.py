@@ -1,0 +1,235 @@
+"""FAISS indexes over embeddings at four precisions, and search with float rescoring of the candidates.
+
+Precision is how the index stores each vector; the float32 vectors stay on disk (the shards) for rescoring:
+
+============  ==========================  ===========================================================
+precision     FAISS storage               bytes / vector (D dims, codes only)
+============  ==========================  ===========================================================
+float32       the factory string as is    4 D (``Flat``), less with ``PQ`` codes (``IVF4096,PQ64``: 64)
+float16       ``SQfp16`` codes            2 D
+int8          ``SQ8`` codes               D (a trained per-dimension min/max scalar quantizer, the
+                                          same scheme as sentence-transformers' calibrated int8)
+ubinary       a binary index (Hamming)    D / 8 (the sign bit of each dimension, packed)
+============  ==========================  ===========================================================
+
+Lossy codes (all but float32 ``Flat``/``HNSW``/``IVF..,Flat``) are searched for ``k x rescore_multiplier``
+candidates, whose float32 vectors are then scored exactly against the float query, as sentence-transformers'
+``semantic_search_faiss(..., rescore_multiplier=)`` does. Scores returned are then exact inner products.
+
+faiss is imported on use, so a bare install can import this module.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+
+PRECISIONS = ("float32", "float16", "int8", "ubinary")
+# precision -> FAISS scalar-quantizer code replacing a "Flat" storage step
+_SQ_CODES = {"float16": "SQfp16", "int8": "SQ8"}
+DEFAULT_RESCORE_MULTIPLIER = 4
+# Below this many vectors exact search is fast enough (and needs no training); above it an IVF-PQ index with float
+# rescoring keeps memory at a small fraction of float32 (see BENCHMARKS.md "Corpus search").
+FLAT_UP_TO = 200_000
+
+VectorSource = Callable[[np.ndarray], np.ndarray]  # (n,) int64 row ids -> (n, D) float32 vectors
+
+
+def faiss():
+    """The faiss module, with an install hint when it is missing."""
+    try:
+        import faiss as module
+    except ImportError as err:
+        raise ImportError("Corpus indexes need FAISS: pip install 'slq_hf[retrieval]' (faiss-cpu).") from err
+    return module
+
+
+def default_factory(num_vectors: int, dim: int) -> str:
+    """A FAISS factory string suited to the corpus size: exact ``Flat`` for small corpora, else IVF-PQ.
+
+    IVF lists grow like sqrt(N), rounded to a power of two (the low end of FAISS's 1-16 sqrt(N) guideline: the
+    k-means training stays minutes on a CPU); PQ keeps one byte per 16 dims (at
+    least 8 sub-quantizers) so a 2048-wide SLQ vector costs 128 bytes instead of 8 KB.
+    """
+    if num_vectors <= FLAT_UP_TO:
+        return "Flat"
+    nlist = 2 ** round(math.log2(math.sqrt(num_vectors)))
+    m = max(8, dim // 16)
+    while dim % m:
+        m -= 1
+    return f"IVF{nlist},PQ{m}"
+
+
+def check_precision(precision: str) -> str:
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision={precision!r} is not supported; expected one of {list(PRECISIONS)}.")
+    return precision
+
+
+def resolve_factory(factory: str, precision: str) -> str:
+    """The FAISS factory string that stores ``factory``'s structure at ``precision``.
+
+    ``float32`` keeps the string. ``float16``/``int8`` swap the ``Flat`` storage for ``SQfp16``/``SQ8``
+    (``HNSW32`` -> ``HNSW32,SQ8``, ``IVF4096,Flat`` -> ``IVF4096,SQ8``). ``ubinary`` maps to the binary factory
+    (``Flat`` -> ``BFlat``, ``HNSW32`` -> ``BHNSW32``, ``IVF4096`` -> ``BIVF4096``). Factories whose storage is
+    already compressed (``PQ``, ``SQ``) only make sense at float32.
+    """
+    check_precision(precision)
+    if not isinstance(factory, str) or not factory.strip():
+        raise ValueError(f"faiss factory {factory!r} is empty; give a FAISS index-factory string such as 'Flat', "
+                         "'HNSW32' or 'IVF4096,PQ64'.")
+    factory = factory.replace(" ", "")
+    tokens = factory.split(",")
+    if precision == "float32":
+        # A bare IVF/HNSW structure stores float vectors, as the other precisions read it.
+        return f"{factory},Flat" if re.fullmatch(r"IVF\d+(_HNSW\d+)?", tokens[-1]) else factory
+    structure = tokens[:-1] if tokens[-1] == "Flat" else tokens
+    if structure and not re.fullmatch(r"(HNSW\d+|IVF\d+(_HNSW\d+)?)", structure[-1]) or len(structure) > 1:
+        raise ValueError(f"faiss factory {factory!r} already compresses the vectors (or is not one of Flat, HNSWn, "
+                         f"IVFn[,Flat]); precision {precision!r} cannot be added to it. Use precision='float32' "
+                         "with it, or a Flat/HNSW/IVF factory.")
+    if precision == "ubinary":
+        if not structure:
+            return "BFlat"
+        return "B" + structure[0].replace("_HNSW", "_BHNSW")
+    return ",".join(structure + [_SQ_CODES[precision]])
+
+
+def is_exact_storage(factory: str, precision: str) -> bool:
+    """True when the index returns exact float32 inner products (no rescoring needed)."""
+    if precision != "float32":
+        return False
+    storage = factory.replace(" ", "").split(",")[-1]
+    return storage == "Flat" or re.fullmatch(r"HNSW\d+", storage) is not None
+
+
+def encode_codes(vectors: np.ndarray, precision: str) -> np.ndarray:
+    """(n, D) float32 -> what the index ingests: float32 rows, or for ubinary (n, ceil(D/8)) uint8 sign bits.
+
+    The bits are ``np.packbits(x > 0)``, exactly sentence-transformers' ``quantize_embeddings(x, "ubinary")``.
+    """
+    vectors = np.ascontiguousarray(vectors, dtype=np.float32)
+    if precision == "ubinary":
+        return np.packbits(vectors > 0, axis=-1)
+    return vectors
+
+
+def new_index(dim: int, factory: str, precision: str) -> Any:
+    """An empty FAISS index (inner-product metric for float indexes, Hamming for ubinary)."""
+    module = faiss()
+    resolved = resolve_factory(factory, precision)
+    try:
+        if precision == "ubinary":
+            return module.index_binary_factory(8 * math.ceil(dim / 8), resolved)
+        return module.index_factory(dim, resolved, module.METRIC_INNER_PRODUCT)
+    except RuntimeError as err:
+        reason = str(err).strip().splitlines()[-1].rsplit(": ", 1)[-1]
+        raise ValueError(f"FAISS cannot build index {resolved!r} (from factory {factory!r}, precision "
+                         f"{precision!r}) for {dim}-dim vectors: {reason}. See the FAISS wiki's 'The index "
+                         "factory' page for the syntax.") from err
+
+
+def training_rows(index: Any) -> int:
+    """How many vectors training should see: 0 for indexes without training, else FAISS's comfortable amount."""
+    if index.is_trained:
+        return 0
+    nlist = getattr(index, "nlist", 0) or getattr(getattr(index, "index", None), "nlist", 0) or 1
+    # k-means wants >= 39 points per centroid (FAISS warns below); PQ's 256 centroids per sub-quantizer ~10k points.
+    return max(40 * nlist, 16_384)
+
+
+def train(index: Any, sample: np.ndarray, precision: str) -> None:
+    """Train ``index`` (IVF centroids, PQ/SQ codebooks) on (n, D) float32 ``sample`` rows; no-op if untrainable."""
+    if index.is_trained:
+        return
+    needed = training_rows(index)
+    if len(sample) < min(needed, 256):
+        raise ValueError(f"The index needs training on about {needed} vectors but the corpus has {len(sample)}; "
+                         "use a smaller IVF (e.g. IVF64) or 'Flat' for a corpus this small.")
+    index.train(encode_codes(sample, precision))
+
+
+def add(index: Any, vectors: np.ndarray, precision: str) -> None:
+    """Append (n, D) float32 rows; their FAISS ids continue from ``index.ntotal``."""
+    index.add(encode_codes(vectors, precision))
+
+
+def configure_search(index: Any, nprobe: int | None = None, ef_search: int | None = None) -> None:
+    """Set IVF ``nprobe`` / HNSW ``efSearch`` wherever they live in the index (also inside a binary index)."""
+    module = faiss()
+    ivf = None
+    try:
+        ivf = module.extract_index_ivf(index)
+    except (RuntimeError, TypeError):
+        ivf = index if hasattr(index, "nprobe") else None
+    if ivf is not None and nprobe is not None:
+        ivf.nprobe = min(int(nprobe), ivf.nlist)
+    hnsw = getattr(index, "hnsw", None)
+    if hnsw is None and ivf is not None:
+        hnsw = getattr(getattr(ivf, "quantizer", None), "hnsw", None)
+    if hnsw is not None and ef_search is not None:
+        hnsw.efSearch = int(ef_search)
+
+
+def index_bytes(index: Any) -> int:
+    """Size of the serialised index: what it costs in memory once loaded."""
+    module = faiss()
+    if isinstance(index, module.IndexBinary):
+        return int(module.serialize_index_binary(index).nbytes)
+    return int(module.serialize_index(index).nbytes)
+
+
+def search(index: Any, queries: np.ndarray, k: int, *, precision: str, exact_scores: bool,
+           rescore_multiplier: int = DEFAULT_RESCORE_MULTIPLIER,
+           vectors: VectorSource | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Top-``k`` rows of ``index`` for each query.
+
+    Args:
+        queries: (Q, D) float32, L2-normalised like the corpus.
+        exact_scores: the index itself returns exact float inner products (:func:`is_exact_storage`).
+        rescore_multiplier: for lossy indexes, fetch ``k * rescore_multiplier`` candidates and rescore them with
+            the float32 vectors from ``vectors``.
+        vectors: row ids -> float32 vectors (the shards on disk); required unless ``exact_scores``.
+
+    Returns:
+        scores (Q, k) float32 (inner products, descending), ids (Q, k) int64; -1 / -inf pad short results.
+    """
+    if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+        raise ValueError(f"k={k!r} is invalid; expected a positive integer.")
+    if isinstance(rescore_multiplier, bool) or not isinstance(rescore_multiplier, int) or rescore_multiplier < 1:
+        raise ValueError(f"rescore_multiplier={rescore_multiplier!r} is invalid; expected an integer >= 1.")
+    queries = np.ascontiguousarray(queries, dtype=np.float32)
+    ntotal = int(index.ntotal)
+    if exact_scores:
+        scores, ids = index.search(queries, min(k, max(ntotal, 1)))
+        return _pad(scores.astype(np.float32), ids, k)
+    if vectors is None:
+        raise ValueError("This index stores lossy codes; rescoring needs the float32 vectors (the index's shards).")
+    fetch = min(k * rescore_multiplier, max(ntotal, 1))
+    _, candidates = index.search(encode_codes(queries, precision), fetch)
+    candidates = candidates.astype(np.int64)
+    valid = candidates >= 0
+    flat = np.where(valid, candidates, 0).reshape(-1)
+    unique, inverse = np.unique(flat, return_inverse=True)  # one disk read per distinct row
+    rows = vectors(unique)[inverse].reshape(*candidates.shape, -1)  # (Q, fetch, D)
+    rescored = np.einsum("qd,qcd->qc", queries, rows, dtype=np.float32)
+    rescored[~valid] = -np.inf
+    order = np.argsort(-rescored, axis=1, kind="stable")[:, :k]
+    picked = np.take_along_axis(candidates, order, axis=1)
+    scores = np.take_along_axis(rescored, order, axis=1)
+    picked[~np.isfinite(scores)] = -1
+    return _pad(scores, picked, k)
+
+
+def _pad(scores: np.ndarray, ids: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    scores, ids = scores.astype(np.float32), ids.astype(np.int64)
+    scores[ids < 0] = -np.inf
+    if ids.shape[1] < k:
+        extra = k - ids.shape[1]
+        scores = np.pad(scores, ((0, 0), (0, extra)), constant_values=-np.inf)
+        ids = np.pad(ids, ((0, 0), (0, extra)), constant_values=-1)
+    return scores, ids
