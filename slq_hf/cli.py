@@ -27,6 +27,8 @@ COMMANDS: dict[str, str] = {
     "push": "slq_hf.commands.push",
     "convert-reference": "slq_hf.commands.convert_reference",
     "karr-build": "slq_hf.commands.karr_build",
+    "index": "slq_hf.commands.index",
+    "search": "slq_hf.commands.search",
 }
 
 DESCRIPTION = ("SLQ (Shared Latent Queries): embedding models on frozen Hugging Face vision-language backbones. "
