@@ -201,7 +201,7 @@ def _describe(expected: tuple[Dim, ...]) -> str:
 
 def _shape_problem(name: str, shape: tuple[int, ...], expected: tuple[Dim, ...]) -> str:
     labels = DIM_NAMES.get(name)
-    if labels is not None and len(labels) == len(expected) and len(shape) != len(expected):
+    if labels and len(labels) == len(expected) and len(shape) != len(expected):
         return (f"tensor {name!r} has shape {shape}, expected a ({', '.join(labels)}) tensor of shape "
                 f"{_describe(expected)}")
     if labels and len(shape) == len(expected) and labels[-1] == "hidden_size" and not _fits(shape[-1:], expected[-1:]):
