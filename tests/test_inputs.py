@@ -600,3 +600,82 @@ def test_saved_folder_makes_plain_sentence_transformers_truncate_like_encode(mod
     with pytest.warns(UserWarning, match="too long"):
         expected = model.encode(["short text", long_text])
     _close(st_model.encode(["short text", long_text], convert_to_tensor=True), expected)
+
+
+# ------------------------------------------------------------------------------------------- path-guess rule
+@pytest.mark.parametrize("value, message", [
+    ("photos/", "no such file"),
+    ("my cat.jpg", "no such file"),
+    ("  holiday.PNG ", "no such file"),
+    ("https://example.com/cat.jpg", "is a URL"),
+])
+def test_path_like_strings_are_never_embedded_as_text(model, value, message):
+    from slq_hf.training import SLQDataCollator
+
+    with pytest.raises(SLQInputError, match=message) as info:
+        model.encode(["ok", value])
+    assert "input 1" in str(info.value) and "{'text': ...}" in str(info.value)
+    with pytest.raises(SLQInputError, match=message):
+        from slq_hf.processing import prepare_inputs
+
+        prepare_inputs(["ok", value])
+    collator = SLQDataCollator(model.processor, strict=True)
+    with pytest.raises(SLQInputError, match=message):
+        collator([{"query": value, "positive": "a caption"}])
+    # the escape hatch: the same string as an explicit text
+    assert model.encode([{"text": value}]).shape == (1, 64)
+
+
+def test_existing_folders_and_files_named_by_path_are_refused(model, tmp_path, monkeypatch):
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    (tmp_path / "notes.txt").write_text("x")
+    monkeypatch.chdir(tmp_path)
+    for value, message in [(str(folder), "is a folder"), ("photos/", "is a folder"), ("./photos", "is a folder"),
+                           ("./notes.txt", "names a file that is not a readable image")]:
+        with pytest.raises(SLQInputError, match=message):
+            model.encode([value])
+    with pytest.raises(SLQInputError, match="is a folder"):
+        model.encode([folder])  # a Path is always an image
+    # bare words, even when a folder of that name exists here, and texts with a slash are texts
+    assert model.encode(["photos", "notes.txt", "and/or", "a photo of a cat"]).shape == (4, 64)
+
+
+def test_lazy_items_decode_only_in_collate(model, files):
+    items = to_items([str(files["good"]), Image.open(files["good"]), "text"], image_budget(model.processor))
+    assert [type(item.image).__name__ for item in items] == ["PendingImage", "PendingImage", "NoneType"]
+    assert items[0].length_key() == items[1].length_key()  # header size: no decode needed to sort
+    eager = to_items([str(files["good"])], image_budget(model.processor), lazy=False)
+    assert eager[0].image.mode == "RGB"
+    assert torch.equal(collate(model.processor, items[:1])["pixel_values"],
+                       collate(model.processor, eager)["pixel_values"])
+    # a file that turns bad after the header check fails at collate time, still naming the input
+    truncated = files["truncated"]
+    pending = to_items(["a", str(truncated)])
+    with pytest.raises(SLQInputError, match="input 1"):
+        collate(model.processor, pending)
+
+
+# ------------------------------------------------------------------------------------------ sentence-transformers
+def test_sentence_transformers_helpers_take_inputs_like_encode(model, tmp_path):
+    """EXIF-rotated PIL images, animated GIF paths and zero-size images: plain sentence-transformers differs or
+    crashes; models from load_sentence_transformer (use_encode_input_handling) agree with encode or raise its error."""
+    pytest.importorskip("sentence_transformers")
+    from slq_hf.integrations.sentence_transformers import load_sentence_transformer
+
+    model.save_pretrained(tmp_path / "slq")
+    st = load_sentence_transformer(tmp_path / "slq", device="cpu")
+    frames = [Image.new("RGB", (32, 32), colour) for colour in ["red", "blue", "green"]]
+    frames[0].save(tmp_path / "anim.gif", save_all=True, append_images=frames[1:])
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    stored = Image.new("RGB", (64, 32), (0, 0, 255))
+    stored.paste((255, 0, 0), (0, 0, 32, 32))
+    stored.save(tmp_path / "rot.jpg", exif=exif)
+    inputs = [str(tmp_path / "anim.gif"), Image.open(tmp_path / "rot.jpg"), tmp_path / "rot.jpg", "a caption",
+              {"image": _scene(40, 30, mode="RGBA"), "text": "what?"}]
+    _close(st.encode(inputs, convert_to_tensor=True, batch_size=2), model.encode(inputs))
+    for value, message in [(Image.new("RGB", (0, 5)), "zero size"), ("", "empty or whitespace"),
+                           ("missing/cat.jpg", "no such file"), (None, "Input is None")]:
+        with pytest.raises(SLQInputError, match=message):
+            st.encode(["ok", value])
