@@ -1,7 +1,7 @@
 """Cost of reranking k candidates with the frozen backbone, with and without the shared-prefix KV cache.
 
 On the CPU-sized Qwen3-VL of ``benchmarks/common.py`` (text 640 x 8 layers, vision 256 x 4, random weights, the real
-classes and processor), one 256 x 256 image (64 image tokens after merging, DESIGN's bench image size) and k captions of about 15 words:
+classes and processor), one 256 x 256 image (64 image tokens after merging) and k captions of about 15 words:
 
 - ``image->text, k separate forwards``: ``rerank(image, [text])`` once per candidate, i.e. k full forwards of
   (chat template + image + caption), each running the vision tower: the unit every ratio divides by;
@@ -98,8 +98,8 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--k", type=int, nargs="+", default=[10, 50], help="candidates per query")
     parser.add_argument("--rounds", type=int, default=2, help="timed rounds")
-    parser.add_argument("--warmup", type=int, default=0, help="untimed full rounds first (each variant always gets one "
-                        "untimed call on 2 candidates)")
+    parser.add_argument("--warmup", type=int, default=0,
+                        help="untimed full rounds first (each variant always gets one untimed call on 2 candidates)")
     parser.add_argument("--image-size", type=int, default=256, help="side of the square images, pixels")
     parser.add_argument("--batch-size", type=int, default=10, help="pairs per forward")
     parser.add_argument("--write", type=Path, metavar="BENCHMARKS.md", help="fill this file's rerank section")
