@@ -150,7 +150,7 @@ def test_model_loading_commands_document_backbone(command, capsys):
 
 # ---------------------------------------------------------------------------------- export after an install
 def test_the_template_is_one_file_inside_the_package():
-    from slq_hf.hub import MODEL_CARD_TEMPLATE
+    from slq_hf.hub.card import MODEL_CARD_TEMPLATE
 
     assert MODEL_CARD_TEMPLATE.parent == REPO / "slq_hf" / "hub"
     assert (REPO / "MODEL_CARD.md").resolve() == MODEL_CARD_TEMPLATE.resolve()  # the repository's card: same file

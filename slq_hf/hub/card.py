@@ -1,10 +1,5 @@
-"""The model card: evaluation results, training facts and the ``MODEL_CARD.md`` template (package data) rendered.
-
-Evaluation results are the JSON files ``slq-hf eval --output`` writes (see :func:`load_eval_results`); several files
-(explicit and knowledge captions, several datasets) all reach the card, in the order given. Training facts come
-from the ``training_summary.json`` that ``slq-hf train`` writes next to the model, else from the newest
-``checkpoint-*/trainer_state.json`` of the run.
-"""
+"""The model card: evaluation results (:func:`load_eval_results`), training facts (:func:`read_training_info`) and
+the ``MODEL_CARD.md`` template shipped in this package, rendered (:func:`render_model_card`)."""
 
 from __future__ import annotations
 
@@ -75,9 +70,8 @@ def _result_list(data: Any, source: str) -> list[tuple[str | None, Mapping[str, 
 
 
 def _fraction(value: Any, where: str) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-        raise ValueError(f"{where} is {value!r}; expected a number.")
-    if not 0 <= value <= 1:
+    number = isinstance(value, (int, float)) and not isinstance(value, bool)
+    if not (number and math.isfinite(value) and 0 <= value <= 1):
         raise ValueError(f"{where} is {value!r}; recall values in the results JSON are fractions in [0, 1] (the "
                          "model card shows them as percentages).")
     return float(value)
@@ -129,13 +123,7 @@ def load_eval_results(paths: str | os.PathLike | Iterable[str | os.PathLike]) ->
     paths = [paths] if isinstance(paths, (str, os.PathLike)) else list(paths)
     blocks, seen = [], {}
     for path in map(Path, paths):
-        try:
-            data = json.loads(path.read_text(encoding="utf-8"))
-        except OSError as err:
-            raise ValueError(f"{path}: cannot read the evaluation results ({err}).") from err
-        except json.JSONDecodeError as err:
-            raise ValueError(f"{path}: not valid JSON ({err}).") from err
-        for block in parse_eval_results(data, str(path)):
+        for block in parse_eval_results(read_json(path, "evaluation results"), str(path)):
             key = (block.dataset, block.split, block.direction)
             if key in seen and seen[key] != path:
                 raise ValueError(f"{path}: {block.dataset}/{block.direction} (split {block.split}) is also in "
@@ -147,11 +135,10 @@ def load_eval_results(paths: str | os.PathLike | Iterable[str | os.PathLike]) ->
 
 # --------------------------------------------------------------------------------------------------- training facts
 def _trainer_state_info(path: Path) -> dict[str, Any]:
-    """Steps/epochs/batch size from a Trainer's trainer_state.json (and the learning rate of its first log)."""
-    try:
-        state = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError):
+    """Steps/epochs/batch size and the highest logged learning rate from a Trainer's trainer_state.json."""
+    if not path.is_file():
         return {}
+    state = read_json_object(path, "trainer state")
     logged = [entry.get("learning_rate") for entry in state.get("log_history") or [] if "learning_rate" in entry]
     info = {"steps": state.get("global_step"), "epochs": state.get("epoch"),
             "batch size per device": state.get("train_batch_size"),
@@ -172,11 +159,17 @@ def read_training_info(model_dir: str | os.PathLike) -> dict[str, Any] | None:
     return next((info for info in map(_trainer_state_info, states) if info), None)
 
 
-def read_json_object(path: str | os.PathLike, what: str) -> dict[str, Any]:
+def read_json(path: str | os.PathLike, what: str) -> Any:
     try:
-        data = json.loads(Path(path).read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError) as err:
+        return json.loads(Path(path).read_text(encoding="utf-8"))
+    except OSError as err:
         raise ValueError(f"{path}: cannot read the {what} ({err}).") from err
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{path}: the {what} is not valid JSON ({err}).") from err
+
+
+def read_json_object(path: str | os.PathLike, what: str) -> dict[str, Any]:
+    data = read_json(path, what)
     if not isinstance(data, dict):
         raise ValueError(f"{path}: the {what} must be a JSON object of name -> value, got {type(data).__name__}.")
     return data
@@ -227,11 +220,10 @@ def render_model_card(
     license: str | None = None,
     template: str | os.PathLike | None = None,
 ) -> str:
-    """README.md text of an SLQ model, rendered from the ``MODEL_CARD.md`` Jinja template shipped with slq_hf.
+    """README.md text of an SLQ model, rendered from the ``MODEL_CARD.md`` Jinja template (or ``template``).
 
-    Every number comes from the arguments: with no ``eval_results`` the card says that no evaluation results were
-    provided, with no ``training_info`` that the training data and schedule were not recorded. ``repo_id`` is the
-    id the usage snippets load (default: ``your-org/<model_name>``, a placeholder).
+    Every number comes from the arguments: without ``eval_results``/``training_info`` the card says they were not
+    provided/recorded. ``repo_id`` is the id the usage snippets load (default: a ``your-org/<name>`` placeholder).
     """
     import jinja2
     import transformers

@@ -23,14 +23,7 @@ from ..modeling.checkpoint import (
     write_folder,
 )
 from ..modeling.configuration_slq import SLQConfig
-from .card import (
-    EvalBlock,
-    _is_local_path,
-    load_eval_results,
-    read_json_object,
-    read_training_info,
-    render_model_card,
-)
+from .card import EvalBlock, _is_local_path, load_eval_results, read_json_object, read_training_info, render_model_card
 from .publish import README_NAME, collect_upload_files
 
 ST_FILES = ("modules.json", "sentence_bert_config.json", "config_sentence_transformers.json")
@@ -118,23 +111,19 @@ def export(
     template: str | os.PathLike | None = None,
     overwrite: bool = False,
 ) -> list[str]:
-    """Write a hub-ready copy of the SLQ folder ``model_dir`` to ``out_dir``; returns the files, as push would send.
-
-    The backbone is never loaded: the export works on the files. Written: config.json (backbone id and revision
-    pinned, versions stamped), model.safetensors (only SLQ tensors, checked against config.json), query sets, the
-    modeling code of this slq_hf, the processor files, the sentence-transformers files and README.md (from
-    ``MODEL_CARD.md``). Anything else in ``model_dir`` (optimizer state, training arguments, checkpoints) is left
-    behind. The folder is written atomically: a failed export leaves a previous one as it was.
+    """Write a hub-ready copy of the SLQ folder ``model_dir`` to ``out_dir`` (atomically); returns the files, as
+    push would send them. The backbone is never loaded. Written: config.json (backbone id and revision pinned,
+    versions stamped), model.safetensors (only SLQ tensors, checked against config.json), query sets, the modeling
+    code, processor and sentence-transformers files, README.md. Optimizer state, training arguments and checkpoints
+    are left behind.
 
     Args:
-        eval_results: one or several results JSON files from ``slq-hf eval`` (or parsed blocks); all reach the card.
-            Without them the card says that no evaluation results were provided.
-        training_info: a JSON file or mapping of training facts (dataset, steps, learning rate...) for the card;
-            by default what the run recorded (:func:`~slq_hf.hub.card.read_training_info`).
+        eval_results: results JSON file(s) from ``slq-hf eval`` (or parsed blocks); all reach the card.
+        training_info: a JSON file or mapping of training facts for the card (default: what the run recorded,
+            :func:`~slq_hf.hub.card.read_training_info`).
         backbone / backbone_revision: re-pin the backbone (e.g. replace a local path with its Hub id, pin a commit).
-        model_name: title of the card (default: the name of ``out_dir``).
-        repo_id: the Hub id the card's usage snippets load (default: a ``your-org/<model_name>`` placeholder).
-        license: licence id for the card header (default: a placeholder pointing at the backbone's licence).
+        model_name / repo_id / license: card title (default: ``out_dir``'s name), the id its usage snippets load, the
+            licence id (default: a placeholder pointing at the backbone's licence).
         overwrite: replace ``out_dir`` if it holds a previous export.
     """
     from ..modeling import modeling_slq

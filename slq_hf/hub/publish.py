@@ -75,13 +75,12 @@ def collect_upload_files(folder: str | os.PathLike) -> list[str]:
     return files
 
 
-def upload_folder(folder: str | os.PathLike, repo_id: str, *, private: bool | None = None,
-                  token: bool | str | None = None, revision: str | None = None, create_pr: bool = False,
-                  commit_message: str | None = None, commit_description: str | None = None) -> Any:
-    """Create ``repo_id`` if needed and commit exactly the files :func:`collect_upload_files` allows.
-
-    Returns huggingface_hub's ``CommitInfo`` (a ``str`` holding the commit URL).
-    """
+def push(hub_dir: str | os.PathLike, repo_id: str, *, private: bool | None = None, token: bool | str | None = None,
+         revision: str | None = None, create_pr: bool = False, commit_message: str | None = None,
+         commit_description: str | None = None) -> Any:
+    """Upload a folder made by ``slq-hf export`` to ``repo_id`` (created if missing) in one commit of exactly the
+    files :func:`collect_upload_files` allows; returns huggingface_hub's ``CommitInfo`` (a ``str``, the commit URL).
+    Warns when the folder has no model card or the card's usage snippets load another repository."""
     from huggingface_hub import CommitOperationAdd, HfApi
     from huggingface_hub.utils import HFValidationError, validate_repo_id
 
@@ -89,8 +88,14 @@ def upload_folder(folder: str | os.PathLike, repo_id: str, *, private: bool | No
         validate_repo_id(repo_id)
     except HFValidationError as err:
         raise ValueError(f"repo_id {repo_id!r} is invalid (--repo-id); expected 'org/name' ({err}).") from err
-    root = Path(folder)
+    root = Path(hub_dir)
     files = collect_upload_files(root)
+    if README_NAME not in files:
+        warnings.warn(f"{root} has no {README_NAME}: the repository will have no model card. Make the folder with "
+                      "`slq-hf export` to get one.", UserWarning, stacklevel=2)
+    elif f'"{repo_id}"' not in (root / README_NAME).read_text(encoding="utf-8", errors="replace"):
+        warnings.warn(f"The model card's usage snippets do not load {repo_id!r}; re-export with --repo-id "
+                      f"{repo_id} so they do.", UserWarning, stacklevel=2)
     api = HfApi(token=token)
     repo_id = api.create_repo(repo_id, private=private, exist_ok=True, repo_type="model").repo_id
     # One explicit operation per allowed file (not upload_folder + patterns): what is listed is what goes up.
@@ -98,20 +103,6 @@ def upload_folder(folder: str | os.PathLike, repo_id: str, *, private: bool | No
     return api.create_commit(repo_id, operations, commit_message=commit_message or "Upload SLQ model (queries only)",
                              commit_description=commit_description, revision=revision, create_pr=create_pr,
                              repo_type="model")
-
-
-def push(hub_dir: str | os.PathLike, repo_id: str, **kwargs: Any) -> Any:
-    """Upload a folder made by ``slq-hf export`` (:func:`upload_folder`), warning when it has no model card or the
-    card's usage snippets load another repository. ``kwargs``: ``private``, ``token``, ``revision``, ``create_pr``,
-    ``commit_message``."""
-    readme = Path(hub_dir) / README_NAME
-    if not readme.is_file():
-        warnings.warn(f"{hub_dir} has no {README_NAME}: the repository will have no model card. Make the folder with "
-                      "`slq-hf export` to get one.", UserWarning, stacklevel=2)
-    elif f'"{repo_id}"' not in readme.read_text(encoding="utf-8", errors="replace"):
-        warnings.warn(f"The model card's usage snippets do not load {repo_id!r}; re-export with --repo-id "
-                      f"{repo_id} so they do.", UserWarning, stacklevel=2)
-    return upload_folder(hub_dir, repo_id, **kwargs)
 
 
 def default_model_card(config: Any, repo_id: str, tags: list[str] | None = None) -> str:
