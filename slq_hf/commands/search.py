@@ -14,9 +14,10 @@ Search INDEX_DIR with one or more text or image queries; prints the ranked items
 
 The query is embedded with the model that built the index: by default the SLQ folder recorded in the index's
 manifest; --model overrides it, and a model with other weights, config or query set is refused (its embeddings
-would not be comparable). --json prints {"query", "results": [{"rank", "score", "id", "path", "text",
-"metadata", ...}]} objects, one per line, for scripts. --rerank K re-orders the top K with the frozen backbone's
-own likelihood of each (query, item) pair (slq_hf.modeling.reranking); K >= -k.
+would not be comparable). Results come for the --text queries first, then the --image ones. --json prints one
+{"query", "results": [{"rank", "score", "id", "path", "text", "metadata", ...}]} object per line, for scripts.
+--rerank K re-orders the top K with the frozen backbone's own likelihood of each (query, item) pair
+(slq_hf.modeling.reranking), then keeps -k.
 """
 
 EPILOG = """\

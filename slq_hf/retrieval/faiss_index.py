@@ -146,11 +146,13 @@ def train(index: Any, sample: np.ndarray, precision: str) -> None:
     """Train ``index`` (IVF centroids, PQ/SQ codebooks) on (n, D) float32 ``sample`` rows; no-op if untrainable."""
     if index.is_trained:
         return
-    needed = training_rows(index)
-    if len(sample) < min(needed, 256):
-        raise ValueError(f"The index needs training on about {needed} vectors but the corpus has {len(sample)}; "
-                         "use a smaller IVF (e.g. IVF64) or 'Flat' for a corpus this small.")
-    index.train(encode_codes(sample, precision))
+    try:
+        index.train(encode_codes(sample, precision))
+    except RuntimeError as err:
+        reason = str(err).strip().splitlines()[-1].rsplit(": ", 1)[-1]
+        raise ValueError(f"FAISS could not train the index on {len(sample)} vectors ({reason}); it wants about "
+                         f"{training_rows(index)}. Use a smaller IVF (e.g. IVF16) or 'Flat' for a corpus this "
+                         "small.") from err
 
 
 def add(index: Any, vectors: np.ndarray, precision: str) -> None:

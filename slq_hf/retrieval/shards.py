@@ -60,7 +60,9 @@ def write_shard(index_dir: str | os.PathLike, number: int, embeddings: np.ndarra
     })
     _atomic(paths["bad"], lambda p: p.write_text(json.dumps(bad, indent=1, default=str), encoding="utf-8"))
     _atomic(paths["rows"], lambda p: pq.write_table(table, str(p)))
-    array = np.ascontiguousarray(embeddings, dtype=np.float32).reshape(len(rows), -1)
+    array = np.ascontiguousarray(embeddings, dtype=np.float32)
+    if array.ndim != 2:
+        raise RuntimeError(f"shard {number}: embeddings must be (n, D), got shape {array.shape}")
     _atomic(paths["embeddings"], lambda p: save_file({"embeddings": array}, str(p),
                                                      metadata={"items_digest": items_digest,
                                                                "count": str(len(rows))}))

@@ -1,0 +1,469 @@
+"""slq_hf.retrieval: sharded resumable corpus encoding, FAISS search at every precision, Qdrant export, CLI.
+
+A real SLQModel on the committed toy backbone (Qwen3-VL, ~1M parameters) embeds real PNG scenes; FAISS and Qdrant
+run for real (local mode). Expected values come from plain numpy (brute-force inner products) or from
+slq_hf.evaluation, never from the retrieval code itself.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+pytest.importorskip("faiss")
+pytest.importorskip("pyarrow")
+
+from slq_hf import SLQModel  # noqa: E402
+from slq_hf.retrieval import (  # noqa: E402
+    BadItemError,
+    CorpusIndex,
+    IndexMismatchError,
+    build_index,
+    export_qdrant,
+    read_corpus,
+)
+from slq_hf.retrieval import faiss_index as fi  # noqa: E402
+from slq_hf.retrieval.manifest import query_set_tensor  # noqa: E402
+from slq_hf.retrieval.shards import open_embeddings, shard_paths  # noqa: E402
+from slq_hf.testing.toy_scenes import heldout_scenes  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+TOY = ROOT / "examples" / "toy" / "backbone"
+
+
+@pytest.fixture(scope="module")
+def slq_dir(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("slq") / "toy_slq"
+    SLQModel.from_backbone(str(TOY), num_queries=8).save_pretrained(out)
+    return out
+
+
+@pytest.fixture()
+def model(slq_dir):
+    return SLQModel.from_pretrained(slq_dir)
+
+
+@pytest.fixture(scope="module")
+def scenes():
+    return heldout_scenes()[:36]
+
+
+@pytest.fixture()
+def image_folder(tmp_path, scenes) -> Path:
+    folder = tmp_path / "photos"
+    (folder / "sub" / "deeper").mkdir(parents=True)
+    (folder / ".hidden").mkdir()
+    for n, scene in enumerate(scenes):
+        where = folder / ("", "sub", "sub/deeper")[n % 3]
+        scene.image.save(where / f"scene_{n:03d}.png")
+    (folder / "broken.png").write_bytes(b"this is not a png")
+    (folder / "notes.txt").write_text("not an image")
+    scenes[0].image.save(folder / ".hidden" / "skipped.png")
+    return folder
+
+
+def _items_file(tmp_path: Path, scenes, extra_lines: list[str] = ()) -> Path:
+    images = tmp_path / "items_images"
+    images.mkdir(exist_ok=True)
+    lines = []
+    for n, scene in enumerate(scenes):
+        scene.image.save(images / f"{n}.png")
+        if n % 2:
+            lines.append({"id": f"img{n}", "image": f"items_images/{n}.png", "colour": scene.colour})
+        else:
+            lines.append({"id": f"txt{n}", "text": scene.caption, "shape": scene.shape})
+    path = tmp_path / "items.jsonl"
+    path.write_text("\n".join([json.dumps(line) for line in lines] + list(extra_lines)) + "\n")
+    return path
+
+
+def _all_embeddings(index_dir: Path, num_shards: int) -> np.ndarray:
+    return np.concatenate([np.asarray(open_embeddings(shard_paths(index_dir, n)["embeddings"]))
+                           for n in range(num_shards)])
+
+
+# ---------------------------------------------------------------------------------------------------- readers
+def test_readers_folder_items_and_detection(image_folder, tmp_path, scenes):
+    corpus = read_corpus(image_folder)
+    ids = [item.id for item in corpus.items]
+    assert corpus.format == "folder" and len(ids) == len(scenes) + 1  # + broken.png; .hidden and notes.txt left out
+    assert ids == sorted(ids) and "sub/deeper/scene_002.png" in ids and not any(".hidden" in i for i in ids)
+    items = read_corpus(_items_file(tmp_path, scenes[:4], ['{"text": "no id here", "k": 1}']))
+    assert [i.id for i in items.items] == ["txt0", "img1", "txt2", "img3", "line-5"]
+    assert items.items[1].image == str(tmp_path / "items_images" / "1.png") and items.items[1].metadata == {
+        "colour": scenes[1].colour}
+    duplicate = tmp_path / "dup.jsonl"
+    duplicate.write_text('{"id": "a", "text": "x"}\n{"id": "a", "text": "y"}\n')
+    with pytest.raises(ValueError, match=r"dup.jsonl:2: id 'a' was already used on line 1"):
+        read_corpus(duplicate)
+    with pytest.raises(FileNotFoundError, match="missing"):
+        read_corpus(tmp_path / "missing.jsonl")
+    with pytest.raises(ValueError, match="no image files"):
+        read_corpus(_empty(tmp_path))
+    with pytest.raises(ValueError, match="format="):
+        read_corpus(image_folder / "notes.txt")
+
+
+def _empty(tmp_path: Path) -> Path:
+    folder = tmp_path / "empty"
+    folder.mkdir()
+    (folder / "readme.md").write_text("x")
+    return folder
+
+
+# ------------------------------------------------------------------------------------------- build and search
+def test_build_search_bad_items_and_resume_message(model, image_folder, tmp_path, scenes, capsys):
+    out = tmp_path / "index"
+    manifest = build_index(model, image_folder, out, shard_size=8, batch_size=4)
+    assert manifest["num_shards"] == 5 and manifest["num_vectors"] == len(scenes)
+    assert manifest["run"] == {**manifest["run"], "skipped_shards": 0, "encoded_shards": 5, "bad_items": 1}
+    bad = [json.loads(line) for line in (out / "bad_items.jsonl").read_text().splitlines()]
+    assert len(bad) == 1 and bad[0]["image"] == "broken.png" and "broken.png" in bad[0]["reason"]
+
+    index = CorpusIndex.load(out)
+    assert index.bad_items == bad and len(index) == len(scenes)
+    # Each scene image finds itself first (score = cos with itself = 1).
+    queries = [image_folder / "sub" / "scene_001.png", scenes[5].image]
+    hits = index.search(model, queries, k=3)
+    assert [h[0].id for h in hits] == ["sub/scene_001.png", "sub/deeper/scene_005.png"]
+    assert hits[0][0].score == pytest.approx(1.0, abs=1e-5)
+    assert hits[1][0].path == str(image_folder.resolve() / "sub" / "deeper" / "scene_005.png")
+
+    # Expected ranking from numpy: query embedding . every shard embedding.
+    vectors = _all_embeddings(out, 5)
+    query = model.encode([{"text": scenes[7].caption}]).numpy()
+    expected = np.argsort(-(vectors @ query[0]), kind="stable")[:5]
+    got = index.search(model, scenes[7].caption, k=5)[0]
+    assert [h.row for h in got] == expected.tolist()
+    np.testing.assert_allclose([h.score for h in got], (vectors @ query[0])[expected], atol=1e-5)
+
+    capsys.readouterr()
+    started = time.perf_counter()
+    again = build_index(model, image_folder, out, shard_size=8, batch_size=4)
+    assert again["run"]["skipped_shards"] == 5 and again["run"]["encoded_shards"] == 0
+    assert time.perf_counter() - started < 60  # generous: a re-encode would still pass on a fast machine
+    assert "5 of 5 shards already finished, skipped" in capsys.readouterr().err
+
+    import datasets
+
+    rows = datasets.load_dataset("parquet", data_files=str(out / "shards" / "*.parquet"), split="train")
+    assert sorted(rows["id"]) == sorted(f"{p.relative_to(image_folder).as_posix()}"
+                                        for p in image_folder.rglob("scene_*.png") if ".hidden" not in p.parts)
+    table = index.to_dataset()
+    np.testing.assert_array_equal(np.asarray(table["embedding"], dtype=np.float32), vectors)
+
+
+def test_strict_and_every_kind_of_bad_item(model, tmp_path, scenes):
+    extra = ['{"id": "gone", "image": "items_images/missing.png"}', '{"id": "blank", "text": "   "}',
+             "{not json", '{"id": "nothing", "colour": "red"}', '{"id": "num", "text": 5}', '[1, 2]']
+    data = _items_file(tmp_path, scenes[:6], extra)
+    out = tmp_path / "index"
+    manifest = build_index(model, data, out, shard_size=4)
+    bad = {b["id"]: b for b in CorpusIndex.load(out).bad_items}
+    assert manifest["bad_items"] == 6 and manifest["num_vectors"] == 6
+    assert "not found" in bad["gone"]["reason"] and bad["gone"]["where"] == "items.jsonl:7"
+    assert bad["blank"]["reason"] == "empty text"
+    assert "invalid JSON" in bad["line-9"]["reason"] and "neither" in bad["nothing"]["reason"]
+    assert "must be a string" in bad["num"]["reason"] and "JSON object" in bad["line-12"]["reason"]
+    with pytest.raises(BadItemError, match=r"items.jsonl:7: .*not found.*strict"):
+        build_index(model, data, tmp_path / "strict", shard_size=4, strict=True)
+
+
+# ------------------------------------------------------------------------------------------------------ resume
+_KILLED_BUILD = """
+import sys, time
+from pathlib import Path
+import torch
+torch.set_num_threads(1)
+from slq_hf import SLQModel
+from slq_hf.retrieval import build_index
+
+model = SLQModel.from_pretrained(sys.argv[1])
+encode, calls = model.encode, []
+
+def encode_then_hang(*args, **kwargs):
+    # batch_size 1 -> chunks of 4 items -> 2 encode calls a shard of 8: call 6 is the second half of shard 2.
+    calls.append(1)
+    if len(calls) == 6:
+        Path(sys.argv[4]).write_text("mid-shard")
+        time.sleep(600)
+    return encode(*args, **kwargs)
+
+model.encode = encode_then_hang
+build_index(model, sys.argv[2], sys.argv[3], shard_size=8, batch_size=1)
+"""
+
+
+def test_resume_after_sigkill_equals_uninterrupted(slq_dir, model, image_folder, tmp_path, capsys):
+    killed, marker = tmp_path / "killed", tmp_path / "marker"
+    script = tmp_path / "build.py"
+    script.write_text(_KILLED_BUILD)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    child = subprocess.Popen([sys.executable, str(script), str(slq_dir), str(image_folder), str(killed), str(marker)],
+                             env=env, stderr=subprocess.PIPE)
+    deadline = time.time() + 300
+    while not marker.exists():
+        assert child.poll() is None, child.stderr.read().decode()[-3000:]
+        assert time.time() < deadline, "the child never reached the third shard"
+        time.sleep(0.2)
+    child.send_signal(signal.SIGKILL)
+    child.wait()
+    finished = sorted(p.name for p in (killed / "shards").glob("*.safetensors"))
+    assert finished == ["shard-00000.safetensors", "shard-00001.safetensors"]
+    assert not (killed / "index.faiss").exists()
+    with pytest.raises(FileNotFoundError, match="has not finished"):
+        CorpusIndex.load(killed)
+    # A truncated embeddings file of an unfinished shard must not pass for a finished one.
+    shard_paths(killed, 3)["embeddings"].write_bytes(b"\x10\x00\x00")
+
+    capsys.readouterr()
+    resumed = build_index(model, image_folder, killed, shard_size=8, batch_size=1)
+    assert resumed["run"]["skipped_shards"] == 2 and resumed["run"]["encoded_shards"] == 3
+    assert "2 of 5 shards already finished, skipped; 3 to encode" in capsys.readouterr().err
+    straight = build_index(model, image_folder, tmp_path / "straight", shard_size=8, batch_size=1)
+    np.testing.assert_array_equal(_all_embeddings(killed, 5), _all_embeddings(tmp_path / "straight", 5))
+    a, b = CorpusIndex.load(killed), CorpusIndex.load(tmp_path / "straight")
+    assert a.rows.to_pylist() == b.rows.to_pylist() and a.bad_items == b.bad_items
+    assert resumed["num_vectors"] == straight["num_vectors"]
+    probe = _all_embeddings(killed, 5)[:4]
+    for x, y in zip(a.search_embeddings(probe, 5), b.search_embeddings(probe, 5)):
+        np.testing.assert_array_equal(x, y)
+
+
+@pytest.mark.distributed
+def test_torchrun_two_processes_equal_one(slq_dir, image_folder, tmp_path):
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    command = ["-m", "slq_hf.cli", "index", "build", "--model", str(slq_dir), "--data", str(image_folder),
+               "--shard-size", "5", "--batch-size", "3", "--no-progress"]
+    one = subprocess.run([sys.executable, *command, "--out", str(tmp_path / "one")], env=env, capture_output=True,
+                         text=True, timeout=600)
+    assert one.returncode == 0, one.stderr[-3000:]
+    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+                          "--master_port", str(29500 + os.getpid() % 1000), *command, "--out", str(tmp_path / "two")],
+                         env=env, capture_output=True, text=True, timeout=600)
+    assert two.returncode == 0, two.stderr[-3000:]
+    assert two.stderr.count("Index ") == 1  # only rank 0 reports
+    manifests = [json.loads((tmp_path / name / "manifest.json").read_text()) for name in ("one", "two")]
+    assert manifests[0]["num_shards"] == 8 and manifests[0]["num_vectors"] == manifests[1]["num_vectors"]
+    np.testing.assert_array_equal(_all_embeddings(tmp_path / "one", 8), _all_embeddings(tmp_path / "two", 8))
+    a, b = CorpusIndex.load(tmp_path / "one"), CorpusIndex.load(tmp_path / "two")
+    assert a.rows.to_pylist() == b.rows.to_pylist() and a.bad_items == b.bad_items and len(a.bad_items) == 1
+
+
+# ---------------------------------------------------------------------------------------------- fingerprints
+def test_other_model_or_query_set_refused(slq_dir, model, image_folder, tmp_path):
+    out = tmp_path / "index"
+    build_index(model, image_folder, out, shard_size=16)
+    index = CorpusIndex.load(out)
+
+    retrained = SLQModel.from_pretrained(slq_dir)
+    with torch.no_grad():
+        query_set_tensor(retrained, "default").mul_(1.01)
+    with pytest.raises(IndexMismatchError, match="query weights differ"):
+        index.search(retrained, "a red circle")
+    with pytest.raises(IndexMismatchError, match="query weights differ.*--overwrite"):
+        build_index(retrained, image_folder, out, shard_size=16)
+    other_config = SLQModel.from_backbone(str(TOY), num_queries=6)
+    with pytest.raises(IndexMismatchError, match="configuration differs"):
+        index.search(other_config, "a red circle")
+
+    # A reloaded copy of the same folder, even in another dtype-free location, is the same model.
+    index.search(SLQModel.from_pretrained(slq_dir), "a red circle")
+    rebuilt = build_index(retrained, image_folder, out, shard_size=16, overwrite=True)
+    assert rebuilt["run"]["skipped_shards"] == 0
+    CorpusIndex.load(out).search(retrained, "a red circle")
+
+    if not hasattr(model, "add_query_set"):
+        pytest.skip("this model has no named query sets")
+    model.add_query_set("documents", 8)
+    sets = build_index(model, image_folder, tmp_path / "sets", shard_size=16, query_set="documents")
+    assert sets["model"]["query_set"] == "documents"
+    with pytest.raises(IndexMismatchError, match="query set 'documents'"):
+        CorpusIndex.load(tmp_path / "sets").search(SLQModel.from_pretrained(slq_dir), "a red circle")
+    assert CorpusIndex.load(tmp_path / "sets").search(model, scenes_image(image_folder), k=1)[0][0].id == \
+        "scene_000.png"
+
+
+def scenes_image(folder: Path) -> Path:
+    return folder / "scene_000.png"
+
+
+def test_changed_data_refused(model, tmp_path, scenes):
+    data = _items_file(tmp_path, scenes[:6])
+    out = tmp_path / "index"
+    build_index(model, data, out, shard_size=4)
+    assert build_index(model, data, out, shard_size=4)["run"]["encoded_shards"] == 0
+    lines = data.read_text().splitlines()
+    data.write_text("\n".join(lines[:-1] + [lines[-1].replace("img5", "img5b")]) + "\n")
+    with pytest.raises(IndexMismatchError, match="the data differs"):
+        build_index(model, data, out, shard_size=4)
+    data.write_text("\n".join(lines) + "\n")
+    build_index(model, data, out, shard_size=4)  # back to the original: accepted again
+    scenes[4].image.save(tmp_path / "items_images" / "1.png")  # an image file's content changes
+    with pytest.raises(IndexMismatchError, match="files changed"):
+        build_index(model, data, out, shard_size=4)
+    with pytest.raises(IndexMismatchError, match="shard size"):
+        build_index(model, data, tmp_path / "index", shard_size=3, overwrite=False)
+    assert build_index(model, data, out, shard_size=4, overwrite=True)["run"]["encoded_shards"] == 2
+
+
+# ------------------------------------------------------------------------------------------------ precisions
+@pytest.mark.parametrize(("precision", "factory"), [
+    ("float32", "HNSW16"), ("float16", "Flat"), ("int8", "Flat"), ("int8", "HNSW16"), ("ubinary", "Flat"),
+    ("ubinary", "HNSW16"), ("ubinary", "IVF4"), ("float32", "IVF4,PQ8x4"), ("float16", "IVF4")])
+def test_quantized_search_finds_the_exact_top1(model, image_folder, tmp_path, precision, factory, scenes):
+    out = tmp_path / "index"
+    build_index(model, image_folder, out, shard_size=16, precision=precision, faiss_factory=factory)
+    index = CorpusIndex.load(out)
+    vectors = _all_embeddings(out, 3)
+    queries = model.encode([{"text": s.caption} for s in scenes[:6]] + [s.image for s in scenes[6:12]]).numpy()
+    exact = queries @ vectors.T  # (12, N) brute force in numpy
+    scores, rows = index.search_embeddings(queries, k=3, rescore_multiplier=8)
+    np.testing.assert_array_equal(rows[:, 0], exact.argmax(1))
+    np.testing.assert_allclose(scores, np.take_along_axis(exact, rows, 1), atol=1e-5)  # rescored = exact scores
+
+
+def test_binary_codes_match_sentence_transformers_and_factory_errors():
+    st_quantization = pytest.importorskip("sentence_transformers.util.quantization")
+    x = np.random.default_rng(0).standard_normal((7, 44)).astype(np.float32)
+    np.testing.assert_array_equal(fi.encode_codes(x, "ubinary"), st_quantization.quantize_embeddings(x, "ubinary"))
+    with pytest.raises(ValueError, match="already compresses"):
+        fi.resolve_factory("IVF64,PQ8", "int8")
+    with pytest.raises(ValueError, match="could not parse"):
+        fi.new_index(16, "Nonsense12", "float32")
+    with pytest.raises(ValueError, match="precision='float64'"):
+        fi.check_precision("float64")
+    assert fi.default_factory(1000, 2048) == "Flat"
+    assert fi.default_factory(1_000_000, 2048) == "IVF1024,PQ128"
+
+
+def test_too_small_for_the_factory_says_so(model, image_folder, tmp_path):
+    with pytest.raises(ValueError, match="could not train.*IVF16"):
+        build_index(model, image_folder, tmp_path / "index", shard_size=16, faiss_factory="IVF64,PQ16")
+
+
+# --------------------------------------------------------------------------------- eval set == slq-hf eval R@1
+def test_index_of_the_eval_set_reproduces_evaluate_retrieval(model, tmp_path, scenes):
+    from slq_hf.evaluation import evaluate_retrieval, load_retrieval_dataset
+
+    (tmp_path / "scenes").mkdir()
+    lines = []
+    for n, scene in enumerate(scenes):
+        scene.image.save(tmp_path / "scenes" / f"{n}.png")
+        lines.append(json.dumps({"image": f"scenes/{n}.png", "knowledge": scene.knowledge_caption,
+                                 "caption": scene.caption, "id": f"s{n}"}))
+    data = tmp_path / "karr.jsonl"
+    data.write_text("\n".join(lines) + "\n")
+    dataset = load_retrieval_dataset(data, "karr", split=None)
+    expected = evaluate_retrieval(model, dataset, batch_size=8)["metrics"]["t2i"]["R@1"]
+    build_index(model, data, tmp_path / "index", format="karr", shard_size=10)
+    index = CorpusIndex.load(tmp_path / "index")
+    hits = index.search(model, list(dataset.texts), k=1)
+    found = np.mean([h[0].position == owner for h, owner in zip(hits, dataset.text_to_image)])
+    assert found == pytest.approx(expected, abs=1e-12)
+    assert hits[0][0].metadata == {"captions": [dataset.texts[dataset.text_to_image.index(hits[0][0].position)]]}
+
+
+# ------------------------------------------------------------------------------------------------------ qdrant
+def test_qdrant_local_export_round_trips(model, tmp_path, scenes):
+    qdrant_client = pytest.importorskip("qdrant_client")
+    data = _items_file(tmp_path, scenes[:10])
+    build_index(model, data, tmp_path / "index", shard_size=4)
+    index = CorpusIndex.load(tmp_path / "index")
+    db = tmp_path / "qdrant"
+    assert export_qdrant(index, "scenes", path=db) == {"collection": "scenes", "points": 10, "dim": 128}
+    with pytest.raises(ValueError, match="already exists"):
+        export_qdrant(index, "scenes", path=db)
+
+    client = qdrant_client.QdrantClient(path=str(db))
+    try:
+        points = client.retrieve("scenes", ids=list(range(10)), with_vectors=True, with_payload=True)
+        vectors = _all_embeddings(tmp_path / "index", 3)
+        np.testing.assert_allclose(np.array([p.vector for p in sorted(points, key=lambda p: p.id)]), vectors,
+                                   atol=1e-6)
+        rows = index.rows.to_pylist()
+        for point in points:
+            row = rows[point.id]
+            assert point.payload["id"] == row["id"] and point.payload["text"] == row["text"]
+            assert point.payload["metadata"] == json.loads(row["metadata"])
+            assert point.payload["slq_fingerprint"] == index.manifest["model"]["fingerprint"]
+        query = model.encode([{"text": scenes[2].caption}]).numpy()[0]
+        found = client.query_points("scenes", query=query.tolist(), limit=3).points
+        assert [p.id for p in found] == np.argsort(-(vectors @ query))[:3].tolist()
+    finally:
+        client.close()
+
+
+# --------------------------------------------------------------------------------------------------------- CLI
+def test_cli_build_search_json_info_and_refusals(slq_dir, image_folder, tmp_path, capsys):
+    from slq_hf.cli import main
+
+    out = tmp_path / "index"
+    assert main(["index", "build", "--model", str(slq_dir), "--data", str(image_folder), "--out", str(out),
+                 "--shard-size", "16", "--precision", "int8", "--no-progress"]) == 0
+    assert "36 vectors (Flat, int8)" in capsys.readouterr().err
+    assert main(["search", str(out), "--image", str(image_folder / "scene_000.png"), "--text", "a red star",
+                 "-k", "3", "--json"]) == 0
+    lines = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    # Texts first, then images (one JSON line each).
+    assert [len(line["results"]) for line in lines] == [3, 3] and lines[1]["results"][0]["id"] == "scene_000.png"
+    assert lines[0]["query"] == "a red star" and lines[1]["query"] == f"image {image_folder / 'scene_000.png'}"
+    assert main(["index", "info", str(out)]) == 0
+    assert json.loads(capsys.readouterr().out)["index"]["resolved_factory"] == "SQ8"
+
+    other = tmp_path / "other_slq"
+    SLQModel.from_backbone(str(TOY), num_queries=4).save_pretrained(other)
+    assert main(["search", str(out), "--text", "a red star", "--model", str(other)]) == 2
+    assert "built by another model" in capsys.readouterr().err
+    assert main(["search", str(out), "--image", str(tmp_path / "nope.png")]) == 2
+    assert "not found" in capsys.readouterr().err
+    assert main(["index", "build", "--model", str(slq_dir), "--data", str(image_folder), "--out", str(out),
+                 "--faiss", "IVF8,PQ4", "--precision", "ubinary"]) == 2
+    assert "already compresses" in capsys.readouterr().err
+
+
+def test_cli_rerank_reorders_the_top_k(slq_dir, image_folder, tmp_path, capsys):
+    pytest.importorskip("slq_hf.modeling.reranking")
+    from slq_hf.cli import main
+
+    out = tmp_path / "index"
+    assert main(["index", "build", "--model", str(slq_dir), "--data", str(image_folder), "--out", str(out),
+                 "--no-progress"]) == 0
+    capsys.readouterr()
+    assert main(["search", str(out), "--text", "a red star in the top left", "-k", "3", "--rerank", "6",
+                 "--json"]) == 0
+    results = json.loads(capsys.readouterr().out)["results"]
+    reranked = [r["rerank_score"] for r in results]
+    assert len(results) == 3 and reranked == sorted(reranked, reverse=True) and all(np.isfinite(reranked))
+    assert main(["search", str(out), "--text", "x", "-k", "5", "--rerank", "2"]) == 2
+
+
+def test_readme_search_section_runs(tmp_path, monkeypatch):
+    from helpers import run_readme_example
+
+    if "<!-- section:search-corpus -->" not in (ROOT / "README.md").read_text():
+        pytest.fail("README has no search-corpus section")
+    run_readme_example("search-corpus", tmp_path, monkeypatch)
+
+
+def test_demo_search_writes_a_grid(slq_dir, tmp_path):
+    sys.path.insert(0, str(ROOT / "examples"))
+    try:
+        import demo_search
+    finally:
+        sys.path.pop(0)
+    result = demo_search.run(slq_dir, tmp_path / "demo", queries=demo_search.default_queries()[:2], limit=30)
+    from PIL import Image
+
+    grid = Image.open(result["grid"])
+    assert grid.width > 5 * 64 and len(result["queries"]) == 2
+    assert all(len(q["hits"]) == 5 for q in result["queries"])
