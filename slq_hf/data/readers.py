@@ -34,7 +34,6 @@ from .records import (
     json_lines,
     read_text,
     resolve_image,
-    split_filter,
 )
 
 TEXT_KEYS = ("text", "texts", "caption", "captions")
@@ -63,7 +62,7 @@ def read_jsonl(path: str | os.PathLike, split: str | None = None, check_files: b
     """Records of a JSONL file in any of its three line forms (see the module docstring)."""
     path = Path(path)
     base = path.resolve().parent
-    for line, rec in split_filter(json_lines(path), split, path):
+    for line, rec in json_lines(path, split):
         fields = {k: v for k, v in rec.items() if k not in (*PAIR_KEYS, "image", "reference", "target", *TEXT_KEYS)}
         where = dict(source=f"{path}:{line}", line=line, split=rec.get("split"), fields=fields)
         if "query" in rec or "positive" in rec:
@@ -106,7 +105,7 @@ def read_karr(path: str | os.PathLike, split: str | None = None, text_field: str
         raise ValueError(f"text_field={text_field!r} (--text-field) is invalid; expected 'knowledge' or 'caption'.")
     path = Path(path)
     base, first_line = path.resolve().parent, {}
-    for line, rec in split_filter(json_lines(path), split, path):
+    for line, rec in json_lines(path, split):
         for key in ("image", text_field):
             if key not in rec:
                 raise DataFormatError(path, f"a KARR line needs \"image\" and \"{text_field}\"; missing {key!r} "
@@ -264,11 +263,8 @@ def read_hf(source: Any, split: str | None = None, image_column: str | None = No
                 name = value
             else:
                 raise ValueError(f"{where}: column {image_column!r} holds {type(value).__name__}, not an image.")
-            values = [v.get("raw") if isinstance(v, dict) else v for v in ([text] if isinstance(text, str) else
-                                                                             text if isinstance(text, list) else [])]
-            if not values or not all(isinstance(v, str) and v.strip() for v in values):
-                raise ValueError(f"{where}, column {text_column!r}: expected a caption or a non-empty list of "
-                                 f"captions, got {text!r}.")
+            values = [v.get("raw") if isinstance(v, dict) else v for v in text] if isinstance(text, list) else text
+            values = captions(values, text_column, where, None)
             yield Record(Item(image, name=name), tuple(Item(text=v) for v in values), source=where, split=split)
             row += 1
     if not row:

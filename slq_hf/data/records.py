@@ -100,23 +100,32 @@ def read_text(path: Path) -> str:
         raise DataFormatError(path, f"not UTF-8 text ({err}); is this really a JSON/JSONL file?") from err
 
 
-def json_lines(path: Path) -> list[tuple[int, dict]]:
-    """(line number, object) for every non-blank line; every line must be one JSON object."""
+def json_lines(path: Path, split: str | None = None) -> list[tuple[int, dict]]:
+    """(line number, object) for every non-blank line (each must be one JSON object); with ``split``, only the
+    lines of that split when the file has a "split" field (a file without one is a single split)."""
     records = []
     for number, raw in enumerate(read_text(path).splitlines(), start=1):
-        if not raw.strip():
-            continue
         try:
-            record = json.loads(raw)
+            record = json.loads(raw) if raw.strip() else None
         except json.JSONDecodeError as err:
             raise DataFormatError(path, f"invalid JSON at column {err.colno}: {err.msg}; each line must be one JSON "
                                   "object.", number) from err
-        if not isinstance(record, dict):
+        if record is not None and not isinstance(record, dict):
             raise DataFormatError(path, f"expected a JSON object, got {type(record).__name__}.", number)
-        records.append((number, record))
+        records += [(number, record)] if record is not None else []
     if not records:
         raise DataFormatError(path, "the file holds no records.")
-    return records
+    untagged = [line for line, rec in records if "split" not in rec]
+    if split in (None, "all") or len(untagged) == len(records):
+        return records
+    if untagged:
+        raise DataFormatError(path, "this line has no \"split\" while other lines do; give every line a split.",
+                              untagged[0])
+    kept = [(line, rec) for line, rec in records if rec["split"] == split]
+    if not kept:
+        found = sorted({str(rec["split"]) for _, rec in records})
+        raise DataFormatError(path, f"no line has split {split!r}; splits in the file: {found}.")
+    return kept
 
 
 def resolve_image(raw: Any, base: Path, path: Path, line: int | None, check: bool, what: str = "image") -> Path:
@@ -129,23 +138,6 @@ def resolve_image(raw: Any, base: Path, path: Path, line: int | None, check: boo
     if check and not resolved.is_file():
         raise DataFormatError(path, f"{what} file {raw!r} not found (looked at {resolved}).", line)
     return resolved
-
-
-def split_filter(records: list[tuple[int, dict]], split: str | None, path: Path) -> list[tuple[int, dict]]:
-    """Keep the lines of ``split`` when the file has a split field; files without one are a single split."""
-    if split is None or split == "all":
-        return records
-    tagged = [(line, rec) for line, rec in records if "split" in rec]
-    if not tagged:
-        return records
-    if len(tagged) != len(records):
-        line = next(line for line, rec in records if "split" not in rec)
-        raise DataFormatError(path, "this line has no \"split\" while other lines do; give every line a split.", line)
-    kept = [(line, rec) for line, rec in records if rec["split"] == split]
-    if not kept:
-        found = sorted({str(rec["split"]) for _, rec in records})
-        raise DataFormatError(path, f"no line has split {split!r}; splits in the file: {found}.")
-    return kept
 
 
 def captions(value: Any, key: str, path: Path, line: int | None) -> list[str]:
