@@ -17,12 +17,11 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors import safe_open
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from transformers import AutoModel
 
 from slq_hf import SLQModel
-from slq_hf.modeling.modeling_slq import WEIGHTS_NAME
+from slq_hf.modeling.checkpoint import WEIGHTS_NAME
 
 NUM_QUERIES = 4
 
@@ -289,18 +288,120 @@ def test_query_set_files_get_the_same_checks(model, tmp_path, marker):
             model.load_query_set(tmp_path / f"{name}.safetensors", name=name)
 
 
-def test_checkpoint_bytes_are_reproducible_across_processes(tmp_path):
-    """safetensors orders its header by a per-process hash; SLQ sorts it so equal tensors give equal files."""
-    script = (
-        "import sys, torch; from slq_hf.modeling.safetensors_io import atomic_save_file; "
-        "atomic_save_file({'queries': torch.arange(6.).reshape(2, 3), 'logit_scale': torch.tensor(2.0)}, sys.argv[1], "
-        "metadata={'format': 'pt', 'library': 'slq_hf', 'extra': 'x'})"
-    )
-    files = [tmp_path / f"{i}.safetensors" for i in range(4)]
-    for path in files:
-        subprocess.run([sys.executable, "-c", script, str(path)], check=True)
-    assert len({path.read_bytes() for path in files}) == 1
-    loaded = load_file(files[0])
-    assert torch.equal(loaded["queries"], torch.arange(6.0).reshape(2, 3)) and loaded["logit_scale"].item() == 2.0
-    with safe_open(str(files[0]), framework="pt") as handle:
-        assert handle.metadata() == {"format": "pt", "library": "slq_hf", "extra": "x"}
+# ------------------------------------------------------------------------------------------- loading limits
+_LOAD_RSS = """
+import json, sys
+import torch
+from slq_hf import SLQModel
+
+def status(key):  # kB
+    return int(next(line for line in open("/proc/self/status") if line.startswith(key)).split()[1])
+
+folder, backbone = sys.argv[1], sys.argv[2]
+SLQModel.from_backbone(backbone, num_queries=2)  # warm up: imports, the backbone's files in the page cache
+open("/proc/self/clear_refs", "w").write("5")  # resets the peak (VmHWM) to the current RSS
+before = status("VmRSS:")
+try:
+    model = SLQModel.from_pretrained(folder, backbone_name_or_path=backbone)
+    outcome = "LOADED"
+    if len(sys.argv) > 3:  # negative control: an allocation of argv[3] queries, as this measurement sees it
+        model.extra = torch.ones(int(sys.argv[3]), model.config.hidden_size)
+except Exception as err:
+    outcome = f"{type(err).__name__}: {err}"
+print(json.dumps({"outcome": outcome, "growth_mb": (status("VmHWM:") - before) / 1024}))
+"""
+
+
+def _load_peak(folder: Path, backbone: str, *control: str) -> dict:
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    result = subprocess.run([sys.executable, "-c", _LOAD_RSS, str(folder), backbone, *control], capture_output=True,
+                            text=True, env=env, timeout=300, stdin=subprocess.DEVNULL)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+def _sparse_queries(path: Path, num_queries: int, hidden: int) -> None:
+    """A safetensors file whose header declares (num_queries, hidden) float32 queries over a sparse data block."""
+    import struct
+
+    nbytes = num_queries * hidden * 4
+    header = json.dumps({"queries": {"dtype": "F32", "shape": [num_queries, hidden], "data_offsets": [0, nbytes]}})
+    header += " " * (-len(header) % 8)
+    with open(path, "wb") as handle:
+        handle.write(struct.pack("<Q", len(header)) + header.encode())
+        handle.truncate(8 + len(header) + nbytes)
+
+
+def test_huge_sizes_are_refused_before_allocating(saved, tiny_backbone_path, tmp_path):
+    """num_queries: 4000000 in config.json, and a query-set file declaring 8M queries (sparse), are refused by the
+    checks against the backbone before any tensor of that size exists; peak RSS growth stays small. The negative
+    control loads the good folder and then allocates 1M queries (256 MB), which the measurement does see."""
+    import shutil
+
+    backbone = tiny_backbone_path("qwen3_vl")
+    hidden = json.loads((saved / "config.json").read_text())["hidden_size"]
+    huge_config = tmp_path / "huge_config"
+    shutil.copytree(saved, huge_config)
+    config = json.loads((huge_config / "config.json").read_text())
+    config["num_queries"] = 4_000_000
+    (huge_config / "config.json").write_text(json.dumps(config))
+    huge_set = tmp_path / "huge_set"
+    shutil.copytree(saved, huge_set)
+    (huge_set / "query_sets").mkdir(exist_ok=True)
+    _sparse_queries(huge_set / "query_sets" / "big.safetensors", 8_000_000, hidden)
+    (huge_set / "query_sets" / "sets.json").write_text(json.dumps(
+        {"active": "default", "sets": {"big": {"file": "query_sets/big.safetensors", "num_queries": 8_000_000}}}))
+
+    for folder, words in [(huge_config, ["num_queries=4000000", "positions"]),
+                          (huge_set, ["big.safetensors", "8000000"])]:
+        result = _load_peak(folder, backbone)
+        assert all(word in result["outcome"] for word in words), result
+        assert result["growth_mb"] < 100, result
+
+    result = _load_peak(saved, backbone, "1000000")
+    assert result["outcome"] == "LOADED" and result["growth_mb"] > 200, result
+
+
+def test_config_fields_that_index_are_checked(saved):
+    config = json.loads((saved / "config.json").read_text())
+    for value, message in [(10**9, "not a token id"), (-1, "not a token id"), (True, "not a token id")]:
+        (saved / "config.json").write_text(json.dumps({**config, "placeholder_token_id": value}))
+        with pytest.raises(ValueError, match=message) as info:
+            AutoModel.from_pretrained(saved)
+        assert "placeholder_token_id" in str(info.value)
+    from transformers import AutoConfig
+
+    backbone_config = AutoConfig.from_pretrained(config["backbone_name_or_path"])
+    (saved / "config.json").write_text(json.dumps({**config, "placeholder_token_id": backbone_config.image_token_id}))
+    with pytest.raises(ValueError, match="special tokens"):
+        AutoModel.from_pretrained(saved)
+
+
+@pytest.mark.parametrize("value", [50.0, -50.0, 1e30])
+def test_logit_scale_outside_the_clamp_is_refused(model, saved, value):
+    state = _state(model)
+    state["logit_scale"] = torch.tensor(value)
+    save_file(state, str(saved / WEIGHTS_NAME))
+    with pytest.raises(ValueError, match=r"logit_scale is .*log\(100\)") as info:
+        AutoModel.from_pretrained(saved)
+    assert str(saved / WEIGHTS_NAME) in str(info.value)
+
+
+@pytest.mark.parametrize("dtype", [torch.float8_e4m3fn, torch.float8_e5m2, torch.int8])
+def test_float8_and_int_checkpoints_name_the_file(model, saved, dtype):
+    state = _state(model)
+    state["queries"] = state["queries"].to(dtype)
+    save_file(state, str(saved / WEIGHTS_NAME))
+    with pytest.raises(ValueError, match="dtype") as info:
+        AutoModel.from_pretrained(saved)
+    assert str(saved / WEIGHTS_NAME) in str(info.value)
+
+
+@pytest.mark.parametrize("content", ["", "{", "[]", '{"sets": {"../x": {}}}', '{"sets": {"a": {"num_queries": 0}}}',
+                                     '{"active": "nope", "sets": {}}'])
+def test_bad_sets_json_names_the_file(saved, content):
+    (saved / "query_sets").mkdir(exist_ok=True)
+    (saved / "query_sets" / "sets.json").write_text(content)
+    with pytest.raises(ValueError) as info:
+        AutoModel.from_pretrained(saved)
+    assert "sets.json" in str(info.value)
