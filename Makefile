@@ -7,7 +7,7 @@ STAMP  := $(VENV)/.installed-stamp
 # torchvision is needed by the Qwen-VL image processors.
 TORCH  := torch==2.14.1 torchvision==0.29.1
 
-.PHONY: install demo test test-all lint bench check-repo clean
+.PHONY: install demo test test-all test-oldest test-clients wheel-smoke lint bench check-repo clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -46,5 +46,32 @@ check-repo:
 	from slq_hf.cli import main; main(['--help'])" > /dev/null
 	@echo "check-repo: every slq_hf module imports with core dependencies only"
 
+# The oldest transformers and sentence-transformers pyproject.toml allows (its `>=` floors, read by .ci/oldest_pins.py),
+# in a venv of their own: the offline suite must pass there too, or the floors must go up.
+OLDEST_VENV := .venv-oldest
+OLDEST_PINS  = $(shell $(PYTHON) .ci/oldest_pins.py transformers sentence-transformers)
+test-oldest:
+	$(PYTHON) -m venv $(OLDEST_VENV)
+	$(OLDEST_VENV)/bin/pip install --quiet --upgrade pip
+	$(OLDEST_VENV)/bin/pip install --quiet $(TORCH)
+	$(OLDEST_VENV)/bin/pip install --quiet -e ".[all]" $(OLDEST_PINS)
+	$(OLDEST_VENV)/bin/python -c "import transformers, sentence_transformers as st; \
+	print('test-oldest: transformers', transformers.__version__, 'sentence-transformers', st.__version__)"
+	$(OLDEST_VENV)/bin/python -m pytest -n 2 --dist loadfile
+
+# LangChain and LlamaIndex through sentence-transformers (tests/test_clients.py). Their own venv: langchain-huggingface
+# caps huggingface-hub below 2, which the main venv should not inherit.
+CLIENTS_VENV := .venv-clients
+test-clients:
+	$(PYTHON) -m venv $(CLIENTS_VENV)
+	$(CLIENTS_VENV)/bin/pip install --quiet --upgrade pip
+	$(CLIENTS_VENV)/bin/pip install --quiet $(TORCH)
+	$(CLIENTS_VENV)/bin/pip install --quiet -e ".[sentence-transformers,dev,clients]"
+	$(CLIENTS_VENV)/bin/python -m pytest tests/test_clients.py
+
+# Build the wheel, install it (not editable) in a fresh venv, run tests/smoke_wheel.py outside the checkout.
+wheel-smoke:
+	.ci/wheel_smoke.sh $(PYTHON)
+
 clean:
-	rm -rf $(VENV) $(BARE) .pytest_cache build *.egg-info
+	rm -rf $(VENV) $(BARE) $(OLDEST_VENV) $(CLIENTS_VENV) .venv-wheel .pytest_cache build *.egg-info

@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import logging
 import os
+import re
 
 import pytest
 import torch
+
+pytest_plugins = ["pytester"]  # tests/test_packaging.py runs the suite's warning rules on sample tests
 
 # Two cores are shared between xdist workers; one thread each avoids oversubscription.
 torch.set_num_threads(1)
@@ -29,3 +33,36 @@ def tiny_backbone_path(tmp_path_factory):
         return cache[family]
 
     return get
+
+
+# transformers reports some deprecations through its logger (e.g. "`past_key_values`/`cache_params` are deprecated"),
+# where pytest's filterwarnings (pyproject.toml) cannot see them: a test whose call logs one fails, like a
+# FutureWarning would. `@pytest.mark.allow_deprecation_log(reason)` exempts a test whose notice comes from another
+# library's own code.
+DEPRECATION_LOG = re.compile(r"deprecated|will be removed|no longer supported", re.IGNORECASE)
+
+
+class _DeprecationRecords(logging.Handler):
+    def __init__(self) -> None:
+        super().__init__(level=logging.WARNING)
+        self.messages: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        message = record.getMessage()
+        if DEPRECATION_LOG.search(message):
+            self.messages.append(f"{record.name}: {message.strip()}")
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_call(item):
+    handler = _DeprecationRecords()
+    logger = logging.getLogger("transformers")
+    logger.addHandler(handler)
+    try:
+        result = yield
+    finally:
+        logger.removeHandler(handler)
+    if handler.messages and item.get_closest_marker("allow_deprecation_log") is None:
+        pytest.fail("transformers logged a deprecation on this test's path (use what the installed version "
+                    "expects):\n  " + "\n  ".join(dict.fromkeys(handler.messages)), pytrace=False)
+    return result

@@ -154,3 +154,56 @@ def test_ci_scripts_take_the_torch_pins_from_the_makefile():
     for script in (ROOT / ".ci").glob("*.sh"):
         text = script.read_text()
         assert "torch==" not in text, f"{script.name} pins torch itself instead of reading the Makefile"
+
+
+WARNING_CASES = '''
+import logging
+import warnings
+
+import pytest
+
+
+def test_future_deprecation():
+    warnings.warn("`past_key_values` is deprecated and will be removed in version 9.0", FutureWarning)
+
+
+def test_logged_deprecation():
+    logging.getLogger("transformers.utils.generic").warning("`x` is deprecated. Use `y` instead.")
+
+
+@pytest.mark.allow_deprecation_log("another library's notice")
+def test_logged_deprecation_allowed():
+    logging.getLogger("transformers.utils.generic").warning("`x` is deprecated. Use `y` instead.")
+
+
+def test_other_future_warning():
+    warnings.warn("results may differ on GPU", FutureWarning)
+
+
+def test_third_party_deprecation():
+    warnings.warn_explicit("old API is deprecated", DeprecationWarning, "lib.py", 1, module="somelib")
+
+
+def test_our_deprecation():
+    warnings.warn_explicit("old API is deprecated", DeprecationWarning, "x.py", 1, module="slq_hf.modeling.x")
+
+
+def test_other_log():
+    logging.getLogger("transformers").warning("Loading weights")
+'''
+
+
+def test_suite_fails_on_deprecations_on_our_paths(pytester):
+    """pyproject's filterwarnings + conftest's log check: which warnings fail a test and which do not."""
+    pytester.makepyprojecttoml((ROOT / "pyproject.toml").read_text())
+    pytester.makeconftest((ROOT / "tests" / "conftest.py").read_text())
+    pytester.makepyfile(test_cases=WARNING_CASES)
+    result = pytester.runpytest_subprocess("-p", "no:cacheprovider", "-rA")
+    outcomes = {name: status for status, name in
+                (line.split(" ", 1) for line in result.outlines if line.startswith(("PASSED", "FAILED")))}
+    outcomes = {name.split("::")[-1].split(" ")[0]: status for name, status in outcomes.items()}
+    assert outcomes == {
+        "test_future_deprecation": "FAILED", "test_logged_deprecation": "FAILED",
+        "test_logged_deprecation_allowed": "PASSED", "test_other_future_warning": "PASSED",
+        "test_third_party_deprecation": "PASSED", "test_our_deprecation": "FAILED", "test_other_log": "PASSED",
+    }, result.outlines
