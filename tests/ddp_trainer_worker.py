@@ -4,7 +4,11 @@ Trains ONE step of the plain transformers Trainer on PAIRS (6 pairs = the whole 
 per rank, the loss SLQModel.forward returned and the gradients the optimizer was about to apply (after DDP's
 all-reduce): ``<out>/rank<r>.json``.
 
+With ``--micro-batch-size N`` the step is SLQTrainer's GradCache step instead (each rank's 3 pairs embedded N at a
+time); ``batch_rows`` then lists the micro-batch sizes and ``loss`` the step's returned loss.
+
 Usage: python -m torch.distributed.run --nproc_per_node 2 ddp_trainer_worker.py BACKBONE_DIR OUT_DIR
+           [--micro-batch-size N]
 """
 
 from __future__ import annotations
@@ -43,12 +47,13 @@ def make_pairs() -> list[dict]:
     return pairs
 
 
-def main(backbone: str, out_dir: str) -> None:
+def main(backbone: str, out_dir: str, micro_batch_size: int | None = None) -> None:
     torch.set_num_threads(1)
     from transformers import Trainer, TrainerCallback, TrainingArguments
 
     from slq_hf import SLQModel
-    from slq_hf.training import SLQDataCollator
+    from slq_hf.training import SLQDataCollator, SLQTrainer
+    from slq_hf.training.gradcache import MICRO_BATCHES_KEY
 
     model = SLQModel.from_backbone(backbone, num_queries=NUM_QUERIES)
     record: dict = {"loss": [], "batch_rows": []}
@@ -57,7 +62,15 @@ def main(backbone: str, out_dir: str) -> None:
         record["loss"].append(output.loss.item())
         record["batch_rows"].append(int(kwargs["input_ids"].shape[0]))
 
-    model.register_forward_hook(on_forward, with_kwargs=True)
+    if micro_batch_size is None:
+        model.register_forward_hook(on_forward, with_kwargs=True)
+
+    class RecordingTrainer(SLQTrainer):
+        def training_step(self, model, inputs, num_items_in_batch=None):
+            record["batch_rows"] = [int(b["input_ids"].shape[0]) for b in inputs[MICRO_BATCHES_KEY]]
+            loss = super().training_step(model, inputs, num_items_in_batch)
+            record["loss"].append(loss.item())
+            return loss
 
     class GradRecorder(TrainerCallback):
         def on_pre_optimizer_step(self, args, state, control, model=None, **kwargs):
@@ -70,8 +83,13 @@ def main(backbone: str, out_dir: str) -> None:
         learning_rate=1e-3, max_grad_norm=0.0, report_to="none", save_strategy="no", remove_unused_columns=False,
         seed=0, disable_tqdm=True,
     )
-    trainer = Trainer(model=model, args=args, train_dataset=make_pairs(),
-                      data_collator=SLQDataCollator(model.processor), callbacks=[GradRecorder()])
+    if micro_batch_size is None:
+        trainer = Trainer(model=model, args=args, train_dataset=make_pairs(),
+                          data_collator=SLQDataCollator(model.processor), callbacks=[GradRecorder()])
+    else:
+        trainer = RecordingTrainer(model=model, args=args, train_dataset=make_pairs(),
+                                   data_collator=SLQDataCollator(model.processor), callbacks=[GradRecorder()],
+                                   micro_batch_size=micro_batch_size)
     record["world_size"] = args.world_size
     trainer.train()
     rank = int(os.environ.get("RANK", 0))
@@ -79,4 +97,5 @@ def main(backbone: str, out_dir: str) -> None:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1], sys.argv[2])
+    micro = int(sys.argv[4]) if len(sys.argv) > 4 and sys.argv[3] == "--micro-batch-size" else None
+    main(sys.argv[1], sys.argv[2], micro)

@@ -254,7 +254,7 @@ def test_plain_trainer_trains_only_queries_and_saves_a_queries_only_folder(model
     assert all(torch.equal(backbone_before[k], v) for k, v in model.backbone.state_dict().items())
     assert not torch.equal(model.queries.detach(), queries_before)
     assert model.logit_scale.item() != scale_before  # the temperature is learned too
-    assert [n for n, p in model.named_parameters() if p.requires_grad] == ["queries", "logit_scale"]
+    assert [n for n, p in model.named_parameters() if p.requires_grad] == ["logit_scale", "latent_queries.default"]
 
     for folder in (out, out / "checkpoint-2"):
         assert set(load_file(folder / "model.safetensors")) == {"queries", "logit_scale"}
@@ -307,15 +307,18 @@ def test_slq_trainer_keeps_columns_skips_corrupt_examples_and_reports_them(model
     assert "1 train example(s) could not be loaded and were skipped" in caplog.text
     assert "corrupt.jpg" in caplog.text
     metrics = trainer.evaluate()
-    assert {"eval_loss", "eval_r1_query_to_positive", "eval_r1_positive_to_query"} <= set(metrics)
+    # {"image", "text"} pairs: the query side is the image, so query -> positive is image -> text
+    assert {"eval_loss", "eval_i2t_R@1", "eval_t2i_R@1", "eval_mean_R@1"} <= set(metrics)
     # Check R@1 over the 4 readable eval pairs against the model's own embeddings.
     readable = [data[i] for i in range(4)]
     batch = SLQDataCollator(model.processor)(readable)
     with torch.no_grad():
         out = model(**batch)
     scores = out.pooler_output @ out.positive_pooler_output.T
-    expected = (scores.argmax(dim=1) == torch.arange(4)).float().mean().item()
-    assert metrics["eval_r1_query_to_positive"] == pytest.approx(expected)
+    i2t = 100 * (scores.argmax(dim=1) == torch.arange(4)).float().mean().item()
+    t2i = 100 * (scores.argmax(dim=0) == torch.arange(4)).float().mean().item()
+    assert metrics["eval_i2t_R@1"] == pytest.approx(i2t) and metrics["eval_t2i_R@1"] == pytest.approx(t2i)
+    assert metrics["eval_mean_R@1"] == pytest.approx((i2t + t2i) / 2)
 
 
 def test_4bit_backbone_training_step_has_exact_query_gradients(backbone, tmp_path):
@@ -358,6 +361,7 @@ def test_4bit_backbone_training_step_has_exact_query_gradients(backbone, tmp_pat
 # ---------------------------------------------------------------------------------------------------- CLI
 def test_cli_train_end_to_end(backbone, tmp_path, capsys):
     from slq_hf.cli import main
+    from slq_hf.training.trainer import metric_directions
 
     train = _write_jsonl(tmp_path / "train", 6, corrupt=True)
     val = _write_jsonl(tmp_path / "val", 3)
@@ -368,15 +372,28 @@ def test_cli_train_end_to_end(backbone, tmp_path, capsys):
     assert main(argv) == 0
     stdout = capsys.readouterr().out
     summary = json.loads(stdout[stdout.rindex('{\n  "output_dir"'):])
+    assert summary == json.loads((out / "training_summary.json").read_text())
     assert summary["steps"] == 2 and math.isfinite(summary["train_loss"])
-    assert {"eval_loss", "eval_r1_query_to_positive"} <= set(summary)
+    assert summary["train_data"] == {"path": str(train), "examples": 7}
+    assert summary["contrastive_batch"] == 4 and summary["lr_scheduler"] == "cosine"
+    assert {"eval_loss", "eval_t2i_R@1", "eval_i2t_R@1"} <= set(summary["final_eval"])
+    assert summary["best_metric"]["name"] == "eval_mean_R@1"
+    assert "Plan: 7 training pairs" in stdout and "contrastive batch 4 pairs" in stdout
     assert set(load_file(out / "model.safetensors")) == {"queries", "logit_scale"}
     reloaded = AutoModel.from_pretrained(out)
     assert reloaded.config.num_queries == NUM_QUERIES
     assert reloaded.encode(["a red square"]).shape == (1, reloaded.config.hidden_size)
 
-    with pytest.raises(SLQInputError, match=r"corrupt\.jpg"):
-        main([*argv[:6], str(tmp_path / "strict-out"), *argv[7:], "--strict"])
+    capsys.readouterr()
+    strict_out = tmp_path / "strict-out"
+    assert main([*argv[:6], str(strict_out), *argv[7:], "--strict"]) == 2
+    err = capsys.readouterr().err
+    reported = [line for line in err.splitlines() if line.startswith("slq-hf train:")]
+    assert len(reported) == 1 and "Traceback" not in err
+    assert reported[0].startswith("slq-hf train: error: --train-data") and "corrupt.jpg" in reported[0]
+    assert not (strict_out / "checkpoint-1").exists()  # checked before step 1
+    assert metric_directions({"query": "a cat", "positive": {"image": "x.png"}}) == ("t2i", "i2t")
+    assert metric_directions({"query": "a cat", "positive": "un chat"}) == ("query2positive", "positive2query")
 
 
 def test_cli_train_help_explains_the_data_format(capsys):

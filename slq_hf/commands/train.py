@@ -23,12 +23,24 @@ Unreadable images are skipped and counted (a warning at the end) unless --strict
 """
 
 EPILOG = """\
-examples:
+recipes (what they measured is in the README's "Training" section):
+  # the paper's recipe on a real backbone (Qwen3-VL-2B: 85.8 / 76.4 Flickr30K R@1 i2t / t2i in the paper)
   slq-hf train --backbone Qwen/Qwen3-VL-2B-Instruct --train-data coco_train.jsonl --output-dir slq-qwen3vl-2b \\
       --num-queries 40 --epochs 1 --lr 5e-4 --batch-size 32 --eval-data coco_val.jsonl
+  # the toy backbone (examples/toy/backbone), several epochs over a fixed corpus
+  slq-hf train --backbone examples/toy/backbone --train-data toy/train.jsonl --eval-data toy/validation.jsonl \\
+      --output-dir slq-toy --num-queries 8 --lr 3e-2 --max-steps 1000 --warmup 50 --batch-size 32 --eval-steps 100
   torchrun --nproc_per_node 8 -m slq_hf.cli train ...      # 8 GPUs, 8 x 32 negatives per step
+  slq-hf train ... --batch-size 256 --micro-batch-size 32  # GradCache: 256 negatives, memory of 32
   slq-hf train ... --load-in-4bit                          # NF4 backbone (bitsandbytes), fp32 queries
 """
+
+SCHEDULERS = ["cosine", "linear", "constant", "constant_with_warmup", "cosine_with_restarts", "polynomial",
+              "inverse_sqrt", "warmup_stable_decay"]
+# Written next to the final model; `slq-hf export` / the model card read it (slq_hf.hub.card).
+SUMMARY_NAME = "training_summary.json"
+# Written in --output-dir when a run starts: what a resumed run must match to continue it.
+RUN_FILE = "slq_run.json"
 
 
 def _positive_int(text: str) -> int:
@@ -58,10 +70,17 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     model.add_argument("--num-queries", type=_positive_int, default=40, help="latent queries N_q (default: 40)")
     model.add_argument("--temperature", type=_positive_float, default=0.07,
                        help="initial softmax temperature, learned during training (default: 0.07)")
+    model.add_argument("--pooling", default="mean", choices=["mean", "last"],
+                       help="embedding = mean of the query states (default, the paper) or the last query's state")
+    model.add_argument("--query-init", default="normal", choices=["normal", "vocab"],
+                       help="initial queries: small normal noise (default) or rows of the backbone's token embeddings")
+    model.add_argument("--projection-dim", type=_positive_int, default=None, metavar="D",
+                       help="add a trainable linear head to D dimensions (default: none, embedding = hidden size)")
     model.add_argument("--load-in-4bit", action="store_true",
                        help="load the backbone in 4-bit NF4 (bitsandbytes); queries stay fp32")
     model.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
-                       help="backbone weight dtype (default: auto = as saved); queries are always fp32")
+                       help="backbone weight dtype (default: auto = as saved on a GPU, float32 on the CPU, where "
+                       "bfloat16 matmuls are slower); queries are always fp32")
     model.add_argument("--training-path", default="prefix_cache", choices=["prefix_cache", "full"],
                        help="prefix_cache (default: prompt without grad, only the queries with grad) or full")
     train = parser.add_argument_group("training")
@@ -69,23 +88,45 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     train.add_argument("--max-steps", type=int, default=-1, help="stop after this many steps (overrides --epochs)")
     train.add_argument("--lr", type=_positive_float, default=5e-4, help="learning rate (default: 5e-4)")
     train.add_argument("--batch-size", type=_positive_int, default=32,
-                       help="pairs per device per step; every pair is a negative for the others (default: 32)")
+                       help="contrastive batch per device: pairs per step, each a negative for the others; under "
+                       "torchrun the negatives of every device are gathered (default: 32; at least 2 in all)")
+    train.add_argument("--micro-batch-size", type=_positive_int, default=None, metavar="N",
+                       help="GradCache: embed the --batch-size pairs N at a time (memory of N pairs, the exact "
+                       "gradient of the whole batch, about 1.3x-2x the compute); default: the whole batch at once")
+    train.add_argument("--lr-scheduler", default="cosine", choices=SCHEDULERS,
+                       help="learning-rate schedule after the warmup (default: cosine, to zero)")
     train.add_argument("--warmup", type=float, default=0.0,
                        help="linear warmup: a fraction of the steps if < 1, else a step count (default: 0)")
+    train.add_argument("--weight-decay", type=float, default=0.0, help="AdamW weight decay (default: 0)")
     train.add_argument("--seed", type=int, default=42, help="random seed (default: 42)")
-    train.add_argument("--save-steps", type=_positive_int, default=500, help="checkpoint every N steps (default: 500)")
+    train.add_argument("--save-steps", type=_positive_int, default=500,
+                       help="checkpoint every N steps (default: 500; with --eval-data, every --eval-steps)")
+    train.add_argument("--save-total-limit", type=_positive_int, default=None, metavar="N",
+                       help="keep only the N newest checkpoints (and the best one); default: keep all")
+    train.add_argument("--overwrite-output-dir", action="store_true",
+                       help="start a new run in an --output-dir that holds an earlier run: its checkpoints and model "
+                       "are deleted first (without this, such a folder is refused unless resuming)")
     train.add_argument("--logging-steps", type=_positive_int, default=10, help="log every N steps (default: 10)")
     train.add_argument("--resume-from-checkpoint", metavar="DIR", default=None,
-                       help="continue from a checkpoint-* folder of an earlier run ('latest': the newest one in "
-                       "--output-dir)")
+                       help="continue the run in --output-dir from one of its checkpoint-* folders ('latest': the "
+                       "newest); the settings must be the run's own")
     train.add_argument("--dataloader-num-workers", type=int, default=0,
                        help="processes that load images (default: 0 = in the training process)")
     train.add_argument("--use-cpu", action="store_true", help="train on the CPU even when a GPU is available")
     data = parser.add_argument_group("data")
     data.add_argument("--eval-data", metavar="PATH", default=None,
-                      help="JSONL of held-out pairs: loss and R@1 (both directions) after training")
+                      help="held-out pairs: Recall@1 both ways (eval_t2i_R@1, eval_i2t_R@1, eval_mean_R@1) every "
+                      "--eval-steps; the best checkpoint by --metric-for-best-model becomes the final model")
+    data.add_argument("--eval-steps", type=_positive_int, default=None, metavar="N",
+                      help="evaluate (and checkpoint) every N steps (default: --save-steps)")
+    data.add_argument("--metric-for-best-model", default="mean_R@1", metavar="NAME",
+                      help="eval metric that picks the final model, higher is better (default: mean_R@1, the mean of "
+                      "both directions; e.g. t2i_R@1)")
+    data.add_argument("--keep-last", action="store_true",
+                      help="with --eval-data: keep the last step's queries instead of the best checkpoint's")
     data.add_argument("--strict", action="store_true",
-                      help="fail on the first unreadable example instead of skipping and counting it")
+                      help="check every example before step 1 and stop at the first unreadable one (default: skip "
+                      "and count unreadable examples)")
     data.add_argument("--image-column", default="image", help="image column of a save_to_disk folder")
     data.add_argument("--text-column", default="text", help="text column of a save_to_disk folder")
     parser.set_defaults(func=run)
@@ -93,66 +134,135 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
 
 
 def run(args: argparse.Namespace) -> int:
+    from .reporting import report
+
+    return report("train", lambda: train(args))
+
+
+def train(args: argparse.Namespace) -> dict:
+    """The whole command; returns the training summary (also written to ``<output-dir>/training_summary.json``)."""
+    import time
+
     import torch
-    from transformers import TrainingArguments
+    from transformers import AutoProcessor, TrainingArguments
 
     from slq_hf import SLQModel
     from slq_hf.training import SLQDataCollator, SLQTrainer, load_training_data
+    from slq_hf.training.run import PlanPrinter, check_output_dir, check_strict, resume_checkpoint, write_run_file
 
+    started = time.time()
+    resume = resume_checkpoint(args.output_dir, args.resume_from_checkpoint, run_settings(args))
+    check_output_dir(args.output_dir, args.backbone, resuming=resume is not None, overwrite=args.overwrite_output_dir)
     train_data = load_training_data(args.train_data, args.image_column, args.text_column)
     eval_data = load_training_data(args.eval_data, args.image_column, args.text_column) if args.eval_data else None
+    if len(train_data) == 0:
+        raise ValueError(f"--train-data {args.train_data}: no training examples.")
 
+    use_cpu = args.use_cpu or not torch.cuda.is_available()
     backbone_kwargs = {}
     if args.dtype != "auto":
         backbone_kwargs["dtype"] = getattr(torch, args.dtype)
+    elif use_cpu and not args.load_in_4bit:
+        backbone_kwargs["dtype"] = torch.float32  # bf16 matmuls on a CPU are slower than fp32 ones
     if args.load_in_4bit:
         from transformers import BitsAndBytesConfig
 
-        compute = backbone_kwargs.get("dtype", torch.bfloat16 if torch.cuda.is_available() else torch.float32)
+        compute = backbone_kwargs.get("dtype", torch.float32 if use_cpu else torch.bfloat16)
         backbone_kwargs["quantization_config"] = BitsAndBytesConfig(
             load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=compute)
-        if torch.cuda.is_available() and not args.use_cpu:
+        if not use_cpu:
             # Quantize straight onto this process's GPU (torchrun sets LOCAL_RANK), not on the CPU first.
             backbone_kwargs["device_map"] = {"": int(os.environ.get("LOCAL_RANK", 0))}
+    # The processor first: --strict checks every file before the (possibly large) backbone is loaded.
+    processor = AutoProcessor.from_pretrained(args.backbone)
+    collator = SLQDataCollator(processor, strict=args.strict)
+    if args.strict:
+        check_strict(train_data, collator, "--train-data")
+        if eval_data is not None:
+            check_strict(eval_data, collator, "--eval-data")
     model = SLQModel.from_backbone(args.backbone, num_queries=args.num_queries, temperature=args.temperature,
-                                   training_path=args.training_path, **backbone_kwargs)
+                                   training_path=args.training_path, pooling=args.pooling, processor=processor,
+                                   query_init=args.query_init, projection_dim=args.projection_dim, **backbone_kwargs)
 
-    resume = args.resume_from_checkpoint
-    if resume == "latest":
-        from transformers.trainer_utils import get_last_checkpoint
-
-        resume = get_last_checkpoint(args.output_dir)
-        if resume is None:
-            raise SystemExit(f"--resume-from-checkpoint latest: no checkpoint-* folder in {args.output_dir!r}.")
-
+    evaluating = eval_data is not None
+    eval_steps = args.eval_steps or args.save_steps
     training_args = TrainingArguments(
         output_dir=args.output_dir,
         num_train_epochs=args.epochs,
         max_steps=args.max_steps,
         learning_rate=args.lr,
+        lr_scheduler_type=args.lr_scheduler,
+        weight_decay=args.weight_decay,
         per_device_train_batch_size=args.batch_size,
-        per_device_eval_batch_size=args.batch_size,
+        per_device_eval_batch_size=args.micro_batch_size or args.batch_size,
         warmup_steps=args.warmup,
         seed=args.seed,
-        save_steps=args.save_steps,
+        # Best-checkpoint selection needs a checkpoint at every evaluation.
+        save_steps=eval_steps if evaluating else args.save_steps,
+        save_total_limit=args.save_total_limit,
+        eval_strategy="steps" if evaluating else "no",
+        eval_steps=eval_steps if evaluating else None,
+        load_best_model_at_end=evaluating and not args.keep_last,
+        metric_for_best_model=f"eval_{args.metric_for_best_model.removeprefix('eval_')}" if evaluating else None,
+        greater_is_better=True if evaluating else None,
         logging_steps=args.logging_steps,
         dataloader_num_workers=args.dataloader_num_workers,
         remove_unused_columns=False,
         # Every trainable tensor (queries, temperature) is used in every step: skip DDP's unused-parameter search.
         ddp_find_unused_parameters=False,
         report_to="none",
-        use_cpu=args.use_cpu,
+        use_cpu=use_cpu,
         # The embeddings of the last, smaller batch still see all of its in-batch negatives; nothing to drop.
         dataloader_drop_last=False,
     )
+    plan = PlanPrinter(args, len(train_data), len(eval_data) if evaluating else 0, resume)
     trainer = SLQTrainer(model=model, args=training_args, train_dataset=train_data, eval_dataset=eval_data,
-                         data_collator=SLQDataCollator(model.processor, strict=args.strict))
+                         data_collator=collator, micro_batch_size=args.micro_batch_size, callbacks=[plan])
+    if evaluating and training_args.metric_for_best_model.removeprefix("eval_") not in _metric_names(trainer):
+        raise ValueError(f"--metric-for-best-model {args.metric_for_best_model}: this eval data reports "
+                         f"{sorted(_metric_names(trainer))}.")
+    if trainer.is_world_process_zero() and resume is None:
+        write_run_file(args.output_dir, run_settings(args))
     result = trainer.train(resume_from_checkpoint=resume)
     trainer.save_model()
-    summary = {"output_dir": args.output_dir, "steps": result.global_step, "train_loss": result.training_loss,
-               "temperature": float(1.0 / model.logit_scale.detach().exp())}
-    if eval_data is not None:
-        summary.update(trainer.evaluate())
+    summary = {
+        "output_dir": args.output_dir, "backbone": args.backbone, "steps": result.global_step,
+        "epochs": round(trainer.state.epoch or 0.0, 4), "train_loss": result.training_loss,
+        "contrastive_batch": args.batch_size * training_args.world_size, "micro_batch_size": args.micro_batch_size,
+        "batch_size_per_device": args.batch_size, "processes": training_args.world_size, "lr": args.lr,
+        "lr_scheduler": args.lr_scheduler, "warmup": args.warmup, "weight_decay": args.weight_decay,
+        "num_queries": args.num_queries, "pooling": args.pooling, "query_init": args.query_init,
+        "projection_dim": args.projection_dim, "seed": args.seed,
+        "train_data": {"path": str(args.train_data), "examples": len(train_data)},
+        "eval_data": {"path": str(args.eval_data), "examples": len(eval_data)} if evaluating else None,
+        "temperature": float(1.0 / model.logit_scale.detach().float().exp().clamp(max=1e6)),
+        "skipped_steps": trainer.skipped_steps, "resumed_from": resume,
+        "seconds": round(time.time() - started, 1),
+    }
+    if evaluating:
+        summary["best_metric"] = {"name": training_args.metric_for_best_model,
+                                  "value": trainer.state.best_metric,
+                                  "checkpoint": trainer.state.best_model_checkpoint,
+                                  "used_for_final_model": not args.keep_last}
+        summary["final_eval"] = trainer.evaluate()
     if trainer.is_world_process_zero():
+        from slq_hf.training.run import write_json
+
+        write_json(os.path.join(args.output_dir, SUMMARY_NAME), summary)
         print(json.dumps(summary, indent=2))
-    return 0
+    return summary
+
+
+def _metric_names(trainer) -> set[str]:
+    directions = trainer.compute_metrics.keywords.get("directions", ()) if hasattr(
+        trainer.compute_metrics, "keywords") else ()
+    return {f"{d}_R@1" for d in directions} | {"mean_R@1", "loss"}
+
+
+def run_settings(args: argparse.Namespace) -> dict:
+    """What defines a run: a resumed run must have the same (data, model and optimisation settings)."""
+    keys = ("backbone", "train_data", "num_queries", "pooling", "query_init", "projection_dim", "training_path",
+            "batch_size", "micro_batch_size", "lr", "lr_scheduler", "warmup", "weight_decay", "epochs", "max_steps",
+            "seed", "temperature", "eval_data")
+    return {key: str(getattr(args, key)) if key in ("backbone", "train_data", "eval_data") else getattr(args, key)
+            for key in keys}

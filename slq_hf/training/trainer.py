@@ -5,6 +5,7 @@ and retrieval metrics (R@1 in both directions over the whole eval set) on evalua
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import shutil
@@ -15,7 +16,9 @@ import torch
 from transformers import Trainer
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, rotate_checkpoints
 
-from .collator import SKIPPED_KEY, SLQDataCollator
+from ..modeling.checkpoint import replace_folder, write_folder
+from .collator import MICRO_BATCHES_KEY, SKIPPED_KEY, SLQDataCollator, example_roles
+from .gradcache import contrastive_loss, embed_side, gradcache_backward, side_inputs
 
 logger = logging.getLogger(__name__)
 
@@ -26,11 +29,50 @@ EVAL_IGNORE_KEYS = ["query_states"]
 STAGING_DIR = ".checkpoint-staging"
 
 
-def retrieval_metrics(eval_pred: Any) -> dict[str, float]:
-    """``compute_metrics`` for pair datasets: R@1 query -> positive and positive -> query over the whole eval set.
+# One letter per kind of item, used in metric names: "t2i_R@1" is text -> image Recall@1.
+KIND_LETTERS = {"text": "t", "image": "i", "image+text": "it"}
+
+
+def item_kind(item: Any) -> str | None:
+    """"text", "image" or "image+text" for an example item (string, ``{"text"}``, PIL/path/``{"image"}``...)."""
+    if isinstance(item, str):
+        return "text"
+    if isinstance(item, dict):
+        if "image" in item:
+            return "image+text" if item.get("text") else "image"
+        if "text" in item:
+            return "text"
+        if set(item) <= {"bytes", "path"}:
+            return "image"
+        return None
+    return "image"  # a PIL image
+
+
+def metric_directions(example: Any) -> tuple[str, str]:
+    """Names of the two retrieval directions of a pair example: (query -> positive, positive -> query).
+
+    ``{"image", "text"}`` examples give ("i2t", "t2i"); ``{"query": "a red car", "positive": {"image": ...}}`` gives
+    ("t2i", "i2t"). When both sides are of the same kind (text -> text), the names are ("query2positive",
+    "positive2query").
+    """
+    roles = example_roles(example)
+    query, positive = item_kind(roles["query"]), item_kind(roles["positive"])
+    if query is None or positive is None or query == positive:
+        return "query2positive", "positive2query"
+    q, p = KIND_LETTERS[query], KIND_LETTERS[positive]
+    return f"{q}2{p}", f"{p}2{q}"
+
+
+def retrieval_metrics(eval_pred: Any, directions: tuple[str, str] = ("query2positive", "positive2query")
+                      ) -> dict[str, float]:
+    """``compute_metrics`` for pair datasets: Recall@1 in both directions over the whole eval set, in percent.
 
     Expects the predictions SLQTrainer collects: ``pooler_output`` (N, D) and ``positive_pooler_output`` (N, D) as
     the two 2-D arrays (in that order) of ``eval_pred.predictions``. Duplicate texts/images count as misses.
+
+    Returns:
+        {"<q2p>_R@1", "<p2q>_R@1", "mean_R@1"} (the Trainer adds the ``eval_`` prefix); with ``directions`` from
+        :func:`metric_directions`, image/text pairs give ``i2t_R@1`` and ``t2i_R@1``.
     """
     predictions = eval_pred.predictions if hasattr(eval_pred, "predictions") else eval_pred[0]
     if not isinstance(predictions, (tuple, list)):
@@ -41,10 +83,9 @@ def retrieval_metrics(eval_pred: Any) -> dict[str, float]:
     query, positive = matrices[0], matrices[1]
     scores = query @ positive.T  # (N, N)
     target = np.arange(scores.shape[0])
-    return {
-        "r1_query_to_positive": float((scores.argmax(axis=1) == target).mean()),
-        "r1_positive_to_query": float((scores.argmax(axis=0) == target).mean()),
-    }
+    forward = 100 * float((scores.argmax(axis=1) == target).mean())
+    backward = 100 * float((scores.argmax(axis=0) == target).mean())
+    return {f"{directions[0]}_R@1": forward, f"{directions[1]}_R@1": backward, "mean_R@1": (forward + backward) / 2}
 
 
 class SLQTrainer(Trainer):
@@ -56,15 +97,39 @@ class SLQTrainer(Trainer):
     - with an :class:`SLQDataCollator`, examples skipped because they could not be loaded (``strict=False``) are
       counted across dataloader workers and reported in one warning at the end of ``train()``
       (:attr:`skipped_examples` holds the descriptions);
-    - ``compute_metrics`` defaults to :func:`retrieval_metrics`, and ``query_states`` are not collected;
+    - ``compute_metrics`` defaults to :func:`retrieval_metrics` with the directions named after the eval data
+      (``eval_t2i_R@1``, ``eval_i2t_R@1``, ``eval_mean_R@1``: use one as ``metric_for_best_model`` with
+      ``load_best_model_at_end=True`` to keep the checkpoint with the best retrieval), and ``query_states`` are not
+      collected;
+    - ``micro_batch_size=`` turns on GradCache (:mod:`slq_hf.training.gradcache`): the contrastive batch is
+      ``per_device_train_batch_size`` (times the number of processes), embedded ``micro_batch_size`` examples at a
+      time, with the exact gradient of the whole batch;
+    - a contrastive batch of 1 is refused (no negatives: the loss is 0 and nothing is learned), and a batch in which
+      every example is unloadable (``strict=False``) is skipped and counted (:attr:`skipped_steps`), on every rank
+      at once under torchrun;
     - checkpoints are atomic: ``checkpoint-N`` is written in a staging folder and renamed once complete (queries,
       optimizer, scheduler, RNG and trainer state), so a run killed at any moment leaves only complete checkpoints
       and ``resume_from_checkpoint=True`` (``slq-hf train --resume-from-checkpoint latest``) continues exactly.
     """
 
-    def __init__(self, *args, **kwargs):
-        kwargs.setdefault("compute_metrics", retrieval_metrics)
+    def __init__(self, *args, micro_batch_size: int | None = None, **kwargs):
+        if kwargs.get("compute_metrics") is None:
+            kwargs["compute_metrics"] = functools.partial(retrieval_metrics,
+                                                          directions=_directions(kwargs.get("eval_dataset")))
         super().__init__(*args, **kwargs)
+        contrastive = self.args.per_device_train_batch_size * self.args.world_size
+        if contrastive < 2:
+            raise ValueError(f"The contrastive batch is {contrastive} pair(s) (per_device_train_batch_size="
+                             f"{self.args.per_device_train_batch_size} x {self.args.world_size} process(es)): every "
+                             "pair needs the others as negatives, and with one pair the loss is 0 and nothing is "
+                             "learned. Use a batch of at least 2 (the paper uses 32 a device); when a large batch "
+                             "does not fit in memory, set micro_batch_size (GradCache).")
+        if micro_batch_size is not None:
+            if not isinstance(self.data_collator, SLQDataCollator):
+                raise ValueError("micro_batch_size (GradCache) needs an SLQDataCollator as data_collator.")
+            self.data_collator.micro_batch_size = micro_batch_size
+        self.micro_batch_size = micro_batch_size
+        self.skipped_steps = 0
         if isinstance(self.data_collator, SLQDataCollator):
             self.data_collator.report_skips_in_batch = True
             if self.data_collator.max_length is None and hasattr(self.model, "max_prompt_length"):
@@ -85,10 +150,76 @@ class SLQTrainer(Trainer):
             self.skipped_examples["train" if self.model.training else "eval"].extend(skipped)
         return super()._prepare_inputs(inputs)
 
+    def training_step(self, model, inputs: dict[str, Any], num_items_in_batch=None) -> torch.Tensor:
+        if self._skip_step(inputs):
+            return torch.zeros((), device=self.args.device)
+        if MICRO_BATCHES_KEY not in inputs:
+            return super().training_step(model, inputs, num_items_in_batch)
+        model.train()
+        inputs = self._prepare_inputs(inputs)
+        scale = 1.0 / getattr(self, "current_gradient_accumulation_steps", self.args.gradient_accumulation_steps)
+        with self.compute_loss_context_manager():
+            # Around the DDP wrapper: gradcache_backward averages the gradients across ranks itself.
+            loss, _ = gradcache_backward(self.accelerator.unwrap_model(model), inputs[MICRO_BATCHES_KEY], scale)
+        return loss * scale
+
+    def _skip_step(self, inputs: dict[str, Any]) -> bool:
+        """True when this batch (or, under torchrun, any rank's batch) lost every example: all ranks skip it, so
+        the collectives of the loss and of DDP stay in step."""
+        empty = "input_ids" not in inputs and MICRO_BATCHES_KEY not in inputs
+        if self.args.world_size > 1:
+            import torch.distributed as dist
+
+            flag = torch.tensor([int(empty)], device=self.args.device)
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+            skip = bool(flag.item())
+        else:
+            skip = empty
+        if skip:
+            self.skipped_examples["train"].extend(inputs.pop(SKIPPED_KEY, None) or [])
+            self.skipped_steps += 1
+            logger.warning("Step %d skipped: %s", self.state.global_step + 1,
+                           "every example of the batch could not be loaded" if empty else
+                           "another process's batch lost every example")
+        return skip
+
     def prediction_step(self, model, inputs, prediction_loss_only: bool, ignore_keys: list[str] | None = None):
+        if MICRO_BATCHES_KEY in inputs:
+            return self._micro_batched_prediction_step(model, inputs, prediction_loss_only)
+        if "input_ids" not in inputs:  # every example of this eval batch was unloadable
+            self.skipped_examples["eval"].extend(inputs.pop(SKIPPED_KEY, None) or [])
+            return None, None, None
         if ignore_keys is None:
             ignore_keys = EVAL_IGNORE_KEYS
         return super().prediction_step(model, inputs, prediction_loss_only, ignore_keys=ignore_keys)
+
+    def _micro_batched_prediction_step(self, model, inputs, prediction_loss_only: bool):
+        """Evaluation of a GradCache batch: the micro-batches' embeddings, one loss over the whole batch."""
+        inputs = self._prepare_inputs(inputs)
+        model = self.accelerator.unwrap_model(model)
+        query_sets = list(getattr(model, "joint_query_sets", None) or []) or None
+        embeddings: dict[str, dict[str, list[torch.Tensor]]] = {}
+        with torch.no_grad():
+            for batch in inputs[MICRO_BATCHES_KEY]:
+                for side in ("query", "positive", "negative"):
+                    if (side_batch := side_inputs(batch, side)) is not None:
+                        for name, emb in embed_side(model, side_batch, query_sets).items():
+                            embeddings.setdefault(side, {}).setdefault(name, []).append(emb)
+            whole = {side: {name: torch.cat(parts) for name, parts in sets.items()}
+                     for side, sets in embeddings.items()}
+            loss, _ = contrastive_loss(whole, model.logit_scale)
+        if prediction_loss_only:
+            return loss, None, None
+        first = next(iter(whole["query"]))
+        return loss, (whole["query"][first], whole["positive"][first]), None
+
+    def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
+        # One atomic folder save (model, processor files, training_args.bin): a failed or killed save leaves the
+        # previous folder as it was, and a folder holding another model (e.g. the backbone) is refused untouched.
+        if not self.args.should_save:
+            return super()._save(output_dir, state_dict)
+        target = output_dir if output_dir is not None else self.args.output_dir
+        write_folder(target, lambda staging: super(SLQTrainer, self)._save(str(staging), state_dict))
 
     def _get_output_dir(self, trial) -> str:
         # While a checkpoint is being saved, the Trainer's own save code writes into the staging folder.
@@ -112,9 +243,7 @@ class SLQTrainer(Trainer):
         self.accelerator.wait_for_everyone()  # every rank has written its files (rng_state_<rank>.pth)
         if self.args.should_save:
             final = os.path.join(run_dir, name)
-            if os.path.isdir(final):  # the same step saved again (e.g. a second train() call)
-                shutil.rmtree(final)
-            os.replace(os.path.join(staging_root, name), final)
+            replace_folder(os.path.join(staging_root, name), final)  # one step, even when the step is saved again
             shutil.rmtree(staging_root, ignore_errors=True)
             if self._repoint_best_checkpoint(run_dir, staging_root):
                 state_file = os.path.join(final, "trainer_state.json")
@@ -139,6 +268,9 @@ class SLQTrainer(Trainer):
     def train(self, *args, **kwargs):
         result = super().train(*args, **kwargs)
         self._report_skipped("train")
+        if self.skipped_steps:
+            logger.warning("%d training step(s) were skipped because a batch lost every example.",
+                           self.skipped_steps)
         return result
 
     def evaluate(self, *args, **kwargs) -> dict[str, float]:
@@ -155,6 +287,15 @@ class SLQTrainer(Trainer):
         logger.warning("%d %s example(s) could not be loaded and were skipped%s:\n  %s", len(skipped), phase, rank,
                        shown)
         self.skipped_examples[phase] = []
+
+
+def _directions(eval_dataset: Any) -> tuple[str, str]:
+    """Metric direction names from the first eval example (default names when there is none to look at)."""
+    try:
+        dataset = next(iter(eval_dataset.values())) if isinstance(eval_dataset, dict) else eval_dataset
+        return metric_directions(dataset[0])
+    except (TypeError, IndexError, KeyError, ValueError, StopIteration):
+        return "query2positive", "positive2query"
 
 
 def trainable_parameter_count(model: torch.nn.Module) -> int:
