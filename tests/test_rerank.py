@@ -323,3 +323,23 @@ def test_cli_eval_rerank_flags(toy_slq, scenes, tmp_path, capsys):
     assert "reranked top-3 (likelihood)" in capsys.readouterr().out
     assert main(argv + ["--rerank-top-k", "0"]) == 2
     assert "--rerank-top-k must be positive" in capsys.readouterr().err
+
+
+def test_cross_encoder_hosts_the_reranker(toy_slq, scenes, tmp_path):
+    from slq_hf.integrations.cross_encoder import load_cross_encoder
+
+    reranker = load_cross_encoder(toy_slq)
+    images, captions = [s.image for s in scenes], [s.caption for s in scenes]
+    expected = rerank(toy_slq.backbone, toy_slq.processor, captions[2], images).scores
+    torch.testing.assert_close(torch.as_tensor(reranker.predict([(captions[2], im) for im in images])), expected,
+                               atol=1e-5, rtol=0)
+    ranked = reranker.rank(scenes[3].image, captions, batch_size=2)  # an image query: shared prefix per batch
+    expected = rerank(toy_slq.backbone, toy_slq.processor, scenes[3].image, captions)
+    assert [r["corpus_id"] for r in ranked] == expected.order.tolist()
+    torch.testing.assert_close(torch.tensor([r["score"] for r in ranked]), expected.scores[expected.order],
+                               atol=1e-5, rtol=0)
+    toy_slq.save_pretrained(tmp_path / "slq")
+    from_folder = load_cross_encoder(tmp_path / "slq")
+    assert from_folder.rank(captions[0], images)[0]["corpus_id"] == 0
+    with pytest.raises(SLQInputError, match="candidate 0 is a text"):
+        reranker.predict([("a red square", "a blue circle")])
