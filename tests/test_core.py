@@ -116,13 +116,13 @@ def test_config_rejects_bad_values(kwargs, fragment):
 def test_config_defaults_follow_the_paper():
     config = SLQConfig()
     assert (config.num_queries, config.pooling, config.normalize, config.temperature) == (40, "mean", True, 0.07)
-    assert config.projection_dim is None and config.query_init == "normal"
+    assert config.projection_size is None and config.query_init == "normal"
 
 
 def test_from_backbone_freezes_backbone_and_sets_hidden_size(model):
     assert all(not p.requires_grad for p in model.backbone.parameters())
     trainable = sorted(n for n, p in model.named_parameters() if p.requires_grad)
-    assert trainable == ["logit_scale", "queries"]
+    assert trainable == ["latent_queries.default", "logit_scale"]
     hidden = model.backbone.get_input_embeddings().weight.shape[1]
     assert model.config.hidden_size == hidden and model.queries.shape == (NUM_QUERIES, hidden)
     assert model.queries.dtype == torch.float32

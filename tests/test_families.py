@@ -172,7 +172,7 @@ def test_only_slq_parameters_train(tiny_backbone_path, family, attn):
     loss.backward()
 
     with_grad = {name for name, p in model.named_parameters() if p.grad is not None}
-    assert with_grad == {"queries", "logit_scale", "projection.weight", "projection.bias"}
+    assert with_grad == {"latent_queries.default", "logit_scale", "projection.weight", "projection.bias"}
     assert torch.isfinite(model.queries.grad).all() and model.queries.grad.abs().sum() > 0
     assert all(p.grad is None and not p.requires_grad for p in model.backbone.parameters())
 

@@ -102,7 +102,7 @@ def test_prefix_cache_equals_full_forward(models, family, attn, kind, monkeypatc
     assert grad_rel <= GRAD_REL_TOL
 
 
-def _mask_aware_rule(base_model, input_ids, attention_mask, offsets, backbone_inputs):
+def _mask_aware_rule(base_model, spec, input_ids, attention_mask, offsets, backbone_inputs):
     """WRONG on purpose: n_real + j (no rope delta for Qwen-VL, mask-aware instead of padded for 1-D backbones)."""
     n_real = attention_mask.long().sum(dim=1, keepdim=True)  # (B, 1)
     wrong = n_real + offsets.unsqueeze(0)  # (B, Q)
@@ -175,19 +175,17 @@ def test_query_sets_in_one_pass_equal_separate_passes(models, family, attn):
     batch = _batch(model, "mixed")
     num_sets = 3
     sets = torch.randn(num_sets * NUM_QUERIES, model.config.hidden_size, generator=torch.Generator().manual_seed(3))
-    ids, mask, relaid = model._relay_left(batch["input_ids"], batch["attention_mask"], batch)
+    ids, mask, relaid = model._relay_left(batch["input_ids"], batch["attention_mask"], batch, 0)
     prompt = {k: v for k, v in batch.items() if k not in ("input_ids", "attention_mask")}
-    prompt.update({k: v[:, :-NUM_QUERIES] for k, v in relaid.items()})
-    ids, mask = ids[:, :-NUM_QUERIES], mask[:, :-NUM_QUERIES]
+    prompt.update(relaid)
     base, spec = model.backbone.base_model, model.spec
-    offsets, block = torch.arange(NUM_QUERIES).repeat(num_sets), prefix_cache.block_query_mask(num_sets, NUM_QUERIES)
+    sizes = [NUM_QUERIES] * num_sets
     if "sliding_attention" in (getattr(model.backbone.config.get_text_config(), "layer_types", None) or ()):
         with pytest.raises(ValueError, match="sliding-window"), torch.no_grad():
-            prefix_cache.prefix_cache_query_states(base, spec, ids, mask, sets, prompt, offsets, block)
+            prefix_cache.prefix_cache_query_states(base, spec, ids, mask, sets, prompt, sizes)
         return
     with torch.no_grad():
-        together = prefix_cache.prefix_cache_query_states(base, spec, ids, mask, sets, prompt, offsets,
-                                                          block)  # (B, K*N_q, H)
+        together = prefix_cache.prefix_cache_query_states(base, spec, ids, mask, sets, prompt, sizes)  # (B, K*N_q, H)
         for k in range(num_sets):
             alone = prefix_cache.prefix_cache_query_states(base, spec, ids, mask,
                                                            sets[k * NUM_QUERIES:(k + 1) * NUM_QUERIES], prompt)

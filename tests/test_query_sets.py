@@ -25,10 +25,9 @@ from PIL import Image
 from safetensors.torch import load_file, save_file
 from transformers import AutoModelForImageTextToText, AutoProcessor, Trainer, TrainingArguments
 
-import slq_hf.modeling.query_sets as query_sets_module
-from slq_hf import SLQModel
-from slq_hf.modeling.query_sets import SLQQuerySetsOutput, has_sliding_window_layers
-from slq_hf.modeling.upload import collect_upload_files
+import slq_hf.modeling.prefix_cache as prefix_cache
+from slq_hf import SLQModel, SLQModelOutput
+from slq_hf.modeling.backbones import block_mask_allowed
 from slq_hf.testing import TINY_FAMILIES
 from slq_hf.training import SLQDataCollator
 
@@ -97,8 +96,8 @@ def test_encode_query_sets_in_one_pass_equals_each_set_alone(models, family, mon
     model = models(family)
     calls = count_prompt_passes(monkeypatch)
     together = model.encode(ITEMS, query_sets=SETS, batch_size=8)
-    shared = model.shares_prompt_across_query_sets()
-    assert shared == (not has_sliding_window_layers(model.backbone))
+    shared = block_mask_allowed(model.spec, model.backbone)
+    assert shared == (family != "gemma3")  # Gemma 3 has sliding-window layers
     # One prompt pass for the single batch and all three sets; the fallback builds no cache (full pass per set).
     assert len(calls) == (1 if shared else 0)
     alone = _alone(model, ITEMS)
@@ -117,10 +116,10 @@ def test_one_pass_without_block_mask_or_offsets_is_detected(models, family, brok
     """Negative controls: sets that see each other, or later sets placed after earlier ones, change the result."""
     model = models(family)
     if broken == "no block mask":
-        monkeypatch.setattr(query_sets_module, "block_causal_mask",
+        monkeypatch.setattr(prefix_cache, "block_causal_mask",
                             lambda sizes, device=None: torch.ones(sum(sizes), sum(sizes), dtype=torch.bool).tril())
     else:
-        monkeypatch.setattr(query_sets_module, "query_offsets", lambda sizes, device=None: torch.arange(sum(sizes)))
+        monkeypatch.setattr(prefix_cache, "query_offsets", lambda sizes, device=None: torch.arange(sum(sizes)))
     together = model.encode(ITEMS, query_sets=SETS)
     alone = _alone(model, ITEMS)
     assert (together["default"] - alone["default"]).abs().max() <= TOL  # the first set is unaffected either way
@@ -150,10 +149,10 @@ def test_joint_training_equals_each_set_trained_alone(tiny_backbone_path, family
 
     calls = count_prompt_passes(monkeypatch)
     out = model(**batch, query_sets=SETS)
-    assert isinstance(out, SLQQuerySetsOutput)
+    assert isinstance(out, SLQModelOutput) and set(out.losses) == set(SETS)
     out.loss.backward()
     # One prompt pass per side (query + positive) for all sets; the fallback runs one (prefix-cache) pass per set.
-    assert len(calls) == 2 * (1 if model.shares_prompt_across_query_sets() else len(SETS))
+    assert len(calls) == 2 * (1 if block_mask_allowed(model.spec, model.backbone) else len(SETS))
     joint = {name: p.grad.clone() for name, p in params.items()}
     assert torch.allclose(out.loss, torch.stack(list(out.losses.values())).mean())
 
@@ -201,8 +200,6 @@ def test_save_pretrained_writes_one_queries_only_file_per_set_and_reloads(qwen, 
         assert list(tensors) == ["queries"] and tensors["queries"].shape == (size, model.config.hidden_size)
     index = json.loads((folder / "query_sets" / "sets.json").read_text())
     assert index["active"] == "query" and list(index["sets"]) == ["query", "document"]
-    # The Hub upload guard lets the set files through (they hold queries only).
-    assert {"query_sets/query.safetensors", "query_sets/document.safetensors"} <= set(collect_upload_files(folder))
 
     reloaded = SLQModel.from_pretrained(folder)
     assert reloaded.query_sets == SETS and reloaded.active_query_set == "query"
@@ -252,7 +249,7 @@ def test_width_mismatch_and_bad_files_are_refused(qwen, tmp_path):
     with pytest.raises(ValueError, match=rf"{hidden + 8} wide .* hidden size {hidden}"):
         qwen.load_query_set(tmp_path / "wide.safetensors")
     save_file({"weights": torch.randn(4, hidden)}, str(tmp_path / "other.safetensors"))
-    with pytest.raises(ValueError, match="no 'queries'"):
+    with pytest.raises(ValueError, match=r"missing \['queries'\]"):
         qwen.load_query_set(tmp_path / "other.safetensors")
     (tmp_path / "pickle.safetensors").write_bytes(b"\x80\x04not safetensors")
     with pytest.raises(ValueError, match="not a readable safetensors"):

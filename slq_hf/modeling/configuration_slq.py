@@ -76,7 +76,10 @@ class SLQConfig(PretrainedConfig):
         query_init: ``"normal"`` (std of the backbone's input embeddings) or ``"vocab"`` (rows sampled from the
             backbone's embedding matrix).
         temperature: initial softmax temperature of the contrastive loss (learnable, stored as log(1/t)).
-        projection_dim: ``None`` (paper: no head) or the output width of a trainable linear head after pooling.
+        projection_size: ``None`` (paper: no head) or the output width of a trainable linear head after pooling.
+            Also accepted as ``projection_dim=`` (the name configs before 0.2 stored); reading
+            ``config.projection_dim`` gives the embedding width either way, which is what sentence-transformers and
+            CLIP-style code expect that attribute to mean.
         training_path: ``"prefix_cache"`` (prompt under no_grad with a KV cache, queries with grad) or ``"full"``.
         placeholder_token_id: id appended for each query slot before the embedding hook replaces its row; chosen
             from the backbone so that it is never a multimodal special token.
@@ -95,7 +98,7 @@ class SLQConfig(PretrainedConfig):
     normalize: bool = True
     query_init: str = "normal"
     temperature: float = 0.07
-    projection_dim: int | None = None
+    projection_size: int | None = None
     training_path: str = "prefix_cache"
     placeholder_token_id: int | None = None
     # Library versions that wrote config.json: stamped by `to_dict` on every save, compared with ours on load.
@@ -104,10 +107,17 @@ class SLQConfig(PretrainedConfig):
 
     def __post_init__(self, **kwargs):
         self._check_written_by_version()
+        if "projection_dim" in kwargs:  # the earlier name of projection_size (config.json written before 0.2)
+            legacy = kwargs.pop("projection_dim")
+            _check_positive_int("projection_dim", legacy, allow_none=True)
+            if self.projection_size is not None and legacy not in (None, self.projection_size):
+                raise ValueError(f"SLQConfig: `projection_dim`={legacy!r} and `projection_size`="
+                                 f"{self.projection_size!r} disagree; give only projection_size.")
+            self.projection_size = self.projection_size if legacy is None else legacy
         kwargs = self._drop_unknown_keys(kwargs)
         _check_positive_int("num_queries", self.num_queries)
         _check_positive_int("hidden_size", self.hidden_size, allow_none=True)
-        _check_positive_int("projection_dim", self.projection_dim, allow_none=True)
+        _check_positive_int("projection_size", self.projection_size, allow_none=True)
         _check_choice("pooling", self.pooling, POOLING_CHOICES)
         _check_choice("query_init", self.query_init, QUERY_INIT_CHOICES)
         _check_choice("training_path", self.training_path, TRAINING_PATH_CHOICES)
@@ -168,5 +178,11 @@ class SLQConfig(PretrainedConfig):
 
     @property
     def embedding_dim(self) -> int | None:
-        """Width of the output embedding: ``projection_dim`` if a head is configured, else ``hidden_size``."""
-        return self.projection_dim or self.hidden_size
+        """Width of the output embedding: ``projection_size`` if a head is configured, else ``hidden_size``."""
+        return self.projection_size or self.hidden_size
+
+    @property
+    def projection_dim(self) -> int | None:
+        """The embedding width (= :attr:`embedding_dim`): sentence-transformers' ``get_embedding_dimension`` reads
+        ``config.projection_dim`` before ``hidden_size``. Whether a head exists is ``projection_size``."""
+        return self.embedding_dim

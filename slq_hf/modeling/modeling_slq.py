@@ -1,51 +1,74 @@
-"""SLQModel: a frozen vision-language backbone + a few trainable latent queries = an embedding model.
+"""SLQModel: a frozen vision-language backbone + named sets of trainable latent queries = an embedding model.
+
+Encode data flow: processed prompt (B, L) -> re-laid to left padding -> N_q placeholder ids appended -> the
+backbone's own base-model forward, where a hook on the input-embedding layer swaps the placeholder rows for the
+queries -> last_hidden_state[:, -N_q:] -> pool -> (optional head) -> L2 normalise. Several query sets are K blocks of
+the same pass: the prompt runs once into a KV cache and every set reads it (``prefix_cache.py``).
 
 Ships inside every saved checkpoint (remote code): imports only torch, transformers, safetensors, PIL, tqdm and
 sibling modules.
-
-Encode data flow (DESIGN.md): processed prompt (B, L) -> re-laid to left padding -> N_q placeholder ids appended ->
-the backbone's own base-model forward, where a hook on the input-embedding layer swaps the placeholder rows for the
-queries -> last_hidden_state[:, -N_q:] -> pool -> (optional head) -> L2 normalise.
 """
 
 from __future__ import annotations
 
 import math
 import os
-import shutil
 import sys
 from collections import OrderedDict
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
+from contextvars import ContextVar
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import safe_open
 from torch import nn
 from transformers import AutoModelForImageTextToText, AutoProcessor, PreTrainedModel
+from transformers.dynamic_module_utils import custom_object_save
 from transformers.utils import ModelOutput, cached_file
 from transformers.utils import logging as hf_logging
 
-from .backbones import backbone_spec, input_embedding_stats, pick_placeholder_token_id
+from .backbones import backbone_spec, block_mask_allowed, embedding_rows, usable_token_ids
+from .checkpoint import (
+    DEFAULT_QUERY_SET,
+    MAX_LOGIT_SCALE,
+    QUERY_SET_TENSOR,
+    QUERY_SETS_DIR,
+    QUERY_SETS_INDEX,
+    WEIGHTS_METADATA,
+    WEIGHTS_NAME,
+    CheckpointError,
+    check_config_for_backbone,
+    check_logit_scale,
+    expected_tensors,
+    query_set_file,
+    read_folder,
+    read_header,
+    read_query_set_index,
+    read_tensors,
+    save_tensors,
+    write_folder,
+)
 from .configuration_slq import SLQConfig
+from .latent_queries import LatentQueries
 from .losses import symmetric_infonce
 from .pickling import register_output_recorders, without_capture_hooks
+from .positions import sequence_position_ids
 from .prefix_cache import prefix_cache_query_states
 from .processing_slq import SLQInput, collate, image_budget, prompt_length_limit, to_items
-from .query_sets import QuerySetsMixin, SLQQuerySetsOutput
-from .safetensors_io import atomic_save_file
 from .sentence_transformers_files import write_sentence_transformers_files
 
-WEIGHTS_NAME = "model.safetensors"
-WEIGHTS_METADATA = {"format": "pt", "library": "slq_hf"}
-# CLIP clamps its learnable logit scale at 100 (temperature >= 0.01) to keep training stable.
-MAX_LOGIT_SCALE = math.log(100.0)
+logger = hf_logging.get_logger(__name__)
+
 # Hub arguments that locate the SLQ folder itself; the backbone gets its own revision from the config.
 _AUTO_CLASS_KWARGS = ("_from_auto", "_from_pipeline", "trust_remote_code", "adapter_kwargs", "code_revision",
                       "_commit_hash")
 _SHARED_HUB_KWARGS = ("cache_dir", "force_download", "local_files_only", "proxies", "token")
+# from_pretrained keywords naming SLQConfig fields override the saved config; these cannot change after training.
+_CONFIG_FIELDS = frozenset(SLQConfig.__annotations__) | {"projection_dim"}
+_FIXED_FIELDS = ("num_queries", "hidden_size", "projection_size", "projection_dim", "backbone_model_type")
+PAIR_SIDES = ("positive", "negative")
 
 
 @dataclass
@@ -53,11 +76,13 @@ class SLQModelOutput(ModelOutput):
     """Output of ``SLQModel.forward``.
 
     Attributes:
-        loss: symmetric InfoNCE over the batch when a pair was given and ``return_loss`` is set; shape ().
-        pooler_output: (B, embedding_dim) pooled (and, by default, L2-normalised) float32 embeddings.
-        query_states: (B, num_queries, hidden_size) final hidden states at the query positions.
-        accuracy: in-batch retrieval accuracy of the contrastive step, when a loss was computed.
-        positive_pooler_output: (B, embedding_dim) embeddings of the second side of a pair, when given.
+        loss: () symmetric InfoNCE over the batch (mean over the query sets) for a pair batch with ``return_loss``.
+        pooler_output: (B, embedding_dim) float32 embeddings of the active set (or the first set asked for).
+        query_states: (B, N_q, H) final hidden states at that set's query positions.
+        accuracy: () in-batch retrieval accuracy of that set's contrastive step, when a loss was computed.
+        positive_pooler_output: (B, embedding_dim) that set's embeddings of the positive side of a pair batch.
+        pooler_outputs / losses / accuracies / positive_pooler_outputs: set name -> the same per set, when the call
+            named query sets (``query_sets=[...]`` or ``model.joint_query_sets``).
     """
 
     loss: torch.FloatTensor | None = None
@@ -65,81 +90,74 @@ class SLQModelOutput(ModelOutput):
     query_states: torch.FloatTensor | None = None
     accuracy: torch.FloatTensor | None = None
     positive_pooler_output: torch.FloatTensor | None = None
+    pooler_outputs: dict[str, torch.Tensor] | None = None
+    losses: dict[str, torch.Tensor] | None = None
+    accuracies: dict[str, torch.Tensor] | None = None
+    positive_pooler_outputs: dict[str, torch.Tensor] | None = None
 
 
-@dataclass
+@dataclass(frozen=True)
 class _Injection:
-    shape: tuple[int, int]
+    shape: tuple[int, int]  # (B, L + N_q) of the ids the hook must act on
     queries: torch.Tensor  # (N_q, H)
 
 
-class SLQModel(QuerySetsMixin, PreTrainedModel):
-    """Frozen vision-language backbone with ``num_queries`` trainable latent queries appended to every prompt.
+# Queries to inject, per thread / asyncio task and per model: {id(SLQModel): _Injection}. Set and reset around one
+# backbone call, so a concurrent call, a later generate or a call after an exception never sees another call's.
+_INJECTIONS: ContextVar[dict[int, _Injection] | None] = ContextVar("slq_injections", default=None)
 
-    Build one with :meth:`from_backbone` (fresh queries) or :meth:`from_pretrained` (a saved SLQ folder). Only
-    ``queries``, ``logit_scale`` and the optional ``projection`` head are trainable and saved.
+
+class SLQModel(PreTrainedModel):
+    """Frozen vision-language backbone with named sets of trainable latent queries appended to every prompt.
+
+    Build one with :meth:`from_backbone` (fresh queries) or :meth:`from_pretrained` (a saved SLQ folder). Only the
+    query sets, ``logit_scale`` and the optional ``projection`` head are trainable and saved.
     """
 
     config_class = SLQConfig
     base_model_prefix = "slq"
     main_input_name = "input_ids"
     supports_gradient_checkpointing = False
-    # The Trainer must hand our own loss through (it is computed inside forward).
-    accepts_loss_kwargs = False
+    accepts_loss_kwargs = False  # the Trainer must hand our own loss through (it is computed inside forward)
     _supports_sdpa = True
     _supports_flash_attn = True
+    #: Sets that ``forward`` trains jointly on a pair batch when no ``query_sets=`` is given, so the plain Trainer
+    #: (which calls ``forward(**batch)``) trains several sets on one prompt pass per side.
+    joint_query_sets: list[str] | None = None
 
     def __init__(self, config: SLQConfig, backbone: PreTrainedModel | None = None, processor: Any = None):
         if backbone is None:
             backbone = _load_backbone(config.backbone_name_or_path, config.backbone_revision)
         spec = backbone_spec(backbone.config.model_type)
         embedding = backbone.get_input_embeddings()
-        hidden = embedding.weight.shape[1]
-        if config.hidden_size is not None and config.hidden_size != hidden:
-            raise ValueError(
-                f"SLQConfig.hidden_size={config.hidden_size} but the backbone "
-                f"{config.backbone_name_or_path!r} embeds tokens in {hidden} dimensions; queries trained on one "
-                "backbone cannot run on another."
-            )
-        config.hidden_size = hidden
-        config.backbone_model_type = backbone.config.model_type
+        rows, hidden = embedding.weight.shape
+        # Before anything is allocated: a config that does not fit this backbone fails here, naming both.
+        check_config_for_backbone(config, backbone.config, vocab_size=rows, source=config.backbone_name_or_path)
+        config.hidden_size, config.backbone_model_type = hidden, backbone.config.model_type
+        usable = usable_token_ids(backbone.config, rows, getattr(processor, "tokenizer", processor))
         if config.placeholder_token_id is None:
-            config.placeholder_token_id = pick_placeholder_token_id(backbone.config)
+            config.placeholder_token_id = int(usable[0])
         super().__init__(config)
 
         device = embedding.weight.device
-        self.queries = nn.Parameter(torch.zeros(config.num_queries, hidden, device=device))  # (N_q, H) fp32
+        sample = embedding_rows(embedding, usable, num_samples=max(2048, config.num_queries))  # (S, H)
+        self.latent_queries = LatentQueries(hidden, config.num_queries, sample, config.query_init,
+                                            source=repr(config.backbone_name_or_path), device=device)
         self.logit_scale = nn.Parameter(torch.tensor(math.log(1.0 / config.temperature), device=device))
-        self.projection = nn.Linear(hidden, config.projection_dim, device=device) if config.projection_dim else None
+        self.projection = nn.Linear(hidden, config.projection_size, device=device) if config.projection_size else None
         # post_init before the backbone is attached, so transformers' weight init never touches backbone weights.
         self.post_init()
-        self._init_queries(embedding)
-
-        self.backbone = backbone
-        self.backbone.requires_grad_(False)
-        self.spec = spec
-        self.processor = processor
-        self._injection: _Injection | None = None
+        self.backbone = backbone.requires_grad_(False)
+        self.spec, self.processor = spec, processor
         self._hook = embedding.register_forward_hook(self._embedding_hook, with_kwargs=True)
 
-    # ----------------------------------------------------------------------------------------------- construction
     def _init_weights(self, module: nn.Module) -> None:
-        # Queries are initialised from the backbone's embedding statistics in _init_queries; nothing else is ours.
+        # Queries are drawn by LatentQueries from the backbone's embeddings; the head is the only other module.
         if isinstance(module, nn.Linear) and module is getattr(self, "projection", None):
             nn.init.normal_(module.weight, std=module.in_features**-0.5)
             nn.init.zeros_(module.bias)
 
-    @torch.no_grad()
-    def _init_queries(self, embedding: nn.Module) -> None:
-        rows = input_embedding_stats(embedding, num_samples=max(2048, self.config.num_queries))  # (S, H)
-        generator = torch.Generator().manual_seed(0)
-        if self.config.query_init == "vocab":
-            init = rows[torch.randperm(rows.shape[0], generator=generator)[: self.config.num_queries]]
-        else:
-            std = rows.std().item()
-            init = torch.randn(self.queries.shape, generator=generator) * std
-        self.queries.copy_(init.to(self.queries.device))
-
+    # ------------------------------------------------------------------------------------------------ loading
     @classmethod
     def from_backbone(
         cls,
@@ -159,41 +177,27 @@ class SLQModel(QuerySetsMixin, PreTrainedModel):
         """Attach fresh latent queries to a frozen backbone.
 
         Args:
-            backbone: Hub id, local path, or an already loaded ``*ForConditionalGeneration`` model.
-            num_queries: number of latent queries N_q.
-            processor: the backbone's processor; loaded from ``backbone`` when it is an id or a path.
+            backbone: Hub id, local path (pinned as an absolute path), or a loaded ``*ForConditionalGeneration``.
+            num_queries: number of latent queries N_q of the default set.
+            processor: the backbone's processor; loaded from ``backbone`` when it has one. Without one, ``forward``,
+                training on processed batches and saving work; ``encode`` asks for it.
             revision: Hub revision of the backbone, pinned in the config.
+            projection_dim: output width of an optional trainable linear head (``SLQConfig.projection_size``).
             **backbone_kwargs: go to the backbone's ``from_pretrained`` (``dtype``, ``device_map``,
                 ``quantization_config``, ``attn_implementation``, ...).
         """
         loaded = isinstance(backbone, PreTrainedModel)
-        name = (backbone.config._name_or_path or backbone.name_or_path) if loaded else str(backbone)
+        name = _pin((backbone.config._name_or_path or backbone.name_or_path) if loaded else str(backbone))
         # The config is validated first, so a bad option fails before a multi-GB backbone is loaded.
-        config = SLQConfig(
-            backbone_name_or_path=name or None,
-            backbone_revision=revision,
-            num_queries=num_queries,
-            pooling=pooling,
-            normalize=normalize,
-            query_init=query_init,
-            temperature=temperature,
-            projection_dim=projection_dim,
-            training_path=training_path,
-        )
-        if loaded:
-            if backbone_kwargs:
-                raise ValueError(f"Backbone arguments {sorted(backbone_kwargs)} were given with an already loaded "
-                                 "backbone; load the backbone with them yourself, or pass its id/path instead.")
-            model = backbone
-            if processor is None and name:
-                try:  # the loaded model remembers where it came from; its processor usually lives there too
-                    processor = AutoProcessor.from_pretrained(name, revision=revision)
-                except (OSError, ValueError):
-                    processor = None  # encode() then asks for processor=; forward() works without one
-        else:
-            model = _load_backbone(name, revision, **backbone_kwargs)
-            if processor is None:
-                processor = AutoProcessor.from_pretrained(name, revision=revision)
+        config = SLQConfig(backbone_name_or_path=name or None, backbone_revision=revision, num_queries=num_queries,
+                           pooling=pooling, normalize=normalize, query_init=query_init, temperature=temperature,
+                           projection_size=projection_dim, training_path=training_path)
+        if loaded and backbone_kwargs:
+            raise ValueError(f"Backbone arguments {sorted(backbone_kwargs)} were given with an already loaded "
+                             "backbone; load the backbone with them yourself, or pass its id/path instead.")
+        model = backbone if loaded else _load_backbone(name, revision, **backbone_kwargs)
+        if processor is None and name:
+            processor = _try_processor(name, revision=revision)
         return cls(config, backbone=model, processor=processor)
 
     @classmethod
@@ -207,195 +211,242 @@ class SLQModel(QuerySetsMixin, PreTrainedModel):
         processor: Any = None,
         **kwargs,
     ) -> SLQModel:
-        """Load a saved SLQ folder (or Hub repo): the pinned backbone plus the saved queries.
+        """Load a saved SLQ folder (or Hub repo): the pinned backbone plus the saved query sets.
 
         Args:
             pretrained_model_name_or_path: folder or Hub id written by :meth:`save_pretrained`.
-            backbone_name_or_path: load the backbone from here instead of the id pinned in config.json.
+            backbone_name_or_path: load the backbone from here instead of the one pinned in config.json.
             backbone: an already loaded backbone to reuse (no second copy of the weights).
-            **kwargs: hub arguments for the SLQ folder (``revision``, ``subfolder``, ``token``...) and backbone
-                loading arguments (``dtype``, ``device_map``, ``quantization_config``, ``attn_implementation``...).
+            **kwargs: SLQConfig fields override the saved config (``pooling=``, ``normalize=``, ``training_path=``;
+                ``num_queries`` / ``hidden_size`` / ``projection_dim`` are fixed by training and raise); hub
+                arguments for the SLQ folder (``revision``, ``subfolder``, ``token``...); the rest goes to the
+                backbone's ``from_pretrained`` (``dtype``, ``device_map``, ``quantization_config``...).
         """
+        path = pretrained_model_name_or_path
         for key in _AUTO_CLASS_KWARGS:
             kwargs.pop(key, None)
         shared = {k: kwargs.pop(k) for k in _SHARED_HUB_KWARGS if k in kwargs}
         location = {"revision": kwargs.pop("revision", None), "subfolder": kwargs.pop("subfolder", ""), **shared}
-        if config is None:
-            config = SLQConfig.from_pretrained(pretrained_model_name_or_path, **location)
-        weights = _resolve_weights(pretrained_model_name_or_path, location)
+        overrides = {k: kwargs.pop(k) for k in list(kwargs) if k in _CONFIG_FIELDS}
 
+        def read() -> tuple[SLQConfig, dict[str, torch.Tensor], dict[str, Any], Any]:
+            saved = config or SLQConfig.from_pretrained(path, **location)
+            state = read_tensors(_resolve_weights(path, location),
+                                 expected_tensors(saved.num_queries, saved.hidden_size, saved.projection_size))
+            found = None if processor is not None else _try_processor(path, quiet=True, **location)
+            return saved, state, _read_query_sets(path, location, saved.hidden_size), found
+
+        saved, state, sets, found = read_folder(path, read)  # one save of the folder, never a mix of two
+        saved = _with_overrides(saved, overrides, path)
         if backbone is None:
-            source = str(backbone_name_or_path or config.backbone_name_or_path or "")
-            if not source:
-                raise ValueError(f"{pretrained_model_name_or_path}: config.json pins no backbone; pass "
-                                 "backbone_name_or_path=...")
-            revision = None if backbone_name_or_path else config.backbone_revision
-            backbone = _load_backbone(source, revision, **shared, **kwargs)
+            source = str(backbone_name_or_path or saved.backbone_name_or_path or "")
+            revision = None if backbone_name_or_path else saved.backbone_revision
+            backbone = _load_backbone(source, revision, folder=path, **shared, **kwargs)
             if backbone_name_or_path:
-                config.backbone_name_or_path = str(backbone_name_or_path)
+                saved.backbone_name_or_path = _pin(str(backbone_name_or_path))
         elif kwargs:
             raise ValueError(f"Backbone arguments {sorted(kwargs)} were given with an already loaded backbone.")
-        if processor is None:
-            processor = _load_processor(pretrained_model_name_or_path, config, location, shared)
-        model = cls(config, backbone=backbone, processor=processor)
-        model.load_trainable_state(weights)
-        model._load_saved_query_sets(pretrained_model_name_or_path, location)  # query_sets/*.safetensors, if any
-        model.eval()
-        return model
+        processor = processor or found or _try_processor(saved.backbone_name_or_path, saved.backbone_revision,
+                                                         **shared)
+        model = cls(saved, backbone=backbone, processor=processor)
+        model.load_trainable_state(state, source=f"{path}/{WEIGHTS_NAME}")
+        for name, queries in sets["sets"].items():
+            model.latent_queries.replace(name, queries, f"{path}/{query_set_file(name)}")
+        model.latent_queries.set_active(sets["active"])
+        return model.eval()
 
-    # ------------------------------------------------------------------------------------------------ save / load
+    # ------------------------------------------------------------------------------------------------ saving
     def trainable_state_dict(self) -> dict[str, torch.Tensor]:
-        """The tensors that make an SLQ checkpoint: queries, logit_scale and the optional projection head."""
-        state = {"queries": self.queries, "logit_scale": self.logit_scale}
+        """The tensors of ``model.safetensors``: the default set as ``queries``, ``logit_scale``, the optional head."""
+        state = {QUERY_SET_TENSOR: self.queries, "logit_scale": self.logit_scale}
         if self.projection is not None:
-            state["projection.weight"] = self.projection.weight
-            state["projection.bias"] = self.projection.bias
-        return {k: v.detach().float().cpu().contiguous() for k, v in state.items()}
-
-    def load_trainable_state(self, path_or_state: str | os.PathLike | dict[str, torch.Tensor]) -> None:
-        """Load queries (+ temperature, head) from a safetensors file or a state dict, checking every tensor."""
-        if isinstance(path_or_state, dict):
-            state, source = path_or_state, "state dict"
-        else:
-            state, source = _read_safetensors(path_or_state), str(path_or_state)
-        expected = {k: tuple(v.shape) for k, v in self.trainable_state_dict().items()}
-        queries = state.get("queries")
-        if queries is not None and queries.ndim == 2 and queries.shape[1] != self.config.hidden_size:
-            raise ValueError(
-                f"{source}: the saved queries are {queries.shape[1]} wide but the backbone "
-                f"{self.config.backbone_name_or_path!r} has hidden size {self.config.hidden_size}. They were "
-                "trained for a different backbone; load them with the backbone they were trained on."
-            )
-        missing, unexpected = sorted(set(expected) - set(state)), sorted(set(state) - set(expected))
-        if missing or unexpected:
-            raise ValueError(f"{source}: expected tensors {sorted(expected)}; missing {missing}, unexpected "
-                             f"{unexpected}. Is this an SLQ checkpoint with the same config?")
-        for name, shape in expected.items():
-            tensor = state[name]
-            if tuple(tensor.shape) != shape:
-                raise ValueError(f"{source}: tensor {name!r} has shape {tuple(tensor.shape)}, expected {shape} "
-                                 "from config.json (num_queries, hidden_size, projection_dim).")
-            if not tensor.is_floating_point():
-                raise ValueError(f"{source}: tensor {name!r} has dtype {tensor.dtype}; expected a float tensor.")
-            if not torch.isfinite(tensor).all():
-                raise ValueError(f"{source}: tensor {name!r} contains NaN or Inf values; the checkpoint is corrupt "
-                                 "(or training diverged). Use an earlier checkpoint.")
-        with torch.no_grad():
-            for name, param in self._trainable_params().items():
-                param.copy_(state[name].to(dtype=param.dtype, device=param.device))
-
-    def _trainable_params(self) -> dict[str, nn.Parameter]:
-        params = {"queries": self.queries, "logit_scale": self.logit_scale}
-        if self.projection is not None:
-            params.update({"projection.weight": self.projection.weight, "projection.bias": self.projection.bias})
-        return params
-
-    def save_pretrained(self, save_directory: str | os.PathLike, *args, **kwargs) -> None:
-        """Write a queries-only SLQ folder: config.json (auto_map, pinned backbone), model.safetensors with only the
-        trainable tensors, the ``slq_hf/modeling`` code files (for ``trust_remote_code``) and the processor files.
-
-        Extra keyword arguments of ``PreTrainedModel.save_pretrained`` (``state_dict``, ``safe_serialization``,
-        ``push_to_hub``...) are accepted and ignored, except ``is_main_process``: only trainable tensors are ever
-        written, always as safetensors.
-        """
-        if not kwargs.get("is_main_process", True):
-            return
-        out = Path(save_directory)
-        out.mkdir(parents=True, exist_ok=True)
-        self.config.auto_map = {"AutoConfig": "configuration_slq.SLQConfig", "AutoModel": "modeling_slq.SLQModel"}
-        self.config.architectures = [type(self).__name__]
-        self.config.save_pretrained(out)
-        atomic_save_file(self.trainable_state_dict(), out / WEIGHTS_NAME, metadata=WEIGHTS_METADATA)
-        self._save_query_sets(out)  # extra query sets: query_sets/<name>.safetensors + sets.json
-        for source in Path(__file__).parent.glob("*.py"):
-            if source.name != "__init__.py":
-                shutil.copyfile(source, out / source.name)
-        if self.processor is not None:
-            self.processor.save_pretrained(out)
-        # Every SLQ folder is also a sentence-transformers model (SentenceTransformer(out, trust_remote_code=True)).
-        # max_seq_length: sentence-transformers then truncates over-long texts exactly like encode (tail kept).
-        write_sentence_transformers_files(out, max_seq_length=self.max_prompt_length())
-
-    def push_to_hub(
-        self,
-        repo_id: str,
-        *,
-        commit_message: str | None = None,
-        commit_description: str | None = None,
-        private: bool | None = None,
-        token: bool | str | None = None,
-        revision: str | None = None,
-        create_pr: bool = False,
-        tags: list[str] | None = None,
-        **kwargs,
-    ) -> str:
-        """Upload the queries-only SLQ folder (what :meth:`save_pretrained` writes) to ``repo_id`` on the Hub.
-
-        The folder is saved to a temporary directory, checked (nothing that looks like backbone weights may go up)
-        and committed with huggingface_hub. A short model card is added only when the repository has no README.md
-        yet; ``slq-hf export`` + ``slq-hf push`` publish the full card with evaluation results. Serialization options
-        of ``PreTrainedModel.push_to_hub`` (``max_shard_size``, ...) are accepted and ignored: there is one small file.
-
-        Returns:
-            huggingface_hub's ``CommitInfo`` (a ``str`` holding the commit URL).
-        """
-        import tempfile
-
-        # Imported here so loading a checkpoint never needs the upload code path.
-        from .upload import default_model_card, remote_has_readme, upload_slq_folder
-
-        with tempfile.TemporaryDirectory() as tmp:
-            self.save_pretrained(tmp)
-            if not remote_has_readme(repo_id, token=token, revision=revision):
-                Path(tmp, "README.md").write_text(default_model_card(self.config, repo_id, tags), encoding="utf8")
-            return upload_slq_folder(tmp, repo_id, private=private, token=token, revision=revision,
-                                     create_pr=create_pr, commit_message=commit_message,
-                                     commit_description=commit_description)
-
-    def load_state_dict(self, state_dict: dict[str, torch.Tensor], strict: bool = True, assign: bool = False):
-        """Accept full or queries-only state dicts (Trainer resume): backbone keys are never required."""
-        own = {k: v for k, v in state_dict.items() if not k.startswith("backbone.")}
-        self.load_trainable_state(self._load_query_set_state(own))  # extra query sets first, then the rest
-        return nn.modules.module._IncompatibleKeys([], [])
-
-    def __getstate__(self) -> dict[str, Any]:
-        """Picklable even after a forward: transformers' output-capturing hooks (closures) are left out of the copy
-        (see pickling.py); sentence-transformers' multi-process pool pickles the model for its workers."""
-        state = super().__getstate__()
-        state["_modules"] = OrderedDict((name, without_capture_hooks(m)) for name, m in self._modules.items())
+            state.update({"projection.weight": self.projection.weight, "projection.bias": self.projection.bias})
         return state
 
-    def __setstate__(self, state: dict[str, Any]) -> None:
-        super().__setstate__(state)
-        register_output_recorders(self)  # see pickling.py: the new process never ran the backbone's __init__
+    def load_trainable_state(self, path_or_state: str | os.PathLike | dict[str, torch.Tensor],
+                             source: str | None = None) -> None:
+        """Load queries (+ temperature, head) from a safetensors file or a state dict, checking every tensor."""
+        expected = {k: tuple(v.shape) for k, v in self.trainable_state_dict().items()}
+        if isinstance(path_or_state, dict):
+            state = _check_state(path_or_state, expected, source or "state dict")
+        else:
+            state = read_tensors(path_or_state, expected)
+        with torch.no_grad():
+            for name, param in self.trainable_state_dict().items():
+                param.copy_(state[name].to(dtype=param.dtype, device=param.device))
 
-    # ------------------------------------------------------------------------------------------------------ forward
+    def load_state_dict(self, state_dict: dict[str, torch.Tensor], strict: bool = True, assign: bool = False):
+        """Accept full, queries-only or pre-0.2 state dicts (Trainer resume): backbone keys are never required."""
+        own = {_LEGACY_KEYS.get(k, k).replace("extra_query_sets.", "latent_queries."): v
+               for k, v in state_dict.items() if not k.startswith("backbone.")}
+        for key in [k for k in own if k.startswith("latent_queries.") and k != "latent_queries.default"]:
+            self.latent_queries.replace(key.split(".", 1)[1], own.pop(key), f"state dict entry {key!r}")
+        own[QUERY_SET_TENSOR] = own.pop("latent_queries.default", own.get(QUERY_SET_TENSOR))
+        self.load_trainable_state({k: v for k, v in own.items() if v is not None})
+        return nn.modules.module._IncompatibleKeys([], [])
+
+    def save_pretrained(self, save_directory: str | os.PathLike, *args, is_main_process: bool = True,
+                        **kwargs) -> None:
+        """Write a queries-only SLQ folder, atomically: config.json (auto_map, pinned backbone), model.safetensors
+        with the trainable tensors, ``query_sets/`` for extra sets, the model code (``trust_remote_code``), the
+        processor files and the sentence-transformers files.
+
+        Extra keyword arguments of ``PreTrainedModel.save_pretrained`` (``state_dict``, ``safe_serialization``,
+        ``max_shard_size``, ...) are accepted and ignored: only trainable tensors are written, always as safetensors.
+        ``push_to_hub`` (transformers' own) saves through this method, so only queries ever go up.
+        """
+        if not is_main_process:
+            return
+
+        def write(out: Path) -> None:
+            self.config.architectures = [type(self).__name__]
+            custom_object_save(self, out, config=self.config)  # modeling_slq.py + siblings, auto_map["AutoModel"]
+            self.config.save_pretrained(out)  # + configuration_slq.py, auto_map["AutoConfig"]
+            save_tensors(self.trainable_state_dict(), out / WEIGHTS_NAME, WEIGHTS_METADATA)
+            extra = self.query_sets[1:]
+            if extra or self.active_query_set != DEFAULT_QUERY_SET:
+                (out / QUERY_SETS_DIR).mkdir()
+                for name in extra:
+                    self.save_query_set(name, out / query_set_file(name))
+                sets = {n: {"file": query_set_file(n), "num_queries": self.get_query_set(n).shape[0]} for n in extra}
+                (out / QUERY_SETS_INDEX).write_text(_json({"active": self.active_query_set, "sets": sets}))
+            if self.processor is not None:
+                self.processor.save_pretrained(out)
+            # Every SLQ folder is also a sentence-transformers model; max_seq_length makes it truncate like encode.
+            write_sentence_transformers_files(out, max_seq_length=self.max_prompt_length())
+
+        write_folder(save_directory, write)
+
+    # ----------------------------------------------------------------------------------------------- query sets
+    @property
+    def queries(self) -> nn.Parameter:
+        """(num_queries, H) float32 queries of the ``"default"`` set (``"queries"`` in model.safetensors)."""
+        return self.latent_queries[DEFAULT_QUERY_SET]
+
+    @property
+    def query_sets(self) -> list[str]:
+        """Names of the model's query sets, ``"default"`` first."""
+        return self.latent_queries.names
+
+    @property
+    def active_query_set(self) -> str:
+        """The set used when none is named (this thread's :meth:`use_query_set` block, else the model's)."""
+        return self.latent_queries.active
+
+    @property
+    def active_queries(self) -> nn.Parameter:
+        """(N_q, H) queries of the active set."""
+        return self.latent_queries.lookup(self.active_query_set)
+
+    def get_query_set(self, name: str) -> nn.Parameter:
+        """(N_q, H) queries of set ``name`` (the trainable parameter itself)."""
+        return self.latent_queries.lookup(name)
+
+    def add_query_set(self, name: str, num_queries: int | None = None, *, queries: torch.Tensor | None = None,
+                      trainable: bool = True) -> nn.Parameter:
+        """Add set ``name``: ``num_queries`` (default ``config.num_queries``) queries drawn like the default set
+        (seeded by the name: distinct sets, reproducible per name), or a copy of ``queries`` (N_q, H)."""
+        if num_queries is None and queries is None:
+            num_queries = self.config.num_queries
+        return self.latent_queries.add(name, num_queries, queries=queries, trainable=trainable)
+
+    def remove_query_set(self, name: str) -> None:
+        """Drop an extra set (not ``"default"``); the active set falls back to ``"default"``."""
+        self.latent_queries.remove(name)
+
+    def set_active_query_set(self, name: str) -> None:
+        """Make ``name`` the set that ``embed``/``encode``/``forward`` (and so training) use by default."""
+        self.latent_queries.set_active(name)
+
+    @contextmanager
+    def use_query_set(self, name: str) -> Iterator[None]:
+        """Context manager: ``name`` is the active set inside the block, for the calling thread only."""
+        with self.latent_queries.use(name):
+            yield
+
+    def query_set_for_task(self, task: str | None) -> str | None:
+        """The set a sentence-transformers ``task`` (``"query"``/``"document"``) selects, or None (the active set)."""
+        return task if isinstance(task, str) and task in self.latent_queries else None
+
+    def max_query_set_size(self) -> int:
+        """Largest N_q over all sets: the positions a prompt must leave free."""
+        return self.latent_queries.max_size()
+
+    def save_query_set(self, name: str, path: str | os.PathLike) -> Path:
+        """Write set ``name`` alone to ``path``: ``"queries"`` (N_q, H) float32, metadata naming the set and the
+        backbone (``load_query_set`` warns when it is loaded onto another backbone type). Returns the path."""
+        queries, path = self.get_query_set(name), Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        metadata = {**WEIGHTS_METADATA, "slq_query_set": name, "num_queries": str(queries.shape[0]),
+                    "hidden_size": str(queries.shape[1]),
+                    "backbone_name_or_path": str(self.config.backbone_name_or_path or ""),
+                    "backbone_model_type": str(self.config.backbone_model_type or "")}
+        save_tensors({QUERY_SET_TENSOR: queries.float()}, path, metadata)
+        return path
+
+    def load_query_set(self, path_or_repo: str | os.PathLike, name: str | None = None, *, query_set: str | None = None,
+                       **hub_kwargs) -> str:
+        """Load a query set onto this model and return the name it was stored under.
+
+        Args:
+            path_or_repo: a query-set file (written by :meth:`save_query_set` or ``save_pretrained``), or an SLQ
+                folder / Hub repo id.
+            name: name on this model; default: the set's own name. An existing set of that name is replaced
+                (``"default"`` keeps its N_q).
+            query_set: which set of an SLQ folder / repo to load (default ``"default"``: its model.safetensors).
+            **hub_kwargs: ``revision``, ``subfolder``, ``token``, ``cache_dir``, ``local_files_only``.
+        """
+        source, own_name = str(path_or_repo), None
+        if Path(source).is_file():
+            file = source
+        else:
+            own_name = query_set or DEFAULT_QUERY_SET
+            filename = WEIGHTS_NAME if own_name == DEFAULT_QUERY_SET else query_set_file(own_name)
+            file = cached_file(source, filename, _raise_exceptions_for_missing_entries=False, **hub_kwargs)
+            if file is None:
+                raise OSError(f"{source}: no {filename} found; it is neither a query-set file nor an SLQ folder "
+                              f"with a query set {own_name!r}.")
+        metadata = read_header(file)[1]
+        queries = _read_queries(file, self.config.hidden_size, whole_checkpoint=own_name == DEFAULT_QUERY_SET)
+        own_name = metadata.get("slq_query_set") or own_name or Path(file).stem
+        if name is None and own_name == DEFAULT_QUERY_SET:
+            raise ValueError(f"{source}: this is the folder's default set; give it a name on this model, e.g. "
+                             "load_query_set(path, name='document') (or name='default' to overwrite ours).")
+        name = name or own_name
+        theirs, ours = metadata.get("backbone_model_type"), self.config.backbone_model_type
+        if theirs and ours and theirs != ours:  # only the width is a hard fact; another id may be a mirror of ours
+            logger.warning(f"{file}: this query set was trained on a {theirs!r} backbone but this model runs a "
+                           f"{ours!r} backbone of the same width; its embeddings will be meaningless.")
+        self.latent_queries.replace(name, queries, file)
+        return name
+
+    # ------------------------------------------------------------------------------------------------ forward
     def _embedding_hook(self, module: nn.Module, args: tuple, kwargs: dict, output: torch.Tensor):
-        injection = self._injection
+        injection = (_INJECTIONS.get() or {}).get(id(self))
         if injection is None:
-            return None  # inert outside SLQ's own forward (e.g. during backbone.generate)
+            return None  # inert outside this model's own calls (backbone.generate, another SLQModel, other threads)
         ids = args[0] if args else kwargs.get("input_ids", kwargs.get("input"))
         # Some backbones embed other ids internally (Qwen3-VL embeds a scalar id): only touch the prompt itself.
         if ids is None or tuple(ids.shape) != injection.shape:
             return None
-        num_queries = injection.queries.shape[0]
+        num = injection.queries.shape[0]
         queries = injection.queries.to(output.dtype).unsqueeze(0).expand(output.shape[0], -1, -1)  # (B, N_q, H)
-        return torch.cat([output[:, :-num_queries], queries], dim=1)  # (B, L + N_q, H)
+        return torch.cat([output[:, :-num], queries], dim=1)  # (B, L + N_q, H)
 
     @contextmanager
-    def _inject(self, shape: tuple[int, int], queries: torch.Tensor):
-        previous, self._injection = self._injection, _Injection(tuple(shape), queries)
+    def _inject(self, shape: tuple[int, int], queries: torch.Tensor) -> Iterator[None]:
+        token = _INJECTIONS.set({**(_INJECTIONS.get() or {}), id(self): _Injection(tuple(shape), queries)})
         try:
             yield
         finally:
-            self._injection = previous
+            _INJECTIONS.reset(token)
 
     def _relay_left(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None, extra: dict[str, Any],
-                    num_queries: int | None = None):
-        """Move every row's padding to the left (stable sort on the mask) and append ``num_queries`` query slots
-        (default ``config.num_queries``; 0 for the prompt alone).
+                    num_queries: int):
+        """Move every row's padding to the left (stable sort on the mask) and append ``num_queries`` query slots.
 
-        Returns ids (B, L + N_q), mask (B, L + N_q) and the per-token extras re-laid and zero-extended.
+        Returns ids (B, L + N_q), mask (B, L + N_q) and the per-token extras (``spec.token_keys``) re-laid and
+        zero-extended.
         """
         batch, length = input_ids.shape
         if attention_mask is None:
@@ -404,53 +455,53 @@ class SLQModel(QuerySetsMixin, PreTrainedModel):
             raise ValueError(f"attention_mask has shape {tuple(attention_mask.shape)} but input_ids has "
                              f"{tuple(input_ids.shape)}.")
         order = torch.sort(attention_mask.long(), dim=1, stable=True).indices  # (B, L): pads first, order kept
-        num_queries = self.config.num_queries if num_queries is None else num_queries
-        pad = dict(device=input_ids.device, dtype=input_ids.dtype)
-        ids = torch.cat([input_ids.gather(1, order), torch.full((batch, num_queries), self.config.placeholder_token_id,
-                                                                **pad)], dim=1)
-        mask = torch.cat([attention_mask.gather(1, order), torch.ones((batch, num_queries), device=ids.device,
-                                                                      dtype=attention_mask.dtype)], dim=1)
-        relaid = {}
-        for key in self.spec.token_keys:
-            value = extra.get(key)
-            if isinstance(value, torch.Tensor) and value.shape == (batch, length):
-                zeros = torch.zeros((batch, num_queries), device=value.device, dtype=value.dtype)
-                relaid[key] = torch.cat([value.gather(1, order), zeros], dim=1)
-        return ids, mask, relaid
 
-    def embed(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, **backbone_inputs):
+        def extend(value: torch.Tensor, fill: int) -> torch.Tensor:
+            return torch.cat([value.gather(1, order), value.new_full((batch, num_queries), fill)], dim=1)
+
+        relaid = {k: extend(v, 0) for k in self.spec.token_keys
+                  if isinstance(v := extra.get(k), torch.Tensor) and v.shape == (batch, length)}
+        return extend(input_ids, self.config.placeholder_token_id), extend(attention_mask, 1), relaid
+
+    def embed(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, *,
+              query_sets: Sequence[str] | None = None, **backbone_inputs):
         """Run the prompt + queries through the backbone.
 
         Args:
             input_ids: (B, L) token ids, left or right padded.
             attention_mask: (B, L) 1 for real tokens.
+            query_sets: set names; default the active set.
             **backbone_inputs: pixel_values, image_grid_thw, mm_token_type_ids, ... as the processor returned them.
 
         Returns:
-            (pooled (B, embedding_dim) float32, query_states (B, N_q, H) in the backbone's dtype)
+            (pooled (B, embedding_dim) float32, query_states (B, N_q, H)) of the active set; with ``query_sets``, a
+            dict set name -> that pair, in the order given.
         """
-        backbone_inputs = {k: v for k, v in backbone_inputs.items() if v is not None}
-        queries = self.active_queries  # (N_q, H): the default set unless another one is active
-        ids, mask, relaid = self._relay_left(input_ids, attention_mask, backbone_inputs, queries.shape[0])
-        backbone_inputs.update(relaid)
-        if self._use_prefix_cache():
-            # Same result as the full forward, but backward only runs through the N_q query tokens (DESIGN.md).
-            n = queries.shape[0]
-            prompt_inputs = {k: v[:, :-n] if k in relaid else v for k, v in backbone_inputs.items()}
-            query_states = prefix_cache_query_states(self.backbone.base_model, self.spec, ids[:, :-n], mask[:, :-n],
-                                                     queries, prompt_inputs)  # (B, N_q, H)
-            return self.pool(query_states), query_states
-        with self._inject(tuple(ids.shape), queries):
-            out = self.backbone.base_model(input_ids=ids, attention_mask=mask, use_cache=False, return_dict=True,
-                                           **backbone_inputs)
-        query_states = out.last_hidden_state[:, -queries.shape[0]:]  # (B, N_q, H)
-        return self.pool(query_states), query_states
-
-    def _use_prefix_cache(self) -> bool:
-        """Prefix cache only when it can pay off and is exact: a grad step on a frozen backbone. Inference keeps the
-        single full forward (no cache to build), and a trainable backbone needs gradients through the prompt."""
-        return (torch.is_grad_enabled() and self.config.training_path == "prefix_cache"
-                and not any(p.requires_grad for p in self.backbone.parameters()))
+        names = self.latent_queries.checked(query_sets if query_sets is not None else self.active_query_set)
+        inputs = {k: v for k, v in backbone_inputs.items() if v is not None}
+        grad, frozen = torch.is_grad_enabled(), not any(p.requires_grad for p in self.backbone.parameters())
+        # The prefix cache (prompt once, queries after it) is exact whenever the backbone gets no gradient.
+        cached = self.config.training_path == "prefix_cache" and (frozen or not grad)
+        shared = cached and len(names) > 1 and block_mask_allowed(self.spec, self.backbone)
+        states: dict[str, torch.Tensor] = {}
+        for group in [names] if shared else [[n] for n in names]:
+            blocks = [self.get_query_set(n) for n in group]
+            sizes = [b.shape[0] for b in blocks]
+            if cached and (shared or grad):  # a grad step: backward runs through the query tokens only
+                ids, mask, relaid = self._relay_left(input_ids, attention_mask, inputs, 0)
+                out = prefix_cache_query_states(self.backbone.base_model, self.spec, ids, mask, torch.cat(blocks),
+                                                {**inputs, **relaid}, sizes=sizes)  # (B, sum(sizes), H)
+            else:  # one full forward; at inference it needs no cache
+                ids, mask, relaid = self._relay_left(input_ids, attention_mask, inputs, sizes[0])
+                extra = {**inputs, **relaid}
+                positions = sequence_position_ids(self.backbone.base_model, self.spec, ids, mask, extra)
+                with self._inject(tuple(ids.shape), blocks[0]):
+                    out = self.backbone.base_model(input_ids=ids, attention_mask=mask, position_ids=positions,
+                                                   use_cache=False, return_dict=True, **extra)
+                out = out.last_hidden_state[:, -sizes[0]:]  # (B, N_q, H)
+            states.update(zip(group, out.split(sizes, dim=1)))
+        result = {name: (self.pool(states[name]), states[name]) for name in names}
+        return result if query_sets is not None else result[names[0]]
 
     def pool(self, query_states: torch.Tensor) -> torch.Tensor:
         """(B, N_q, H) -> (B, embedding_dim) float32: mean (or last) query, optional head, optional L2 norm."""
@@ -458,9 +509,7 @@ class SLQModel(QuerySetsMixin, PreTrainedModel):
         pooled = states.mean(dim=1) if self.config.pooling == "mean" else states[:, -1]
         if self.projection is not None:
             pooled = self.projection(pooled)
-        if self.config.normalize:
-            pooled = nn.functional.normalize(pooled, dim=-1)
-        return pooled
+        return nn.functional.normalize(pooled, dim=-1) if self.config.normalize else pooled
 
     def forward(
         self,
@@ -471,14 +520,14 @@ class SLQModel(QuerySetsMixin, PreTrainedModel):
         mm_token_type_ids: torch.Tensor | None = None,
         task: str | None = None,
         return_loss: bool = True,
-        query_sets: list[str] | None = None,
+        query_sets: Sequence[str] | None = None,
         **other_backbone_inputs,
-    ) -> SLQModelOutput | SLQQuerySetsOutput:
+    ) -> SLQModelOutput:
         """Embed a processed batch; with a pair batch, also compute the contrastive loss.
 
         Pair batches (what ``slq_hf.training.SLQDataCollator`` builds): the plain keys hold the query side of each
-        pair, the same keys prefixed ``positive_`` (``positive_input_ids``, ``positive_pixel_values``, ...) hold the
-        positive side, row-aligned, and keys prefixed ``negative_`` optionally hold M hard negatives.
+        pair, the same keys prefixed ``positive_`` hold the positive side, row-aligned, and keys prefixed
+        ``negative_`` optionally hold M hard negatives.
 
         Args:
             input_ids: (B, L) prompt ids from the backbone's processor (left or right padding).
@@ -487,51 +536,53 @@ class SLQModel(QuerySetsMixin, PreTrainedModel):
                 plus the ``positive_*`` / ``negative_*`` sides of a pair batch.
             task: sentence-transformers' ``encode_query`` / ``encode_document`` pass ``"query"`` / ``"document"``:
                 the query set of that name is used when the model has one, else the active set.
-            return_loss: compute the symmetric InfoNCE (``slq_hf/modeling/losses.py``) when a positive side is
-                given; negatives are gathered across ranks under torch.distributed.
-            query_sets: names of several query sets to run on ONE prompt pass per side (``query_sets.py``); the
-                result is then an ``SLQQuerySetsOutput`` keyed by set name, with one loss per set (``loss`` is their
-                mean). Pair batches also use ``model.joint_query_sets`` when this is not given.
-
-        Returns:
-            SLQModelOutput with ``pooler_output`` (B, embedding_dim) and ``query_states`` (B, N_q, H); for pair
-            batches also ``positive_pooler_output`` (B, embedding_dim), ``loss`` () and ``accuracy`` ().
+            return_loss: compute the symmetric InfoNCE when a positive side is given; negatives are gathered
+                across ranks under torch.distributed.
+            query_sets: several sets on ONE prompt pass per side; per-set results in the ``*_outputs`` fields, one
+                loss per set (``loss`` is their mean). Pair batches use ``model.joint_query_sets`` otherwise.
         """
-        # sentence-transformers and the Trainer pass return_dict=True; the output is always a ModelOutput, and
-        # forwarding it would clash with the return_dict the backbone call sets itself.
+        # sentence-transformers and the Trainer pass return_dict=True; the output is always a ModelOutput.
         other_backbone_inputs.pop("return_dict", None)
         if torch.is_grad_enabled() and not getattr(self, "_grad_safe_4bit", False):
             _keep_4bit_layers_differentiable(self.backbone)
             self._grad_safe_4bit = True
-        task_set = self.query_set_for_task(task)
-        if task_set is not None and query_sets is None and task_set != self.active_query_set:
-            with self.use_query_set(task_set):
-                return self.forward(input_ids, attention_mask, pixel_values, image_grid_thw, mm_token_type_ids,
-                                    return_loss=return_loss, **other_backbone_inputs)
         sides = _split_pair_sides(other_backbone_inputs)
-        if query_sets is not None or (self.joint_query_sets and "positive" in sides):
-            return self.forward_query_sets(query_sets or self.joint_query_sets, sides, return_loss,
-                                           input_ids=input_ids, attention_mask=attention_mask,
-                                           pixel_values=pixel_values, image_grid_thw=image_grid_thw,
-                                           mm_token_type_ids=mm_token_type_ids, **other_backbone_inputs)
-        pooled, query_states = self.embed(input_ids, attention_mask, pixel_values=pixel_values,
-                                          image_grid_thw=image_grid_thw, mm_token_type_ids=mm_token_type_ids,
-                                          **other_backbone_inputs)
-        if "positive" not in sides:
-            return SLQModelOutput(pooler_output=pooled, query_states=query_states)
-        positive = self.embed(**sides["positive"])[0]  # (B, D)
-        if positive.shape != pooled.shape:
-            raise ValueError(f"The positive side has {positive.shape[0]} rows but the query side has "
-                             f"{pooled.shape[0]}; a pair batch needs one positive per query (row i pairs with row i).")
-        negative = self.embed(**sides["negative"])[0] if "negative" in sides else None  # (M, D)
-        loss = accuracy = None
-        if return_loss:
-            result = symmetric_infonce(pooled, positive, self.logit_scale, negative, max_logit_scale=MAX_LOGIT_SCALE)
-            loss, accuracy = result.loss, result.accuracy
-        return SLQModelOutput(loss=loss, pooler_output=pooled, query_states=query_states, accuracy=accuracy,
-                              positive_pooler_output=positive)
+        if query_sets is None and self.joint_query_sets and "positive" in sides:
+            query_sets = self.joint_query_sets
+        names = self.latent_queries.checked(query_sets if query_sets is not None else
+                                            self.query_set_for_task(task) or self.active_query_set)
+        main = self.active_query_set if self.active_query_set in names else names[0]
+        inputs = dict(input_ids=input_ids, attention_mask=attention_mask, pixel_values=pixel_values,
+                      image_grid_thw=image_grid_thw, mm_token_type_ids=mm_token_type_ids, **other_backbone_inputs)
+        query = self.embed(**inputs, query_sets=names)
+        pooled = {name: query[name][0] for name in names}
+        # ModelOutput keeps only fields given at construction (later attributes miss to_tuple), so collect first.
+        out: dict[str, Any] = {"pooler_output": pooled[main], "query_states": query[main][1]}
+        per_set = query_sets is not None
+        if per_set:
+            out["pooler_outputs"] = pooled
+        if "positive" in sides:
+            positive = {k: v[0] for k, v in self.embed(**sides["positive"], query_sets=names).items()}  # n -> (B, D)
+            negative = ({k: v[0] for k, v in self.embed(**sides["negative"], query_sets=names).items()}
+                        if "negative" in sides else {})
+            if positive[main].shape != pooled[main].shape:
+                raise ValueError(f"The positive side has {positive[main].shape[0]} rows but the query side has "
+                                 f"{pooled[main].shape[0]}; a pair batch needs one positive per query (row i pairs "
+                                 "with row i).")
+            out["positive_pooler_output"] = positive[main]
+            if per_set:
+                out["positive_pooler_outputs"] = positive
+            if return_loss:  # one loss per set: each set is its own embedder, sharing only the temperature
+                results = {n: symmetric_infonce(pooled[n], positive[n], self.logit_scale, negative.get(n),
+                                                max_logit_scale=MAX_LOGIT_SCALE) for n in names}
+                out["loss"] = torch.stack([r.loss for r in results.values()]).mean()
+                out["accuracy"] = results[main].accuracy
+                if per_set:
+                    out["losses"] = {n: r.loss for n, r in results.items()}
+                    out["accuracies"] = {n: r.accuracy for n, r in results.items()}
+        return SLQModelOutput(**out)
 
-    # ------------------------------------------------------------------------------------------------------- encode
+    # ------------------------------------------------------------------------------------------------- encode
     @torch.inference_mode()
     def encode(
         self,
@@ -539,59 +590,43 @@ class SLQModel(QuerySetsMixin, PreTrainedModel):
         batch_size: int = 8,
         show_progress_bar: bool | None = None,
         instruction: str | None = None,
-        query_sets: list[str] | None = None,
+        query_sets: Sequence[str] | None = None,
     ) -> torch.Tensor | dict[str, torch.Tensor]:
         """Embed texts, images (PIL or path) and ``{"image", "text"}`` dicts with the active query set, or with
         several sets at once (``query_sets=[...]``: one prompt pass per batch for all of them).
 
         Prompts follow the paper: the backbone's chat template with one user turn (instruction, image, text) and the
-        generation prompt; the queries follow it. Inputs are length-sorted into batches; results come back in input
-        order.
+        generation prompt; the queries follow it. Inputs are length-sorted into batches (collated one at a time);
+        results come back in input order.
 
         Returns:
-            float32 tensor (N, embedding_dim) on CPU; (0, embedding_dim) for an empty list. With ``query_sets``:
-            a dict set name -> such a tensor.
-        """
-        if query_sets is not None:
-            return self.encode_query_sets(inputs, query_sets, batch_size, show_progress_bar, instruction)
-        count, batches = self._encode_batches(inputs, batch_size, show_progress_bar, instruction)
-        out = torch.empty(count, self.config.embedding_dim, dtype=torch.float32)
-        for index, batch in batches:
-            out[index] = self(**batch).pooler_output.float().cpu()
-        return out
-
-    def _encode_batches(self, inputs: SLQInput | list[SLQInput], batch_size: int, show_progress_bar: bool | None,
-                        instruction: str | None) -> tuple[int, Iterator[tuple[list[int], dict[str, Any]]]]:
-        """The batching ``encode`` and ``encode_query_sets`` share: inputs -> length-sorted prompt batches.
-
-        Checks the arguments and loads the inputs at once (so errors come before any work), then returns the number
-        of items and an iterator of (row indices in input order, collated batch on the model's device). Batches are
-        collated as they are consumed, so only one is held at a time; the caller writes each batch's embeddings to
-        its rows.
+            float32 (N, embedding_dim) on CPU; (0, embedding_dim) for an empty list. With ``query_sets``: a dict set
+            name -> such a tensor.
         """
         if self.processor is None:
-            raise ValueError("This SLQModel has no processor; pass processor= to from_backbone/from_pretrained.")
+            raise ValueError("This SLQModel has no processor, which encode() needs to turn inputs into prompts. Pass "
+                             "processor=AutoProcessor.from_pretrained(<backbone>) to SLQModel.from_backbone / "
+                             "from_pretrained, or set model.processor.")
         if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
             raise ValueError(f"batch_size={batch_size!r} is invalid; expected a positive integer.")
+        names = self.latent_queries.checked(query_sets if query_sets is not None else self.active_query_set)
         # Huge images are shrunk to the processor's budget while loading (JPEGs decode at reduced scale).
         items = to_items(inputs, budget=image_budget(self.processor))
+        out = {name: torch.empty(len(items), self.config.embedding_dim, dtype=torch.float32) for name in names}
+        order = sorted(range(len(items)), key=lambda i: items[i].length_key())  # similar lengths share a batch
+        starts = range(0, len(order), batch_size)
+        from tqdm.auto import tqdm
+
+        show = len(starts) > 8 if show_progress_bar is None else show_progress_bar
         max_length = self.max_prompt_length()
-
-        def batches() -> Iterator[tuple[list[int], dict[str, Any]]]:
-            if not items:
-                return
-            # Similar lengths share a batch, so little of it is padding.
-            order = sorted(range(len(items)), key=lambda i: items[i].length_key())
-            starts = range(0, len(order), batch_size)
-            show = len(starts) > 8 if show_progress_bar is None else show_progress_bar
-            from tqdm.auto import tqdm
-
-            for start in tqdm(starts, desc="SLQ encode", unit="batch", disable=not show):
-                index = order[start : start + batch_size]
-                batch = collate(self.processor, [items[i] for i in index], instruction, max_length=max_length)
-                yield index, {k: v.to(self.device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
-
-        return len(items), batches()
+        for start in tqdm(starts, desc="SLQ encode", unit="batch", disable=not show):
+            index = order[start : start + batch_size]
+            batch = collate(self.processor, [items[i] for i in index], instruction, max_length=max_length)
+            batch = {k: v.to(self.device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+            result = self(**batch, query_sets=names).pooler_outputs
+            for name in names:
+                out[name][index] = result[name].float().cpu()
+        return out if query_sets is not None else out[names[0]]
 
     def max_prompt_length(self) -> int | None:
         """Longest prompt (tokens) that leaves room for the queries within the backbone's positions; ``collate``
@@ -613,9 +648,93 @@ class SLQModel(QuerySetsMixin, PreTrainedModel):
             self.backbone.eval()
         return self
 
+    def __getstate__(self) -> dict[str, Any]:
+        """Picklable even after a forward (sentence-transformers' multi-process pool pickles the model): the
+        output-capturing hooks transformers installs are closures, left out of the copy (see pickling.py)."""
+        state = super().__getstate__()
+        state["_modules"] = OrderedDict((name, without_capture_hooks(m)) for name, m in self._modules.items())
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        super().__setstate__(state)
+        register_output_recorders(self)  # see pickling.py: the new process never ran the backbone's __init__
+
+
+SLQConfig.register_for_auto_class()
+SLQModel.register_for_auto_class("AutoModel")
+# Keys of state dicts written before query sets were named LatentQueries entries.
+_LEGACY_KEYS = {QUERY_SET_TENSOR: "latent_queries.default"}
+
 
 # ------------------------------------------------------------------------------------------------------- helpers
-PAIR_SIDES = ("positive", "negative")
+def _json(data: Any) -> str:
+    import json
+
+    return json.dumps(data, indent=2) + "\n"
+
+
+def _check_state(state: dict[str, torch.Tensor], expected: dict[str, tuple[int, ...]], source: str
+                 ) -> dict[str, torch.Tensor]:
+    """The checks ``read_tensors`` applies to a file, for an in-memory state dict."""
+    missing, unexpected = sorted(set(expected) - set(state)), sorted(set(state) - set(expected))
+    if missing or unexpected:
+        raise CheckpointError(f"{source}: expected tensors {sorted(expected)}; missing {missing}, unexpected "
+                              f"{unexpected}. Is this an SLQ checkpoint with the same config?")
+    for name, shape in expected.items():
+        tensor = state[name]
+        if tuple(tensor.shape) != shape:
+            if name == QUERY_SET_TENSOR and tensor.ndim == 2 and tensor.shape[1] != shape[1]:
+                raise CheckpointError(f"{source}: the saved queries are {tensor.shape[1]} wide but the backbone has "
+                                      f"hidden size {shape[1]}. They were trained for a different backbone; load "
+                                      "them with the backbone they were trained on.")
+            raise CheckpointError(f"{source}: tensor {name!r} has shape {tuple(tensor.shape)}, expected {shape} "
+                                  "(num_queries, hidden_size, projection_size from config.json and the backbone).")
+        if not tensor.is_floating_point():
+            raise CheckpointError(f"{source}: tensor {name!r} has dtype {tensor.dtype}; expected a float tensor.")
+        if not torch.isfinite(tensor).all():
+            raise CheckpointError(f"{source}: tensor {name!r} contains NaN or Inf values; the checkpoint is corrupt "
+                                  "(or training diverged). Use an earlier checkpoint.")
+    check_logit_scale(state["logit_scale"], source)
+    return state
+
+
+def _read_queries(file: str | os.PathLike, hidden_size: int | None, whole_checkpoint: bool = False) -> torch.Tensor:
+    """(N_q, H) ``queries`` of a query-set file (or of an SLQ model.safetensors), validated before allocation."""
+    expected: dict[str, Any] = {QUERY_SET_TENSOR: (None, hidden_size)}
+    others = ("logit_scale", "projection.weight", "projection.bias") if whole_checkpoint else ()
+    return read_tensors(file, {**expected, **dict.fromkeys(others)}, optional=others)[QUERY_SET_TENSOR]
+
+
+def _read_query_sets(path, location: dict[str, Any], hidden_size: int | None) -> dict[str, Any]:
+    """{"active": name, "sets": {name: (N_q, H) queries}} from ``query_sets/`` of an SLQ folder; a folder without
+    the index (one saved with the default set only) gives no extra sets."""
+    index_file = cached_file(str(path), QUERY_SETS_INDEX, _raise_exceptions_for_missing_entries=False, **location)
+    if index_file is None:
+        return {"active": DEFAULT_QUERY_SET, "sets": {}}
+    index, sets = read_query_set_index(index_file), {}
+    for name, entry in index["sets"].items():
+        file = cached_file(str(path), entry["file"], _raise_exceptions_for_missing_entries=False, **location)
+        if file is None:
+            raise CheckpointError(f"{path}: {QUERY_SETS_INDEX} lists query set {name!r} but {entry['file']} is "
+                                  "missing; re-save the model or restore the file.")
+        sets[name] = _read_queries(file, hidden_size)
+    return {"active": index["active"], "sets": sets}
+
+
+def _with_overrides(config: SLQConfig, overrides: dict[str, Any], path) -> SLQConfig:
+    """``config`` with from_pretrained keywords that name SLQConfig fields applied (and validated)."""
+    if not overrides:
+        return config
+    for key in _FIXED_FIELDS:
+        if key in overrides and overrides[key] != getattr(config, key):
+            raise ValueError(f"{path}: {key}={overrides[key]!r} cannot be changed when loading: the saved queries "
+                             f"were trained with {key}={getattr(config, key)!r}. Train a new model (from_backbone) "
+                             "for another value.")
+    changed = {k: v for k, v in overrides.items() if k not in _FIXED_FIELDS}
+    SLQConfig(**{**{k: getattr(config, k) for k in SLQConfig.__annotations__}, **changed})  # validates the values
+    for key, value in changed.items():
+        setattr(config, key, value)
+    return config
 
 
 def _split_pair_sides(inputs: dict[str, Any]) -> dict[str, dict[str, Any]]:
@@ -660,43 +779,52 @@ def _keep_4bit_layers_differentiable(backbone: nn.Module) -> None:
             weight.data, weight.quant_state = unpack(weight.data, state)
 
 
-def _load_backbone(name: str | None, revision: str | None = None, **kwargs) -> PreTrainedModel:
+def _pin(name: str) -> str:
+    """A local folder as its absolute path (so the pin works from any directory), anything else as given."""
+    return str(Path(name).resolve()) if name and Path(name).exists() else name
+
+
+def _load_backbone(name: str | None, revision: str | None = None, folder: Any = None, **kwargs) -> PreTrainedModel:
+    where = f" (pinned in {folder}/config.json)" if folder is not None else ""
+    hint = "pass backbone_name_or_path=<local folder or Hub id> to load it from elsewhere"
     if not name:
-        raise ValueError("SLQConfig.backbone_name_or_path is not set; pass a backbone id or path.")
-    model = AutoModelForImageTextToText.from_pretrained(name, revision=revision, **kwargs)
+        raise ValueError(f"No backbone is pinned{where}; {hint}.")
+    if (os.path.isabs(name) or name.startswith(".")) and not Path(name).exists():
+        # A missing local path is not a Hub id: fail at once instead of retrying the Hub.
+        raise OSError(f"The backbone {name!r}{where} does not exist on this machine; {hint}.")
+    try:
+        model = AutoModelForImageTextToText.from_pretrained(name, revision=revision, **kwargs)
+    except OSError as err:
+        raise OSError(f"Could not load the backbone {name!r}{where}: {err}\nTo use another copy, {hint}.") from err
     backbone_spec(model.config.model_type)
     return model.eval()
 
 
-def _load_processor(path, config: SLQConfig, location: dict, shared: dict):
-    # The processor is a stock transformers class (never remote code). Its tokenizer loader peeks at our
-    # config.json and warns that "slq" is not its model type; that warning is noise here, so it is silenced.
+def _try_processor(name: Any, revision: str | None = None, quiet: bool = False, **kwargs) -> Any:
+    """The processor saved at ``name``, or None when it has none (a backbone saved with model.save_pretrained only).
+
+    The processor is a stock transformers class (never remote code). Its tokenizer loader peeks at an SLQ folder's
+    config.json and warns that "slq" is not its model type; that warning is noise here, so it is silenced.
+    """
     verbosity = hf_logging.get_verbosity()
     hf_logging.set_verbosity_error()
     try:
-        return AutoProcessor.from_pretrained(path, trust_remote_code=False, **location)
-    except (OSError, ValueError, KeyError):
-        return AutoProcessor.from_pretrained(config.backbone_name_or_path, revision=config.backbone_revision,
-                                             trust_remote_code=False, **shared)
+        return AutoProcessor.from_pretrained(str(name), revision=revision, trust_remote_code=False, **kwargs)
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        if not quiet:
+            logger.warning(f"No processor found at {name!r} ({str(err).splitlines()[0][:200]}). forward(), training "
+                           "on processed batches and saving work; encode() needs processor=.")
+        return None
     finally:
         hf_logging.set_verbosity(verbosity)
 
 
 def _resolve_weights(path, location: dict) -> str:
-    weights = cached_file(path, WEIGHTS_NAME, _raise_exceptions_for_missing_entries=False, **location)
+    weights = cached_file(str(path), WEIGHTS_NAME, _raise_exceptions_for_missing_entries=False, **location)
     if weights is None:
         pickles = [n for n in ("pytorch_model.bin", "model.pt", "queries.pt")
-                   if cached_file(path, n, _raise_exceptions_for_missing_entries=False, **location)]
+                   if cached_file(str(path), n, _raise_exceptions_for_missing_entries=False, **location)]
         hint = (f" It holds {pickles}: pickle files can run arbitrary code when loaded and are never read. Convert "
                 "them with `slq-hf convert-reference` in a trusted environment.") if pickles else ""
         raise OSError(f"{path}: no {WEIGHTS_NAME} found.{hint}")
     return weights
-
-
-def _read_safetensors(path: str | os.PathLike) -> dict[str, torch.Tensor]:
-    try:
-        with safe_open(str(path), framework="pt") as handle:
-            return {k: handle.get_tensor(k) for k in handle.keys()}
-    except Exception as err:  # safetensors raises its own error types for corrupt headers
-        raise ValueError(f"{path}: not a readable safetensors file ({err}). Only safetensors are loaded; a pickle "
-                         "file or a truncated download ends up here.") from err

@@ -15,7 +15,10 @@ queries, so it must hand the backbone the exact positions the queries would get 
   positions (``n_real + j``) would be wrong here.
 
 Which rule applies is read from the backbone's ``BackboneSpec.rope`` row (``backbones.py``), never from if/elif
-chains on model types. Ships inside every checkpoint (remote code): torch/transformers + siblings only.
+chains on model types. SLQ also hands M-RoPE backbones the positions of its full passes and prompt passes
+(:func:`sequence_position_ids`): left to itself, the backbone would store that call's rope deltas on the shared
+model object, where a ``generate`` running in another thread reads them. Ships inside every checkpoint (remote
+code): torch/transformers + siblings only.
 """
 
 from __future__ import annotations
@@ -27,8 +30,30 @@ import torch
 
 from .backbones import BackboneSpec
 
-# Inputs of Qwen-VL's get_rope_index besides ids and mask; passed by name when the processor produced them.
-_ROPE_INDEX_KEYS = ("mm_token_type_ids", "image_grid_thw", "video_grid_thw", "second_per_grid_ts")
+
+def _has_vision(backbone_inputs: dict[str, Any]) -> bool:
+    return any(backbone_inputs.get(k) is not None for k in ("image_grid_thw", "video_grid_thw"))
+
+
+def _rope_index(base_model, spec: BackboneSpec, input_ids, attention_mask, backbone_inputs):
+    """The backbone's own ``get_rope_index``: ((3, B, L) positions, (B, 1) rope deltas)."""
+    if backbone_inputs.get("mm_token_type_ids") is None:
+        raise ValueError("The batch holds images/videos but no `mm_token_type_ids`; Qwen-VL needs them (the processor "
+                         "returns them) to compute M-RoPE positions.")
+    rope_index = getattr(base_model, "get_rope_index", None)
+    if rope_index is None:
+        raise ValueError(f"{type(base_model).__name__} has no get_rope_index, but its BackboneSpec says rope='mrope'.")
+    kwargs = {k: backbone_inputs[k] for k in spec.rope_index_keys if backbone_inputs.get(k) is not None}
+    return rope_index(input_ids, attention_mask=attention_mask, **kwargs)
+
+
+def sequence_position_ids(base_model: torch.nn.Module, spec: BackboneSpec, input_ids: torch.Tensor,
+                          attention_mask: torch.Tensor, backbone_inputs: dict[str, Any]) -> torch.Tensor | None:
+    """(3, B, L) positions an M-RoPE backbone computes itself for a batch with images, else None (the backbone
+    numbers the sequence without touching shared state)."""
+    if spec.rope != "mrope" or not _has_vision(backbone_inputs):
+        return None
+    return _rope_index(base_model, spec, input_ids, attention_mask, backbone_inputs)[0]
 
 
 def padded_positions(input_ids: torch.Tensor, attention_mask: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
@@ -48,6 +73,7 @@ def padded_positions(input_ids: torch.Tensor, attention_mask: torch.Tensor, offs
 
 def mrope_positions(
     base_model: torch.nn.Module,
+    spec: BackboneSpec,
     input_ids: torch.Tensor,
     attention_mask: torch.Tensor,
     offsets: torch.Tensor,
@@ -60,6 +86,7 @@ def mrope_positions(
 
     Args:
         base_model: the backbone's base model (the module that owns ``get_rope_index``).
+        spec: the family's row (``rope_index_keys``).
         input_ids: (B, L) left-padded prompt ids (the prompt only, no query slots).
         attention_mask: (B, L) prompt mask.
         offsets: (Q,) offset of each query slot from the first one.
@@ -68,29 +95,21 @@ def mrope_positions(
     Returns:
         (3, B, Q) long position ids (temporal, height, width), or (B, Q) for a text-only batch.
     """
-    has_vision = any(backbone_inputs.get(k) is not None for k in ("image_grid_thw", "video_grid_thw"))
-    if not has_vision:
+    if not _has_vision(backbone_inputs):
         return padded_positions(input_ids, attention_mask, offsets)
-    if backbone_inputs.get("mm_token_type_ids") is None:
-        raise ValueError("The batch holds images/videos but no `mm_token_type_ids`; Qwen-VL needs them (the processor "
-                         "returns them) to compute M-RoPE positions.")
-    rope_index = getattr(base_model, "get_rope_index", None)
-    if rope_index is None:
-        raise ValueError(f"{type(base_model).__name__} has no get_rope_index, but its BackboneSpec says rope='mrope'.")
-    kwargs = {k: backbone_inputs[k] for k in _ROPE_INDEX_KEYS if backbone_inputs.get(k) is not None}
     # Our own call on the prompt: the delta of each row is (last position + 1) - (number of real tokens).
-    _, deltas = rope_index(input_ids, attention_mask=attention_mask, **kwargs)  # deltas: (B, 1)
+    _, deltas = _rope_index(base_model, spec, input_ids, attention_mask, backbone_inputs)  # deltas: (B, 1)
     n_real = attention_mask.long().sum(dim=1, keepdim=True)  # (B, 1)
     start = n_real + deltas.to(n_real.device).long()  # (B, 1): first query position of each row
     positions = start + offsets.to(start.device).unsqueeze(0)  # (B, Q)
     return positions.unsqueeze(0).expand(3, -1, -1)  # (3, B, Q): queries are text, same index on every axis
 
 
-def _mrope_rule(base_model, input_ids, attention_mask, offsets, backbone_inputs):
-    return mrope_positions(base_model, input_ids, attention_mask, offsets, backbone_inputs)
+def _mrope_rule(base_model, spec, input_ids, attention_mask, offsets, backbone_inputs):
+    return mrope_positions(base_model, spec, input_ids, attention_mask, offsets, backbone_inputs)
 
 
-def _padded_rule(base_model, input_ids, attention_mask, offsets, backbone_inputs):
+def _padded_rule(base_model, spec, input_ids, attention_mask, offsets, backbone_inputs):
     return padded_positions(input_ids, attention_mask, offsets)
 
 
@@ -131,4 +150,4 @@ def query_position_ids(
     except KeyError:
         raise ValueError(f"BackboneSpec.rope={spec.rope!r} for {spec.family} has no position rule; known rules: "
                          f"{sorted(POSITION_RULES)}.") from None
-    return rule(base_model, input_ids, attention_mask, offsets.long(), backbone_inputs or {})
+    return rule(base_model, spec, input_ids, attention_mask, offsets.long(), backbone_inputs or {})

@@ -8,29 +8,39 @@ keys/values are constants for the gradient. One step is
 2. ONE grad pass of ``inputs_embeds = queries`` with that cache, a 2-D mask ``cat(prompt_mask, ones(Q))`` and
    explicit position ids from ``positions.py`` (the backbone cannot infer them from embeddings alone).
 
-It equals the full forward of ``prompt + queries`` (DESIGN.md "Training fast path"), while the backward pass only
-goes through Q tokens per row. The cache is built and dropped inside one call: it is never reused across steps,
-where the prompt (or the backbone's stale ``rope_deltas``) would differ.
+It equals the full forward of ``prompt + queries`` (to ~1e-7 in fp32, query gradients ~2e-6 relative), while the
+backward pass only goes through Q tokens per row. The cache is built and dropped inside one call: it is never reused
+across steps, where the prompt would differ.
 
-Several query sets can share one prompt: pass a (K*N_q, H) block with ``offsets`` repeating ``arange(N_q)`` and a
-``query_mask`` that keeps each set causal within itself; every set then reads the same prompt at the same positions.
+Several query sets can share one prompt: pass their queries concatenated with ``sizes``; a block mask keeps each set
+causal within itself and blind to the others, and every set reads the same prompt at the positions it gets alone.
 
 Ships inside every checkpoint (remote code): torch/transformers + siblings only.
 """
 
 from __future__ import annotations
 
+import functools
+import inspect
+from collections.abc import Sequence
 from typing import Any
 
 import torch
 
 from .backbones import BackboneSpec
-from .positions import query_position_ids
+from .positions import query_position_ids, sequence_position_ids
+
+
+@functools.cache
+def cache_kwarg(model_class: type) -> str:
+    """Name of the KV-cache argument of ``model_class.forward`` and of its output field: ``cache`` from
+    transformers 5.24 on (where ``past_key_values`` still works but warns on every call), else ``past_key_values``."""
+    return "cache" if "cache" in inspect.signature(model_class.forward).parameters else "past_key_values"
 
 
 @torch.no_grad()
 def prompt_cache(base_model: torch.nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-                 backbone_inputs: dict[str, Any]):
+                 backbone_inputs: dict[str, Any], position_ids: torch.Tensor | None = None):
     """Run the prompt through the base model without grad and return its KV cache.
 
     Args:
@@ -38,23 +48,29 @@ def prompt_cache(base_model: torch.nn.Module, input_ids: torch.Tensor, attention
         input_ids: (B, L) left-padded prompt ids.
         attention_mask: (B, L) prompt mask.
         backbone_inputs: pixel_values, image_grid_thw, mm_token_type_ids (B, L), ... for the prompt.
+        position_ids: the prompt's positions when SLQ computes them (M-RoPE with images), else None.
 
     Returns:
         The backbone's cache object (a ``DynamicCache``) holding L positions per layer.
     """
-    out = base_model(input_ids=input_ids, attention_mask=attention_mask, use_cache=True, return_dict=True,
-                     **backbone_inputs)
-    cache = getattr(out, "past_key_values", None)
+    out = base_model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=True,
+                     return_dict=True, **backbone_inputs)
+    cache = getattr(out, cache_kwarg(type(base_model)), None)  # the output field has the argument's name
     if cache is None:
         raise RuntimeError(f"{type(base_model).__name__} returned no past_key_values with use_cache=True; use "
                            "SLQConfig(training_path='full') for this backbone.")
     return cache
 
 
-def block_query_mask(num_sets: int, num_queries: int, device: torch.device | None = None) -> torch.Tensor:
-    """(K*N_q, K*N_q) bool mask for K query sets on one prompt: each set causal within itself, blind to the others."""
-    causal = torch.ones(num_queries, num_queries, dtype=torch.bool, device=device).tril()
-    return torch.block_diag(*([causal] * num_sets))
+def block_causal_mask(sizes: Sequence[int], device: torch.device | None = None) -> torch.Tensor:
+    """(Q, Q) bool mask, Q = sum(sizes): each query set causal within itself and blind to the other sets."""
+    return torch.block_diag(*[torch.ones(n, n, dtype=torch.bool, device=device).tril() for n in sizes])
+
+
+def query_offsets(sizes: Sequence[int], device: torch.device | None = None) -> torch.Tensor:
+    """(Q,) position offset of every query from the first query slot: ``arange(n)`` restarted for each set, so each
+    set sits at exactly the positions it would take alone after the prompt."""
+    return torch.cat([torch.arange(n, device=device) for n in sizes])
 
 
 def _additive_mask(prompt_mask: torch.Tensor, query_mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -75,8 +91,7 @@ def prefix_cache_query_states(
     attention_mask: torch.Tensor,
     queries: torch.Tensor,
     backbone_inputs: dict[str, Any] | None = None,
-    offsets: torch.Tensor | None = None,
-    query_mask: torch.Tensor | None = None,
+    sizes: Sequence[int] | None = None,
 ) -> torch.Tensor:
     """Final hidden states of the queries appended to a prompt, computed with the prefix cache.
 
@@ -89,11 +104,9 @@ def prefix_cache_query_states(
             Q = N_q for one query set, K*N_q for K sets.
         backbone_inputs: the prompt's other processor outputs (pixel_values, image_grid_thw, mm_token_type_ids
             (B, L), ...), already re-laid like the ids.
-        offsets: (Q,) position offset of each query from the first query slot; default ``arange(Q)``. For K sets
-            use ``arange(N_q).repeat(K)``.
-        query_mask: optional (Q, Q) bool, True where query i may attend to query j (e.g. :func:`block_query_mask`).
-            Default: causal over all Q queries, passed as a 2-D mask so the backbone builds its own causal mask. A
-            custom mask goes in as a 4-D additive mask: backbones with sliding-window layers (Gemma 3) refuse it.
+        sizes: N_q of each query set in ``queries`` (sum = Q); default one set. Several sets get
+            :func:`query_offsets` positions and a :func:`block_causal_mask`, as a 4-D additive mask (backbones with
+            sliding-window layers refuse it); one set keeps a 2-D mask and the backbone's own causal mask.
 
     Returns:
         (B, Q, H) final (post-norm) hidden states at the query positions, in the backbone's dtype, with grad to
@@ -105,25 +118,24 @@ def prefix_cache_query_states(
     if queries.ndim == 2:
         queries = queries.unsqueeze(0).expand(batch, -1, -1)  # (B, Q, H)
     num = queries.shape[1]
-    if offsets is None:
-        offsets = torch.arange(num, device=input_ids.device)
-    if offsets.shape != (num,):
-        raise ValueError(f"offsets has shape {tuple(offsets.shape)}; expected ({num},), one per query.")
+    sizes = [num] if sizes is None else list(sizes)
+    if sum(sizes) != num:
+        raise ValueError(f"sizes={sizes} add up to {sum(sizes)}, but {num} queries were given.")
+    offsets = query_offsets(sizes, input_ids.device)
     # Positions first: they come from the ids and grids, and a missing input fails before the expensive pass.
     positions = query_position_ids(base_model, spec, input_ids, attention_mask, backbone_inputs, offsets=offsets)
 
-    cache = prompt_cache(base_model, input_ids, attention_mask, backbone_inputs)
-    if query_mask is None:
+    prompt_positions = sequence_position_ids(base_model, spec, input_ids, attention_mask, backbone_inputs)
+    cache = prompt_cache(base_model, input_ids, attention_mask, backbone_inputs, prompt_positions)
+    if len(sizes) == 1:
         mask = torch.cat([attention_mask, attention_mask.new_ones(batch, num)], dim=1)  # (B, L + Q)
     else:
-        if query_mask.shape != (num, num):
-            raise ValueError(f"query_mask has shape {tuple(query_mask.shape)}; expected ({num}, {num}).")
         if any(getattr(cache, "is_sliding", ())):
             # A sliding-window layer keeps only its last window of prompt keys, so one (L + Q)-wide 4-D mask cannot
             # serve it; the backbone's own 2-D mask handling does (the default path), one query set per call.
-            raise ValueError(f"query_mask is not supported on {spec.family}: it has sliding-window attention layers. "
-                             "Run one query set per call instead.")
-        mask = _additive_mask(attention_mask, query_mask, dtype)  # (B, 1, Q, L + Q)
-    out = base_model(inputs_embeds=queries.to(dtype), attention_mask=mask, past_key_values=cache,
-                     position_ids=positions, use_cache=True, return_dict=True)
+            raise ValueError(f"Several query sets cannot share a prompt pass on {spec.family}: it has sliding-window "
+                             "attention layers. Run one query set per call instead.")
+        mask = _additive_mask(attention_mask, block_causal_mask(sizes, input_ids.device), dtype)  # (B, 1, Q, L + Q)
+    out = base_model(inputs_embeds=queries.to(dtype), attention_mask=mask, position_ids=positions, use_cache=True,
+                     return_dict=True, **{cache_kwarg(type(base_model)): cache})
     return out.last_hidden_state  # (B, Q, H)
