@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 from huggingface_hub import HfApi, ModelCard, RepoUrl
+from huggingface_hub.errors import EntryNotFoundError
 from safetensors import safe_open
 from transformers import AutoModel
 
@@ -28,6 +29,7 @@ from helpers import scene
 
 NUM_QUERIES = 4
 REPO_ID = "test-org/slq-tiny"
+REMOTE_CARD = "---\nlicense: mit\ntags:\n- mine\n---\n# Written by the repository's owner\n"
 ST_FILES = {"modules.json", "sentence_bert_config.json", "config_sentence_transformers.json",
             "1_Normalize/config.json"}
 
@@ -345,6 +347,14 @@ def hub_calls(monkeypatch):
     monkeypatch.setattr(HfApi, "create_repo", create_repo)
     monkeypatch.setattr(HfApi, "create_commit", create_commit)
     monkeypatch.setattr(HfApi, "file_exists", file_exists)
+
+    def load_card(repo_id, **kwargs):  # transformers' push_to_hub reads the repository's card first
+        calls["file_exists"].append("README.md")
+        if "README.md" not in remote_files:
+            raise EntryNotFoundError(f"{repo_id} has no README.md")
+        return ModelCard(REMOTE_CARD)
+
+    monkeypatch.setattr(ModelCard, "load", load_card)
     calls["remote_files"] = remote_files
     return calls
 
@@ -408,26 +418,16 @@ def test_model_push_to_hub_uploads_queries_only(trained, hub_calls):
     with safe_open(str(folder / "model.safetensors"), framework="pt") as handle:
         assert sorted(handle.keys()) == ["logit_scale", "queries"]
     assert uploaded["model.safetensors"] == (folder / "model.safetensors").read_bytes()
-    card = ModelCard(uploaded["README.md"].decode())
-    assert "slq" in card.data.tags and f'AutoModel.from_pretrained("{REPO_ID}"' in card.text
+    card = ModelCard(uploaded["README.md"].decode())  # transformers' starter card; slq-hf export makes the full one
+    assert card.data.library_name == "transformers"
 
 
 def test_model_push_to_hub_keeps_existing_card(trained, hub_calls):
     model, _ = trained
     hub_calls["remote_files"].add("README.md")
     model.push_to_hub(REPO_ID)
-    assert "README.md" not in _uploaded(hub_calls)
+    assert _uploaded(hub_calls)["README.md"].decode() == str(ModelCard(REMOTE_CARD))  # the repository's own card
     assert "model.safetensors" in _uploaded(hub_calls)
-
-
-def test_default_push_card_is_valid(trained):
-    from slq_hf.hub import default_model_card
-
-    model, _ = trained
-    card = ModelCard(default_model_card(model.config, REPO_ID, tags=["demo"]))
-    assert {"slq", "demo"} <= set(card.data.tags)
-    assert "No evaluation results were provided" in card.text
-    assert card.data.base_model is None  # a local backbone path is not a Hub base_model
 
 
 def test_export_and_push_input_errors(exported, tiny_backbone_path, tmp_path, hub_calls):

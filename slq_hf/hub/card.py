@@ -249,8 +249,8 @@ def render_model_card(
     )
     hidden = config.hidden_size
     num_params = config.num_queries * hidden + 1 if hidden else None
-    if hidden and config.projection_dim:
-        num_params += hidden * config.projection_dim + config.projection_dim
+    if hidden and config.projection_size:
+        num_params += hidden * config.projection_size + config.projection_size
     training_rows = [(str(k).replace("_", " "), str(v)) for k, v in (training_info or {}).items()
                      if v not in (None, "", [], {})]
     env = jinja2.Environment(undefined=jinja2.StrictUndefined, keep_trailing_newline=True, autoescape=False)

@@ -132,7 +132,7 @@ def export(
     src, out = Path(model_dir), Path(out_dir)
     config = _pinned_config(src, backbone, backbone_revision)
     state = read_tensors(src / WEIGHTS_NAME, expected_tensors(config.num_queries, config.hidden_size,
-                                                              config.projection_dim))
+                                                              config.projection_size))
     query_sets = (src / QUERY_SETS_INDEX).is_file() and read_query_set_index(src / QUERY_SETS_INDEX)
     if eval_results is not None and not (isinstance(eval_results, list) and eval_results
                                          and isinstance(eval_results[0], EvalBlock)):

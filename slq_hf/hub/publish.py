@@ -103,36 +103,3 @@ def push(hub_dir: str | os.PathLike, repo_id: str, *, private: bool | None = Non
     return api.create_commit(repo_id, operations, commit_message=commit_message or "Upload SLQ model (queries only)",
                              commit_description=commit_description, revision=revision, create_pr=create_pr,
                              repo_type="model")
-
-
-def default_model_card(config: Any, repo_id: str, tags: list[str] | None = None) -> str:
-    """A short model card for an upload without one; ``slq-hf export`` renders the full card (with evaluations)."""
-    from huggingface_hub import ModelCard, ModelCardData
-
-    from .card import CARD_TAGS, _is_local_path
-
-    backbone = config.backbone_name_or_path
-    data = ModelCardData(library_name="transformers", pipeline_tag="feature-extraction",
-                         base_model=None if _is_local_path(backbone) else backbone,
-                         tags=list(dict.fromkeys([*CARD_TAGS, *(tags or [])])))
-    revision = f" (revision `{config.backbone_revision}`)" if config.backbone_revision else ""
-    return str(ModelCard(f"""---
-{data.to_yaml()}
----
-
-# {repo_id.split("/")[-1]}
-
-An SLQ (Shared Latent Queries, arXiv 2604.13710) embedding model: {config.num_queries} trained latent queries on the
-frozen backbone `{backbone}`{revision}. This repository holds only the queries; the backbone is downloaded from its
-own repository when the model loads.
-
-```python
-from transformers import AutoModel
-
-model = AutoModel.from_pretrained("{repo_id}", trust_remote_code=True)
-embeddings = model.encode(["a photo of a cat", "cat.jpg"])
-```
-
-No evaluation results were provided with this upload. A full model card (training details, evaluation table) is made
-by `slq-hf export DIR --out HUB_DIR --eval-results results.json` followed by `slq-hf push HUB_DIR --repo-id ...`.
-"""))
