@@ -324,3 +324,17 @@ def test_crafted_bomb_peak_memory_stays_bounded(tmp_path):
     assert path.stat().st_size < 1_000_000
     assert ours < 32, ours  # MiB above the baseline
     assert plain > 200, plain  # the control: the file really is a bomb
+
+
+def test_in_memory_images_count_only_their_rgb_result(monkeypatch, tmp_path):
+    """A caller's decoded PIL image costs nothing more to decode: only what it is converted to counts; the same
+    picture opened lazily from a file counts its decode too."""
+    image = Image.new("L", (400, 300))
+    budget = ImageBudget(max_long_side=40)  # shrunk to 40x30 before the RGB conversion
+    monkeypatch.setattr(image_files, "MAX_DECODED_BYTES", 40 * 30 * 4)
+    assert load_image(image, budget=budget).size == (40, 30)
+    with pytest.raises(SLQInputError, match="too large"):
+        load_image(image)  # no budget: the 400x300 RGB result is too large
+    image.save(tmp_path / "grey.png")
+    with pytest.raises(SLQInputError, match="too large"):
+        load_image(Image.open(tmp_path / "grey.png"), budget=budget)  # decoding 400x300 L is 120,000 bytes

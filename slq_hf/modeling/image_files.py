@@ -77,16 +77,19 @@ def _too_large(width: int, height: int, mode: str, needed: int, label: str | Non
         "trust the file.")
 
 
-def check_cost(image: Image.Image, target: tuple[int, int] | None, label: str | None) -> None:
+def check_cost(image: Image.Image, target: tuple[int, int] | None, label: str | None,
+               decoded: bool = False) -> None:
     """Refuse ``image`` (an opened header or a decoded image) when decoding it or its RGB result is too large.
 
-    ``target``: the size it will be shrunk to before the RGB conversion (None: kept at full size).
+    ``target``: the size it will be shrunk to before the RGB conversion (None: kept at full size). ``decoded``: the
+    pixels are already in memory (a caller's PIL image), so only the RGB result counts.
     """
     width, height = image.size
     if width < 1 or height < 1:
         raise SLQInputError(f"Image has zero size ({width}x{height}){_where(label)}; drop it.")
     out_width, out_height = target or (width, height)
-    needed = max(decoded_bytes(image.mode, width, height), out_width * out_height * _RGB_BYTES_PER_PIXEL)
+    decoding = 0 if decoded else decoded_bytes(image.mode, width, height)
+    needed = max(decoding, out_width * out_height * _RGB_BYTES_PER_PIXEL)
     if needed > MAX_DECODED_BYTES:
         raise _too_large(width, height, image.mode, needed, label)
 
@@ -272,7 +275,7 @@ def check_pil_image(image: Image.Image, budget: ImageBudget | None, label: str |
                             "the file.")
     target = budget.target_size(image.width, image.height) if budget is not None and image.width and image.height \
         else None
-    check_cost(image, target, label)
+    check_cost(image, target, label, decoded=not is_undecoded(image))
 
 
 @dataclass(frozen=True)
