@@ -42,29 +42,42 @@ def toy_datasets(scenes: list[Scene]) -> dict[str, RetrievalDataset]:
     }
 
 
+# The toy backbone learned to rewrite a knowledge caption (alone, or followed by "describe") into the explicit
+# caption; a chat backbone would get an instruction such as "Describe in one plain sentence the picture that this
+# text is about: {text}".
+TOY_REWRITE = "{text}"
+
+
 def rerank_rows(slq_model: SLQModel, scenes: list[Scene], top_k: int = 10, scorers: tuple[str, ...] = ("likelihood",),
-                batch_size: int = 16) -> dict[str, dict[str, Any]]:
+                batch_size: int = 16, rewrite: str | None = TOY_REWRITE) -> dict[str, dict[str, Any]]:
     """R@1 (%) of SLQ alone and of SLQ + backbone reranking of its top ``top_k``, both directions, both caption kinds.
 
+    One row per scorer, plus (with ``rewrite``) one per scorer where the backbone first rewrites each text with
+    that template and the rewrite is scored: how knowledge captions get reranked by a backbone that would never
+    write them as captions itself.
+
     Returns:
-        {"SLQ": {"caption t2i": ..., "caption i2t": ..., "knowledge t2i": ..., "knowledge i2t": ..., "seconds": 0},
-         "SLQ + rerank top-10 (likelihood)": {..., "seconds": rerank seconds, "ms per query": ...}, ...}: rows for
-        the demo's table (same keys as its ``recall_row``).
+        {"SLQ": {"caption t2i": ..., "caption i2t": ..., "knowledge t2i": ..., "knowledge i2t": ...},
+         "SLQ + rerank top-10 (likelihood)": {..., "ms per query": rerank time per query}, ...}: rows for the demo's
+        table (same keys as its ``recall_row``).
     """
+    variants = {f"SLQ + rerank top-{top_k} ({scorer})": (scorer, None) for scorer in scorers}
+    if rewrite is not None:
+        variants.update({f"SLQ + rerank top-{top_k} ({scorer}, backbone rewrites the text first)": (scorer, rewrite)
+                         for scorer in scorers})
     rows: dict[str, dict[str, Any]] = {"SLQ": {}}
-    for scorer in scorers:
-        rows[f"SLQ + rerank top-{top_k} ({scorer})"] = {"seconds": 0.0, "queries": 0}
+    rows.update({name: {"seconds": 0.0, "queries": 0} for name in variants})
     for part, data in toy_datasets(scenes).items():
-        for scorer in scorers:
+        for name, (scorer, template) in variants.items():
             result = evaluate_retrieval(slq_model, data, batch_size=64, show_progress_bar=False, rerank_top_k=top_k,
-                                        rerank_scorer=scorer, rerank_batch_size=batch_size)
-            row = rows[f"SLQ + rerank top-{top_k} ({scorer})"]
+                                        rerank_scorer=scorer, rerank_batch_size=batch_size,
+                                        rerank_kwargs={"rewrite": template})
+            row = rows[name]
             for direction in ("t2i", "i2t"):
                 rows["SLQ"][f"{part} {direction}"] = 100 * result["metrics"][direction]["R@1"]
                 row[f"{part} {direction}"] = 100 * result["rerank"]["metrics"][direction]["R@1"]
             row["seconds"] += result["rerank"]["seconds"]
             row["queries"] += result["rerank"]["num_queries"]
-    rows["SLQ"]["seconds"] = 0.0
     for name, row in rows.items():
         if name != "SLQ":
             row["ms per query"] = 1000 * row.pop("seconds") / max(1, row.pop("queries"))

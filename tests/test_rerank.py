@@ -343,3 +343,25 @@ def test_cross_encoder_hosts_the_reranker(toy_slq, scenes, tmp_path):
     assert from_folder.rank(captions[0], images)[0]["corpus_id"] == 0
     with pytest.raises(SLQInputError, match="candidate 0 is a text"):
         reranker.predict([("a red square", "a blue circle")])
+
+
+def test_rewrite_scores_the_backbones_own_rewrite(scenes, monkeypatch):
+    """The toy backbone rewrites a knowledge caption into the explicit caption; the rewrite is what gets scored."""
+    model, processor = _load("toy", None)
+    images = [s.image for s in scenes]
+    calls = []
+    generate = model.generate
+    monkeypatch.setattr(model, "generate", lambda *a, **k: (calls.append(1), generate(*a, **k))[1])
+    cache: dict = {}
+    result = rerank(model, processor, scenes[1].knowledge_caption, images, rewrite="{text}", rewrite_cache=cache)
+    assert result.rewritten == [scenes[1].caption] * len(images) and len(calls) == 1  # one query, one rewrite
+    plain = rerank(model, processor, scenes[1].caption, images)
+    torch.testing.assert_close(result.scores, plain.scores, atol=0, rtol=0)
+    assert result.order[0].item() == 1
+    again = rerank(model, processor, scenes[1].knowledge_caption, images, rewrite="{text}", rewrite_cache=cache)
+    assert len(calls) == 1 and torch.equal(again.scores, result.scores)  # served from the cache
+    texts = [s.knowledge_caption for s in scenes]
+    by_image = rerank(model, processor, scenes[4].image, texts, rewrite="{text}")
+    assert by_image.rewritten == [s.caption for s in scenes] and by_image.order[0].item() == 4
+    with pytest.raises(ValueError, match="no '\\{text\\}' field"):
+        rerank(model, processor, scenes[1].caption, images, rewrite="describe")

@@ -112,6 +112,8 @@ def rerank_retrieval_metrics(
     texts, owner = dataset.texts, torch.as_tensor(dataset.text_to_image)
     image = _image_loader(dataset)
     options = dict(scorer=scorer, batch_size=batch_size, show_progress_bar=False, **rerank_kwargs)
+    if options.get("rewrite") is not None:
+        options.setdefault("rewrite_cache", {})  # each caption is rewritten once for the whole evaluation
     metrics: dict[str, Any] = {}
     per_query: dict[str, float] = {}
     total, count = 0.0, 0

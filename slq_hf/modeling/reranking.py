@@ -88,10 +88,12 @@ class RerankResult:
     Attributes:
         scores: (N,) float32 score of every candidate, in the candidates' order (higher = better match).
         order: (K,) long candidate indices, best first; K = ``top_k`` or N. Ties keep the input order.
+        rewritten: with ``rewrite=``, the backbone's rewrite of each pair's text (what was scored).
     """
 
     scores: torch.Tensor
     order: torch.Tensor
+    rewritten: list[str] | None = None  # with ``rewrite=``: the texts actually scored, in pair order
 
 
 @dataclass
@@ -372,6 +374,31 @@ class _SharedPrefix:
                 for i, (row, (first, stop)) in enumerate(zip(rows, scorer.window(rows)))]
 
 
+# ------------------------------------------------------------------------------------------------- rewrite
+def rewrite_texts(backbone, processor, texts: list[str], template: str, max_new_tokens: int = 32,
+                  cache: dict[tuple[str, str], str] | None = None) -> list[str]:
+    """The backbone's own greedy answer to ``template`` (``{text}`` = each text), e.g. a knowledge caption turned
+    into the plain caption the backbone would write for the image. Empty answers keep the original text.
+
+    ``cache`` (a dict) keeps rewrites across calls: an evaluation meets the same candidate texts many times.
+    """
+    if "{text}" not in template:
+        raise ValueError(f"rewrite={template!r} has no '{{text}}' field for the text to rewrite.")
+    cache = {} if cache is None else cache
+    out = []
+    for text in texts:
+        key = (template, text)
+        if key not in cache:
+            item = SLQItem(text=template.replace("{text}", text), source="rewrite prompt")
+            batch = collate(processor, [item], max_length=prompt_length_limit(backbone.config, processor))
+            batch = {k: v.to(backbone.device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+            tokens = backbone.generate(**batch, max_new_tokens=max_new_tokens, do_sample=False)
+            answer = _tokenizer(processor).decode(tokens[0, batch["input_ids"].shape[1]:], skip_special_tokens=True)
+            cache[key] = answer.strip() or text
+        out.append(cache[key])
+    return out
+
+
 # -------------------------------------------------------------------------------------------------- rerank
 def _pairs(query: SLQItem, candidates: list[SLQItem]) -> tuple[list[_Pair], bool]:
     """Pairs (image side, text side) and whether the query is the image side."""
@@ -425,6 +452,8 @@ def rerank(
     prompt: str | None = None,
     yes_no: YesNoPrompt | None = None,
     end_of_turn: bool = True,
+    rewrite: str | None = None,
+    rewrite_cache: dict[tuple[str, str], str] | None = None,
     show_progress_bar: bool | None = None,
 ) -> RerankResult:
     """Score every (query, candidate) pair with the frozen backbone and sort the candidates.
@@ -444,6 +473,11 @@ def rerank(
         yes_no: ``yes_no`` only: question and answer words; default ``YES_NO_DEFAULTS`` for the backbone's family.
         end_of_turn: ``likelihood`` only: also score the end-of-turn token after the text, so a caption that stops
             half-way scores lower than a complete one.
+        rewrite: a user-turn template with ``{text}``: the backbone first answers it for each pair's text (greedy)
+            and its answer is scored instead. For queries that describe an image indirectly (knowledge captions:
+            "the shape with three corners ..."), which the backbone would never write as a caption, the rewrite
+            turns them into the caption it would write, and ``likelihood`` can then compare like with like.
+        rewrite_cache: a dict reused across calls so the same text is rewritten once.
         show_progress_bar: None shows it for more than 8 batches.
 
     Returns:
@@ -469,6 +503,10 @@ def rerank(
     if not items:
         return RerankResult(torch.empty(0), torch.empty(0, dtype=torch.long))
     pairs, query_has_image = _pairs(query_item, items)
+    rewritten = None
+    if rewrite is not None:
+        rewritten = rewrite_texts(backbone, processor, [p.text for p in pairs], rewrite, cache=rewrite_cache)
+        pairs = [replace(p, text=t) for p, t in zip(pairs, rewritten)]
     model_type = backbone.config.model_type
     spec, token_keys = backbone_spec(model_type), _token_keys(model_type)
     settings: dict[str, Any] = {}
@@ -512,7 +550,7 @@ def rerank(
                             for k, v in _image_kwargs(batch, token_keys).items()}
             scores[index] = torch.tensor(_score_full(backbone, rows, image_inputs, impl, settings, pad_id))
     ranking = torch.sort(scores, descending=True, stable=True).indices
-    return RerankResult(scores=scores, order=ranking[:top_k] if top_k is not None else ranking)
+    return RerankResult(scores=scores, order=ranking[:top_k] if top_k is not None else ranking, rewritten=rewritten)
 
 
 def _shared_prefix(backbone, spec, pairs, answers, tokenised, token_keys, impl) -> tuple[_SharedPrefix, list] | None:
