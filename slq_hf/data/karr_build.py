@@ -1,12 +1,10 @@
 """KARR-style knowledge retrieval sets written by the backbone itself (``slq-hf karr-build``).
 
 KARR-Bench (the SLQ paper's knowledge-aware retrieval benchmark) describes every image only through world knowledge
-and reasoning ("a grey cat on a bookshelf" -> "the animal with (2+7) lives sitting on a bookshelf"). This module
-builds such a set from any pairs file with the SAME frozen backbone an SLQ model runs on: its own greedy
-``generate()`` rewrites each image's first caption with a few-shot prompt (:data:`DEFAULT_TEMPLATE` or your own),
-rewrites that still name the object are skipped and counted, and the result is written in the KARR layout the
-``karr`` reader reads. Quality depends entirely on the backbone: a real MLLM writes good knowledge captions, a tiny
-test backbone only exercises the plumbing.
+("a grey cat on a bookshelf" -> "the animal with (2+7) lives sitting on a bookshelf"). The SAME frozen backbone an
+SLQ model runs on rewrites each image's first caption with its greedy ``generate()`` and a few-shot prompt;
+rewrites that still name the object are skipped and counted; the result is in the KARR layout. Quality depends
+entirely on the backbone: a real MLLM writes good knowledge captions, a tiny test backbone only tests the plumbing.
 """
 
 from __future__ import annotations
@@ -62,13 +60,11 @@ class KarrBuildStats:
     """What happened to every image: kept, or skipped because the rewrite leaked an object word or was empty."""
 
     written: int = 0
-    skipped_leak: int = 0
-    skipped_empty: int = 0
-    skipped: list[dict[str, Any]] = field(default_factory=list)
+    skipped: list[dict[str, Any]] = field(default_factory=list)  # {"image", "caption", "rewrite", "reason"}
 
-    @property
-    def total(self) -> int:
-        return self.written + self.skipped_leak + self.skipped_empty
+    skipped_leak = property(lambda self: sum(s["reason"] != "empty" for s in self.skipped))
+    skipped_empty = property(lambda self: len(self.skipped) - self.skipped_leak)
+    total = property(lambda self: self.written + len(self.skipped))
 
 
 # ------------------------------------------------------------------------------------------------------- text
@@ -146,29 +142,18 @@ def read_pairs(path: str | os.PathLike, split: str | None = None) -> list[PairIm
 # -------------------------------------------------------------------------------------------------- generation
 def rewrite_captions(backbone: Any, processor: Any, prompts: list[str], images: list[Path] | None = None,
                      max_new_tokens: int = 48, batch_size: int = 8) -> list[str]:
-    """Greedy ``backbone.generate`` on each prompt, rendered as one user turn of the backbone's chat template.
-
-    Args:
-        backbone: the ``*ForConditionalGeneration`` model (``SLQModel.backbone``: the weights SLQ embeds with).
-        processor: its processor (chat template, tokenizer, image processor).
-        prompts: (N) user texts.
-        images: optional (N) images shown before each prompt (``--with-image``).
-
-    Returns:
-        (N) generated continuations, decoded without special tokens.
-    """
+    """(N) greedy continuations of ``backbone.generate`` (``SLQModel.backbone``: the weights SLQ embeds with) for
+    (N) ``prompts``, each one user turn of the chat template, after its image when ``images`` are given."""
     import torch
     from PIL import Image
 
     tokenizer = getattr(processor, "tokenizer", processor)
     outputs: list[str] = []
-    previous_side = tokenizer.padding_side
-    tokenizer.padding_side = "left"  # generation continues every row from its last real token
+    previous_side, tokenizer.padding_side = tokenizer.padding_side, "left"  # every row continues its last token
     try:
         for start in range(0, len(prompts), batch_size):
-            chunk = range(start, min(start + batch_size, len(prompts)))
             conversations = []
-            for i in chunk:
+            for i in range(start, min(start + batch_size, len(prompts))):
                 content: list[dict[str, Any]] = [{"type": "text", "text": prompts[i]}]
                 if images is not None:
                     with Image.open(images[i]) as img:
@@ -189,15 +174,9 @@ def rewrite_captions(backbone: Any, processor: Any, prompts: list[str], images: 
 
 def build_karr(pairs: list[PairImage], out: str | os.PathLike, rewrite: Callable[[list[str], list[Path]], list[str]],
                template: str = DEFAULT_TEMPLATE, default_split: str = "test") -> KarrBuildStats:
-    """Rewrite each image's first caption with ``rewrite`` and write the kept ones to ``out`` in the KARR layout.
-
-    Args:
-        pairs: images with captions (see :func:`read_pairs`).
-        out: output JSONL path; image paths are written relative to its folder.
-        rewrite: prompts (N), images (N) -> generated texts (N), e.g. :func:`rewrite_captions` bound to a model.
-        template: prompt with ``{caption}`` and ``{object}`` placeholders.
-        default_split: ``split`` of lines whose input gave none.
-    """
+    """Rewrite each image's first caption with ``rewrite`` (prompts (N), images (N) -> texts (N), e.g.
+    :func:`rewrite_captions` bound to a model) and write the kept ones to ``out`` in the KARR layout, image paths
+    relative to its folder; ``default_split`` is the split of lines whose input gave none."""
     out = Path(out)
     objects = [pair.objects or object_words(pair.captions[0]) for pair in pairs]
     prompts = [template.format(caption=pair.captions[0], object=", ".join(words) or "the object")
@@ -213,10 +192,6 @@ def build_karr(pairs: list[PairImage], out: str | os.PathLike, rewrite: Callable
         if not knowledge or leaked:
             stats.skipped.append({"image": str(pair.image), "caption": pair.captions[0], "rewrite": knowledge,
                                   "reason": f"leaks {leaked}" if leaked else "empty"})
-            if leaked:
-                stats.skipped_leak += 1
-            else:
-                stats.skipped_empty += 1
             continue
         lines.append({"image": os.path.relpath(pair.image.resolve(), out.resolve().parent), "knowledge": knowledge,
                       "caption": pair.captions[0], "split": pair.split or default_split,

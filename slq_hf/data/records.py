@@ -1,9 +1,5 @@
-"""The one record type every image+text reader yields, and the helpers the file readers share.
-
-A :class:`Record` is one example as written in a data file: a query :class:`Item`, its positives (several captions
-of one image are several positives), an optional hard negative, and where it came from. Training turns records
-into pair examples, evaluation into a retrieval set, ``karr-build`` into images with captions to rewrite.
-"""
+"""The one record type every image+text reader yields (:class:`Record`: a query :class:`Item`, its positives, an
+optional hard negative, where it came from), and the helpers the file readers share."""
 
 from __future__ import annotations
 
@@ -36,27 +32,21 @@ class DatasetImage:
     column: str
     row: int
 
-    def raw(self) -> Any:
-        """The undecoded cell: ``{"bytes", "path"}`` (what the training collator decodes) or a path string."""
-        return self.dataset[self.row][self.column]
+    def raw(self) -> dict[str, Any]:
+        """The undecoded cell ``{"bytes", "path"}`` (what the training collator decodes)."""
+        return self.dataset[self.row][self.column] or {}
 
     @cached_property
     def key(self) -> str:
         """Identifies the image's content (hash of its bytes, else its path): equal images share a key."""
         value = self.raw()
-        if isinstance(value, dict) and value.get("bytes"):
-            return "sha1:" + hashlib.sha1(value["bytes"]).hexdigest()
-        return f"path:{value.get('path') if isinstance(value, dict) else value}"
+        return f"sha1:{hashlib.sha1(value['bytes']).hexdigest()}" if value.get("bytes") else f"path:{value['path']}"
 
     def load(self) -> Image.Image:
         value = self.raw()
-        if isinstance(value, Image.Image):
-            return value
-        if isinstance(value, dict) and value.get("bytes"):
-            return Image.open(io.BytesIO(value["bytes"]))
-        if isinstance(value, dict) and value.get("path"):
-            return Image.open(value["path"])
-        raise ValueError(f"Row {self.row} of column {self.column!r} holds no image bytes or path.")
+        if not (value.get("bytes") or value.get("path")):
+            raise ValueError(f"Row {self.row} of column {self.column!r} holds no image bytes or path.")
+        return Image.open(io.BytesIO(value["bytes"]) if value.get("bytes") else value["path"])
 
 
 ImageSource = str | os.PathLike | Image.Image | DatasetImage
@@ -64,11 +54,8 @@ ImageSource = str | os.PathLike | Image.Image | DatasetImage
 
 @dataclass(frozen=True)
 class Item:
-    """One side of an example: an image, a text, or both (an image with an instruction, a composed query).
-
-    ``text`` is always a text: a caption such as ``IMG_0042.JPG`` or one naming a file that exists is never taken
-    for an image path. ``name`` is how the data file names the image (its id or path as written).
-    """
+    """An image, a text, or both (a composed query). ``text`` is always a text, even ``IMG_0042.JPG`` or the name of
+    an existing file; ``name`` is how the data file names the image (its id or path as written)."""
 
     image: ImageSource | None = None
     text: str | None = None

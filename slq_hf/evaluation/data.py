@@ -1,11 +1,5 @@
-"""Retrieval datasets for evaluation, built from the records of ``slq_hf.data``'s readers.
-
-A :class:`RetrievalDataset` is a list of candidate images, a list of captions with the index of the image each one
-belongs to (several captions per image allowed), and optionally composed queries (reference image + text ->
-target image). :func:`load_retrieval_dataset` reads any format of ``slq_hf.data`` (jsonl, karpathy, karr, hf):
-records naming the same image share it; an image->captions record adds captions, a text->image pair one caption,
-and an (image + text) -> image record a composed query.
-"""
+"""Retrieval datasets for evaluation (:class:`RetrievalDataset`), read by :func:`load_retrieval_dataset` from any
+format of ``slq_hf.data`` (jsonl, karpathy, karr, hf)."""
 
 from __future__ import annotations
 
@@ -164,22 +158,18 @@ def load_retrieval_dataset(path: str | os.PathLike | Any, format: str | None = N
     return from_records(records, _name(path, format, split, records, text_field))
 
 
-def read_karpathy(path, split="test", image_root=None, max_captions=None, check_files=True) -> RetrievalDataset:
-    """Karpathy-split JSON (``dataset_coco.json``, ``dataset_flickr30k.json``); see ``slq_hf.data.readers``."""
-    return load_retrieval_dataset(path, "karpathy", split, image_root=image_root, max_captions=max_captions,
-                                  check_files=check_files)
+# One reader per format, as before the shared table existed; options are those of the format's reader.
+def read_karpathy(path: Any, split: str | None = "test", **options: Any) -> RetrievalDataset:
+    return load_retrieval_dataset(path, "karpathy", split, **options)
 
 
-def read_jsonl(path, split="test", check_files=True) -> RetrievalDataset:
-    """JSONL pairs and/or composed queries; image paths are relative to the file."""
-    return load_retrieval_dataset(path, "jsonl", split, check_files=check_files)
+def read_jsonl(path: Any, split: str | None = "test", **options: Any) -> RetrievalDataset:
+    return load_retrieval_dataset(path, "jsonl", split, **options)
 
 
-def read_karr(path, split="test", text_field="knowledge", check_files=True) -> RetrievalDataset:
-    """KARR-Bench layout: one knowledge caption (``text_field="caption"``: the explicit one) per image."""
-    return load_retrieval_dataset(path, "karr", split, text_field=text_field, check_files=check_files)
+def read_karr(path: Any, split: str | None = "test", **options: Any) -> RetrievalDataset:
+    return load_retrieval_dataset(path, "karr", split, **options)
 
 
-def read_hf(source, split="test", image_column=None, text_column=None) -> RetrievalDataset:
-    """A ``datasets`` dataset with an image column and a text column; rows holding the same image are merged."""
-    return load_retrieval_dataset(source, "hf", split, image_column=image_column, text_column=text_column)
+def read_hf(source: Any, split: str | None = "test", **options: Any) -> RetrievalDataset:
+    return load_retrieval_dataset(source, "hf", split, **options)
