@@ -58,6 +58,10 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                         help="likelihood: log-probability of the caption as the backbone's answer to the image (any "
                              "captioning backbone); yes_no: logit('yes') - logit('no') after asking whether they "
                              "match (instruction-tuned backbones) (default: likelihood)")
+    parser.add_argument("--rerank-rewrite", metavar="TEMPLATE",
+                        help="before reranking, the backbone answers this user turn ('{text}' = each caption) and "
+                             "its answer is scored instead: for captions the backbone would not write itself, e.g. "
+                             "knowledge captions (see README 'Rerank with the backbone')")
     parser.add_argument("--no-progress", action="store_true", help="hide progress bars")
     parser.set_defaults(func=run)
     return parser
@@ -78,7 +82,8 @@ def run(args: argparse.Namespace) -> int:
         print(f"Evaluating {args.model} on {dataset!r}", file=sys.stderr)
         result = evaluate_retrieval(model, dataset, batch_size=args.batch_size, cache_dir=args.cache_dir,
                                     gap_plot=args.gap_plot, show_progress_bar=False if args.no_progress else None,
-                                    rerank_top_k=args.rerank_top_k, rerank_scorer=args.rerank_scorer)
+                                    rerank_top_k=args.rerank_top_k, rerank_scorer=args.rerank_scorer,
+                                    rerank_kwargs={"rewrite": args.rerank_rewrite})
         result["model"] = {"path": str(args.model), "backbone": model.config.backbone_name_or_path,
                            "num_queries": model.config.num_queries}
         result["data"] = {"path": str(args.data), "format": args.format, "split": args.split}
