@@ -228,6 +228,7 @@ def test_readme_without_results_says_so(exported):
     hidden = json.loads((out / "config.json").read_text())["hidden_size"]
     assert f"| Latent queries | {NUM_QUERIES} × {hidden} |" in card.text
     assert f"| Trainable parameters | {NUM_QUERIES * hidden + 1:,} " in card.text
+    assert "projection head" not in card.text and f"| Embedding dimension | {hidden} |" in card.text  # no head here
     assert "0.0498 (learned" in card.text
     assert card.data.license == "other"  # the licence placeholder, pointing at the backbone's terms
 

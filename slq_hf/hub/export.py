@@ -10,23 +10,10 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from ..modeling.checkpoint import (
-    CONFIG_NAME,
-    QUERY_SETS_DIR,
-    QUERY_SETS_INDEX,
-    WEIGHTS_METADATA,
-    WEIGHTS_NAME,
-    expected_tensors,
-    read_query_set_index,
-    read_tensors,
-    save_tensors,
-    write_folder,
-)
+from ..modeling import checkpoint as ckpt
 from ..modeling.configuration_slq import SLQConfig
 from .card import EvalBlock, _is_local_path, load_eval_results, read_json_object, read_training_info, render_model_card
 from .publish import README_NAME, collect_upload_files
-
-ST_FILES = ("modules.json", "sentence_bert_config.json", "config_sentence_transformers.json")
 
 
 def _model_type(config_path: Path) -> str | None:
@@ -43,7 +30,7 @@ def _check_out_dir(out: Path, src: Path, overwrite: bool) -> None:
         if not overwrite:
             raise FileExistsError(f"{out} exists and is not empty; pass --overwrite (overwrite=True) to replace a "
                                   "previous export.")
-        if _model_type(out / CONFIG_NAME) != "slq":
+        if _model_type(out / ckpt.CONFIG_NAME) != "slq":
             raise FileExistsError(f"{out} is not empty and is not an SLQ folder; refusing to delete it. Choose an "
                                   "empty or new folder.")
 
@@ -70,22 +57,22 @@ def _save_processor(src: Path, out: Path, config: SLQConfig) -> bool:
 
 
 def _pinned_config(src: Path, backbone: str | None, backbone_revision: str | None) -> SLQConfig:
-    if not (src / CONFIG_NAME).is_file():
-        raise FileNotFoundError(f"{src}: no {CONFIG_NAME}; expected an SLQ folder written by save_pretrained.")
-    if not (src / WEIGHTS_NAME).is_file():
+    if not (src / ckpt.CONFIG_NAME).is_file():
+        raise FileNotFoundError(f"{src}: no {ckpt.CONFIG_NAME}; expected an SLQ folder written by save_pretrained.")
+    if not (src / ckpt.WEIGHTS_NAME).is_file():
         pickles = sorted(p.name for p in src.glob("*") if p.suffix in (".bin", ".pt", ".pth"))
         hint = (f" It holds {pickles}: convert research-code queries with `slq-hf convert-reference`."
                 if pickles else "")
-        raise FileNotFoundError(f"{src}: no {WEIGHTS_NAME}.{hint}")
-    model_type = _model_type(src / CONFIG_NAME)
+        raise FileNotFoundError(f"{src}: no {ckpt.WEIGHTS_NAME}.{hint}")
+    model_type = _model_type(src / ckpt.CONFIG_NAME)
     if model_type != "slq":
-        raise ValueError(f"{src}/{CONFIG_NAME} has model_type {model_type!r}, not 'slq'; export takes an SLQ folder "
-                         "(SLQModel.save_pretrained), not a backbone.")
+        raise ValueError(f"{src}/{ckpt.CONFIG_NAME} has model_type {model_type!r}, not 'slq'; export takes an SLQ "
+                         "folder (SLQModel.save_pretrained), not a backbone.")
     config = SLQConfig.from_pretrained(src)
     config.backbone_name_or_path = backbone or config.backbone_name_or_path
     config.backbone_revision = backbone_revision or config.backbone_revision
     if not config.backbone_name_or_path:
-        raise ValueError(f"{src}: {CONFIG_NAME} pins no backbone; pass --backbone HUB_ID (backbone=).")
+        raise ValueError(f"{src}: {ckpt.CONFIG_NAME} pins no backbone; pass --backbone HUB_ID (backbone=).")
     if _is_local_path(config.backbone_name_or_path):
         warnings.warn(f"The backbone is pinned as the local path {config.backbone_name_or_path!r}: the export will "
                       "only load where that path exists. Pass --backbone HUB_ID (backbone=) to pin its Hub id.",
@@ -97,20 +84,12 @@ def _pinned_config(src: Path, backbone: str | None, backbone_revision: str | Non
     return config
 
 
-def export(
-    model_dir: str | os.PathLike,
-    out_dir: str | os.PathLike,
-    *,
-    eval_results: str | os.PathLike | list[str | os.PathLike] | list[EvalBlock] | None = None,
-    training_info: str | os.PathLike | Mapping[str, Any] | None = None,
-    backbone: str | None = None,
-    backbone_revision: str | None = None,
-    model_name: str | None = None,
-    repo_id: str | None = None,
-    license: str | None = None,
-    template: str | os.PathLike | None = None,
-    overwrite: bool = False,
-) -> list[str]:
+def export(model_dir: str | os.PathLike, out_dir: str | os.PathLike, *,
+           eval_results: str | os.PathLike | list[str | os.PathLike] | list[EvalBlock] | None = None,
+           training_info: str | os.PathLike | Mapping[str, Any] | None = None, backbone: str | None = None,
+           backbone_revision: str | None = None, model_name: str | None = None, repo_id: str | None = None,
+           license: str | None = None, template: str | os.PathLike | None = None, overwrite: bool = False
+           ) -> list[str]:
     """Write a hub-ready copy of the SLQ folder ``model_dir`` to ``out_dir`` (atomically); returns the files, as
     push would send them. The backbone is never loaded. Written: config.json (backbone id and revision pinned,
     versions stamped), model.safetensors (only SLQ tensors, checked against config.json), query sets, the modeling
@@ -131,9 +110,9 @@ def export(
 
     src, out = Path(model_dir), Path(out_dir)
     config = _pinned_config(src, backbone, backbone_revision)
-    state = read_tensors(src / WEIGHTS_NAME, expected_tensors(config.num_queries, config.hidden_size,
+    state = ckpt.read_tensors(src / ckpt.WEIGHTS_NAME, ckpt.expected_tensors(config.num_queries, config.hidden_size,
                                                               config.projection_size))
-    query_sets = (src / QUERY_SETS_INDEX).is_file() and read_query_set_index(src / QUERY_SETS_INDEX)
+    query_sets = (src / ckpt.QUERY_SETS_INDEX).is_file() and ckpt.read_query_set_index(src / ckpt.QUERY_SETS_INDEX)
     if eval_results is not None and not (isinstance(eval_results, list) and eval_results
                                          and isinstance(eval_results[0], EvalBlock)):
         eval_results = load_eval_results(eval_results)
@@ -152,9 +131,9 @@ def export(
         config.auto_map = {"AutoConfig": "configuration_slq.SLQConfig", "AutoModel": "modeling_slq.SLQModel"}
         config.architectures = ["SLQModel"]
         config.save_pretrained(staging)
-        save_tensors(state, staging / WEIGHTS_NAME, metadata=WEIGHTS_METADATA)
+        ckpt.save_tensors(state, staging / ckpt.WEIGHTS_NAME, metadata=ckpt.WEIGHTS_METADATA)
         if query_sets:  # validated above; the set files are checked again by the upload guard
-            shutil.copytree(src / QUERY_SETS_DIR, staging / QUERY_SETS_DIR)
+            shutil.copytree(src / ckpt.QUERY_SETS_DIR, staging / ckpt.QUERY_SETS_DIR)
         # Same rule as SLQModel.save_pretrained: every modeling file, so trust_remote_code resolves sibling imports.
         for source in Path(modeling_slq.__file__).parent.glob("*.py"):
             if source.name != "__init__.py":
@@ -163,10 +142,10 @@ def export(
             warnings.warn(f"No processor could be loaded from {src} or the backbone; the export has no processor "
                           "files and SLQModel.from_pretrained will fetch the backbone's.", UserWarning, stacklevel=3)
         # Keep the user's sentence-transformers settings (prompts, max length) and fill in whatever is missing.
-        for name in ST_FILES:
+        for name in ckpt.SEEDED_FILES:  # the sentence-transformers settings files
             if (src / name).is_file():
                 shutil.copyfile(src / name, staging / name)
         write_sentence_transformers_files(staging)
         (staging / README_NAME).write_text(card, encoding="utf-8")
 
-    return collect_upload_files(write_folder(out, write))  # the export must be pushable: the check push makes
+    return collect_upload_files(ckpt.write_folder(out, write))  # the export must be pushable: the check push makes
