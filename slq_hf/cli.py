@@ -15,6 +15,7 @@ import argparse
 import ast
 import importlib
 import importlib.util
+import logging
 import sys
 from collections.abc import Iterable, Sequence
 from functools import cache
@@ -29,6 +30,14 @@ COMMANDS: dict[str, str] = {
     "karr-build": "slq_hf.commands.karr_build",
     "index": "slq_hf.commands.index",
     "search": "slq_hf.commands.search",
+}
+
+# Third-party notices that every `slq-hf` run would print and that ask nothing of its user: logger name -> the level
+# the command line sets (the library itself leaves logging configuration to the application).
+QUIET_LOGGERS: dict[str, int] = {
+    # bitsandbytes (imported by peft, which transformers' Trainer imports when installed) tries at import to fetch an
+    # optional CPU 4-bit kernel and warns when the `kernels` package is absent; it then uses its built-in kernel.
+    "bitsandbytes.backends.cpu.ops": logging.ERROR,
 }
 
 DESCRIPTION = ("SLQ (Shared Latent Queries): embedding models on frozen Hugging Face vision-language backbones. "
@@ -81,6 +90,8 @@ def _command_in(argv: Sequence[str]) -> str | None:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
+    for name, level in QUIET_LOGGERS.items():
+        logging.getLogger(name).setLevel(level)
     command = _command_in(argv)
     parser = build_parser([] if command is None else [command])
     args = parser.parse_args(argv)

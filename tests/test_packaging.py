@@ -207,3 +207,16 @@ def test_suite_fails_on_deprecations_on_our_paths(pytester):
         "test_logged_deprecation_allowed": "PASSED", "test_other_future_warning": "PASSED",
         "test_third_party_deprecation": "PASSED", "test_our_deprecation": "FAILED", "test_other_log": "PASSED",
     }, result.outlines
+
+
+def test_cli_quiets_the_bitsandbytes_kernel_notice():
+    """bitsandbytes warns at import on CPUs where it looks for an optional kernel; `slq-hf` runs stay quiet."""
+    pytest.importorskip("bitsandbytes", reason="bitsandbytes not installed (quantization extra)")
+    plain = run_python("import bitsandbytes")
+    if "gemm_4bit_forward" not in plain.stderr:
+        pytest.skip("this machine's bitsandbytes prints no kernel notice at import (nothing to quiet)")
+    through_cli = run_python("from slq_hf.cli import main\n"
+                             "try:\n    main(['--help'])\nexcept SystemExit:\n    pass\n"
+                             "import bitsandbytes")
+    assert through_cli.returncode == 0, through_cli.stderr
+    assert "gemm_4bit_forward" not in through_cli.stderr
