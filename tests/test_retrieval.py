@@ -373,6 +373,20 @@ def test_index_of_the_eval_set_reproduces_evaluate_retrieval(model, tmp_path, sc
     assert hits[0][0].metadata == {"captions": [dataset.texts[dataset.text_to_image.index(hits[0][0].position)]]}
 
 
+def test_datasets_folder_corpus(model, tmp_path, scenes):
+    datasets = pytest.importorskip("datasets")
+    table = datasets.Dataset.from_dict({"image": [s.image for s in scenes[:6]],
+                                        "caption": [s.caption for s in scenes[:6]]},
+                                       features=datasets.Features({"image": datasets.Image(),
+                                                                   "caption": datasets.Value("string")}))
+    table.save_to_disk(str(tmp_path / "hf"))
+    manifest = build_index(model, tmp_path / "hf", tmp_path / "index", shard_size=4)
+    assert manifest["data"]["format"] == "hf" and manifest["num_vectors"] == 6
+    hit = CorpusIndex.load(tmp_path / "index").search(model, scenes[3].image, k=1)[0][0]
+    assert hit.position == 3 and hit.path is None and hit.metadata == {"captions": [scenes[3].caption]}
+    assert hit.score == pytest.approx(1.0, abs=1e-5)
+
+
 # ------------------------------------------------------------------------------------------------------ qdrant
 def test_qdrant_local_export_round_trips(model, tmp_path, scenes):
     qdrant_client = pytest.importorskip("qdrant_client")

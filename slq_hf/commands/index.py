@@ -91,6 +91,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
 
 
 def run_build(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
     def build() -> dict:
         from ..retrieval import build_index
         from ..retrieval.distributed import rank_device
@@ -108,7 +110,8 @@ def run_build(args: argparse.Namespace) -> int:
                            else args.split, image_root=args.image_root, batch_size=args.batch_size,
                            shard_size=args.shard_size, precision=args.precision, faiss_factory=args.faiss,
                            query_set=args.query_set, overwrite=args.overwrite, strict=args.strict,
-                           show_progress_bar=False if args.no_progress else None, model_source=str(args.model))
+                           show_progress_bar=False if args.no_progress else None,
+                           model_source=str(Path(args.model).resolve()) if Path(args.model).is_dir() else args.model)
 
     def done(manifest: dict) -> None:
         run = manifest.get("run")
