@@ -6,7 +6,7 @@ the build's own time (encode + index, as the command reports it), without interp
 the wall time of each command is reported too. The re-run is the same 1-process command again on the finished
 index: it must only re-check fingerprints.
 
-    nice -n 10 .venv/bin/python benchmarks/index_encode.py --write
+    nice -n 10 .venv/bin/python benchmarks/index_encode.py --write BENCHMARKS.md
 """
 
 from __future__ import annotations
@@ -48,7 +48,8 @@ def main() -> None:
     parser.add_argument("--items", type=int, default=3000, help="scenes in the corpus (default 3000)")
     parser.add_argument("--shard-size", type=int, default=250)
     parser.add_argument("--batch-size", type=int, default=32)
-    parser.add_argument("--write", action="store_true", help="write the BENCHMARKS.md section")
+    parser.add_argument("--write", type=Path, nargs="?", const=ROOT / "BENCHMARKS.md", metavar="BENCHMARKS.md",
+                        help="fill this file's section (default when given without a path: the repo's BENCHMARKS.md)")
     args = parser.parse_args()
 
     from slq_hf import SLQModel
@@ -79,7 +80,7 @@ def main() -> None:
     body = "\n".join([
         "## Corpus encoding: 1 vs 2 torchrun processes, and resume (issue 13)",
         f"`nice -n 10 .venv/bin/python benchmarks/index_encode.py --items {args.items}"
-        f"{' --write' if args.write else ''}` ({machine()}; OMP_NUM_THREADS=1 per process; load average "
+        f"{' --write BENCHMARKS.md' if args.write else ''}` ({machine()}; OMP_NUM_THREADS=1 per process; load average "
         f"{load_before} before, {load_after} after: the 2 cores were shared with other jobs, so the 2-process "
         "number is a lower bound of what an idle machine gives).",
         "",
@@ -99,7 +100,7 @@ def main() -> None:
     ])
     print(body)
     if args.write:
-        write_section(ROOT / "BENCHMARKS.md", "corpus-encode", body)
+        write_section(args.write, "corpus-encode", body)
 
 
 if __name__ == "__main__":

@@ -6,7 +6,7 @@ from the rest of their cluster by only ~0.01: a hard case for lossy codes). Quer
 clusters. Every method runs through ``slq_hf.retrieval.faiss_index`` (what ``slq-hf index build`` / ``search``
 use), lossy ones with float32 rescoring from the on-disk vectors (a memory-mapped .npy, as the index's shards are).
 
-    nice -n 10 .venv/bin/python benchmarks/index_search.py --write     # 1M x 512
+    nice -n 10 .venv/bin/python benchmarks/index_search.py --write BENCHMARKS.md     # 1M x 512
 
 Bytes/vector is the serialised index (what sits in RAM); the float32 vectors used for rescoring stay on disk.
 """
@@ -107,7 +107,9 @@ def main() -> None:
     parser.add_argument("--k", type=int, default=10)
     parser.add_argument("--skip", nargs="*", default=[], help="labels (prefix) of methods to leave out")
     parser.add_argument("--workdir", default=None, help="folder for the corpus file (default: a temp dir)")
-    parser.add_argument("--write", action="store_true", help="write the BENCHMARKS.md section")
+    parser.add_argument("--write", type=Path, nargs="?", metavar="BENCHMARKS.md",
+                        const=Path(__file__).resolve().parents[1] / "BENCHMARKS.md",
+                        help="fill this file's section (default when given without a path: the repo's BENCHMARKS.md)")
     args = parser.parse_args()
     faiss = fi.faiss()
     threads = int(os.environ["OMP_NUM_THREADS"])
@@ -157,7 +159,8 @@ def main() -> None:
     body = "\n".join([
         "## Corpus search: FAISS precisions and rescoring (issue 13)",
         f"`nice -n 10 .venv/bin/python benchmarks/index_search.py --n {args.n} --dim {args.dim} --queries "
-        f"{args.queries}{' --write' if args.write else ''}` ({total / 60:.1f} min, OMP_NUM_THREADS={threads}; "
+        f"{args.queries}{' --write BENCHMARKS.md' if args.write else ''}` ({total / 60:.1f} min, "
+        f"OMP_NUM_THREADS={threads}; "
         f"{machine()}; shared with other jobs).",
         "",
         f"{args.n:,} synthetic clustered L2-normalised vectors of width {args.dim} ({args.clusters:,} clusters; a "
@@ -173,7 +176,7 @@ def main() -> None:
     ])
     print(body)
     if args.write:
-        write_section(Path(__file__).resolve().parents[1] / "BENCHMARKS.md", "corpus-search", body)
+        write_section(args.write, "corpus-search", body)
 
 
 if __name__ == "__main__":
