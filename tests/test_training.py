@@ -409,3 +409,125 @@ def test_cli_train_help_explains_the_data_format(capsys):
 def test_pair_dataset_checks_keys_up_front():
     with pytest.raises(ValueError, match="example 1"):
         PairDataset([{"image": _scene((0, 0, 0)), "text": "ok"}, {"text": "no image"}])
+
+
+# ------------------------------------------------------------------------- runs are never lost or mixed
+def _cli(backbone: str, data: Path, out: Path, *extra: str) -> list[str]:
+    return ["train", "--backbone", backbone, "--train-data", str(data), "--output-dir", str(out), "--num-queries",
+            str(NUM_QUERIES), "--lr", "1e-2", "--batch-size", "2", "--use-cpu", "--save-steps", "1", *extra]
+
+
+def _error_lines(capsys) -> list[str]:
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    return [line for line in err.splitlines() if line.startswith("slq-hf train:")]
+
+
+def _tree(folder: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def test_cli_refuses_an_earlier_run_unless_resuming_or_overwriting(backbone, tmp_path, capsys):
+    from slq_hf.cli import main
+
+    data = _write_jsonl(tmp_path / "data", 4)
+    out = tmp_path / "run"
+    assert main(_cli(backbone, data, out, "--max-steps", "3")) == 0
+    before = _tree(out)
+    assert {"checkpoint-1", "checkpoint-2", "checkpoint-3"} <= {p.name for p in out.iterdir()}
+    capsys.readouterr()
+
+    # A new run into the same folder (even with other settings) is refused before anything is written.
+    for extra in ([], ["--max-steps", "2", "--lr", "5e-3"]):
+        assert main(_cli(backbone, data, out, *extra)) == 2
+        (line,) = _error_lines(capsys)
+        assert "holds an earlier run" in line and "--overwrite-output-dir" in line and "checkpoint-1" in line
+        assert _tree(out) == before
+
+    # Resuming with other settings is refused and names the setting; with the run's own settings it says where from.
+    assert main(_cli(backbone, data, out, "--max-steps", "3", "--lr", "5e-3", "--resume-from-checkpoint",
+                     "latest")) == 2
+    (line,) = _error_lines(capsys)
+    assert "--lr was 0.01, now 0.005" in line
+    assert main(_cli(backbone, data, out, "--max-steps", "3", "--resume-from-checkpoint",
+                     str(tmp_path / "elsewhere" / "checkpoint-1"))) == 2
+    assert "not a complete checkpoint" in _error_lines(capsys)[0]
+    assert main(_cli(backbone, data, out, "--max-steps", "3", "--resume-from-checkpoint", "latest")) == 0
+    assert f"Resuming from {out / 'checkpoint-3'}" in capsys.readouterr().out
+
+    # --overwrite-output-dir starts over: the old run's checkpoints are gone, never mixed with the new ones.
+    assert main(_cli(backbone, data, out, "--max-steps", "1", "--overwrite-output-dir")) == 0
+    assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-1"]
+    summary = json.loads((out / "training_summary.json").read_text())
+    assert summary["steps"] == 1
+
+
+def test_cli_refuses_the_backbone_folder_and_keeps_save_total_limit(backbone, tmp_path, capsys):
+    from slq_hf.cli import main
+
+    data = _write_jsonl(tmp_path / "data", 4)
+    before = _tree(Path(backbone))
+    assert main(_cli(backbone, data, Path(backbone), "--max-steps", "1")) == 2
+    assert "backbone" in _error_lines(capsys)[0]
+    assert _tree(Path(backbone)) == before
+
+    out = tmp_path / "limited"
+    assert main(_cli(backbone, data, out, "--max-steps", "4", "--save-total-limit", "2")) == 0
+    assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-3", "checkpoint-4"]
+
+
+def test_cli_errors_are_one_line(backbone, tmp_path, capsys):
+    from slq_hf.cli import main
+
+    data = _write_jsonl(tmp_path / "data", 4)
+    cases = {
+        "missing.jsonl": (["--train-data", str(tmp_path / "missing.jsonl")], "missing.jsonl"),
+        "batch 1": (["--batch-size", "1"], "contrastive batch is 1"),
+        "bad metric": (["--eval-data", str(data), "--metric-for-best-model", "r1"], "--metric-for-best-model r1"),
+    }
+    for name, (extra, needle) in cases.items():
+        argv = _cli(backbone, data, tmp_path / name.replace(" ", "_"), "--max-steps", "1")
+        for flag, value in zip(extra[::2], extra[1::2]):
+            if flag in argv:
+                argv[argv.index(flag) + 1] = value
+            else:
+                argv += [flag, value]
+        assert main(argv) == 2, name
+        lines = _error_lines(capsys)
+        assert len(lines) == 1 and needle in lines[0], (name, lines)
+
+
+def test_batch_size_one_is_refused(model, tmp_path):
+    with pytest.raises(ValueError, match="contrastive batch is 1"):
+        SLQTrainer(model=model, args=_args(tmp_path, per_device_train_batch_size=1), train_dataset=_pairs(4),
+                   data_collator=SLQDataCollator(model.processor))
+
+
+def test_a_batch_of_only_unreadable_examples_is_skipped_and_counted(model, tmp_path, caplog):
+    from torch.utils.data import SequentialSampler
+
+    broken = tmp_path / "broken.png"
+    broken.write_bytes(b"\x89PNG not really an image")
+    data = [*_pairs(2), {"image": str(broken), "text": "bad 1"}, {"image": str(tmp_path / "gone.jpg"), "text": "x"},
+            *_pairs(4)[2:]]
+
+    class InOrder(SLQTrainer):
+        def _get_train_sampler(self, train_dataset=None):
+            return SequentialSampler(self.train_dataset)
+
+    queries = []
+
+    class Record(TrainerCallback):
+        def on_step_end(self, args, state, control, model=None, **kwargs):
+            queries.append(model.queries.detach().clone())
+
+    trainer = InOrder(model=model, args=_args(tmp_path / "out", num_train_epochs=1), train_dataset=data,
+                      data_collator=SLQDataCollator(model.processor), callbacks=[Record()])
+    with caplog.at_level(logging.WARNING, logger="slq_hf.training.trainer"):
+        result = trainer.train()
+    assert result.global_step == 3 and trainer.skipped_steps == 1
+    assert torch.equal(queries[0], queries[1]) and not torch.equal(queries[1], queries[2])  # step 2 changed nothing
+    assert "2 train example(s) could not be loaded" in caplog.text and "gone.jpg" in caplog.text
+    assert "1 training step(s) were skipped" in caplog.text
+    with pytest.raises(SLQInputError, match="All 2 examples"):  # without SLQTrainer it stays an error
+        SLQDataCollator(model.processor)(data[2:4])
