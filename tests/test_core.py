@@ -351,3 +351,89 @@ def test_loaded_backbone_finds_its_processor(tiny_backbone_path):
     backbone = AutoModelForImageTextToText.from_pretrained(tiny_backbone_path("qwen3_vl"))
     model = SLQModel.from_backbone(backbone, num_queries=2)
     assert model.processor is not None and model.encode(["x"]).shape == (1, model.config.hidden_size)
+
+
+# ------------------------------------------------------------------------------------- loading as users do
+def test_relative_backbone_path_is_pinned_absolute(tiny_backbone_path, tmp_path, monkeypatch):
+    backbone = Path(tiny_backbone_path("qwen3_vl"))
+    monkeypatch.chdir(backbone.parent)
+    model = SLQModel.from_backbone(backbone.name, num_queries=NUM_QUERIES)
+    assert model.config.backbone_name_or_path == str(backbone.resolve())
+    model.save_pretrained(tmp_path / "slq")
+    monkeypatch.chdir(tmp_path)  # another working directory: the pin still finds the backbone
+    torch.testing.assert_close(AutoModel.from_pretrained("slq").encode(INPUTS[:1]), model.encode(INPUTS[:1]),
+                               atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize("pinned", ["/no/such/backbone", "./missing-backbone"])
+def test_missing_backbone_error_names_it_and_the_way_out(model, tmp_path, pinned):
+    model.save_pretrained(tmp_path / "slq")
+    config = json.loads((tmp_path / "slq" / "config.json").read_text())
+    config["backbone_name_or_path"] = pinned
+    (tmp_path / "slq" / "config.json").write_text(json.dumps(config))
+    with pytest.raises(OSError) as err:
+        SLQModel.from_pretrained(tmp_path / "slq")
+    assert pinned in str(err.value) and "backbone_name_or_path=" in str(err.value)
+    assert "config.json" in str(err.value)
+
+
+def test_from_pretrained_keywords_override_the_config(model, tmp_path):
+    model.save_pretrained(tmp_path / "slq")
+    batch = slq_hf.processing.collate(model.processor, [slq_hf.processing.to_item("a cat")])
+    reloaded = SLQModel.from_pretrained(tmp_path / "slq", pooling="last", normalize=False, num_queries=NUM_QUERIES)
+    assert (reloaded.config.pooling, reloaded.config.normalize) == ("last", False)
+    with torch.no_grad():
+        out = reloaded(**batch)
+    torch.testing.assert_close(out.pooler_output, out.query_states[:, -1].float())  # last query, not normalised
+    assert abs(out.pooler_output.norm().item() - 1) > 1e-3
+    for key, value in [("num_queries", NUM_QUERIES + 1), ("hidden_size", 999), ("projection_dim", 8)]:
+        with pytest.raises(ValueError, match=rf"{key}={value} cannot be changed"):
+            SLQModel.from_pretrained(tmp_path / "slq", **{key: value})
+    with pytest.raises(ValueError, match="`pooling`='max'"):
+        SLQModel.from_pretrained(tmp_path / "slq", pooling="max")
+
+
+def test_backbone_folder_without_processor_files(tiny_backbone_path, tmp_path):
+    """A backbone saved with model.save_pretrained alone: forward, training steps and saving work; encode asks for
+    processor= by name."""
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    full = tiny_backbone_path("qwen3_vl")
+    AutoModelForImageTextToText.from_pretrained(full).save_pretrained(tmp_path / "weights_only")
+    model = SLQModel.from_backbone(tmp_path / "weights_only", num_queries=NUM_QUERIES)
+    assert model.processor is None
+    batch = slq_hf.processing.collate(AutoProcessor.from_pretrained(full), [slq_hf.processing.to_item(INPUTS[2])])
+    model(**batch).pooler_output.sum().backward()
+    assert model.queries.grad.abs().sum() > 0
+    model.save_pretrained(tmp_path / "slq")
+    reloaded = AutoModel.from_pretrained(tmp_path / "slq")
+    assert reloaded.processor is None
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(**batch).pooler_output, model(**batch).pooler_output, atol=1e-6, rtol=0)
+    with pytest.raises(ValueError, match="processor="):
+        reloaded.encode(["a cat"])
+    reloaded.processor = AutoProcessor.from_pretrained(full)
+    assert reloaded.encode(["a cat"]).shape == (1, model.config.hidden_size)
+
+
+def test_placeholder_and_vocab_init_use_only_plain_trained_ids(tiny_backbone_path):
+    """Rows past the tokenizer (reserved, never trained: Qwen3-VL has 267 of them) and special tokens are never the
+    placeholder or a "vocab" query."""
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    path = tiny_backbone_path("qwen3_vl")
+    processor = AutoProcessor.from_pretrained(path)
+    tokenizer = processor.tokenizer
+    backbone = AutoModelForImageTextToText.from_pretrained(path)
+    backbone.resize_token_embeddings(len(tokenizer) + 64)
+    embedding = backbone.get_input_embeddings().weight
+    with torch.no_grad():
+        embedding[len(tokenizer):] = 1e3  # reserved rows, recognisable
+        special = sorted(set(tokenizer.all_special_ids) | set(tokenizer.added_tokens_decoder))
+        embedding[special] = -1e3
+    model = SLQModel.from_backbone(backbone, num_queries=200, processor=processor, query_init="vocab")
+    assert model.config.placeholder_token_id not in special
+    assert model.config.placeholder_token_id < len(tokenizer)
+    assert model.queries.abs().max() < 1e2  # no reserved or special row among the 200 sampled rows
+    normal = SLQModel.from_backbone(backbone, num_queries=200, processor=processor)
+    assert normal.queries.std() < 1  # the init scale comes from plain rows only (reserved rows would give ~1e3)

@@ -378,3 +378,17 @@ def test_helpers_explain_a_missing_sentence_transformers(slq, monkeypatch):
         helpers.load_sentence_transformer(folder)
     with pytest.raises(ImportError, match="sentence-transformers"):
         helpers.to_sentence_transformer(model)
+
+
+def test_embedding_dimension_and_model_card(slq, tiny_backbone_path, tmp_path):
+    """sentence-transformers reads ``config.projection_dim`` first: it must be the embedding width, with or without
+    a head, and saving writes its model card (which asks for the dimension) without an error."""
+    model, _, st = slq("qwen3_vl")
+    assert st.get_embedding_dimension() == model.config.hidden_size == st.encode(TEXTS[:1]).shape[1]
+    st.save(str(tmp_path / "st"))
+    assert "sentence-transformers" in (tmp_path / "st" / "README.md").read_text()
+    head = SLQModel.from_backbone(tiny_backbone_path("qwen3_vl"), num_queries=NUM_QUERIES, projection_dim=16)
+    head.save_pretrained(tmp_path / "head")
+    assert json.loads((tmp_path / "head" / "config.json").read_text())["projection_size"] == 16
+    st_head = SentenceTransformer(str(tmp_path / "head"), trust_remote_code=True, device="cpu")
+    assert st_head.get_embedding_dimension() == 16 == st_head.encode(TEXTS[:1]).shape[1]
