@@ -5,7 +5,7 @@ tokenizer made by the ``tokenizers`` library and a chat template. ``build_tiny_b
 loads like a Hub checkpoint (``from_pretrained(path)``), so the same loading code runs in tests as for real models.
 
 Add a family: write a ``family() -> (model, processor)`` builder in a sibling module (``tiny_qwen``, ``tiny_llava``,
-``tiny_others``) and one ``TINY_FAMILIES`` row.
+``tiny_others``) and name it in the family's ``BackboneSpec`` row (``tiny="module:function"``).
 """
 
 from __future__ import annotations
@@ -17,6 +17,8 @@ from pathlib import Path
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import PreTrainedTokenizerFast
+
+from ..modeling.backbones import BACKBONES
 
 _CORPUS = [
     "a red square on a grey background", "a blue circle in the top left corner", "a green triangle",
@@ -58,19 +60,9 @@ class TinyFamily:
         return getattr(importlib.import_module(f"{__package__}.{module}"), name)()
 
 
-# Builders live in sibling modules (``module:function``), imported only when a family is built.
-TINY_FAMILIES: dict[str, TinyFamily] = {
-    "qwen2_vl": TinyFamily("qwen2_vl", "tiny_qwen:qwen2_vl"),
-    "qwen2_5_vl": TinyFamily("qwen2_5_vl", "tiny_qwen:qwen2_5_vl"),
-    "qwen3_vl": TinyFamily("qwen3_vl", "tiny_qwen:qwen3_vl"),
-    "internvl": TinyFamily("internvl", "tiny_others:internvl"),
-    "llava": TinyFamily("llava", "tiny_llava:llava"),
-    "llava_next": TinyFamily("llava_next", "tiny_llava:llava_next"),
-    "llava_onevision": TinyFamily("llava_onevision", "tiny_llava:llava_onevision"),
-    "idefics3": TinyFamily("idefics3", "tiny_others:idefics3"),
-    "smolvlm": TinyFamily("smolvlm", "tiny_others:smolvlm"),
-    "gemma3": TinyFamily("gemma3", "tiny_others:gemma3"),
-}
+# One tiny twin per supported family, named by the family's BackboneSpec row (``tiny="module:function"``).
+TINY_FAMILIES: dict[str, TinyFamily] = {family: TinyFamily(family, spec.tiny) for family, spec in BACKBONES.items()
+                                        if spec.tiny is not None}
 
 
 def build_tiny_backbone(family: str, out_dir: str | Path | None = None, seed: int = 0):
