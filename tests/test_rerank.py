@@ -365,3 +365,11 @@ def test_rewrite_scores_the_backbones_own_rewrite(scenes, monkeypatch):
     assert by_image.rewritten == [s.caption for s in scenes] and by_image.order[0].item() == 4
     with pytest.raises(ValueError, match="no '\\{text\\}' field"):
         rerank(model, processor, scenes[1].caption, images, rewrite="describe")
+
+
+def test_readme_rerank_example_runs(monkeypatch, capsys):
+    from helpers import run_readme_example
+
+    run_readme_example("rerank", Path(__file__).resolve().parents[1], monkeypatch)
+    out = capsys.readouterr().out
+    assert "best image: 3" in out  # the toy backbone finds the scene its caption describes
