@@ -25,16 +25,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-from .records import (
-    DataFormatError,
-    DatasetImage,
-    Item,
-    Record,
-    captions,
-    json_lines,
-    read_text,
-    resolve_image,
-)
+from .records import DataFormatError, DatasetImage, Item, Record, captions, json_lines, read_text, resolve_image
 
 TEXT_KEYS = ("text", "texts", "caption", "captions")
 PAIR_KEYS = ("query", "positive", "negative")

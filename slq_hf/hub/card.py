@@ -200,26 +200,16 @@ def _eval_results_for_index(blocks: list[EvalBlock]) -> list[Any]:
     for b in blocks:
         _, task_type, task_name = DIRECTIONS.get(b.direction, ("", f"{b.direction}-retrieval",
                                                                  f"Retrieval ({b.direction})"))
-        for key, value in b.recalls.items():
-            results.append(EvalResult(
-                task_type=task_type, task_name=task_name, dataset_type=b.dataset_id or b.dataset,
-                dataset_name=b.dataset, dataset_split=b.split, metric_type=f"recall_at_{key[2:]}",
-                metric_name=key, metric_value=round(100 * value, 2),
-            ))
+        results += [EvalResult(task_type=task_type, task_name=task_name, dataset_type=b.dataset_id or b.dataset,
+                               dataset_name=b.dataset, dataset_split=b.split, metric_type=f"recall_at_{key[2:]}",
+                               metric_name=key, metric_value=round(100 * v, 2)) for key, v in b.recalls.items()]
     return results
 
 
-def render_model_card(
-    config: SLQConfig,
-    *,
-    model_name: str,
-    repo_id: str | None = None,
-    eval_results: list[EvalBlock] | None = None,
-    training_info: Mapping[str, Any] | None = None,
-    learned_temperature: float | None = None,
-    license: str | None = None,
-    template: str | os.PathLike | None = None,
-) -> str:
+def render_model_card(config: SLQConfig, *, model_name: str, repo_id: str | None = None,
+                      eval_results: list[EvalBlock] | None = None, training_info: Mapping[str, Any] | None = None,
+                      learned_temperature: float | None = None, license: str | None = None,
+                      template: str | os.PathLike | None = None) -> str:
     """README.md text of an SLQ model, rendered from the ``MODEL_CARD.md`` Jinja template (or ``template``).
 
     Every number comes from the arguments: without ``eval_results``/``training_info`` the card says they were not
@@ -255,21 +245,13 @@ def render_model_card(
                      if v not in (None, "", [], {})]
     env = jinja2.Environment(undefined=jinja2.StrictUndefined, keep_trailing_newline=True, autoescape=False)
     text = env.from_string(template_path.read_text(encoding="utf-8")).render(
-        card_data=card_data.to_yaml(),
-        model_name=model_name,
-        repo_id=repo_id or f"{PLACEHOLDER_ORG}/{model_name}",
+        card_data=card_data.to_yaml(), model_name=model_name, repo_id=repo_id or f"{PLACEHOLDER_ORG}/{model_name}",
         versions={"slq_hf": SLQ_HF_VERSION, "transformers": transformers.__version__, "torch": torch.__version__},
-        base_model=backbone,
-        base_model_is_hub=hub_backbone is not None,
-        base_model_revision=config.backbone_revision,
-        config=config,
-        num_trainable_params=f"{num_params:,}" if num_params else "unknown",
+        base_model=backbone, base_model_is_hub=hub_backbone is not None, base_model_revision=config.backbone_revision,
+        config=config, num_trainable_params=f"{num_params:,}" if num_params else "unknown",
         learned_temperature=f"{learned_temperature:.4f}" if learned_temperature is not None else None,
-        has_eval_results=bool(blocks),
-        eval_table=_eval_table(blocks) if blocks else "",
-        eval_datasets=list(dict.fromkeys(b.dataset for b in blocks)),
-        training_rows=training_rows,
-        license=license,
+        has_eval_results=bool(blocks), eval_table=_eval_table(blocks) if blocks else "",
+        eval_datasets=list(dict.fromkeys(b.dataset for b in blocks)), training_rows=training_rows, license=license,
         paper_url=PAPER_URL,
     )
     return str(ModelCard(text))  # parses the YAML header: a broken template fails here, not on the Hub

@@ -36,24 +36,9 @@ def _reference_tensor(path: Path) -> torch.Tensor:
     return obj
 
 
-def _backbone_hidden_size(backbone: str, revision: str | None) -> int | None:
-    """The backbone's text hidden size from its config alone (no weights), for an early, clear width check."""
-    from transformers import AutoConfig
-
-    config = AutoConfig.from_pretrained(backbone, revision=revision)
-    return getattr(config.get_text_config(), "hidden_size", None)
-
-
-def convert_reference(
-    queries_path: str | os.PathLike,
-    backbone: str,
-    out_dir: str | os.PathLike,
-    *,
-    num_queries: int | None = None,
-    revision: str | None = None,
-    temperature: float = 0.07,
-    **backbone_kwargs,
-) -> Path:
+def convert_reference(queries_path: str | os.PathLike, backbone: str, out_dir: str | os.PathLike, *,
+                      num_queries: int | None = None, revision: str | None = None, temperature: float = 0.07,
+                      **backbone_kwargs) -> Path:
     """Turn queries trained with the paper's research code into an SLQ folder.
 
     Args:
@@ -69,6 +54,8 @@ def convert_reference(
         temperature: contrastive temperature stored with the queries (research files hold only the queries).
         **backbone_kwargs: go to the backbone's ``from_pretrained`` (``dtype``, ``device_map``...).
     """
+    from transformers import AutoConfig
+
     from ..modeling import SLQModel
 
     path = Path(queries_path)
@@ -91,8 +78,9 @@ def convert_reference(
                          "given.")
     if not torch.isfinite(tensor).all():
         raise ValueError(f"{path}: the queries contain NaN or Inf values.")
-    hidden_size = _backbone_hidden_size(backbone, revision)
-    width = tensor.shape[1]
+    # The width check reads the backbone's config only (no weights), so a mismatch fails early and clearly.
+    text_config = AutoConfig.from_pretrained(backbone, revision=revision).get_text_config()
+    hidden_size, width = getattr(text_config, "hidden_size", None), tensor.shape[1]
     if hidden_size is not None and hidden_size != width:
         raise ValueError(f"{path}: the queries are {width} wide, but the backbone {backbone!r} has hidden size "
                          f"{hidden_size}. They were trained for a different backbone; pass the one they were "
@@ -102,6 +90,5 @@ def convert_reference(
     state = model.trainable_state_dict()
     state["queries"] = tensor.float().contiguous()
     model.load_trainable_state(state)  # checks the shape against the loaded embedding width once more
-    out = Path(out_dir)
-    model.save_pretrained(out)
-    return out
+    model.save_pretrained(out_dir)
+    return Path(out_dir)
