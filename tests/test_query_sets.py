@@ -406,3 +406,11 @@ def test_rag_example_runs(monkeypatch, capsys):
     runpy.run_path(str(script), run_name="__main__")
     out = capsys.readouterr().out
     assert "model.backbone is the loaded backbone: True" in out and out.count("backbone answers:") == 2
+
+
+def test_readme_query_sets_example_runs(tmp_path, monkeypatch):
+    from helpers import run_readme_example
+
+    run_readme_example("query-sets", tmp_path, monkeypatch)
+    index = json.loads((tmp_path / "slq-multi" / "query_sets" / "sets.json").read_text())
+    assert index["active"] == "query" and list(index["sets"]) == ["query", "document", "medical"]
