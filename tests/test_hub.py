@@ -270,6 +270,16 @@ def test_readme_training_info_from_the_run(trained, tmp_path):
                 "| learning rate | 0.0005 |"):
         assert row in text
     assert "warmup" not in text and "| steps | 10 |" not in text
+    # The shape `slq-hf train` writes: nested objects become rows, this machine's paths stay off the card.
+    (src / "training_summary.json").write_text(json.dumps({
+        "output_dir": "/home/me/run", "steps": 7, "train_loss": 1.23456789,
+        "train_data": {"path": "pairs.jsonl", "examples": 64}, "final_eval": {"eval_loss": 0.5}}))
+    _export(src, tmp_path / "nested")
+    text = (tmp_path / "nested" / "README.md").read_text()
+    for row in ("| train data path | pairs.jsonl |", "| train data examples | 64 |", "| final eval eval loss | 0.5 |",
+                "| train loss | 1.234568 |"):
+        assert row in text
+    assert "/home/me/run" not in text
     (src / "training_summary.json").write_text("[1, 2]")
     with pytest.raises(ValueError, match="training_summary.json: the training summary must be a JSON object"):
         _export(src, tmp_path / "c")

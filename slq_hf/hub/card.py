@@ -19,6 +19,8 @@ from ..modeling.configuration_slq import SLQConfig
 MODEL_CARD_TEMPLATE = Path(__file__).resolve().parent / "MODEL_CARD.md"
 TRAINING_SUMMARY_NAME = "training_summary.json"
 TRAINER_STATE_NAME = "trainer_state.json"
+# Training-summary keys that only mean something on the machine that trained (not shown on the card).
+LOCAL_ONLY = frozenset({"output_dir", "resumed_from"})
 CARD_TAGS = ("slq", "sentence-transformers", "multimodal-embedding")
 PAPER_URL = "https://arxiv.org/abs/2604.13710"
 # Usage snippets name this org until the export is told its repo id (`--repo-id`); push warns about it.
@@ -206,6 +208,19 @@ def _eval_results_for_index(blocks: list[EvalBlock]) -> list[Any]:
     return results
 
 
+def _rows(info: Mapping[str, Any], prefix: str = "") -> list[tuple[str, str]]:
+    """Card rows of a training summary: nested objects flattened ("train_data": {"path"} -> "train data path"),
+    empty values and this machine's paths (``LOCAL_ONLY``) left out, floats shown to 6 decimals."""
+    rows = []
+    for key, value in info.items():
+        name = f"{prefix}{key}".replace("_", " ")
+        if isinstance(value, Mapping):
+            rows += _rows(value, f"{name} ")
+        elif key not in LOCAL_ONLY and value not in (None, "", [], {}):
+            rows.append((name, str(round(value, 6) if isinstance(value, float) else value)))
+    return rows
+
+
 def render_model_card(config: SLQConfig, *, model_name: str, repo_id: str | None = None,
                       eval_results: list[EvalBlock] | None = None, training_info: Mapping[str, Any] | None = None,
                       learned_temperature: float | None = None, license: str | None = None,
@@ -241,8 +256,7 @@ def render_model_card(config: SLQConfig, *, model_name: str, repo_id: str | None
     num_params = config.num_queries * hidden + 1 if hidden else None
     if hidden and config.projection_size:
         num_params += hidden * config.projection_size + config.projection_size
-    training_rows = [(str(k).replace("_", " "), str(v)) for k, v in (training_info or {}).items()
-                     if v not in (None, "", [], {})]
+    training_rows = _rows(training_info or {})
     env = jinja2.Environment(undefined=jinja2.StrictUndefined, keep_trailing_newline=True, autoescape=False)
     text = env.from_string(template_path.read_text(encoding="utf-8")).render(
         card_data=card_data.to_yaml(), model_name=model_name, repo_id=repo_id or f"{PLACEHOLDER_ORG}/{model_name}",
