@@ -173,3 +173,17 @@ def test_export_from_an_installed_copy_in_another_directory(moved_model, tmp_pat
     assert result.returncode == 0, result.stderr[-2000:]
     card = (cwd / "hub" / "README.md").read_text()
     assert "Qwen/Qwen3-VL-2B-Instruct" in card and "No evaluation results were provided" in card
+
+
+def test_export_renders_what_train_recorded(tiny_backbone_path, data, tmp_path, capsys):
+    """`slq-hf train` then `slq-hf export`: the card's training section holds the run's own numbers."""
+    run = tmp_path / "run"
+    assert main(["train", "--backbone", tiny_backbone_path("qwen3_vl"), "--train-data", str(data), "--output-dir",
+                 str(run), "--num-queries", "2", "--max-steps", "2", "--batch-size", "2", "--lr", "0.001",
+                 "--use-cpu", "--save-steps", "1"]) == 0
+    assert main(["export", str(run), "--out", str(tmp_path / "hub")]) == 0
+    card = (tmp_path / "hub" / "README.md").read_text()
+    assert "were not recorded" not in card
+    for row in ("| steps | 2 |", "| batch size per device | 2 |", f"| train data path | {data} |"):
+        assert row in card, card[card.find("## Training"):][:1500]
+    assert "| lr | 0.001 |" in card or "| learning rate | 0.001 |" in card
