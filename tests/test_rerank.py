@@ -373,3 +373,15 @@ def test_readme_rerank_example_runs(monkeypatch, capsys):
     run_readme_example("rerank", Path(__file__).resolve().parents[1], monkeypatch)
     out = capsys.readouterr().out
     assert "best image: 3" in out  # the toy backbone finds the scene its caption describes
+
+
+def test_rerank_leaves_the_backbones_rope_state_alone(scenes):
+    """Qwen-VL keeps the rope deltas of its last call on the model, where a concurrent generate reads them: the
+    reranker hands its passes explicit positions, so that state is never written."""
+    model, processor = _load("toy", None)
+    sentinel = torch.full((1, 1), 12345)
+    model.model.rope_deltas = sentinel
+    rerank(model, processor, scenes[0].image, [s.caption for s in scenes], batch_size=2)
+    rerank(model, processor, scenes[0].caption, [s.image for s in scenes], batch_size=2)
+    rerank(model, processor, scenes[0].image, [s.caption for s in scenes], share_prefix=False)
+    assert model.model.rope_deltas is sentinel

@@ -30,7 +30,7 @@ from typing import Any
 import torch
 
 from .backbones import backbone_spec
-from .positions import query_position_ids
+from .positions import query_position_ids, sequence_position_ids
 from .processing_slq import SLQInput, SLQInputError, SLQItem, collate, image_budget, prompt_length_limit, to_item
 
 # Sentinel answer used once per processor to read how its chat template wraps an assistant turn.
@@ -304,7 +304,16 @@ def _image_kwargs(batch: Any, token_keys: Sequence[str]) -> dict[str, Any]:
     return {k: v for k, v in batch.items() if k not in skip and v is not None}
 
 
-def _score_full(backbone, rows: list[_Row], image_inputs: dict[str, Any], scorer: _Scorer,
+def _positions(backbone, spec, inputs: dict[str, Any], image_inputs: dict[str, Any]) -> dict[str, Any]:
+    """Explicit M-RoPE positions for a pass with images: left to itself, a Qwen-VL backbone would store this call's
+    rope deltas on the shared model object, where a ``generate`` running in another thread reads them."""
+    extra = {k: v for k, v in inputs.items() if k not in ("input_ids", "attention_mask")}
+    positions = sequence_position_ids(backbone.base_model, spec, inputs["input_ids"], inputs["attention_mask"],
+                                      {**extra, **image_inputs})
+    return {} if positions is None else {"position_ids": positions}
+
+
+def _score_full(backbone, spec, rows: list[_Row], image_inputs: dict[str, Any], scorer: _Scorer,
                 settings: dict[str, Any], pad_id: int) -> list[float]:
     """k full forwards in one left-padded batch (the reference path, and the path for a text query)."""
     device = backbone.device
@@ -312,6 +321,7 @@ def _score_full(backbone, rows: list[_Row], image_inputs: dict[str, Any], scorer
     inputs = {"input_ids": ids.to(device), "attention_mask": mask.to(device)}
     for key in rows[0].extras:
         inputs[key] = _pad([r.extras[key] for r in rows], "left")[0].to(device)
+    inputs.update(_positions(backbone, spec, inputs, image_inputs))
     windows = scorer.window(rows)
     # With left padding every row ends at the last position: only the last `keep` positions' logits are needed.
     keep = max(r.ids.shape[0] - first for r, (first, _) in zip(rows, windows))
@@ -347,7 +357,8 @@ class _SharedPrefix:
         self.mask = torch.ones_like(self.ids)
         self.extras = {k: v[:length][None].to(device) for k, v in rows[0].extras.items()}
         self.key = _cache_kwarg(backbone)
-        out = _forward(backbone, 1, input_ids=self.ids, attention_mask=self.mask, **self.extras, **image_inputs,
+        inputs = {"input_ids": self.ids, "attention_mask": self.mask, **self.extras}
+        out = _forward(backbone, 1, **inputs, **_positions(backbone, spec, inputs, image_inputs), **image_inputs,
                        use_cache=True)
         self.cache = _output_cache(out)
         if self.cache is None:
@@ -548,7 +559,7 @@ def rerank(
             rows, batch = tokenised([pairs[i] for i in index], [answers[i] for i in index])
             image_inputs = {k: v.to(backbone.device) if isinstance(v, torch.Tensor) else v
                             for k, v in _image_kwargs(batch, token_keys).items()}
-            scores[index] = torch.tensor(_score_full(backbone, rows, image_inputs, impl, settings, pad_id))
+            scores[index] = torch.tensor(_score_full(backbone, spec, rows, image_inputs, impl, settings, pad_id))
     ranking = torch.sort(scores, descending=True, stable=True).indices
     return RerankResult(scores=scores, order=ranking[:top_k] if top_k is not None else ranking, rewritten=rewritten)
 
