@@ -126,7 +126,7 @@ def test_missing_paths(model, files, tmp_path):
 
 def test_str_is_text_unless_it_looks_like_a_path(model, files):
     """A path-like string naming a non-image file is refused (never embedded as text); so is a Path to it."""
-    with pytest.raises(SLQInputError, match=r"names a file that is not a readable image \(input 0\)"):
+    with pytest.raises(SLQInputError, match=r"input 0.*not an image slq_hf decodes"):
         model.encode([str(files["txt"])])
     assert model.encode([{"text": str(files["txt"])}]).shape == (1, 64)
     with pytest.raises(SLQInputError, match="Cannot read image"):
@@ -632,13 +632,17 @@ def test_existing_folders_and_files_named_by_path_are_refused(model, tmp_path, m
     (tmp_path / "notes.txt").write_text("x")
     monkeypatch.chdir(tmp_path)
     for value, message in [(str(folder), "is a folder"), ("photos/", "is a folder"), ("./photos", "is a folder"),
-                           ("./notes.txt", "names a file that is not a readable image")]:
+                           ("./notes.txt", "not an image slq_hf decodes")]:
         with pytest.raises(SLQInputError, match=message):
             model.encode([value])
     with pytest.raises(SLQInputError, match="is a folder"):
         model.encode([folder])  # a Path is always an image
     # bare words, even when a folder of that name exists here, and texts with a slash are texts
     assert model.encode(["photos", "notes.txt", "and/or", "a photo of a cat"]).shape == (4, 64)
+    # an image file without an image extension, named by a path, is the image
+    Image.new("RGB", (20, 20), "red").save(tmp_path / "picture", "PNG")
+    torch.testing.assert_close(model.encode(["./picture"]), model.encode([Image.new("RGB", (20, 20), "red")]),
+                               atol=0, rtol=0)
 
 
 def test_lazy_items_decode_only_in_collate(model, files):

@@ -104,8 +104,8 @@ def looks_like_path(text: str) -> bool:
 
     A one-line string (surrounding spaces ignored) is a path when it ends with an image extension (``cat.jpg``,
     ``my cat.jpg``, ``https://x/y.png``), or ends with a path separator (``photos/``), or has no whitespace, contains
-    a separator and names something that exists (``data/photos``, ``./notes.txt``). A path-like string must be a
-    readable image; everything else is a text.
+    a separator and names something that exists (``data/photos``, ``./notes.txt``). A path-like string must name a
+    readable image file (else SLQInputError); everything else is a text.
     """
     stripped = text.strip()
     if not stripped or "\n" in stripped:
@@ -120,8 +120,7 @@ def _path_error(value: str, index: int | None) -> SLQInputError:
     if stripped.startswith(("http://", "https://")):
         problem = "is a URL; slq_hf does not download images"
     elif _exists(stripped):
-        folder = Path(stripped).expanduser().is_dir()
-        problem = "is a folder" if folder else "names a file that is not a readable image"
+        problem = "is a folder"
     else:
         problem = "looks like an image path but no such file exists"
     return SLQInputError(f"{value!r} {problem}{_where(index)}. A string that looks like a path is never embedded as "
@@ -165,10 +164,10 @@ def _normalise(value: SLQInput, index: int | None, budget: ImageBudget | None) -
         return SLQItem(image=_image(value, index, budget), source=image_label(index, path))
     if isinstance(value, str):
         stripped = value.strip()
-        if stripped.lower().endswith(IMAGE_EXTENSIONS) and _is_file(stripped):
-            # An existing image file is the image, even with spaces in its name ("my cat.jpg").
-            return SLQItem(image=_image(stripped, index, budget), source=image_label(index, stripped))
         if looks_like_path(value):
+            if _is_file(stripped):
+                # An existing file is read as an image (even "my cat.jpg" with a space): refused if it is not one.
+                return SLQItem(image=_image(stripped, index, budget), source=image_label(index, stripped))
             raise _path_error(value, index)
         return SLQItem(text=_check_text(value, index), source=image_label(index))
     if isinstance(value, dict):
