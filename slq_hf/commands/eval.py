@@ -5,25 +5,19 @@ from __future__ import annotations
 import argparse
 import sys
 
+from ..data import readers
 from .common import add_model_options, load_model
 from .reporting import report
 
+FORMATS_HELP = (readers.__doc__ or "").split("\n", 2)[-1]  # the format list of the readers' table
 DESCRIPTION = """\
 Evaluate a saved SLQ model on an image-text retrieval set: Recall@1/5/10 both ways (image->text is a hit when any
 of the image's captions is in the top k), mean/median rank, recall with duplicate captions counted as hits,
 composed image retrieval when the data has (reference, text, target) queries, and the modality gap
 ||mean(img) - mean(txt)|| with a PCA figure. Prints a table; writes results JSON and the PNG.
 
-Data formats (--format, guessed from the path by default):
-  karpathy  Karpathy-split JSON (dataset_coco.json, dataset_flickr30k.json); images at
-            IMAGE_ROOT/filepath/filename (IMAGE_ROOT defaults to the JSON's folder).
-  jsonl     one object a line, image paths relative to the file: {"image": "a.jpg", "text": "..."} (or "texts":
-            [...]); composed queries {"reference": "a.jpg", "text": "make it red", "target": "b.jpg"}.
-  karr      KARR-Bench layout, one line per image: {"image": "a.png", "knowledge": "...", "caption": "..."?}.
-  hf        a `datasets` folder (save_to_disk, or one load_dataset reads) with image and text columns.
-An optional "split" field on jsonl/karr lines is filtered by --split. In jsonl a plain string is always a text,
-even one that names a file ("IMG_0042.JPG"). Training reads the same formats (slq_hf.data).
-"""
+Data formats (--format, guessed from the path by default; training reads the same ones):
+""" + FORMATS_HELP
 
 EPILOG = """\
 example:

@@ -1,19 +1,18 @@
-"""One table of readers for image+text data: ``jsonl``, ``karpathy``, ``karr`` and ``hf``, each yielding Records.
+"""One table of readers for image+text data (READERS), each yielding Records. The formats:
 
-- ``jsonl``: one JSON object a line, image paths relative to the file. Three line forms:
-  ``{"image": "a.jpg", "text": "a dog"}`` (or ``"texts"``/``"caption"``/``"captions"``: one caption or a list);
-  ``{"query": item, "positive": item, "negative"?: item}`` where an item is a text string or
-  ``{"image": path, "text"?: str}``; composed retrieval ``{"reference": "a.jpg", "text": "make it red",
-  "target": "b.jpg"}``. In every form a plain string is a text, never a guessed path. Optional ``"split"``,
-  ``"id"`` and other fields (``"object"`` for karr-build) are kept in ``Record.fields``.
-- ``karpathy``: Karpathy-split JSON (COCO, Flickr30K): ``{"images": [{"filename", "filepath"?, "split",
-  "sentences": [{"raw"}, ...]}, ...]}``; images at ``image_root / filepath / filename``.
-- ``karr``: KARR-Bench layout, one line per image: ``{"image": "s/1.png", "knowledge": "the shape with three
-  corners", "caption"?: "a red triangle", "split"?, "id"?}``; ``text_field`` picks knowledge or caption.
-- ``hf``: a ``datasets.Dataset``/``DatasetDict``, a ``save_to_disk`` folder or a folder ``datasets.load_dataset``
-  reads, with an image column and a text column (a caption or a list of captions per row).
-
-Errors are :class:`DataFormatError` (a ValueError) naming the file and, where there is one, the line.
+  jsonl     one JSON object a line, image paths relative to the file: {"image": "a.jpg", "text": "a dog"} ("texts",
+            "caption", "captions": one caption or a list; lines naming the same image add captions); training's
+            {"query": item, "positive": item, "negative"?: item}, an item being a text or {"image": path, "text"?};
+            composed queries {"reference": "a.jpg", "text": "make it red", "target": "b.jpg"}. A plain string is
+            always a text, even one that names a file ("IMG_0042.JPG").
+  karpathy  Karpathy-split JSON (dataset_coco.json, dataset_flickr30k.json): {"images": [{"filename", "filepath"?,
+            "split", "sentences": [{"raw"}]}]}; images at IMAGE_ROOT/filepath/filename (--image-root, image_root=;
+            default: the JSON's folder).
+  karr      KARR-Bench layout, one line per image: {"image": "a.png", "knowledge": "...", "caption"?: "...",
+            "id"?}; --text-field (text_field=) caption reads the explicit captions instead.
+  hf        a `datasets` Dataset/DatasetDict, save_to_disk folder or folder load_dataset reads, with an image column
+            and a text column (a caption or a list of captions per row).
+An optional "split" field on jsonl/karr lines is filtered by --split (split=). Errors name the file and line.
 """
 
 from __future__ import annotations
