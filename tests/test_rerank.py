@@ -385,3 +385,13 @@ def test_rerank_leaves_the_backbones_rope_state_alone(scenes):
     rerank(model, processor, scenes[0].caption, [s.image for s in scenes], batch_size=2)
     rerank(model, processor, scenes[0].image, [s.caption for s in scenes], share_prefix=False)
     assert model.model.rope_deltas is sentinel
+
+
+def test_slq_model_rerank_method(toy_slq, scenes):
+    captions = [s.caption for s in scenes]
+    result = toy_slq.rerank(scenes[2].image, captions, top_k=2, batch_size=2)
+    expected = rerank(toy_slq.backbone, toy_slq.processor, scenes[2].image, captions, top_k=2)
+    assert torch.equal(result.scores, expected.scores)
+    assert result.order.tolist() == expected.order.tolist() and result.order[0].item() == 2
+    with pytest.raises(SLQInputError, match="input 0"):
+        toy_slq.rerank("a red square", [None])

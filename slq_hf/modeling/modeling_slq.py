@@ -628,6 +628,19 @@ class SLQModel(PreTrainedModel):
                 out[name][index] = result[name].float().cpu()
         return out if query_sets is not None else out[names[0]]
 
+    def rerank(self, query: SLQInput, candidates: Sequence[SLQInput], scorer: str = "likelihood", *,
+               top_k: int | None = None, batch_size: int = 8, **kwargs):
+        """Score (query, candidate) pairs with the frozen backbone itself and sort the candidates (second stage after
+        retrieval with :meth:`encode`): ``"likelihood"`` or ``"yes_no"``, see ``reranking.py``.
+
+        Returns:
+            ``RerankResult`` with ``scores`` (N,) in candidate order and ``order`` (top_k or N,) best first.
+        """
+        from .reranking import rerank
+
+        return rerank(self.backbone, self.processor, query, candidates, scorer, top_k=top_k, batch_size=batch_size,
+                      **kwargs)
+
     def max_prompt_length(self) -> int | None:
         """Longest prompt (tokens) that leaves room for the queries within the backbone's positions; ``collate``
         truncates longer user texts to it (with a warning), keeping the chat template's generation prompt."""
