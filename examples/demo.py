@@ -6,8 +6,11 @@ shape with three corners" and "red is the colour of blood". On 150 held-out scen
 
 1. zero-shot last token: the backbone's final hidden state at the last prompt token (the paper's pilot study);
 2. SLQ with untrained (random) queries;
-3. SLQ: 8 latent queries trained on the FROZEN backbone with explicit captions only;
-4. LoRA r=8 on q,k,v,o with last-token pooling, trained the same number of steps on the same batches;
+3. SLQ: 8 latent queries trained on the FROZEN backbone with explicit captions only, by `slq-hf train` (the
+   product's own path: SLQTrainer + SLQDataCollator) on a fixed corpus of 64 drawings per combination, keeping the
+   checkpoint with the best validation recall;
+4. LoRA r=8 on q,k,v,o with last-token pooling, trained on the same corpus with the same batch size, steps, schedule
+   and checkpoint rule;
 
 on text->image and image->text Recall@1 with explicit captions ("a red triangle in the top left") and with knowledge
 captions ("the shape with three corners and the colour of blood in the top left") that no method trained on — a
@@ -16,7 +19,10 @@ KARR-Bench-style test in miniature. SLQ keeps the backbone untouched, so what it
 It then saves the SLQ folder (queries only), reloads it through ``AutoModel`` and ``SentenceTransformer`` and checks
 the recall is unchanged, and writes the modality-gap figures. Outputs go to ``outputs/demo/``.
 
-    .venv/bin/python examples/demo.py [--steps 1000] [--num-queries 8] [--out outputs/demo]
+    .venv/bin/python examples/demo.py [--steps 500] [--num-queries 8] [--out outputs/demo]
+
+Extra rows (another method, a reranker) or pictures are one function appended to ``EXTRA_STEPS``: it gets the
+demo's state (``DemoState``) and may add rows with ``state.add_row``.
 """
 
 from __future__ import annotations
@@ -30,7 +36,7 @@ import random
 import sys
 import time
 import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -43,8 +49,11 @@ from slq_hf import SLQModel
 from slq_hf.evaluation import RetrievalDataset, evaluate_retrieval
 from slq_hf.modeling.modeling_slq import MAX_LOGIT_SCALE
 from slq_hf.processing import collate, to_items
-from slq_hf.testing.toy_scenes import TRAIN_SEED, Scene, combinations, heldout_scenes, scene_for
+from slq_hf.testing.toy_scenes import TRAIN_SEED, Scene, combinations, heldout_scenes
 from slq_hf.training import SLQDataCollator, symmetric_infonce
+
+sys.path.insert(0, str(Path(__file__).resolve().parent / "toy"))
+from corpus import DRAWINGS_PER_COMBINATION, write_corpus  # noqa: E402  (examples/toy/corpus.py)
 
 TOY_BACKBONE = Path(__file__).resolve().parent / "toy" / "backbone"
 CHANCE = 1 / len(combinations())
@@ -56,7 +65,7 @@ class DemoConfig:
     """Everything the demo's numbers depend on (all seeds pinned)."""
 
     backbone: str = str(TOY_BACKBONE)
-    steps: int = 1000
+    steps: int = 500
     batch_size: int = 32
     num_queries: int = 8
     query_init: str = "normal"
@@ -64,10 +73,12 @@ class DemoConfig:
     projection_dim: int | None = None
     slq_lr: float = 3e-2
     temperature: float = 0.07
-    learn_temperature: bool = True
     lora_rank: int = 8
     lora_lr: float = 3e-3
-    warmup: int = 10
+    warmup: int = 25
+    lr_scheduler: str = "cosine"
+    eval_steps: int = 50  # validation recall every N steps; the best checkpoint is kept (SLQ and LoRA alike)
+    drawings: int = DRAWINGS_PER_COMBINATION  # training corpus: this many drawings of each of the 150 combinations
     seed: int = TRAIN_SEED
     eval_scenes: int | None = None  # None: all 150 held-out scenes (one per combination)
     eval_batch_size: int = 64
@@ -79,15 +90,33 @@ def log(message: str) -> None:
     print(message, flush=True)
 
 
+@dataclass
+class DemoState:
+    """What an extra demo step can use: the loaded backbone and processor, the trained SLQ model, the evaluation sets,
+    the config, the output folder, and the table's rows."""
+
+    config: DemoConfig
+    out: Path
+    backbone: Any
+    processor: Any
+    slq_model: Any
+    datasets: dict
+    rows: dict[str, dict[str, Any]]
+
+    def add_row(self, name: str, results: dict[str, dict], params: int = 0, seconds: float | None = None) -> None:
+        """Add a method's evaluation (``evaluate(...)`` output) as a table row."""
+        self.rows[name] = {**recall_row(results), "params": params, "seconds": seconds}
+        log("   " + _short(self.rows[name]))
+
+
+# Extra steps run after the built-in ones, in order: each is fn(state: DemoState) -> None.
+EXTRA_STEPS: list[Callable[[DemoState], None]] = []
+
+
 # -------------------------------------------------------------------------------------------------------- data
-def training_batches(config: DemoConfig) -> Iterator[list[dict]]:
-    """``config.steps`` batches of {"image", "text"} pairs: distinct combinations in a batch (no false negatives),
-    every image freshly drawn from the training stream, explicit captions only."""
-    rng = random.Random(config.seed)
-    for _ in range(config.steps):
-        combos = rng.sample(combinations(), config.batch_size)
-        scenes = [scene_for(c, rng) for c in combos]
-        yield [{"image": s.image, "text": s.caption} for s in scenes]
+def training_corpus(config: DemoConfig) -> dict[str, Path]:
+    """The fixed toy corpus as JSONL + PNG files (``examples/toy/corpus.py``): what `slq-hf train` reads."""
+    return write_corpus(Path(config.out) / "data", config.drawings)
 
 
 def evaluation_sets(config: DemoConfig) -> dict[str, RetrievalDataset]:
@@ -101,13 +130,6 @@ def evaluation_sets(config: DemoConfig) -> dict[str, RetrievalDataset]:
         "knowledge": RetrievalDataset.from_pairs(images, [s.knowledge_caption for s in scenes],
                                                  name="toy held-out, knowledge captions"),
     }
-
-
-def lr_factor(step: int, config: DemoConfig) -> float:
-    """Linear warmup, then cosine decay to zero."""
-    if step < config.warmup:
-        return (step + 1) / config.warmup
-    return 0.5 * (1 + math.cos(math.pi * (step - config.warmup) / max(1, config.steps - config.warmup)))
 
 
 # ----------------------------------------------------------------------------------------------- last token
@@ -136,29 +158,39 @@ def last_token_encoder(backbone, processor, batch_size: int = 64) -> Callable[[l
 
 
 # ------------------------------------------------------------------------------------------------------ train
-def train_slq(model: SLQModel, config: DemoConfig) -> float:
-    """Train only the queries and the temperature with symmetric InfoNCE (the model's own loss); returns seconds."""
-    collator = SLQDataCollator(model.processor, strict=True)
-    model.logit_scale.requires_grad_(config.learn_temperature)
-    params = [p for p in model.parameters() if p.requires_grad]  # queries, temperature (+ optional head)
-    optimizer = torch.optim.AdamW(params, lr=config.slq_lr, weight_decay=0.0)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, config))
-    model.train()
+def slq_train_argv(config: DemoConfig, files: dict[str, Path], out: Path) -> list[str]:
+    """The `slq-hf train` command line the demo runs (printed, so it can be re-run as is)."""
+    return ["train", "--backbone", config.backbone, "--train-data", str(files["train"]), "--eval-data",
+            str(files["validation"]), "--output-dir", str(out), "--num-queries", str(config.num_queries),
+            "--query-init", config.query_init, "--pooling", config.pooling, "--temperature", str(config.temperature),
+            "--lr", str(config.slq_lr), "--lr-scheduler", config.lr_scheduler, "--warmup", str(config.warmup),
+            "--max-steps", str(config.steps), "--batch-size", str(config.batch_size), "--eval-steps",
+            str(config.eval_steps), "--logging-steps", str(config.log_every), "--seed", str(config.seed),
+            "--save-total-limit", "1", "--overwrite-output-dir", "--use-cpu", "--dtype", "float32"]
+
+
+def train_slq(config: DemoConfig, files: dict[str, Path], out: Path) -> float:
+    """Train SLQ exactly as a user does: `slq-hf train` (SLQTrainer + SLQDataCollator), best checkpoint by
+    validation recall; returns seconds. The trained folder is ``out``."""
+    from slq_hf.cli import main as cli
+
+    argv = slq_train_argv(config, files, out)
+    log("   $ slq-hf " + " ".join(argv))
     started = time.perf_counter()
-    for step, examples in enumerate(training_batches(config)):
-        out = model(**collator(examples))  # pair batch: images on the query side, captions on the positive side
-        optimizer.zero_grad(set_to_none=True)
-        out.loss.backward()
-        optimizer.step()
-        scheduler.step()
-        _progress("SLQ", step, config, out.loss, out.accuracy, model.logit_scale, started)
-    model.eval()
+    if cli(argv) != 0:
+        raise SystemExit("slq-hf train failed (see the error above).")
     return time.perf_counter() - started
 
 
-def train_lora(backbone, processor, config: DemoConfig) -> float:
-    """LoRA on the backbone's attention (q,k,v,o) with last-token pooling, same batches and steps; returns seconds."""
+def train_lora(backbone, processor, config: DemoConfig, files: dict[str, Path]) -> float:
+    """LoRA on the backbone's attention (q,k,v,o) with last-token pooling: the same corpus, batch size, steps,
+    schedule and best-checkpoint rule as SLQ (the product has no LoRA path, so this is a plain loop); returns
+    seconds."""
     from peft import LoraConfig, get_peft_model
+    from torch.utils.data import DataLoader, RandomSampler
+    from transformers import get_scheduler
+
+    from slq_hf.training import read_jsonl
 
     lora = LoraConfig(r=config.lora_rank, lora_alpha=2 * config.lora_rank, lora_dropout=0.0,
                       target_modules=["q_proj", "k_proj", "v_proj", "o_proj"])
@@ -166,23 +198,54 @@ def train_lora(backbone, processor, config: DemoConfig) -> float:
     logit_scale = torch.nn.Parameter(torch.tensor(math.log(1 / config.temperature)))
     params = [p for p in backbone.parameters() if p.requires_grad] + [logit_scale]
     optimizer = torch.optim.AdamW(params, lr=config.lora_lr, weight_decay=0.0)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, config))
+    scheduler = get_scheduler(config.lr_scheduler, optimizer, num_warmup_steps=config.warmup,
+                              num_training_steps=config.steps)
     collator = SLQDataCollator(processor, strict=True)
-    backbone.train()
+    data = read_jsonl(files["train"])
+    loader = DataLoader(data, batch_size=config.batch_size, collate_fn=collator,
+                        sampler=RandomSampler(data, generator=torch.Generator().manual_seed(config.seed)))
+    validation = _validation_set(files)
+    best = (-1.0, None)
     started = time.perf_counter()
-    for step, examples in enumerate(training_batches(config)):
-        batch = collator(examples)
-        images = last_token_states(backbone, {k: v for k, v in batch.items() if not k.startswith("positive_")})
-        texts = last_token_states(backbone, {k[len("positive_"):]: v for k, v in batch.items()
-                                             if k.startswith("positive_")})
-        out = symmetric_infonce(images, texts, logit_scale, max_logit_scale=MAX_LOGIT_SCALE)
-        optimizer.zero_grad(set_to_none=True)
-        out.loss.backward()
-        optimizer.step()
-        scheduler.step()
-        _progress("LoRA", step, config, out.loss, out.accuracy, logit_scale, started)
+    step = 0
+    while step < config.steps:
+        for batch in loader:
+            backbone.train()
+            images = last_token_states(backbone, {k: v for k, v in batch.items() if not k.startswith("positive_")})
+            texts = last_token_states(backbone, {k[len("positive_"):]: v for k, v in batch.items()
+                                                 if k.startswith("positive_")})
+            out = symmetric_infonce(images, texts, logit_scale, max_logit_scale=MAX_LOGIT_SCALE)
+            optimizer.zero_grad(set_to_none=True)
+            out.loss.backward()
+            optimizer.step()
+            scheduler.step()
+            step += 1
+            _progress("LoRA", step - 1, config, out.loss, out.accuracy, logit_scale, started)
+            if step % config.eval_steps == 0 or step == config.steps:
+                backbone.eval()
+                recall = _mean_r1(evaluate_retrieval(last_token_encoder(backbone, processor, config.eval_batch_size),
+                                                     validation, batch_size=config.eval_batch_size,
+                                                     show_progress_bar=False))
+                if recall > best[0]:
+                    best = (recall, {n: p.detach().clone() for n, p in backbone.named_parameters() if p.requires_grad})
+            if step == config.steps:
+                break
+    with torch.no_grad():  # the best validation checkpoint, as SLQ's run keeps
+        for name, param in backbone.named_parameters():
+            if name in best[1]:
+                param.copy_(best[1][name])
     backbone.eval()
     return time.perf_counter() - started
+
+
+def _validation_set(files: dict[str, Path]) -> RetrievalDataset:
+    from slq_hf.evaluation import load_retrieval_dataset
+
+    return load_retrieval_dataset(str(files["validation"]), "jsonl", None)
+
+
+def _mean_r1(result: dict) -> float:
+    return (result["metrics"]["t2i"]["R@1"] + result["metrics"]["i2t"]["R@1"]) / 2
 
 
 def _progress(name: str, step: int, config: DemoConfig, loss, accuracy, logit_scale, started: float) -> None:
@@ -257,6 +320,7 @@ def run(config: DemoConfig) -> dict[str, Any]:
     rows["zero-shot last token"] = {**recall_row(last_token_results), "params": 0, "seconds": 0}
     log("   " + _short(rows["zero-shot last token"]))
 
+    files = training_corpus(config)
     model = SLQModel.from_backbone(backbone, num_queries=config.num_queries, processor=processor,
                                    query_init=config.query_init, temperature=config.temperature,
                                    pooling=config.pooling, projection_dim=config.projection_dim)
@@ -264,18 +328,21 @@ def run(config: DemoConfig) -> dict[str, Any]:
     log(f"3. SLQ with {config.num_queries} random queries (untrained, {slq_params:,} trainable parameters)")
     rows["SLQ, random queries"] = {**recall_row(evaluate(model, datasets, config)), "params": 0, "seconds": 0}
     log("   " + _short(rows["SLQ, random queries"]))
+    del model
 
-    log(f"4. Training SLQ: {config.steps} steps x {config.batch_size} pairs (explicit captions only), lr "
-        f"{config.slq_lr} cosine, backbone frozen")
-    seconds = train_slq(model, config)
+    folder = out / "slq-toy"
+    log(f"4. Training SLQ with `slq-hf train` on a fixed corpus ({config.drawings} drawings x 150 combinations, "
+        f"explicit captions only): {config.steps} steps x {config.batch_size} pairs, lr {config.slq_lr} "
+        f"{config.lr_scheduler}, best of the checkpoints by validation recall, backbone frozen")
+    seconds = train_slq(config, files, folder)
+    # The trained folder on the SAME backbone object: SLQ never changed it, so it still generates below.
+    model = SLQModel.from_pretrained(folder, backbone=backbone, processor=processor)
     slq_results = evaluate(model, datasets, config, gap_plot=out / "modality_gap_slq.png")
     rows["SLQ trained (frozen backbone)"] = {**recall_row(slq_results), "params": slq_params, "seconds": seconds}
     log("   " + _short(rows["SLQ trained (frozen backbone)"]))
     log(f"   the same backbone object still generates: {_caption(model.backbone, processor, sample)!r}")
 
-    log("5. Save the SLQ folder and reload it")
-    folder = out / "slq-toy"
-    model.save_pretrained(folder)
+    log("5. Reload the SLQ folder")
     sizes = {p.name: p.stat().st_size for p in folder.iterdir() if p.is_file()}
     log(f"   {folder}: model.safetensors {sizes.get('model.safetensors', 0):,} bytes (queries + temperature); "
         f"{len(sizes)} files, {sum(sizes.values()) / 1024:.0f} KB in all")
@@ -297,15 +364,19 @@ def run(config: DemoConfig) -> dict[str, Any]:
                                                           evaluate(st, datasets, config))
         del st
 
-    log(f"6. Training LoRA r={config.lora_rank} on q,k,v,o (last-token pooling): same {config.steps} steps and "
-        f"batches, lr {config.lora_lr} cosine")
+    log(f"6. Training LoRA r={config.lora_rank} on q,k,v,o (last-token pooling): same corpus, {config.steps} steps x "
+        f"{config.batch_size} pairs, lr {config.lora_lr} {config.lr_scheduler}, best validation checkpoint")
     lora_backbone = AutoModelForImageTextToText.from_pretrained(config.backbone, dtype=torch.float32)
-    seconds = train_lora(lora_backbone, processor, config)
+    seconds = train_lora(lora_backbone, processor, config, files)
     lora_params = sum(p.numel() for p in lora_backbone.parameters() if p.requires_grad) + 1
     rows[f"LoRA r={config.lora_rank} q,k,v,o, last token"] = {
         **recall_row(evaluate(last_token_encoder(lora_backbone, processor, config.eval_batch_size), datasets,
                               config)), "params": lora_params, "seconds": seconds}
     log("   " + _short(rows[f"LoRA r={config.lora_rank} q,k,v,o, last token"]))
+
+    state = DemoState(config, out, backbone, processor, model, datasets, rows)
+    for extra in EXTRA_STEPS:
+        extra(state)
 
     table = format_table(rows)
     minutes = (time.perf_counter() - total_started) / 60
@@ -356,6 +427,10 @@ def parse_args(argv: list[str] | None = None) -> DemoConfig:
     parser.add_argument("--lora-lr", type=float, default=defaults.lora_lr, help="LoRA peak learning rate")
     parser.add_argument("--temperature", type=float, default=defaults.temperature, help="initial temperature")
     parser.add_argument("--eval-scenes", type=int, default=None, help="evaluate on a subset of the 150 scenes")
+    parser.add_argument("--eval-steps", type=int, default=defaults.eval_steps,
+                        help="validation recall every N steps; the best checkpoint is kept")
+    parser.add_argument("--drawings", type=int, default=defaults.drawings,
+                        help="training corpus: drawings of each of the 150 combinations")
     parser.add_argument("--seed", type=int, default=defaults.seed, help="training-data and init seed")
     parser.add_argument("--threads", type=int, default=None,
                         help="torch CPU threads (default: 1; a 1M-parameter model gains little from more)")
@@ -365,7 +440,7 @@ def parse_args(argv: list[str] | None = None) -> DemoConfig:
     return DemoConfig(backbone=args.backbone, steps=args.steps, batch_size=args.batch_size,
                       num_queries=args.num_queries, query_init=args.query_init, slq_lr=args.slq_lr,
                       lora_lr=args.lora_lr, temperature=args.temperature, eval_scenes=args.eval_scenes,
-                      seed=args.seed, out=args.out)
+                      eval_steps=args.eval_steps, drawings=args.drawings, seed=args.seed, out=args.out)
 
 
 def quiet_libraries() -> None:

@@ -89,7 +89,8 @@ def test_backbone_captions_fresh_scenes(toy):
 @pytest.mark.filterwarnings("ignore:.*is_gradient_checkpointing.*:FutureWarning")
 def test_demo_runs_at_a_tiny_scale(tmp_path, capsys):
     demo = _load_module(ROOT / "examples" / "demo.py", "slq_demo")
-    config = demo.DemoConfig(steps=2, batch_size=8, eval_scenes=12, warmup=1, log_every=1, out=str(tmp_path))
+    config = demo.DemoConfig(steps=2, batch_size=8, eval_scenes=12, warmup=1, log_every=1, eval_steps=1, drawings=1,
+                             out=str(tmp_path))
     summary = demo.run(config)
     assert set(summary["rows"]) == {"zero-shot last token", "SLQ, random queries", "SLQ trained (frozen backbone)",
                                     "LoRA r=8 q,k,v,o, last token"}
@@ -97,4 +98,8 @@ def test_demo_runs_at_a_tiny_scale(tmp_path, capsys):
     assert (tmp_path / "modality_gap_slq.png").stat().st_size > 0
     saved = tmp_path / "slq-toy" / "model.safetensors"
     assert saved.stat().st_size < 20_000  # queries + temperature only, never the backbone
-    assert "| SLQ trained (frozen backbone) |" in capsys.readouterr().out
+    stdout = capsys.readouterr().out
+    assert "| SLQ trained (frozen backbone) |" in stdout
+    # SLQ was trained by the product (`slq-hf train`), not by a loop of the demo's own
+    assert "Plan: 150 training pairs" in stdout and "$ slq-hf train --backbone" in stdout
+    assert json.loads((tmp_path / "slq-toy" / "training_summary.json").read_text())["steps"] == 2

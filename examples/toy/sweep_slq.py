@@ -1,7 +1,7 @@
 """What moves SLQ on the toy backbone: one-factor sweeps around the demo's settings (the BENCHMARKS.md "toy" notes).
 
-Each row trains SLQ queries (or, with ``lora``, the LoRA baseline) with the demo's code and seeds, changing one
-setting from the demo's defaults, and reports R@1 on the 150 held-out scenes.
+Each row trains SLQ queries with `slq-hf train` (or, with ``lora``, the LoRA baseline) with the demo's code, corpus
+and seeds, changing one setting from the demo's defaults, and reports R@1 on the 150 held-out scenes.
 
     .venv/bin/python examples/toy/sweep_slq.py                         # the default sweep, ~20 minutes on 2 cores
     .venv/bin/python examples/toy/sweep_slq.py num_queries=16 query_init=vocab slq_lr=3e-2
@@ -83,14 +83,14 @@ def main() -> None:
         torch.manual_seed(config.seed)
         backbone = AutoModelForImageTextToText.from_pretrained(config.backbone, dtype=torch.float32).eval()
         started = time.perf_counter()
+        files = demo.training_corpus(config)
         if lora:
-            demo.train_lora(backbone, processor, config)
+            demo.train_lora(backbone, processor, config, files)
             encoder = demo.last_token_encoder(backbone, processor, config.eval_batch_size)
-        else:
-            encoder = SLQModel.from_backbone(backbone, num_queries=config.num_queries, processor=processor,
-                                             query_init=config.query_init, temperature=config.temperature,
-                                             pooling=config.pooling, projection_dim=config.projection_dim)
-            demo.train_slq(encoder, config)
+        else:  # `slq-hf train`, as the demo runs it
+            folder = Path(config.out) / "sweep-slq"
+            demo.train_slq(config, files, folder)
+            encoder = SLQModel.from_pretrained(folder, backbone=backbone, processor=processor)
         seconds = time.perf_counter() - started
         recall = demo.recall_row(demo.evaluate(encoder, datasets, config))
         cells = " | ".join(f"{recall[f'{p} {d}']:.1f}" for p, d in demo.COLUMNS)
