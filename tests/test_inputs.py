@@ -679,6 +679,11 @@ def test_sentence_transformers_helpers_take_inputs_like_encode(model, tmp_path):
     inputs = [str(tmp_path / "anim.gif"), Image.open(tmp_path / "rot.jpg"), tmp_path / "rot.jpg", "a caption",
               {"image": _scene(40, 30, mode="RGBA"), "text": "what?"}]
     _close(st.encode(inputs, convert_to_tensor=True, batch_size=2), model.encode(inputs))
+    # still picklable (multi-process pools send the model to workers), and the copy keeps encode's handling
+    import pickle
+
+    copy = pickle.loads(pickle.dumps(st))
+    _close(copy.encode(inputs[:3], convert_to_tensor=True), model.encode(inputs[:3]))
     for value, message in [(Image.new("RGB", (0, 5)), "zero size"), ("", "empty or whitespace"),
                            ("missing/cat.jpg", "no such file"), (None, "Input is None")]:
         with pytest.raises(SLQInputError, match=message):
