@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import random
 import shlex
 import statistics
 import subprocess
@@ -32,66 +31,29 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:  # run as a script: import the repository's slq_hf
     sys.path.append(str(ROOT))
 
-from slq_hf.testing.toy_scenes import TRAIN_SEED, combinations, heldout_scenes, scene_for  # noqa: E402
+sys.path.insert(0, str(ROOT / "examples" / "toy"))
+from corpus import DRAWINGS_PER_COMBINATION, write_corpus  # noqa: E402  (examples/toy/corpus.py)
 
 TOY_BACKBONE = ROOT / "examples" / "toy" / "backbone"
-DRAWINGS_PER_COMBINATION = 64
-VALIDATION_SEED = 2_000_003  # a stream neither the corpus (TRAIN_SEED) nor the test split (HELDOUT_SEED) uses
 
 # Settings every recipe shares: the toy's size of model and batch.
 COMMON = ["--num-queries", "8", "--batch-size", "32", "--logging-steps", "100"]
 # name -> (what it is, extra `slq-hf train` arguments). "default" is the CLI's own defaults for everything else.
-TOY = ["--lr", "3e-2", "--max-steps", "1000", "--warmup", "50"]
+TOY = ["--lr", "3e-2", "--max-steps", "500", "--warmup", "25"]
 RECIPES: dict[str, tuple[str, list[str]]] = {
-    "toy-default": ("cosine schedule, eval on the validation file every 100 steps, final model = best eval_mean_R@1",
-                    [*TOY, "--lr-scheduler", "cosine", "--eval-data", "{validation}", "--eval-steps", "100"]),
-    "cosine-last": ("cosine schedule, no evaluation, final model = last step", [*TOY, "--lr-scheduler", "cosine"]),
+    "toy-default": ("cosine schedule, eval on the validation file every 50 steps, final model = best eval_mean_R@1",
+                    [*TOY, "--lr-scheduler", "cosine", "--eval-data", "{validation}", "--eval-steps", "50"]),
+    # Not trained separately: evaluation draws no random numbers, so the toy-default run's last checkpoint IS the
+    # model a run without --eval-data ends with (same seed, same batches, same updates).
+    "cosine-last": ("cosine schedule, final model = last step (the toy-default run's last checkpoint)", []),
     "linear-last": ("as in the issue: the Trainer's linear schedule, final model = last step",
                     [*TOY, "--lr-scheduler", "linear"]),
 }
 
 
 def prepare_data(folder: Path) -> dict[str, Path]:
-    """Write the corpus, validation and test files once (deterministic; reused when present)."""
-    folder.mkdir(parents=True, exist_ok=True)
-    files = {"train": folder / "train.jsonl", "validation": folder / "validation.jsonl",
-             "test_caption": folder / "test_caption.jsonl", "test_knowledge": folder / "test_knowledge.jsonl"}
-    if all(path.is_file() for path in files.values()):
-        return files
-    images = folder / "images"
-    images.mkdir(exist_ok=True)
-    rng = random.Random(TRAIN_SEED)
-    lines = []
-    for round_ in range(DRAWINGS_PER_COMBINATION):
-        for index, combination in enumerate(combinations()):
-            scene = scene_for(combination, rng)
-            name = f"images/train_{round_:02d}_{index:03d}.png"
-            scene.image.save(folder / name)
-            lines.append({"image": name, "text": scene.caption})
-    _write_jsonl(files["train"], lines)
-    rng = random.Random(VALIDATION_SEED)
-    lines = []
-    for index, combination in enumerate(combinations()):
-        scene = scene_for(combination, rng)
-        name = f"images/validation_{index:03d}.png"
-        scene.image.save(folder / name)
-        lines.append({"image": name, "text": scene.caption})
-    _write_jsonl(files["validation"], lines)
-    captions, knowledge = [], []
-    for index, scene in enumerate(heldout_scenes()):
-        name = f"images/test_{index:03d}.png"
-        scene.image.save(folder / name)
-        captions.append({"image": name, "text": scene.caption})
-        knowledge.append({"image": name, "text": scene.knowledge_caption})
-    _write_jsonl(files["test_caption"], captions)
-    _write_jsonl(files["test_knowledge"], knowledge)
-    return files
-
-
-def _write_jsonl(path: Path, lines: list[dict]) -> None:
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text("".join(json.dumps(line) + "\n" for line in lines))
-    os.replace(tmp, path)
+    """The corpus, validation and test files (``examples/toy/corpus.py``, the demo's data), written once."""
+    return write_corpus(folder, DRAWINGS_PER_COMBINATION)
 
 
 def train_command(recipe: str, seed: int, files: dict[str, Path], out: Path) -> list[str]:
@@ -121,6 +83,35 @@ def _run(command: list[str], log: Path) -> None:
         raise SystemExit(f"{shlex.join(command)} failed (exit {done.returncode}); see {log}")
 
 
+# recipe -> (recipe it is read from, which checkpoint)
+DERIVED = {"cosine-last": "toy-default"}
+
+
+def evaluate_model(model: Path, files: dict[str, Path], prefix: Path, log: Path) -> tuple[dict, list[list[str]]]:
+    """`slq-hf eval` of ``model`` on both caption sets: ({"caption t2i": R@1 %, ...}, the command lines)."""
+    recall, commands = {}, []
+    for part in ("caption", "knowledge"):
+        result = prefix.with_name(f"{prefix.name}-{part}.json")
+        commands.append(eval_command(model, files[f"test_{part}"], result))
+        _run(commands[-1], log)
+        metrics = json.loads(result.read_text())["metrics"]
+        recall[f"{part} t2i"] = 100 * metrics["t2i"]["R@1"]
+        recall[f"{part} i2t"] = 100 * metrics["i2t"]["R@1"]
+    return recall, commands
+
+
+def run_derived(recipe: str, source_row: dict, files: dict[str, Path], work: Path) -> dict:
+    """A recipe read off another recipe's run: its last checkpoint, evaluated with `slq-hf eval`."""
+    seed = source_row["seed"]
+    out = work / "runs" / f"{source_row['recipe']}-seed{seed}"
+    last = out / f"checkpoint-{source_row['steps']}"
+    log = work / "runs" / f"{recipe}-seed{seed}.log"
+    recall, commands = evaluate_model(last, files, work / "runs" / f"{recipe}-seed{seed}", log)
+    return {"recipe": recipe, "seed": seed, "recall": recall, "train_seconds": source_row["train_seconds"],
+            "steps": source_row["steps"], "best": None,
+            "commands": [source_row["commands"][0], *(shlex.join(c) for c in commands)]}
+
+
 def run_one(recipe: str, seed: int, files: dict[str, Path], work: Path) -> dict:
     """Train one (recipe, seed) with `slq-hf train`, evaluate the final model with `slq-hf eval` on both caption
     sets; returns the result row."""
@@ -132,14 +123,8 @@ def run_one(recipe: str, seed: int, files: dict[str, Path], work: Path) -> dict:
     commands = [train_command(recipe, seed, files, out)]
     _run(commands[0], log)
     seconds = time.time() - started
-    recall = {}
-    for part in ("caption", "knowledge"):
-        result = work / "runs" / f"{recipe}-seed{seed}-{part}.json"
-        commands.append(eval_command(out, files[f"test_{part}"], result))
-        _run(commands[-1], log)
-        metrics = json.loads(result.read_text())["metrics"]
-        recall[f"{part} t2i"] = 100 * metrics["t2i"]["R@1"]
-        recall[f"{part} i2t"] = 100 * metrics["i2t"]["R@1"]
+    recall, evals = evaluate_model(out, files, work / "runs" / f"{recipe}-seed{seed}", log)
+    commands += evals
     summary = json.loads((out / "training_summary.json").read_text())
     return {"recipe": recipe, "seed": seed, "recall": recall, "train_seconds": round(seconds, 1),
             "steps": summary["steps"], "best": summary.get("best_metric"),
@@ -175,11 +160,18 @@ def main() -> None:
     files = prepare_data(args.work / "data")
     rows = [json.loads(line) for line in results.read_text().splitlines()] if results.is_file() else []
     if not args.table:
+        order = sorted(args.recipes, key=lambda r: r in DERIVED)  # derived recipes after their sources
         for seed in args.seeds:
-            for recipe in args.recipes:
+            for recipe in order:
                 if any(r["recipe"] == recipe and r["seed"] == seed for r in rows):
                     continue
-                row = run_one(recipe, seed, files, args.work)
+                if recipe in DERIVED:
+                    source = [r for r in rows if r["recipe"] == DERIVED[recipe] and r["seed"] == seed]
+                    if not source:
+                        continue  # its source run is not done yet
+                    row = run_derived(recipe, source[0], files, args.work)
+                else:
+                    row = run_one(recipe, seed, files, args.work)
                 print(json.dumps(row), flush=True)
                 with results.open("a") as handle:
                     handle.write(json.dumps(row) + "\n")
