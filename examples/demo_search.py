@@ -121,7 +121,7 @@ def run(slq_folder: str | os.PathLike, out_dir: str | os.PathLike, queries: list
     queries = queries or default_queries()
     items = write_scenes(out, limit)
     model = SLQModel.from_pretrained(slq_folder)
-    settings = dict(shard_size=64, batch_size=batch_size, show_progress_bar=False)
+    settings = dict(shard_size=64, batch_size=batch_size, show_progress_bar=False, model_source=str(slq_folder))
     try:
         build_index(model, items, out / "index", **settings)  # resumes / reuses a finished index
     except IndexMismatchError:  # pointed at another SLQ folder than last time: start this index over

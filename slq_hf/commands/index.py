@@ -91,8 +91,6 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
 
 
 def run_build(args: argparse.Namespace) -> int:
-    from pathlib import Path
-
     def build() -> dict:
         from ..retrieval import build_index
         from ..retrieval.distributed import rank_device
@@ -111,7 +109,7 @@ def run_build(args: argparse.Namespace) -> int:
                            shard_size=args.shard_size, precision=args.precision, faiss_factory=args.faiss,
                            query_set=args.query_set, overwrite=args.overwrite, strict=args.strict,
                            show_progress_bar=False if args.no_progress else None,
-                           model_source=str(Path(args.model).resolve()) if Path(args.model).is_dir() else args.model)
+                           model_source=args.model)
 
     def done(manifest: dict) -> None:
         run = manifest.get("run")

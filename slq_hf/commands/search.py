@@ -78,7 +78,8 @@ def run(args: argparse.Namespace) -> int:
         if args.model is None:
             args.model = index.manifest["model"].get("source")
             if not args.model:
-                raise ValueError(f"{args.index_dir} does not record its model; pass --model SLQ_DIR.")
+                raise ValueError(f"{args.index_dir} does not record which model built it (built from Python without "
+                                 "model_source=); pass --model SLQ_DIR.")
         model = load_model(args)
         depth = args.rerank or args.k
         results = index.search(model, [value for _, value in queries], k=depth,

@@ -145,7 +145,7 @@ def build_index(
         precision: float32 | float16 | int8 | ubinary (how FAISS stores the vectors; see faiss_index.py).
         faiss_factory: FAISS index-factory string; default by corpus size (:func:`faiss_index.default_factory`).
         query_set: embed the corpus with this query set (default: the model's active one).
-        model_source: how to name the model in the manifest (its folder or Hub id).
+        model_source: the model's folder or Hub id, recorded so `slq-hf search` can load it by default.
 
     Returns:
         the manifest (dict) with "run": {"skipped_shards", "encoded_shards", "bad_items", "seconds", ...}.
@@ -164,7 +164,7 @@ def build_index(
         fingerprint = model_fingerprint(model)
         manifest = {
             "format_version": FORMAT_VERSION,
-            "model": {**fingerprint, "source": model_source or getattr(model.config, "_name_or_path", None),
+            "model": {**fingerprint, "source": _source(model, model_source),
                       "embedding_dim": int(model.config.embedding_dim)},
             "data": {"source": corpus.source, "format": corpus.format, "root": corpus.root, "split": split,
                      "fingerprint": data_fingerprint(keys), "num_items": len(corpus)},
@@ -193,6 +193,14 @@ def build_index(
                        "bad_items": manifest["bad_items"], "seconds": time.perf_counter() - started,
                        "world_size": context.world_size}
     return manifest
+
+
+def _source(model: Any, given: str | os.PathLike | None) -> str | None:
+    """Where the model can be loaded from again (`slq-hf search` defaults to it): a folder as an absolute path."""
+    source = given or getattr(model.config, "_name_or_path", None) or None
+    if source is not None and Path(source).is_dir():
+        return str(Path(source).resolve())
+    return None if source is None else str(source)
 
 
 def _finish(index_dir: Path, manifest: dict, num_shards: int, precision: str, factory: str | None,
