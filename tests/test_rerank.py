@@ -117,7 +117,8 @@ def test_yes_no_equals_the_reference(family, tiny_backbone_path, scenes):
 
 # The toy vocabulary has no "yes" (see test_yes_no_refuses_words_outside_the_vocabulary): likelihood only there.
 @pytest.mark.parametrize("family, scorer", [("toy", "likelihood"), ("llava", "likelihood"), ("llava", "yes_no"),
-                                            ("qwen3_vl", "likelihood"), ("qwen3_vl", "yes_no")])
+                                            ("qwen3_vl", "likelihood"), ("qwen3_vl", "yes_no"),
+                                            ("gemma3", "likelihood"), ("idefics3", "yes_no")])
 def test_shared_prefix_equals_full_forwards(family, scorer, tiny_backbone_path, scenes, monkeypatch):
     import slq_hf.modeling.reranking as reranking
 
@@ -395,3 +396,16 @@ def test_slq_model_rerank_method(toy_slq, scenes):
     assert result.order.tolist() == expected.order.tolist() and result.order[0].item() == 2
     with pytest.raises(SLQInputError, match="input 0"):
         toy_slq.rerank("a red square", [None])
+
+
+def test_cache_copy_fallback_equals_the_expanded_views(scenes, monkeypatch):
+    """Caches other than plain dynamic layers are deep-copied and repeated per batch: same scores as the views."""
+    import slq_hf.modeling.reranking as reranking
+
+    model, processor = _load("toy", None)
+    captions = [s.caption for s in scenes]
+    views = rerank(model, processor, scenes[1].image, captions, batch_size=2)
+
+    monkeypatch.setattr(reranking, "_expand_cache", reranking._copy_cache)
+    copies = rerank(model, processor, scenes[1].image, captions, batch_size=2)
+    torch.testing.assert_close(views.scores, copies.scores, atol=1e-6, rtol=0)

@@ -278,9 +278,7 @@ def _expand_cache(cache: Any, batch: int) -> Any:
     layers = getattr(cache, "layers", None)
     # Exact types: subclasses (quantized, indexed layers) may update their tensors in place.
     if layers is None or not all(type(layer) in (DynamicLayer, DynamicSlidingWindowLayer) for layer in layers):
-        expanded = copy.deepcopy(cache)
-        expanded.batch_repeat_interleave(batch)
-        return expanded
+        return _copy_cache(cache, batch)
     expanded = copy.copy(cache)
     expanded.layers = []
     for layer in layers:
@@ -289,6 +287,13 @@ def _expand_cache(cache: Any, batch: int) -> Any:
             view.keys = layer.keys.expand(batch, *layer.keys.shape[1:])
             view.values = layer.values.expand(batch, *layer.values.shape[1:])
         expanded.layers.append(view)
+    return expanded
+
+
+def _copy_cache(cache: Any, batch: int) -> Any:
+    """A deep copy of a batch-1 cache repeated ``batch`` times (any cache type; costs a copy per batch)."""
+    expanded = copy.deepcopy(cache)
+    expanded.batch_repeat_interleave(batch)
     return expanded
 
 
