@@ -18,7 +18,7 @@ from slq_hf import SLQModel
 from slq_hf.modeling.losses import symmetric_infonce
 from slq_hf.modeling.modeling_slq import MAX_LOGIT_SCALE
 from slq_hf.processing import SLQInputError
-from slq_hf.training import HFPairDataset, PairDataset, SLQDataCollator, SLQTrainer, read_jsonl
+from slq_hf.training import HFPairDataset, PairDataset, SLQDataCollator, SLQTrainer, read_jsonl, retrieval_metrics
 
 NUM_QUERIES = 4
 COLOURS = {"red": (255, 0, 0), "green": (0, 255, 0), "blue": (0, 0, 255), "yellow": (255, 255, 0),
@@ -531,3 +531,26 @@ def test_a_batch_of_only_unreadable_examples_is_skipped_and_counted(model, tmp_p
     assert "1 training step(s) were skipped" in caplog.text
     with pytest.raises(SLQInputError, match="All 2 examples"):  # without SLQTrainer it stays an error
         SLQDataCollator(model.processor)(data[2:4])
+
+
+def test_best_checkpoint_by_eval_recall_becomes_the_final_model(model, tmp_path):
+    """load_best_model_at_end with a retrieval metric: the final queries are those of the checkpoint whose eval
+    recall was best (here step 2 of 4), through SLQTrainer's staged checkpoints."""
+    recalls = iter([10.0, 50.0, 20.0, 30.0])
+
+    def metrics(eval_pred):
+        real = retrieval_metrics(eval_pred, ("i2t", "t2i"))
+        assert set(real) == {"i2t_R@1", "t2i_R@1", "mean_R@1"}
+        return {**real, "t2i_R@1": next(recalls)}
+
+    args = _args(tmp_path / "out", max_steps=4, eval_strategy="steps", eval_steps=1, save_strategy="steps",
+                 save_steps=1, load_best_model_at_end=True, metric_for_best_model="eval_t2i_R@1",
+                 per_device_eval_batch_size=4)
+    trainer = SLQTrainer(model=model, args=args, train_dataset=_pairs(8), eval_dataset=_pairs(4),
+                         data_collator=SLQDataCollator(model.processor), compute_metrics=metrics)
+    trainer.train()
+    assert trainer.state.best_metric == 50.0
+    assert Path(trainer.state.best_model_checkpoint).name == "checkpoint-2"
+    saved = {step: load_file(tmp_path / "out" / f"checkpoint-{step}" / "model.safetensors") for step in (2, 4)}
+    assert not torch.equal(saved[2]["queries"], saved[4]["queries"])
+    assert torch.equal(model.queries.detach(), saved[2]["queries"])
