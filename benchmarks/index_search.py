@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import shlex
 import sys
 import tempfile
 import time
@@ -34,12 +35,12 @@ from slq_hf.retrieval import faiss_index as fi  # noqa: E402
 # (label, factory, precision, rescore multiplier, nprobe, efSearch)
 METHODS = [
     ("HNSW32 float32", "HNSW32", "float32", 1, None, 128),
-    ("IVF-PQ + rescore x10", "IVF1024,PQ{pq}", "float32", 10, 32, None),
-    ("IVF-PQ + rescore x20", "IVF1024,PQ{pq}", "float32", 20, 32, None),
+    ("IVF-PQ + rescore x10", "IVF{nlist},PQ{pq}", "float32", 10, 32, None),
+    ("IVF-PQ + rescore x20", "IVF{nlist},PQ{pq}", "float32", 20, 32, None),
     ("ubinary Flat + rescore x10", "Flat", "ubinary", 10, None, None),
     ("ubinary HNSW32 + rescore x10", "HNSW32", "ubinary", 10, None, 256),
-    ("ubinary IVF1024 + rescore x10", "IVF1024", "ubinary", 10, 32, None),
-    ("ubinary IVF1024 + rescore x20", "IVF1024", "ubinary", 20, 32, None),
+    ("ubinary IVF + rescore x10", "IVF{nlist}", "ubinary", 10, 32, None),
+    ("ubinary IVF + rescore x20", "IVF{nlist}", "ubinary", 20, 32, None),
     ("int8 Flat + rescore x4", "Flat", "int8", 4, None, None),
 ]
 
@@ -108,6 +109,7 @@ def main() -> None:
     parser.add_argument("--n", type=int, default=1_000_000, help="corpus vectors (default 1M)")
     parser.add_argument("--dim", type=int, default=512, help="vector width (default 512)")
     parser.add_argument("--clusters", type=int, default=10_000)
+    parser.add_argument("--nlist", type=int, default=1024, help="IVF lists (default 1024 = sqrt(1M))")
     parser.add_argument("--queries", type=int, default=200)
     parser.add_argument("--k", type=int, default=10)
     parser.add_argument("--skip", nargs="*", default=[], help="labels (prefix) of methods to leave out")
@@ -139,7 +141,8 @@ def main() -> None:
         for label, factory, precision, multiplier, nprobe, ef in METHODS:
             if any(label.startswith(s) for s in args.skip):
                 continue
-            factory = factory.format(pq=args.dim // 16)  # one byte per 16 dims, as default_factory picks
+            factory = factory.format(pq=args.dim // 16, nlist=args.nlist)  # PQ: 1 byte / 16 dims (default_factory)
+            nprobe = nprobe and max(1, round(nprobe * args.nlist / 1024))  # the same share of the lists
             key = (factory, precision)
             if key not in built:
                 built.clear()  # one big index in memory at a time
@@ -163,8 +166,8 @@ def main() -> None:
     winners = [r for r in rows[1:] if r[1] >= 0.95 and r[2] >= 10 * exact_qps and r[3] <= exact_bytes / 8]
     body = "\n".join([
         "## Corpus search: FAISS precisions and rescoring (issue 13)",
-        f"`nice -n 10 .venv/bin/python benchmarks/index_search.py --n {args.n} --dim {args.dim} --queries "
-        f"{args.queries}{' --write BENCHMARKS.md' if args.write else ''}` ({total / 60:.1f} min, "
+        f"`nice -n 10 .venv/bin/python benchmarks/index_search.py {shlex.join(sys.argv[1:])}` "
+        f"({total / 60:.1f} min, "
         f"OMP_NUM_THREADS={threads}; "
         f"{machine()}; shared with other jobs).",
         "",
