@@ -35,7 +35,7 @@ def scenes():
 
 
 # ----------------------------------------------------------------------------------------------- the reference
-def _reference_inputs(processor, image, user_text: str | None, answer: list[int]):
+def _reference_inputs(processor, image, user_text: str | None, answer: list[int], instruction: str | None = None):
     """Prompt through the processor's own chat template, then ``answer`` appended by hand.
 
     The image first goes through ``prepare_inputs``: the input path ``encode`` and ``rerank`` share (large images
@@ -43,6 +43,8 @@ def _reference_inputs(processor, image, user_text: str | None, answer: list[int]
     """
     image = prepare_inputs([image], processor)[0]
     content = [{"type": "image", "image": image}] + ([{"type": "text", "text": user_text}] if user_text else [])
+    if instruction:
+        content.insert(0, {"type": "text", "text": instruction})
     batch = processor.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True,
                                           tokenize=True, return_dict=True, return_tensors="pt")
     batch = dict(batch)
@@ -65,8 +67,9 @@ def _answer(family: str, processor, text: str) -> list[int]:
 
 
 @torch.no_grad()
-def reference_likelihood(family, model, processor, image, text: str) -> float:
-    batch, start = _reference_inputs(processor, image, None, _answer(family, processor, text))
+def reference_likelihood(family, model, processor, image, text: str, user_text: str | None = None,
+                         instruction: str | None = None) -> float:
+    batch, start = _reference_inputs(processor, image, user_text, _answer(family, processor, text), instruction)
     logprobs = torch.log_softmax(model(**batch).logits[0].float(), dim=-1)  # (L, V)
     targets = batch["input_ids"][0, start:]
     return logprobs[start - 1 : -1].gather(1, targets[:, None]).mean().item()
@@ -409,3 +412,17 @@ def test_cache_copy_fallback_equals_the_expanded_views(scenes, monkeypatch):
     monkeypatch.setattr(reranking, "_expand_cache", reranking._copy_cache)
     copies = rerank(model, processor, scenes[1].image, captions, batch_size=2)
     torch.testing.assert_close(views.scores, copies.scores, atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_image_text_candidates_and_an_instruction_match_the_reference(family, tiny_backbone_path, scenes):
+    """A candidate {"image", "text"} puts its text after the image in the user turn; ``prompt=`` goes before it."""
+    model, processor = _load(family, tiny_backbone_path)
+    query = scenes[0].caption
+    candidates = [{"image": s.image, "text": "the shape"} for s in scenes[:3]]
+    result = rerank(model, processor, query, candidates, prompt="describe")
+    expected = [reference_likelihood(family, model, processor, s.image, query, "the shape", "describe")
+                for s in scenes[:3]]
+    torch.testing.assert_close(result.scores, torch.tensor(expected), atol=1e-5, rtol=0)
+    plain = rerank(model, processor, query, [s.image for s in scenes[:3]])
+    assert not torch.allclose(plain.scores, result.scores, atol=1e-4)  # the extra text and instruction count
