@@ -10,6 +10,8 @@ import hashlib
 import json
 import os
 import pickle
+import shutil
+import signal
 import struct
 import subprocess
 import sys
@@ -456,8 +458,9 @@ def test_save_tensors_bytes_are_reproducible_across_processes(tmp_path):
 _FSIZE_SAVE = """
 import resource, signal, sys, torch
 from slq_hf.modeling import checkpoint as ck
-if sys.argv[2] == "ignore":  # then the write fails with EFBIG instead of the process being killed
-    signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+# "ignore": the write fails with EFBIG; "killed": the kernel's default, SIGXFSZ kills the process (Python itself
+# starts with SIGXFSZ ignored, so the default is restored explicitly).
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN if sys.argv[2] == "ignore" else signal.SIG_DFL)
 resource.setrlimit(resource.RLIMIT_FSIZE, (4096, 4096))
 ck.save_tensors({"queries": torch.ones(4096, 8)}, sys.argv[1])
 """
@@ -469,7 +472,7 @@ def test_save_tensors_disk_full_keeps_the_old_file(tmp_path, mode):
     ck.save_tensors({"queries": torch.zeros(2, 8)}, path)
     before = path.read_bytes()
     result = _run(_FSIZE_SAVE, str(path), mode)
-    assert result.returncode != 0
+    assert result.returncode == (1 if mode == "ignore" else -signal.SIGXFSZ), result.stderr[-3000:]
     if mode == "ignore":
         assert "File too large" in result.stderr
     assert path.read_bytes() == before
@@ -525,7 +528,6 @@ def test_new_empty_and_slq_folders_are_valid_targets(tmp_path):
 
 
 def _foreign_folders(tmp_path: Path, backbone: str) -> dict[str, Path]:
-    import shutil
 
     folders = {"backbone": tmp_path / "backbone"}
     shutil.copytree(backbone, folders["backbone"])
@@ -723,8 +725,7 @@ _FSIZE_FOLDER = """
 import resource, signal, sys, torch
 from pathlib import Path
 from slq_hf.modeling import checkpoint as ck
-if sys.argv[2] == "ignore":
-    signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN if sys.argv[2] == "ignore" else signal.SIG_DFL)
 resource.setrlimit(resource.RLIMIT_FSIZE, (65536, 65536))
 def write(out):
     (out / "config.json").write_text('{"model_type": "slq", "num_queries": 4096}')
@@ -739,7 +740,7 @@ def test_disk_full_during_a_folder_save(tmp_path, mode):
     ck.write_folder(target, lambda out: _write_slq(out, 4, sets=("query",)))
     before = tree_digest(target)
     result = _run(_FSIZE_FOLDER, str(target), mode)
-    assert result.returncode != 0
+    assert result.returncode == (1 if mode == "ignore" else -signal.SIGXFSZ), result.stderr[-3000:]
     if mode == "ignore":
         assert "File too large" in result.stderr and [p.name for p in tmp_path.iterdir()] == ["slq"]
     assert tree_digest(target) == before and _read_slq(target)["num_queries"] == 4
