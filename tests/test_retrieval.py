@@ -278,6 +278,9 @@ def test_other_model_or_query_set_refused(slq_dir, model, image_folder, tmp_path
 
     # A reloaded copy of the same folder, even in another dtype-free location, is the same model.
     index.search(SLQModel.from_pretrained(slq_dir), "a red circle")
+    # Even with the manifest gone, shards of another model are never taken for finished ones.
+    (out / "manifest.json").unlink()
+    assert build_index(retrained, image_folder, out, shard_size=16)["run"]["encoded_shards"] == 3
     rebuilt = build_index(retrained, image_folder, out, shard_size=16, overwrite=True)
     assert rebuilt["run"]["skipped_shards"] == 0
     CorpusIndex.load(out).search(retrained, "a red circle")

@@ -183,7 +183,8 @@ def build_index(
             raise error if isinstance(error, Exception) else IndexMismatchError(error)
         context.barrier()
         summary = encode_corpus(model, corpus, index_dir, shard_size=shard_size, batch_size=batch_size,
-                                strict=strict, context=context, item_keys=keys, show_progress_bar=show_progress_bar)
+                                strict=strict, context=context, item_keys=keys, show_progress_bar=show_progress_bar,
+                                model_id=fingerprint["fingerprint"])
         context.barrier()
         if not context.is_main:
             return manifest

@@ -144,12 +144,14 @@ def pending_shards(index_dir: str | Path, digests: list[str]) -> list[int]:
 
 def encode_corpus(model: Any, corpus: Corpus, index_dir: str | Path, *, shard_size: int, batch_size: int = 16,
                   strict: bool = False, context: Context | None = None, item_keys: list[str] | None = None,
-                  show_progress_bar: bool | None = None) -> EncodeSummary:
+                  show_progress_bar: bool | None = None, model_id: str = "") -> EncodeSummary:
     """Encode every unfinished shard of ``corpus`` into ``index_dir/shards`` (this rank's share of them).
 
     Args:
         item_keys: :meth:`CorpusItem.key` of every item (computed here when None).
         context: the distributed context (one process when None).
+        model_id: the model's fingerprint, part of every shard's digest: a shard embedded by another model is
+            never taken for finished, even if the manifest was lost.
 
     Returns:
         an :class:`EncodeSummary` (counts over all ranks for shards, this rank's for items).
@@ -160,7 +162,7 @@ def encode_corpus(model: Any, corpus: Corpus, index_dir: str | Path, *, shard_si
     started = time.perf_counter()
     keys = item_keys if item_keys is not None else [item.key() for item in corpus.items]
     ranges = shard_ranges(len(corpus), shard_size)
-    digests = [shard_digest(keys[r.start : r.stop]) for r in ranges]
+    digests = [shard_digest([model_id, *keys[r.start : r.stop]]) for r in ranges]
     # Rank 0 decides which shards are left, so ranks never disagree about a shard finishing mid-scan.
     pending = context.broadcast(pending_shards(index_dir, digests) if context.is_main else None)
     mine = pending[context.rank :: context.world_size]

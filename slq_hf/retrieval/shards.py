@@ -4,7 +4,8 @@ Each shard covers ``shard_size`` consecutive corpus items. Its Parquet table has
 ``position`` (index in the corpus), ``id``, ``image`` (as the data names it), ``text`` and ``metadata`` (a JSON
 string: items may carry different fields). The safetensors file holds ``embeddings`` (n, D) float32 and is written
 last, through a rename: its presence marks a finished shard, so a crash mid-shard leaves nothing that looks done.
-Its metadata records the digest of the shard's items, so a shard is reused only for exactly the same items.
+Its metadata records the digest of the shard's items and of the model, so a shard is reused only for exactly the
+same items embedded by the same model.
 Bad items of the shard are listed in ``shard-00000.bad.json``.
 
 The Parquet files load with ``datasets.load_dataset("parquet", data_files="INDEX_DIR/shards/*.parquet")``; the
