@@ -31,7 +31,10 @@ def slq_folder(tiny_backbone_path, tmp_path_factory) -> Path:
     """A saved SLQ folder on the tiny Qwen3-VL backbone, plus two image files next to it."""
     out = tmp_path_factory.mktemp("slq_clients")
     torch.manual_seed(0)
-    SLQModel.from_backbone(tiny_backbone_path("qwen3_vl"), num_queries=4).save_pretrained(out / "slq")
+    model = SLQModel.from_backbone(tiny_backbone_path("qwen3_vl"), num_queries=4)
+    # A "query" set different from the default one: sentence-transformers' task="query" selects it.
+    model.add_query_set("query", queries=torch.randn(4, model.config.hidden_size) * 0.02)
+    model.save_pretrained(out / "slq")
     Image.new("RGB", (64, 48), (200, 30, 30)).save(out / "red.png")
     Image.new("RGB", (40, 56), (20, 30, 220)).save(out / "blue image.jpg")  # space in the name on purpose
     return out
@@ -39,9 +42,14 @@ def slq_folder(tiny_backbone_path, tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def reference(slq_folder):
-    """SLQModel.encode on the folder: callable(list of inputs) -> (N, D) float32."""
+    """SLQModel.encode on the folder: callable(list of inputs, query set name) -> (N, D) float32."""
     model = SLQModel.from_pretrained(slq_folder / "slq").eval()
-    return lambda inputs: model.encode(inputs)
+
+    def encode(inputs: list, query_set: str = "default") -> torch.Tensor:
+        with model.use_query_set(query_set):
+            return model.encode(inputs)
+
+    return encode
 
 
 def images(slq_folder: Path) -> list[Path]:
@@ -69,6 +77,20 @@ def test_langchain_embeds_documents_and_queries(langchain_embeddings, reference)
     torch.testing.assert_close(documents, expected, atol=1e-5, rtol=0)
     query = as_tensor(langchain_embeddings.embed_query(TEXTS[1]))
     torch.testing.assert_close(query, expected[1], atol=1e-5, rtol=0)
+
+
+def test_langchain_task_kwargs_select_the_query_set(langchain_embeddings, reference, slq_folder):
+    """encode_kwargs / query_encode_kwargs reach SLQ: {"task": "query"} uses the folder's "query" set."""
+    langchain_huggingface = pytest.importorskip("langchain_huggingface")
+    embeddings = langchain_huggingface.HuggingFaceEmbeddings(
+        model_name=str(slq_folder / "slq"), model_kwargs={"trust_remote_code": True, "device": "cpu"},
+        query_encode_kwargs={"task": "query"}, encode_kwargs={"task": "document"})
+    query = as_tensor(embeddings.embed_query(TEXTS[0]))
+    torch.testing.assert_close(query, reference(TEXTS[:1], "query")[0], atol=1e-5, rtol=0)
+    assert (query - reference(TEXTS[:1])[0]).abs().max() > 1e-3  # the sets really differ
+    # no "document" set in the folder: documents use the default set
+    torch.testing.assert_close(as_tensor(embeddings.embed_documents(TEXTS[:1])), reference(TEXTS[:1]),
+                               atol=1e-5, rtol=0)
 
 
 def test_langchain_image_paths_embed_as_images(langchain_embeddings, reference, slq_folder):
@@ -105,6 +127,7 @@ def test_llama_index_embeds_texts_and_queries(llama_embeddings, reference):
                                atol=1e-5, rtol=0)
     torch.testing.assert_close(as_tensor(llama_embeddings.get_text_embedding(TEXTS[2])), expected[2],
                                atol=1e-5, rtol=0)
+    # LlamaIndex's "query" is a prompt name (an empty prompt here), not a task: the default set embeds queries.
     torch.testing.assert_close(as_tensor(llama_embeddings.get_query_embedding(TEXTS[0])), expected[0],
                                atol=1e-5, rtol=0)
 

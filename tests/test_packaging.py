@@ -190,6 +190,10 @@ def test_our_deprecation():
 
 def test_other_log():
     logging.getLogger("transformers").warning("Loading weights")
+
+
+def test_environment_notice():
+    logging.getLogger("transformers.image_utils").warning("Image decoding with `torchvision` is deprecated")
 '''
 
 
@@ -206,6 +210,7 @@ def test_suite_fails_on_deprecations_on_our_paths(pytester):
         "test_future_deprecation": "FAILED", "test_logged_deprecation": "FAILED",
         "test_logged_deprecation_allowed": "PASSED", "test_other_future_warning": "PASSED",
         "test_third_party_deprecation": "PASSED", "test_our_deprecation": "FAILED", "test_other_log": "PASSED",
+        "test_environment_notice": "PASSED",
     }, result.outlines
 
 
