@@ -7,6 +7,7 @@ Typical use::
     data = load_retrieval_dataset("dataset_flickr30k.json", split="test", image_root="flickr30k-images")
     result = evaluate_retrieval(model, data, batch_size=32, cache_dir=".slq_cache", gap_plot="gap.png")
     print(format_results_table(result))        # result["metrics"]["t2i"]["R@1"] is a fraction
+    # rerank_top_k=10: also recall after reranking the top 10 with the model's own backbone (result["rerank"])
 
 Only torch and PIL are needed at import; matplotlib (plot) and datasets (``hf`` reader) are imported on use.
 """
@@ -24,7 +25,7 @@ from .data import (
     read_karpathy,
     read_karr,
 )
-from .encoding import encode_inputs, inputs_fingerprint, model_fingerprint
+from .encoding import encode_inputs, inputs_fingerprint, model_fingerprint, model_settings
 from .evaluate import encode_dataset, evaluate_embeddings, evaluate_retrieval
 from .metrics import (
     DEFAULT_KS,
@@ -39,6 +40,7 @@ from .metrics import (
     retrieval_metrics,
 )
 from .report import format_comparison_table, format_results_table, pca_2d, plot_modality_gap, save_results_json
+from .reranking import rerank_retrieval_metrics, rerank_similarity
 
 __all__ = [
     "DEFAULT_KS",
@@ -62,6 +64,7 @@ __all__ = [
     "load_retrieval_dataset",
     "modality_gap",
     "model_fingerprint",
+    "model_settings",
     "normalize_caption",
     "pca_2d",
     "plot_modality_gap",
@@ -71,6 +74,8 @@ __all__ = [
     "read_karpathy",
     "read_karr",
     "recall_from_ranks",
+    "rerank_retrieval_metrics",
+    "rerank_similarity",
     "retrieval_metrics",
     "save_results_json",
 ]
