@@ -426,3 +426,19 @@ def test_image_text_candidates_and_an_instruction_match_the_reference(family, ti
     torch.testing.assert_close(result.scores, torch.tensor(expected), atol=1e-5, rtol=0)
     plain = rerank(model, processor, query, [s.image for s in scenes[:3]])
     assert not torch.allclose(plain.scores, result.scores, atol=1e-4)  # the extra text and instruction count
+
+
+def test_demo_rerank_rows(toy_slq, monkeypatch):
+    """examples/demo_rerank.rerank_rows, the function the demo wires in, at a tiny scale."""
+    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[1] / "examples"))
+    from demo_rerank import format_rows, rerank_rows
+
+    rows = rerank_rows(toy_slq, toy_scenes.heldout_scenes()[:8], top_k=3)
+    columns = {f"{p} {d}" for p in ("caption", "knowledge") for d in ("t2i", "i2t")}
+    assert set(rows["SLQ"]) == columns
+    reranked = ["SLQ + rerank top-3 (likelihood)", "SLQ + rerank top-3 (likelihood, backbone rewrites the text first)"]
+    for name in reranked:
+        assert set(rows[name]) == columns | {"ms per query"} and rows[name]["ms per query"] > 0
+    ceiling = rows["SLQ R@3 (the most reranking its top 3 can reach)"]
+    assert all(rows[name][c] <= ceiling[c] for name in rows if "rerank" in name for c in columns)
+    assert "| SLQ |" in format_rows(rows)
