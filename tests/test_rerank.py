@@ -442,3 +442,24 @@ def test_demo_rerank_rows(toy_slq, monkeypatch):
     ceiling = rows["SLQ R@3 (the most reranking its top 3 can reach)"]
     assert all(rows[name][c] <= ceiling[c] for name in rows if "rerank" in name for c in columns)
     assert "| SLQ |" in format_rows(rows)
+
+
+def test_cache_argument_name_old_and_new():
+    """transformers 5.24 renamed ``past_key_values`` to ``cache`` in some forwards; both spellings are handled."""
+    from types import SimpleNamespace
+
+    from slq_hf.modeling.reranking import _cache_kwarg, _output_cache
+
+    class Old(torch.nn.Module):
+        def forward(self, input_ids, past_key_values=None):
+            return input_ids
+
+    class New(torch.nn.Module):
+        def forward(self, input_ids, cache=None):
+            return input_ids
+
+    assert _cache_kwarg(Old()) == "past_key_values" and _cache_kwarg(New()) == "cache"
+    model, _ = _load("toy", None)
+    assert _cache_kwarg(model) == "cache"  # the installed transformers' Qwen3-VL
+    assert _output_cache(SimpleNamespace(past_key_values="old")) == "old"
+    assert _output_cache(SimpleNamespace(cache="new", past_key_values=None)) == "new"
