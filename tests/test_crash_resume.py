@@ -24,7 +24,7 @@ from safetensors.torch import load_file
 from transformers.trainer_utils import get_last_checkpoint
 
 from slq_hf.cli import main
-from slq_hf.modeling import safetensors_io
+from slq_hf.modeling import checkpoint as slq_checkpoint
 from slq_hf.training.trainer import STAGING_DIR
 
 NUM_PAIRS, BATCH, EPOCHS, SAVE_STEPS = 12, 4, 10, 2  # 3 steps an epoch, 30 steps, a checkpoint every 2 steps
@@ -200,13 +200,13 @@ def test_model_safetensors_write_is_atomic(tmp_path, monkeypatch):
     """A crash while the weights file is written leaves the previous file intact and no temporary file behind."""
     target = tmp_path / "model.safetensors"
     old = {"queries": torch.ones(2, 3)}
-    safetensors_io.atomic_save_file(old, target)
+    slq_checkpoint.save_tensors(old, target)
 
     def crash_before_rename(fileno):  # the new bytes are in the temporary file, the rename has not happened
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(safetensors_io.os, "fsync", crash_before_rename)
+    monkeypatch.setattr(slq_checkpoint.os, "fsync", crash_before_rename)
     with pytest.raises(KeyboardInterrupt):
-        safetensors_io.atomic_save_file({"queries": torch.zeros(2, 3)}, target)
+        slq_checkpoint.save_tensors({"queries": torch.zeros(2, 3)}, target)
     assert torch.equal(load_file(target)["queries"], old["queries"])
     assert [p.name for p in tmp_path.iterdir()] == ["model.safetensors"]
