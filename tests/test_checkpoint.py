@@ -576,6 +576,14 @@ def test_folders_of_other_models_are_refused_before_writing(tmp_path, tiny_backb
     assert sorted(p.name for p in folder.parent.iterdir() if p.name.startswith(".")) == []
 
 
+@pytest.mark.skipif(not os.path.ismount("/dev/shm"), reason="needs a mount point to try; /dev/shm is none here")
+def test_a_mount_point_is_refused_before_writing():
+    calls = []
+    with pytest.raises(CheckpointError, match="is a mount point.*save into a subfolder"):
+        ck.write_folder("/dev/shm", lambda out: calls.append(out))
+    assert calls == []
+
+
 def test_a_file_is_refused(tmp_path):
     (tmp_path / "model").write_text("x")
     with pytest.raises(CheckpointError, match="is a file"):

@@ -622,6 +622,9 @@ def write_folder(target: str | os.PathLike, write: Callable[[Path], None], *,
     """
     target = Path(os.path.realpath(target))
     check_save_target(target)
+    if os.path.ismount(target):  # a mount point cannot be renamed: the swap would fail after all the writing
+        raise CheckpointError(f"{target}: is a mount point, which cannot be replaced in one step; save into a "
+                              f"subfolder of it (e.g. {target}/model). Nothing was written.")
     target.parent.mkdir(parents=True, exist_ok=True)
     _clean_leftovers(target)
     try:
