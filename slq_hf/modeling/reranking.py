@@ -102,8 +102,7 @@ class _Pair:
 
     image: SLQItem  # holds the image (and optionally its own text, placed after the image)
     text: str
-    index: int  # candidate index
-    source: str  # "candidate 3" for errors
+    source: str  # "candidate 3", named in errors
 
 
 @dataclass
@@ -127,7 +126,7 @@ def _yes_no_window(rows: list[_Row]) -> list[tuple[int, int]]:
 
 @dataclass(frozen=True)
 class _Scorer:
-    """How a scorer builds its prompts and which logits it reads."""
+    """Which logits a scorer reads and how it turns them into one score per pair."""
 
     window: Callable[[list[_Row]], list[tuple[int, int]]]  # per row: [first, stop) positions whose logits are read
     reduce: Callable[[torch.Tensor, _Row, dict[str, Any]], float]  # (window, V) float32 logits -> score
@@ -348,8 +347,10 @@ def _common_prefix(rows: list[_Row], vision_ids: set[int], windows: list[tuple[i
         length = int(same.cumprod(0).sum())
         if any(not torch.equal(row.extras[k][:length], rows[0].extras[k][:length]) for k in row.extras):
             return 0
-    tail_has_vision = any(bool(torch.isin(r.ids[length:], torch.tensor(sorted(vision_ids))).any()) for r in rows)
-    return 0 if tail_has_vision or not vision_ids else length
+    if not vision_ids:  # cannot tell where the image ends: no sharing
+        return 0
+    vision = torch.tensor(sorted(vision_ids), dtype=first.dtype)
+    return 0 if any(bool(torch.isin(r.ids[length:], vision).any()) for r in rows) else length
 
 
 class _SharedPrefix:
@@ -428,12 +429,12 @@ def _pairs(query: SLQItem, candidates: list[SLQItem]) -> tuple[list[_Pair], bool
             if candidate.image is not None or candidate.text is None:
                 raise SLQInputError(f"The query holds an image, so every candidate must be a text; {where} is "
                                     f"{candidate.kind}. Rerank images with a text query.")
-            pairs.append(_Pair(query, candidate.text, index, where))
+            pairs.append(_Pair(query, candidate.text, where))
         else:
             if candidate.image is None:
                 raise SLQInputError(f"The query is a text, so every candidate must hold an image; {where} is a text. "
                                     "Text-to-text reranking is not supported.")
-            pairs.append(_Pair(candidate, query.text, index, where))
+            pairs.append(_Pair(candidate, query.text, where))
     return pairs, query_has_image
 
 
