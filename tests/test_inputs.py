@@ -187,8 +187,9 @@ def test_extreme_aspect_ratio_is_a_clear_error_naming_the_input(model):
 def test_large_image_is_shrunk_to_the_processor_budget_first(model):
     image_processor = model.processor.image_processor
     budget = image_budget(model.processor)
-    assert budget == ImageBudget(max_pixels=image_processor.size.longest_edge,
-                                 unit=image_processor.patch_size * image_processor.merge_size)
+    assert (budget.max_pixels, budget.min_pixels, budget.unit) == (
+        image_processor.size.longest_edge, image_processor.size.shortest_edge,
+        image_processor.patch_size * image_processor.merge_size)
     big = _scene(3000, 2000, colour=(0, 200, 50))
     shrunk = fit_image(big, budget)
     assert shrunk.width * shrunk.height <= budget.max_pixels

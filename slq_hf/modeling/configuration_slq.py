@@ -13,6 +13,7 @@ from typing import Any
 import torch
 from transformers import PretrainedConfig
 
+from .budgets import check_budgets
 from .version import SLQ_HF_VERSION
 
 POOLING_CHOICES = ("mean", "last")
@@ -83,6 +84,10 @@ class SLQConfig(PretrainedConfig):
         training_path: ``"prefix_cache"`` (prompt under no_grad with a KV cache, queries with grad) or ``"full"``.
         placeholder_token_id: id appended for each query slot before the embedding hook replaces its row; chosen
             from the backbone so that it is never a multimodal special token.
+        max_image_tokens / min_image_tokens: image tokens (after the vision merger) an image may take; images are
+            sized by the backbone processor's own rule inside this range (``budgets.py``). None: the processor's own
+            setting (configs written before 0.2). ``from_backbone`` fills in retrieval defaults.
+        max_text_tokens: tokens of the user text kept (longer texts are cut, the chat template kept); None: no limit.
     """
 
     model_type = "slq"
@@ -101,6 +106,10 @@ class SLQConfig(PretrainedConfig):
     projection_size: int | None = None
     training_path: str = "prefix_cache"
     placeholder_token_id: int | None = None
+    # Budgets the queries were trained with (budgets.py); None = the backbone processor's own / no limit.
+    max_image_tokens: int | None = None
+    min_image_tokens: int | None = None
+    max_text_tokens: int | None = None
     # Library versions that wrote config.json: stamped by `to_dict` on every save, compared with ours on load.
     slq_hf_version: str | None = None
     torch_version: str | None = None
@@ -119,6 +128,7 @@ class SLQConfig(PretrainedConfig):
         _check_positive_int("hidden_size", self.hidden_size, allow_none=True)
         _check_positive_int("projection_size", self.projection_size, allow_none=True)
         _check_choice("pooling", self.pooling, POOLING_CHOICES)
+        check_budgets(self.max_image_tokens, self.min_image_tokens, self.max_text_tokens)
         _check_choice("query_init", self.query_init, QUERY_INIT_CHOICES)
         _check_choice("training_path", self.training_path, TRAINING_PATH_CHOICES)
         if not isinstance(self.normalize, bool):

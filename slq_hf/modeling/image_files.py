@@ -25,6 +25,8 @@ from typing import Any
 
 from PIL import Image, ImageFile, ImageOps
 
+from .budgets import resize_function
+
 # The raster formats slq_hf decodes: PIL format name -> file extensions. Anything else (PostScript/EPS, which PIL
 # renders by running Ghostscript; PDF; SVG; ...) is refused before any decoder runs. MPO is PIL's name for the
 # multi-picture JPEGs of phones and cameras; it opens through the JPEG plugin.
@@ -114,16 +116,27 @@ class ImageBudget:
     unit: int | None = None
     max_long_side: int | None = None
     max_short_side: int | None = None
+    # With ``unit``: the processor's own smart_resize(height, width, factor, min_pixels, max_pixels) and its minimum.
+    resize: Any = None
+    min_pixels: int | None = None
 
     def target_size(self, width: int, height: int) -> tuple[int, int] | None:
-        """(width, height) to shrink a ``width`` x ``height`` image to, or None when it already fits."""
+        """(width, height) to shrink a ``width`` x ``height`` image to, or None when it already fits.
+
+        Always computed from the image's full stored size (not a JPEG's reduced-scale draft), so every path that
+        starts from the same file or PIL image gets the same size, and that size is the processor's own grid.
+        """
         if self.max_pixels and self.unit and max(width, height) / min(width, height) <= 200:
-            # Qwen2-VL's smart_resize: sides rounded to the unit; when that exceeds the budget, scale by beta and
-            # floor to the unit. Only the second branch shrinks, so only then do we act (extreme aspect ratios
-            # are left to the processor, which refuses them with its own message).
+            # Qwen2-VL's smart_resize: sides rounded to the unit; when that exceeds the budget, scale down and floor
+            # to the unit. Only then is there anything to shrink (smaller images are left to the processor, which
+            # also refuses extreme aspect ratios with its own message).
             unit = self.unit
             if round(height / unit) * unit * round(width / unit) * unit <= self.max_pixels:
                 return None
+            if self.resize is not None:
+                new_height, new_width = self.resize(height, width, factor=unit, min_pixels=self.min_pixels or 1,
+                                                    max_pixels=self.max_pixels)
+                return new_width, new_height
             beta = math.sqrt(height * width / self.max_pixels)
             return (max(unit, math.floor(width / beta / unit) * unit),
                     max(unit, math.floor(height / beta / unit) * unit))
@@ -174,16 +187,18 @@ def image_budget(processor: Any) -> ImageBudget | None:
     if image_processor is None or getattr(image_processor, "do_resize", True) is False:
         return None
     size = _size_values(getattr(image_processor, "size", None))
+    if getattr(image_processor, "temporal_patch_size", None) and "longest_edge" in size:
+        # Qwen-VL: size counts pixels, not a side length; sides are multiples of patch x merge size. ``size`` is
+        # what its resize reads (a leftover ``max_pixels`` attribute is not), and its own smart_resize decides.
+        patch, merge = getattr(image_processor, "patch_size", None), getattr(image_processor, "merge_size", None)
+        unit = patch * merge if isinstance(patch, int) and isinstance(merge, int) else None
+        return ImageBudget(max_pixels=size["longest_edge"], unit=unit, resize=resize_function(image_processor),
+                           min_pixels=size.get("shortest_edge"))
     explicit = getattr(image_processor, "max_pixels", None)
     if isinstance(explicit, int) and explicit > 0:
         return ImageBudget(max_pixels=explicit)
     if "max_pixels" in size:
         return ImageBudget(max_pixels=size["max_pixels"])
-    if getattr(image_processor, "temporal_patch_size", None) and "longest_edge" in size:
-        # Qwen-VL: size counts pixels, not a side length; sides are multiples of patch x merge size.
-        patch, merge = getattr(image_processor, "patch_size", None), getattr(image_processor, "merge_size", None)
-        unit = patch * merge if isinstance(patch, int) and isinstance(merge, int) else None
-        return ImageBudget(max_pixels=size["longest_edge"], unit=unit)
     if "longest_edge" in size and not getattr(image_processor, "image_grid_pinpoints", None):
         return ImageBudget(max_long_side=2 * size["longest_edge"])
     sides = [v for k, v in size.items() if k != "max_pixels"]
@@ -201,9 +216,11 @@ def image_budget(processor: Any) -> ImageBudget | None:
     return ImageBudget(max_short_side=2 * max(sides) * tiles)
 
 
-def fit_image(image: Image.Image, budget: ImageBudget | None) -> Image.Image:
-    """Shrink ``image`` (aspect ratio kept, bicubic) to ``budget``; returned unchanged when it already fits."""
-    size = budget.target_size(image.width, image.height) if budget is not None else None
+def fit_image(image: Image.Image, budget: ImageBudget | None, target: tuple[int, int] | None = None
+              ) -> Image.Image:
+    """Shrink ``image`` (aspect ratio kept, bicubic) to ``budget`` (or to ``target``, a size computed from the
+    image's full size before a reduced-scale decode); returned unchanged when it already fits."""
+    size = target or (budget.target_size(image.width, image.height) if budget is not None else None)
     if size is None or (size[0] >= image.width and size[1] >= image.height):
         return image
     # reducing_gap: box-reduce by an integer factor first, then bicubic; as good as plain bicubic and much faster.
@@ -249,14 +266,17 @@ def open_image(source: str | os.PathLike | io.BytesIO | bytes, label: str | None
     return opened
 
 
-def _plan(opened: ImageFile.ImageFile, budget: ImageBudget | None, label: str | None) -> None:
-    """Ask a JPEG for a reduced-scale decode when the budget allows, then refuse what is still too large."""
+def _plan(opened: ImageFile.ImageFile, budget: ImageBudget | None, label: str | None) -> tuple[int, int] | None:
+    """Ask a JPEG for a reduced-scale decode when the budget allows, then refuse what is still too large.
+
+    Returns the target size, computed from the FULL stored size: the draft rounds sides, and a size computed from
+    it could land on another grid than the processor picks for the full image."""
     target = budget.target_size(opened.width, opened.height) if budget is not None else None
     if target is not None and opened.format in ("JPEG", "MPO"):
         # libjpeg decodes at 1/2, 1/4 or 1/8 scale, never below the requested size; opened.size becomes that size.
         opened.draft(None, target)
-        target = budget.target_size(opened.width, opened.height)
     check_cost(opened, target, label)
+    return target
 
 
 def is_undecoded(image: Image.Image) -> bool:
@@ -330,10 +350,10 @@ def decode_image(pending: PendingImage, budget: ImageBudget | None = None) -> Im
             raise SLQInputError(f"Cannot decode image{_where(label)}: {err}. The image data is truncated or corrupt; "
                                 "re-export it or drop it from the inputs.") from err
     with open_image(pending.source, label) as opened:
-        _plan(opened, budget, label)
+        target = _plan(opened, budget, label)
         try:
             opened.load()
-            return _finish(opened, budget)
+            return _finish(opened, budget, target)
         except (OSError, SyntaxError, ValueError, EOFError) as err:
             raise _unreadable(err, label) from err
 
@@ -364,11 +384,14 @@ def image_label(index: int | None, path: Any = None) -> str | None:
     return ", ".join(parts) if parts else None
 
 
-def _finish(image: Image.Image, budget: ImageBudget | None) -> Image.Image:
+def _finish(image: Image.Image, budget: ImageBudget | None, target: tuple[int, int] | None = None) -> Image.Image:
     # exif_transpose returns a new image (a copy when nothing rotates), so the caller may close the file after.
+    stored = image.size
     image = ImageOps.exif_transpose(image)
+    if target is not None and image.size != stored:  # rotated by 90 degrees: the target turns with it
+        target = (target[1], target[0])
     # Shrink before the mode conversion: converting a huge image is the other expensive step.
-    image = fit_image(image, budget)
+    image = fit_image(image, budget, target)
     return image if image.mode == "RGB" else _to_rgb(image)
 
 

@@ -16,6 +16,7 @@ from typing import Any
 
 from PIL import Image
 
+from .budgets import image_tokens, text_budget, warn_once
 from .control_tokens import split_text_ids, template_with_literal_texts
 from .image_files import (
     IMAGE_EXTENSIONS,
@@ -42,8 +43,9 @@ _PROCESSOR_ERRORS = (ValueError, TypeError, IndexError, RuntimeError, OSError)
 _SEPARATORS = tuple({"/", os.sep, os.altsep or "/"})
 
 __all__ = ["IMAGE_EXTENSIONS", "IMAGE_FORMATS", "MAX_DECODED_BYTES", "ImageBudget", "PendingImage", "SLQInput",
-           "SLQInputError", "SLQItem", "build_messages", "collate", "fit_image", "image_budget", "load_image",
-           "looks_like_path", "open_image", "prepare_inputs", "prompt_length_limit", "to_item", "to_items"]
+           "SLQInputError", "SLQItem", "build_messages", "collate", "encode_batches", "estimate_tokens", "fit_image",
+           "image_budget", "limit_text", "load_image", "looks_like_path", "open_image", "plan_batches",
+           "prepare_inputs", "prompt_length_limit", "to_item", "to_items"]
 
 
 @dataclass
@@ -150,6 +152,11 @@ def to_item(value: SLQInput, index: int | None = None, budget: ImageBudget | Non
     :class:`PendingImage` until :func:`collate` (or :meth:`SLQItem.decoded`) decodes them.
     """
     item = _normalise(value, index, budget)
+    if item.image is not None and budget is not None and budget.unit and budget.target_size(*item.image.size):
+        warn_once("image budget", f"Image of {item.image.width}x{item.image.height} pixels{_where(index)} is above "
+                  f"the model's image budget ({budget.max_pixels:,} pixels); it is shrunk to the processor's grid "
+                  "for that budget (shown once). Set max_image_tokens= (encode, from_backbone, from_pretrained) to "
+                  "change the budget.")
     return item if lazy else item.decoded(budget)
 
 
@@ -219,6 +226,7 @@ def prepare_inputs(inputs: SLQInput | list[SLQInput], processor: Any = None) -> 
     budget = image_budget(processor) if processor is not None else None
     prepared: list[str | Image.Image | dict] = []
     for item in to_items(inputs, budget, lazy=False):
+        item = limit_text(processor, item, text_budget(processor)) if processor is not None else item
         if item.image is not None and item.text is not None:
             prepared.append({"image": item.image, "text": item.text})
         else:
@@ -343,12 +351,80 @@ def _truncate_text(processor, item: SLQItem, instruction: str | None, max_length
     raise SLQInputError(f"Could not truncate the text{where} to fit {max_length} tokens; shorten it.")
 
 
+def limit_text(processor, item: SLQItem, max_text_tokens: int | None) -> SLQItem:
+    """``item`` with its user text cut to its first ``max_text_tokens`` tokens (literal text ids, so control tokens
+    stay text), warning the first time; itself when it fits or there is no limit. Only the text is cut, so the chat
+    template (end of turn, generation prompt) around it is kept, as in training."""
+    if max_text_tokens is None or item.text is None or len(item.text) <= max_text_tokens:
+        return item  # a token is at least one character: short texts need no tokenizer call
+    ids = split_text_ids(processor, item.text)
+    if len(ids) <= max_text_tokens:
+        return item
+    tokenizer = getattr(processor, "tokenizer", processor)
+    where = f" ({item.source})" if item.source else ""
+    warn_once("text budget", f"Text{where} has {len(ids)} tokens, more than the model's text budget of "
+              f"{max_text_tokens}; kept the first {max_text_tokens} (shown once). Set max_text_tokens= (encode, "
+              "from_backbone, from_pretrained) to change the budget.")
+    return replace(item, text=tokenizer.decode(ids[:max_text_tokens], skip_special_tokens=False))
+
+
+def estimate_tokens(processor, item: SLQItem) -> int:
+    """Prompt tokens ``item`` will take, without decoding or templating it: text tokens (capped by the text budget)
+    plus the image tokens the processor's own grid rule gives for the header size. Images of processors without
+    such a rule count as one token per 28x28 pixels up to their budget (only the order and grouping use this)."""
+    total = 0
+    if item.text is not None:
+        budget = text_budget(processor)
+        # A token is at least one character; texts longer than 4x the budget are certainly over it.
+        length = len(split_text_ids(processor, item.text)) if budget is None or len(item.text) < 4 * budget \
+            else budget
+        total += length if budget is None else min(length, budget)
+    if item.image is not None:
+        tokens = image_tokens(processor, item.image.width, item.image.height)
+        total += tokens if tokens is not None else min(item.image.width * item.image.height // 784, 4096)
+    return total
+
+
+def plan_batches(lengths: list[int], batch_size: int, max_batch_tokens: int | None = None) -> list[list[int]]:
+    """Group item indices into batches: sorted by estimated length, at most ``batch_size`` items and, with
+    ``max_batch_tokens``, at most that many PADDED tokens (rows x longest row) per batch; an item longer than the
+    budget alone gets its own batch. Lists of indices into ``lengths``."""
+    order = sorted(range(len(lengths)), key=lambda i: lengths[i])
+    batches: list[list[int]] = []
+    current: list[int] = []
+    for index in order:
+        longest = max([lengths[i] for i in current] + [lengths[index]])
+        fits = len(current) < batch_size and (max_batch_tokens is None or longest * (len(current) + 1)
+                                              <= max_batch_tokens)
+        if current and not fits:
+            batches.append(current)
+            current = []
+        current.append(index)
+    if current:
+        batches.append(current)
+    return batches
+
+
+def encode_batches(processor, items: list[SLQItem], batch_size: int, max_batch_tokens: int | None = None
+                   ) -> list[list[int]]:
+    """Batches of indices into ``items`` for encoding: similar estimated lengths together (:func:`estimate_tokens`),
+    at most ``batch_size`` items and ``max_batch_tokens`` padded prompt tokens each (:func:`plan_batches`)."""
+    for name, value in (("batch_size", batch_size), ("max_batch_tokens", max_batch_tokens)):
+        if value is None and name == "max_batch_tokens":
+            continue
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"{name}={value!r} is invalid; expected a positive integer"
+                             + (" or None (batches by count only)." if name == "max_batch_tokens" else "."))
+    return plan_batches([estimate_tokens(processor, item) for item in items], batch_size, max_batch_tokens)
+
+
 def collate(processor, items: list[SLQItem], instruction: str | None = None, max_length: int | None = None):
     """Apply the backbone's chat template (generation prompt added) and its processor to a batch of items.
 
     Pending images (:func:`to_items`) are decoded here, one batch at a time; images larger than the processor's
     budget (:func:`image_budget`) are shrunk with PIL first. Control tokens in texts and in ``instruction`` are
-    embedded as literal text (:mod:`.control_tokens`). With
+    embedded as literal text (:mod:`.control_tokens`). User texts longer than the processor's text budget
+    (``budgets.processor_with_budgets``) are cut to it (:func:`limit_text`). With
     ``max_length`` (see :func:`prompt_length_limit`), a prompt longer than that has its user text truncated, with a
     warning, so that the full templated prompt fits. A processor failure is raised as SLQInputError naming the item.
 
@@ -358,7 +434,8 @@ def collate(processor, items: list[SLQItem], instruction: str | None = None, max
     if not items:
         raise SLQInputError("Cannot collate an empty batch.")
     budget = image_budget(processor)
-    items = [item.decoded(budget) for item in items]
+    max_text_tokens = text_budget(processor)
+    items = [limit_text(processor, item.decoded(budget), max_text_tokens) for item in items]
     items = [item if item.image is None else replace(item, image=fit_image(item.image, budget)) for item in items]
     batch = _template_checked(processor, items, instruction)
     if max_length is not None:
