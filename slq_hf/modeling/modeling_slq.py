@@ -14,6 +14,7 @@ from __future__ import annotations
 import math
 import os
 import sys
+import tempfile
 from collections import OrderedDict
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -30,6 +31,7 @@ from transformers.utils import ModelOutput, cached_file
 from transformers.utils import logging as hf_logging
 
 from .backbones import backbone_spec, block_mask_allowed, embedding_rows, usable_token_ids
+from .budgets import AUTO, DEFAULT_MAX_TEXT_TOKENS, processor_with_budgets, resolve_image_budget, with_overrides
 from .checkpoint import (
     DEFAULT_QUERY_SET,
     MAX_LOGIT_SCALE,
@@ -40,7 +42,6 @@ from .checkpoint import (
     WEIGHTS_NAME,
     CheckpointError,
     check_config_for_backbone,
-    check_logit_scale,
     expected_tensors,
     query_set_file,
     read_folder,
@@ -56,7 +57,8 @@ from .losses import symmetric_infonce
 from .pickling import register_output_recorders, without_capture_hooks
 from .positions import sequence_position_ids
 from .prefix_cache import prefix_cache_query_states
-from .processing_slq import SLQInput, collate, image_budget, prompt_length_limit, to_items
+from .processing_slq import SLQInput, collate, encode_batches, image_budget, prompt_length_limit, to_items
+from .processor_files import save_processor
 from .sentence_transformers_files import write_sentence_transformers_files
 
 logger = hf_logging.get_logger(__name__)
@@ -148,7 +150,9 @@ class SLQModel(PreTrainedModel):
         # post_init before the backbone is attached, so transformers' weight init never touches backbone weights.
         self.post_init()
         self.backbone = backbone.requires_grad_(False)
-        self.spec, self.processor = spec, processor
+        # The budgets the queries are trained/used with, applied to the processor once (budgets.py).
+        self.spec, self.processor = spec, processor_with_budgets(
+            processor, config.max_image_tokens, config.min_image_tokens, config.max_text_tokens)
         self._hook = embedding.register_forward_hook(self._embedding_hook, with_kwargs=True)
 
     def _init_weights(self, module: nn.Module) -> None:
@@ -172,6 +176,9 @@ class SLQModel(PreTrainedModel):
         temperature: float = 0.07,
         projection_dim: int | None = None,
         training_path: str = "prefix_cache",
+        max_image_tokens: int | str | None = AUTO,
+        min_image_tokens: int | str | None = AUTO,
+        max_text_tokens: int | str | None = AUTO,
         **backbone_kwargs,
     ) -> SLQModel:
         """Attach fresh latent queries to a frozen backbone.
@@ -183,21 +190,30 @@ class SLQModel(PreTrainedModel):
                 training on processed batches and saving work; ``encode`` asks for it.
             revision: Hub revision of the backbone, pinned in the config.
             projection_dim: output width of an optional trainable linear head (``SLQConfig.projection_size``).
+            max_image_tokens / min_image_tokens / max_text_tokens: budgets saved with the queries (``budgets.py``);
+                ``"auto"``: retrieval defaults (Qwen-VL 4-1,800 image tokens, never above the backbone's own; 8,192
+                text tokens), None: the backbone processor's own setting / no text limit.
             **backbone_kwargs: go to the backbone's ``from_pretrained`` (``dtype``, ``device_map``,
                 ``quantization_config``, ``attn_implementation``, ...).
         """
         loaded = isinstance(backbone, PreTrainedModel)
         name = _pin((backbone.config._name_or_path or backbone.name_or_path) if loaded else str(backbone))
         # The config is validated first, so a bad option fails before a multi-GB backbone is loaded.
+        text_tokens = DEFAULT_MAX_TEXT_TOKENS if max_text_tokens == AUTO else max_text_tokens
         config = SLQConfig(backbone_name_or_path=name or None, backbone_revision=revision, num_queries=num_queries,
                            pooling=pooling, normalize=normalize, query_init=query_init, temperature=temperature,
-                           projection_size=projection_dim, training_path=training_path)
+                           projection_size=projection_dim, training_path=training_path, max_text_tokens=text_tokens,
+                           **{k: v for k, v in (("max_image_tokens", max_image_tokens),
+                                                ("min_image_tokens", min_image_tokens)) if v != AUTO})
         if loaded and backbone_kwargs:
             raise ValueError(f"Backbone arguments {sorted(backbone_kwargs)} were given with an already loaded "
                              "backbone; load the backbone with them yourself, or pass its id/path instead.")
         model = backbone if loaded else _load_backbone(name, revision, **backbone_kwargs)
         if processor is None and name:
             processor = _try_processor(name, revision=revision)
+        if processor is not None:
+            config.max_image_tokens, config.min_image_tokens = resolve_image_budget(
+                processor, max_image_tokens, min_image_tokens)
         return cls(config, backbone=model, processor=processor)
 
     @classmethod
@@ -286,7 +302,7 @@ class SLQModel(PreTrainedModel):
         return nn.modules.module._IncompatibleKeys([], [])
 
     def save_pretrained(self, save_directory: str | os.PathLike, *args, is_main_process: bool = True,
-                        **kwargs) -> None:
+                        bundle_processor: bool | None = None, **kwargs) -> None:
         """Write a queries-only SLQ folder, atomically: config.json (auto_map, pinned backbone), model.safetensors
         with the trainable tensors, ``query_sets/`` for extra sets, the model code (``trust_remote_code``), the
         processor files and the sentence-transformers files.
@@ -294,6 +310,8 @@ class SLQModel(PreTrainedModel):
         Extra keyword arguments of ``PreTrainedModel.save_pretrained`` (``state_dict``, ``safe_serialization``,
         ``max_shard_size``, ...) are accepted and ignored: only trainable tensors are written, always as safetensors.
         ``push_to_hub`` (transformers' own) saves through this method, so only queries ever go up.
+        The processor is not copied when the backbone is a Hub id pinned to a revision (``processor_files.py``);
+        ``bundle_processor=True`` copies it anyway (offline use).
         """
         if not is_main_process:
             return
@@ -310,10 +328,9 @@ class SLQModel(PreTrainedModel):
                     self.save_query_set(name, out / query_set_file(name))
                 sets = {n: {"file": query_set_file(n), "num_queries": self.get_query_set(n).shape[0]} for n in extra}
                 (out / QUERY_SETS_INDEX).write_text(_json({"active": self.active_query_set, "sets": sets}))
-            if self.processor is not None:
-                self.processor.save_pretrained(out)
             # Every SLQ folder is also a sentence-transformers model; max_seq_length makes it truncate like encode.
             write_sentence_transformers_files(out, max_seq_length=self.max_prompt_length())
+            save_processor(self.processor, out, self.config, bundle_processor)
 
         write_folder(save_directory, write)
 
@@ -591,13 +608,17 @@ class SLQModel(PreTrainedModel):
         show_progress_bar: bool | None = None,
         instruction: str | None = None,
         query_sets: Sequence[str] | None = None,
+        max_batch_tokens: int | None = None,
+        **budgets: int | None,
     ) -> torch.Tensor | dict[str, torch.Tensor]:
         """Embed texts, images (PIL or path) and ``{"image", "text"}`` dicts with the active query set, or with
         several sets at once (``query_sets=[...]``: one prompt pass per batch for all of them).
 
         Prompts follow the paper: the backbone's chat template with one user turn (instruction, image, text) and the
-        generation prompt; the queries follow it. Inputs are length-sorted into batches (collated one at a time);
-        results come back in input order.
+        generation prompt; the queries follow it. Inputs are sorted by estimated prompt tokens into batches of at
+        most ``batch_size`` items and, with ``max_batch_tokens``, at most that many padded tokens (collated one at a
+        time); results come back in input order. ``max_image_tokens=`` / ``min_image_tokens=`` /
+        ``max_text_tokens=`` override the model's budgets for this call (``budgets.py``).
 
         Returns:
             float32 (N, embedding_dim) on CPU; (0, embedding_dim) for an empty list. With ``query_sets``: a dict set
@@ -607,21 +628,18 @@ class SLQModel(PreTrainedModel):
             raise ValueError("This SLQModel has no processor, which encode() needs to turn inputs into prompts. Pass "
                              "processor=AutoProcessor.from_pretrained(<backbone>) to SLQModel.from_backbone / "
                              "from_pretrained, or set model.processor.")
-        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-            raise ValueError(f"batch_size={batch_size!r} is invalid; expected a positive integer.")
+        processor = with_overrides(self.processor, self.config, **budgets)
         names = self.latent_queries.checked(query_sets if query_sets is not None else self.active_query_set)
         # Huge images are shrunk to the processor's budget while loading (JPEGs decode at reduced scale).
-        items = to_items(inputs, budget=image_budget(self.processor))
+        items = to_items(inputs, budget=image_budget(processor))
         out = {name: torch.empty(len(items), self.config.embedding_dim, dtype=torch.float32) for name in names}
-        order = sorted(range(len(items)), key=lambda i: items[i].length_key())  # similar lengths share a batch
-        starts = range(0, len(order), batch_size)
+        batches = encode_batches(processor, items, batch_size, max_batch_tokens)
         from tqdm.auto import tqdm
 
-        show = len(starts) > 8 if show_progress_bar is None else show_progress_bar
+        show = len(batches) > 8 if show_progress_bar is None else show_progress_bar
         max_length = self.max_prompt_length()
-        for start in tqdm(starts, desc="SLQ encode", unit="batch", disable=not show):
-            index = order[start : start + batch_size]
-            batch = collate(self.processor, [items[i] for i in index], instruction, max_length=max_length)
+        for index in tqdm(batches, desc="SLQ encode", unit="batch", disable=not show):
+            batch = collate(processor, [items[i] for i in index], instruction, max_length=max_length)
             batch = {k: v.to(self.device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
             result = self(**batch, query_sets=names).pooler_outputs
             for name in names:
@@ -688,27 +706,14 @@ def _json(data: Any) -> str:
 
 def _check_state(state: dict[str, torch.Tensor], expected: dict[str, tuple[int, ...]], source: str
                  ) -> dict[str, torch.Tensor]:
-    """The checks ``read_tensors`` applies to a file, for an in-memory state dict."""
-    missing, unexpected = sorted(set(expected) - set(state)), sorted(set(state) - set(expected))
-    if missing or unexpected:
-        raise CheckpointError(f"{source}: expected tensors {sorted(expected)}; missing {missing}, unexpected "
-                              f"{unexpected}. Is this an SLQ checkpoint with the same config?")
-    for name, shape in expected.items():
-        tensor = state[name]
-        if tuple(tensor.shape) != shape:
-            if name == QUERY_SET_TENSOR and tensor.ndim == 2 and tensor.shape[1] != shape[1]:
-                raise CheckpointError(f"{source}: the saved queries are {tensor.shape[1]} wide but the backbone has "
-                                      f"hidden size {shape[1]}. They were trained for a different backbone; load "
-                                      "them with the backbone they were trained on.")
-            raise CheckpointError(f"{source}: tensor {name!r} has shape {tuple(tensor.shape)}, expected {shape} "
-                                  "(num_queries, hidden_size, projection_size from config.json and the backbone).")
-        if not tensor.is_floating_point():
-            raise CheckpointError(f"{source}: tensor {name!r} has dtype {tensor.dtype}; expected a float tensor.")
-        if not torch.isfinite(tensor).all():
-            raise CheckpointError(f"{source}: tensor {name!r} contains NaN or Inf values; the checkpoint is corrupt "
-                                  "(or training diverged). Use an earlier checkpoint.")
-    check_logit_scale(state["logit_scale"], source)
-    return state
+    """An in-memory state dict checked by the same code as a file (``read_tensors``); errors name ``source``."""
+    with tempfile.TemporaryDirectory() as tmp:
+        file = Path(tmp) / WEIGHTS_NAME
+        save_tensors(state, file)
+        try:
+            return read_tensors(file, expected)
+        except CheckpointError as err:
+            raise CheckpointError(str(err).replace(str(file), source)) from None
 
 
 def _read_queries(file: str | os.PathLike, hidden_size: int | None, whole_checkpoint: bool = False) -> torch.Tensor:

@@ -56,17 +56,11 @@ def sequence_position_ids(base_model: torch.nn.Module, spec: BackboneSpec, input
     return _rope_index(base_model, spec, input_ids, attention_mask, backbone_inputs)[0]
 
 
-def padded_positions(input_ids: torch.Tensor, attention_mask: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
-    """1-D rule: query j of every row sits right after the padded prompt, at ``L + j``.
-
-    Args:
-        input_ids: (B, L) left-padded prompt ids.
-        attention_mask: (B, L) prompt mask (unused: the backbone ignores it when numbering positions).
-        offsets: (Q,) offset of each query slot from the first one (``arange(N_q)``, or repeated per query set).
-
-    Returns:
-        (B, Q) long position ids.
-    """
+def padded_positions(base_model: torch.nn.Module, spec: BackboneSpec, input_ids: torch.Tensor,
+                     attention_mask: torch.Tensor, offsets: torch.Tensor, backbone_inputs: dict[str, Any]
+                     ) -> torch.Tensor:
+    """1-D rule: query j of every row sits right after the padded prompt, at ``L + j`` (the mask is not used: the
+    backbone ignores it when numbering positions). Arguments as for :func:`mrope_positions`; returns (B, Q) long."""
     batch, length = input_ids.shape
     return (length + offsets.to(input_ids.device)).unsqueeze(0).expand(batch, -1)
 
@@ -96,7 +90,7 @@ def mrope_positions(
         (3, B, Q) long position ids (temporal, height, width), or (B, Q) for a text-only batch.
     """
     if not _has_vision(backbone_inputs):
-        return padded_positions(input_ids, attention_mask, offsets)
+        return padded_positions(base_model, spec, input_ids, attention_mask, offsets, backbone_inputs)
     # Our own call on the prompt: the delta of each row is (last position + 1) - (number of real tokens).
     _, deltas = _rope_index(base_model, spec, input_ids, attention_mask, backbone_inputs)  # deltas: (B, 1)
     n_real = attention_mask.long().sum(dim=1, keepdim=True)  # (B, 1)
@@ -105,16 +99,8 @@ def mrope_positions(
     return positions.unsqueeze(0).expand(3, -1, -1)  # (3, B, Q): queries are text, same index on every axis
 
 
-def _mrope_rule(base_model, spec, input_ids, attention_mask, offsets, backbone_inputs):
-    return mrope_positions(base_model, spec, input_ids, attention_mask, offsets, backbone_inputs)
-
-
-def _padded_rule(base_model, spec, input_ids, attention_mask, offsets, backbone_inputs):
-    return padded_positions(input_ids, attention_mask, offsets)
-
-
 # BackboneSpec.rope -> rule. A new family only needs a registry row; a new position scheme needs one entry here.
-POSITION_RULES: dict[str, Callable[..., torch.Tensor]] = {"mrope": _mrope_rule, "1d": _padded_rule}
+POSITION_RULES: dict[str, Callable[..., torch.Tensor]] = {"mrope": mrope_positions, "1d": padded_positions}
 
 
 def query_position_ids(
