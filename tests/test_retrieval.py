@@ -346,7 +346,7 @@ def test_binary_codes_match_sentence_transformers_and_factory_errors():
     with pytest.raises(ValueError, match="precision='float64'"):
         fi.check_precision("float64")
     assert fi.default_factory(1000, 2048) == "Flat"
-    assert fi.default_factory(1_000_000, 2048) == "IVF1024,PQ128"
+    assert fi.default_factory(2_000_000, 2048) == "Flat" and fi.default_factory(5_000_000, 2048) == "HNSW32"
 
 
 def test_too_small_for_the_factory_says_so(model, image_folder, tmp_path):

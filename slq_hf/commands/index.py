@@ -62,8 +62,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                        help="how the index stores vectors: float32, float16 (SQfp16), int8 (SQ8) or ubinary (1 bit "
                             "a dimension, searched by Hamming distance, rescored in float32) (default: float32)")
     build.add_argument("--faiss", metavar="FACTORY", default=None,
-                       help="FAISS index-factory string, e.g. Flat, HNSW32, IVF4096,PQ64 (default: Flat up to "
-                            "200k vectors, else IVF<sqrt N>,PQ<D/16>)")
+                       help="FAISS index-factory string, e.g. Flat, HNSW32, IVF4096,PQ64 (default: Flat up to 2M "
+                            "vectors, else HNSW32)")
     build.add_argument("--query-set", metavar="NAME", help="embed with this query set (default: the active one)")
     build.add_argument("--overwrite", action="store_true",
                        help="start over when INDEX_DIR holds an index of another model or data")

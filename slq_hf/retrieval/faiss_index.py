@@ -32,9 +32,9 @@ PRECISIONS = ("float32", "float16", "int8", "ubinary")
 # precision -> FAISS scalar-quantizer code replacing a "Flat" storage step
 _SQ_CODES = {"float16": "SQfp16", "int8": "SQ8"}
 DEFAULT_RESCORE_MULTIPLIER = 4
-# Below this many vectors exact search is fast enough (and needs no training); above it an IVF-PQ index with float
-# rescoring keeps memory at a small fraction of float32 (see BENCHMARKS.md "Corpus search").
-FLAT_UP_TO = 200_000
+# Exact search up to a few million vectors (it needs no training and its scores are exact; with --precision
+# ubinary + rescoring it is also fast and small: BENCHMARKS.md "Corpus search"); a graph index above.
+FLAT_UP_TO = 2_000_000
 
 VectorSource = Callable[[np.ndarray], np.ndarray]  # (n,) int64 row ids -> (n, D) float32 vectors
 
@@ -49,19 +49,13 @@ def faiss():
 
 
 def default_factory(num_vectors: int, dim: int) -> str:
-    """A FAISS factory string suited to the corpus size: exact ``Flat`` for small corpora, else IVF-PQ.
+    """A FAISS factory string suited to the corpus size: exact ``Flat`` up to ``FLAT_UP_TO`` vectors, else
+    ``HNSW32`` (no training pass over the corpus, high recall; with ``ubinary`` its binary twin ``BHNSW32``).
 
-    IVF lists grow like sqrt(N), rounded to a power of two (the low end of FAISS's 1-16 sqrt(N) guideline: the
-    k-means training stays minutes on a CPU); PQ keeps one byte per 16 dims (at
-    least 8 sub-quantizers) so a 2048-wide SLQ vector costs 128 bytes instead of 8 KB.
+    ``dim`` is accepted for factories that depend on it (PQ sizes); choose ``IVF..,PQ..`` yourself with ``--faiss``
+    when memory matters more than recall.
     """
-    if num_vectors <= FLAT_UP_TO:
-        return "Flat"
-    nlist = 2 ** round(math.log2(math.sqrt(num_vectors)))
-    m = max(8, dim // 16)
-    while dim % m:
-        m -= 1
-    return f"IVF{nlist},PQ{m}"
+    return "Flat" if num_vectors <= FLAT_UP_TO else "HNSW32"
 
 
 def check_precision(precision: str) -> str:
