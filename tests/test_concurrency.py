@@ -179,3 +179,15 @@ def test_training_step_after_an_exception_mid_forward_equals_a_clean_step(tiny_b
     after = step(model)
     assert torch.equal(after[0], clean[0]) and torch.equal(after[1], clean[1])
     assert clean[1].abs().max() > 0
+
+
+def test_two_models_sharing_one_backbone_in_threads(tiny_backbone_path):
+    """Both models hook the same embedding layer: each call injects only its own model's queries."""
+    first = _model(tiny_backbone_path("qwen3_vl"))
+    second = SLQModel.from_backbone(first.backbone, num_queries=NUM_QUERIES + 2, processor=first.processor)
+    models = [first, second]
+    expected = [[m.encode(_inputs(i)) for i in range(THREADS)] for m in models]
+    got = _run_threads(lambda i: models[i % 2].encode(_inputs(i)))
+    for i in range(THREADS):
+        assert torch.equal(got[i], expected[i % 2][i]), i
+    assert (expected[0][0] - expected[1][0]).abs().max() > 1e-3
