@@ -47,7 +47,9 @@ class LatentQueries(nn.ParameterDict):
         if init not in QUERY_INIT_CHOICES:
             raise ValueError(f"query_init={init!r} is not supported; allowed values are {list(QUERY_INIT_CHOICES)}.")
         self.hidden_size, self.init, self.source, self._active = hidden_size, init, source, DEFAULT_QUERY_SET
-        self._rows = rows.float().cpu()
+        # "normal" needs only the scale; "vocab" keeps the sample (a few MB for a 2B backbone) to draw rows from.
+        self._std = rows.float().std().item()
+        self._rows = rows.float().cpu() if init == "vocab" else None
         # Seed 0 for the default set (what every earlier release drew), the name's CRC for the others: distinct
         # starting points, the same for the same name.
         self.add(DEFAULT_QUERY_SET, num_queries, device=device, seed=0)
@@ -159,7 +161,7 @@ class LatentQueries(nn.ParameterDict):
                 raise ValueError(f"query_init='vocab' needs {count} distinct token embeddings but {self.source} "
                                  f"has only {self._rows.shape[0]} usable ones; use query_init='normal'.")
             return self._rows[torch.randperm(self._rows.shape[0], generator=generator)[:count]].clone()
-        return torch.randn((count, self.hidden_size), generator=generator) * self._rows.std().item()
+        return torch.randn((count, self.hidden_size), generator=generator) * self._std
 
     def validate(self, queries: Any, source: str) -> torch.Tensor:
         """``queries`` if it is a finite float (N_q, H) tensor of this width; ValueError naming ``source``."""
