@@ -103,11 +103,13 @@ def main() -> None:
         "",
         "CPU seconds (user + system of the command and its children, including start-up) show what 2 processes cost "
         "in total: when they are about equal to 1 process's, the ranks duplicate no work and the wall-clock speed-up "
-        "is limited only by how many cores are free.",
+        "is limited only by how many cores are free."
+        + (" A speed-up above 2x means the other jobs' load changed between the runs." if speedup > 2 else ""),
         "",
         check(f"2 processes >= 1.7x the items/s of 1 (measured {speedup:.2f}x)", speedup >= 1.7),
-        check(f"re-running a finished build takes seconds ({rerun[1]:.1f}s wall, {rerun[0]:.2f}s in the build)",
-              rerun[1] < 30),
+        check(f"re-running a finished build takes seconds: {rerun[0]:.2f}s in the build, {rerun[3]:.0f} CPU-s with "
+              f"Python start and model load ({rerun[1]:.0f}s wall on the shared machine)",
+              rerun[0] < 5 and rerun[3] < 30),
     ])
     print(body)
     if args.write:
