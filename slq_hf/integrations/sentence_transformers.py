@@ -20,7 +20,7 @@ import tempfile
 from typing import TYPE_CHECKING, Any
 
 from ..modeling.modeling_slq import SLQModel
-from ..modeling.processing_slq import image_budget, to_item
+from ..modeling.processing_slq import image_budget, limit_text, to_item
 from ..modeling.sentence_transformers_files import write_sentence_transformers_files
 
 if TYPE_CHECKING:
@@ -80,11 +80,12 @@ def _is_message(value: Any) -> bool:
     return isinstance(value, list) and bool(value) and isinstance(value[0], dict) and "role" in value[0]
 
 
-def _like_encode(value: Any, budget: Any) -> Any:
-    """One sentence-transformers input converted as ``SLQModel.encode`` converts it (chat messages unchanged)."""
+def _like_encode(value: Any, budget: Any, processor: Any = None, max_text_tokens: int | None = None) -> Any:
+    """One sentence-transformers input converted as ``SLQModel.encode`` converts it (chat messages unchanged): the
+    image shrunk to the processor's budget, the text cut to the model's text budget."""
     if _is_message(value):
         return value
-    item = to_item(value, budget=budget)
+    item = limit_text(processor, to_item(value, budget=budget), max_text_tokens)
     if item.image is not None and item.text is not None:
         return {"image": item.image, "text": item.text}
     return item.image if item.image is not None else item.text
@@ -92,7 +93,9 @@ def _like_encode(value: Any, budget: Any) -> Any:
 
 def _preprocess_like_encode(module: Any, inputs: Any, *args, **kwargs) -> Any:
     budget = image_budget(module.processor)
-    return type(module).preprocess(module, [_like_encode(value, budget) for value in inputs], *args, **kwargs)
+    max_text_tokens = getattr(getattr(module.model, "config", None), "max_text_tokens", None)
+    return type(module).preprocess(
+        module, [_like_encode(value, budget, module.processor, max_text_tokens) for value in inputs], *args, **kwargs)
 
 
 def use_encode_input_handling(model: SentenceTransformer) -> SentenceTransformer:
@@ -102,7 +105,8 @@ def use_encode_input_handling(model: SentenceTransformer) -> SentenceTransformer
     values to unpack"), does not apply EXIF orientation to PIL images, crashes on zero-size images
     (ZeroDivisionError), embeds empty strings and missing paths as text, and does not bound decoding cost. After this
     call every input goes through slq_hf's validation and conversion first: SLQInputError for bad inputs, RGB images
-    (first frame, EXIF-transposed, shrunk to the processor's budget), the same path rule as ``encode``. Chat-message
+    (first frame, EXIF-transposed, shrunk to the processor's budget), texts cut to the model's ``max_text_tokens``,
+    the same path rule as ``encode``. Chat-message
     inputs are passed through unchanged. Returns ``model`` (changed in place; the change is not saved with it).
     """
     module = model[0]

@@ -126,6 +126,9 @@ class SLQModel(PreTrainedModel):
     #: Sets that ``forward`` trains jointly on a pair batch when no ``query_sets=`` is given, so the plain Trainer
     #: (which calls ``forward(**batch)``) trains several sets on one prompt pass per side.
     joint_query_sets: list[str] | None = None
+    #: Default ``encode(max_batch_tokens=)``: at most this many padded prompt tokens per forward (None: count only).
+    #: A runtime setting (not saved), so paths that call ``encode`` for you (evaluation, index building) use it too.
+    max_batch_tokens: int | None = None
 
     def __init__(self, config: SLQConfig, backbone: PreTrainedModel | None = None, processor: Any = None):
         if backbone is None:
@@ -633,6 +636,7 @@ class SLQModel(PreTrainedModel):
         # Huge images are shrunk to the processor's budget while loading (JPEGs decode at reduced scale).
         items = to_items(inputs, budget=image_budget(processor))
         out = {name: torch.empty(len(items), self.config.embedding_dim, dtype=torch.float32) for name in names}
+        max_batch_tokens = self.max_batch_tokens if max_batch_tokens is None else max_batch_tokens
         batches = encode_batches(processor, items, batch_size, max_batch_tokens)
         from tqdm.auto import tqdm
 
