@@ -68,6 +68,37 @@ def child(name: str, rounds: int) -> None:
                       "seconds": statistics.median(seconds)}))
 
 
+def interleaved_times(rounds: int) -> dict[str, float]:
+    """Step time of plain 256 and GradCache 256/32 in ONE process, alternating, on the same collated pairs: the
+    ratio is then fair even when the machine's load changes (median seconds per variant)."""
+    import torch
+
+    from slq_hf import SLQModel
+    from slq_hf.testing.toy_scenes import combinations, scene_for
+    from slq_hf.training import SLQDataCollator
+    from slq_hf.training.gradcache import MICRO_BATCHES_KEY, gradcache_backward
+
+    torch.set_num_threads(1)
+    model = SLQModel.from_backbone(str(TOY_BACKBONE), num_queries=8, dtype=torch.float32)
+    model.train()
+    rng = random.Random(0)
+    scenes = [scene_for(rng.choice(combinations()), rng) for _ in range(CONTRASTIVE)]
+    examples = [{"image": s.image, "text": s.caption} for s in scenes]
+    plain = SLQDataCollator(model.processor)(examples)
+    cached = SLQDataCollator(model.processor, micro_batch_size=MICRO)(examples)[MICRO_BATCHES_KEY]
+    steps = {"plain 256": lambda: model(**plain).loss.backward(),
+             f"GradCache {CONTRASTIVE} / {MICRO}": lambda: gradcache_backward(model, cached)}
+    times: dict[str, list[float]] = {name: [] for name in steps}
+    for round_ in range(rounds + 1):  # round 0 warms up
+        for name, step in (steps.items() if round_ % 2 else reversed(steps.items())):
+            model.zero_grad(set_to_none=True)
+            started = time.perf_counter()
+            step()
+            if round_:
+                times[name].append(time.perf_counter() - started)
+    return {name: statistics.median(values) for name, values in times.items()}
+
+
 def report(results: dict[str, dict]) -> str:
     base = results["plain 256"]
     cached = results[f"GradCache {CONTRASTIVE} / {MICRO}"]
@@ -90,18 +121,33 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=2, help="timed steps per variant (median)")
     parser.add_argument("--write", action="store_true", help="replace the BENCHMARKS.md gradcache section")
     parser.add_argument("--child", help=argparse.SUPPRESS)
+    parser.add_argument("--time-rounds", type=int, default=3, help="interleaved timing rounds (0: skip)")
+    parser.add_argument("--memory-from", type=Path, default=None, metavar="LOG",
+                        help="reuse the per-variant JSON lines of an earlier run's output instead of re-measuring")
     args = parser.parse_args()
     if args.child:
         child(args.child, args.rounds)
         return
     results = {}
-    for name in VARIANTS:
+    if args.memory_from:
+        for line in args.memory_from.read_text().splitlines():
+            if line.startswith("{"):
+                row = json.loads(line)
+                results[row["name"]] = row
+    for name in [n for n in VARIANTS if n not in results]:
         results[name] = memory_subprocess([sys.executable, __file__, "--child", name, "--rounds", str(args.rounds)],
                                           threads=1, label=name)
         print(json.dumps(results[name]), flush=True)
     command = "nice -n 10 .venv/bin/python benchmarks/gradcache.py --write"
     body = (f"Command: `{command}` ({machine()}, 1 thread; the machine was shared, so times carry noise).\n\n"
             f"One SLQ training step on the toy backbone (8 queries), image/caption pairs.\n\n{report(results)}")
+    if args.time_rounds:
+        times = interleaved_times(args.time_rounds)
+        names = list(times)
+        body += (f"\n\nStep time in one process, {args.time_rounds} interleaved rounds (median): "
+                 + ", ".join(f"{n} {times[n]:.2f} s" for n in names)
+                 + f"; GradCache / plain = {times[names[1]] / times[names[0]]:.2f}x (the second forward of every "
+                 "micro-batch).")
     print(body)
     if args.write:
         write_section(ROOT / "BENCHMARKS.md", "gradcache", body)

@@ -19,7 +19,7 @@ KARR-Bench-style test in miniature. SLQ keeps the backbone untouched, so what it
 It then saves the SLQ folder (queries only), reloads it through ``AutoModel`` and ``SentenceTransformer`` and checks
 the recall is unchanged, and writes the modality-gap figures. Outputs go to ``outputs/demo/``.
 
-    .venv/bin/python examples/demo.py [--steps 500] [--num-queries 8] [--out outputs/demo]
+    .venv/bin/python examples/demo.py [--steps 1000] [--num-queries 8] [--out outputs/demo]
 
 Extra rows (another method, a reranker) or pictures are one function appended to ``EXTRA_STEPS``: it gets the
 demo's state (``DemoState``) and may add rows with ``state.add_row``.
@@ -65,7 +65,7 @@ class DemoConfig:
     """Everything the demo's numbers depend on (all seeds pinned)."""
 
     backbone: str = str(TOY_BACKBONE)
-    steps: int = 500
+    steps: int = 1000
     batch_size: int = 32
     num_queries: int = 8
     query_init: str = "normal"
@@ -75,9 +75,9 @@ class DemoConfig:
     temperature: float = 0.07
     lora_rank: int = 8
     lora_lr: float = 3e-3
-    warmup: int = 25
+    warmup: int = 50
     lr_scheduler: str = "cosine"
-    eval_steps: int = 50  # validation recall every N steps; the best checkpoint is kept (SLQ and LoRA alike)
+    eval_steps: int = 100  # validation recall every N steps; the best checkpoint is kept (SLQ and LoRA alike)
     drawings: int = DRAWINGS_PER_COMBINATION  # training corpus: this many drawings of each of the 150 combinations
     seed: int = TRAIN_SEED
     eval_scenes: int | None = None  # None: all 150 held-out scenes (one per combination)
