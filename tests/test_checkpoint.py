@@ -74,7 +74,7 @@ def test_query_set_file_names(name):
     assert ck.query_set_file(name) == f"query_sets/{name}.safetensors"
 
 
-@pytest.mark.parametrize("name", ["", "../evil", "a/b", "a.b", "-lead", "x" * 65, None, 3, "café"])
+@pytest.mark.parametrize("name", ["", "../evil", "a/b", "a.b", "-lead", "x" * 65, None, 3, "café", "doc\n", " doc"])
 def test_query_set_file_refuses_bad_names(name):
     with pytest.raises(ValueError, match="invalid"):
         ck.query_set_file(name)

@@ -51,7 +51,7 @@ QUERY_SET_TENSOR = "queries"
 DEFAULT_QUERY_SET = "default"
 SLQ_TENSOR_NAMES = frozenset({"queries", "logit_scale", "projection.weight", "projection.bias"})
 # Names become file names and module keys (no dots there): one plain token.
-QUERY_SET_NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$")
+QUERY_SET_NAME_PATTERN = re.compile(r"\A[A-Za-z0-9][A-Za-z0-9_-]{0,63}\Z")  # \Z: no trailing newline
 # CLIP clamps its learnable logit scale at 100 (temperature >= 0.01) to keep training stable.
 MAX_LOGIT_SCALE = math.log(100.0)
 # A trained logit_scale may overshoot the clamp by a few optimizer steps (the clamp has no gradient above it, so it
