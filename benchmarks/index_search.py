@@ -172,14 +172,20 @@ def main() -> None:
         f"{machine()}; shared with other jobs).",
         "",
         f"{args.n:,} synthetic clustered L2-normalised vectors of width {args.dim} ({args.clusters:,} clusters; a "
-        "2048-wide corpus needs 8 GB per float copy and hours of index training on 2 shared cores; 512 keeps the "
-        "run within minutes), "
+        "2048-wide corpus needs 8 GB per float copy and hours of index building on 2 shared cores), "
         f"{args.queries} queries, k = {args.k}. Speeds are per CPU-second of one thread (time.process_time), "
         f"because other jobs shared the cores (load average {load_average()} at the end) and stretch wall time. "
         "Lossy codes are rescored in float32 from the vectors on disk "
         "(memory-mapped, as `slq-hf search` reads the shards); bytes/vector counts the index in RAM only.",
         "",
         *lines,
+        "",
+        "IVF rows probe 1/32 of the lists: on this data a query's true neighbours (cosine ~0.5 to it) are spread "
+        "over many lists, so recall is low; raise `nprobe` (`CorpusIndex.load(..., nprobe=)`, `slq-hf search "
+        "--nprobe`) for recall at proportionally more time. Float `HNSW32` is left out of the 1M run"
+        + (" (`--skip`)" if any("HNSW32 float32".startswith(x) for x in args.skip) else "")
+        + ": building its graph over 1M float vectors does not fit the time budget on 2 shared cores; the binary "
+        "HNSW row shows the graph index. Rescoring more candidates costs more than it finds here (x20 rows).",
         "",
         check("a configuration with recall@10 >= 0.95 at >= 10x exact QPS and <= 1/8 of its memory"
               + (f" ({', '.join(w[0] for w in winners)})" if winners else ""), bool(winners)),
