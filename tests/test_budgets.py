@@ -261,3 +261,12 @@ def test_pinned_hub_backbone_folder_leaves_the_processor_out(model, tiny_backbon
     _close(loaded.encode(photos), model.encode(photos))
     with pytest.raises(ValueError, match="bundle_processor='yes' is invalid"):
         hub_like.save_pretrained(tmp_path / "bad", bundle_processor="yes")
+
+
+def test_readme_budgets_example_runs(monkeypatch, capsys):
+    from pathlib import Path
+
+    from helpers import run_readme_example
+
+    run_readme_example("budgets", Path(__file__).resolve().parents[1], monkeypatch)
+    assert capsys.readouterr().out.splitlines()[0] == "9 4 8192"  # the toy backbone's own range is 9-9 tokens
