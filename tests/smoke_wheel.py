@@ -100,6 +100,18 @@ def main() -> None:
             step(f"AutoModel.from_pretrained(trust_remote_code={trust}): {type(loaded).__module__}, "
                  f"max |diff| {error:.1e}")
 
+        # The remote-code copy alone (no slq_hf imported in that process): the files export wrote are complete.
+        probe = ("import sys, json, torch; from transformers import AutoModel; "
+                 f"m = AutoModel.from_pretrained({str(hub)!r}, trust_remote_code=True); "
+                 "print(json.dumps([type(m).__module__, 'slq_hf' in sys.modules]))")
+        done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True)
+        if done.returncode != 0:
+            raise SystemExit(f"remote-code load of {hub} failed:\n{done.stderr[-3000:]}")
+        module, imported = json.loads(done.stdout.strip().splitlines()[-1])
+        if not module.startswith("transformers_modules") or imported:
+            raise SystemExit(f"remote-code load used {module} (slq_hf imported: {imported}), not the folder's code")
+        step(f"AutoModel.from_pretrained(trust_remote_code=True) without slq_hf: {module}")
+
         try:
             from sentence_transformers import SentenceTransformer
         except ImportError as err:
@@ -110,7 +122,11 @@ def main() -> None:
         error = (st_embeddings.cpu().float() - reference).abs().max().item()
         if error > 1e-5:
             raise SystemExit(f"SentenceTransformer({hub}) differs from SLQModel.encode by {error:.2e}")
-        step(f"SentenceTransformer(hub folder).encode: max |diff| {error:.1e}")
+        width = st_model.get_embedding_dimension()
+        if width != reference.shape[1]:
+            raise SystemExit(f"SentenceTransformer.get_embedding_dimension() = {width}, embeddings are "
+                             f"{reference.shape[1]} wide")
+        step(f"SentenceTransformer(hub folder).encode: max |diff| {error:.1e}; get_embedding_dimension() {width}")
     finally:
         shutil.rmtree(work, ignore_errors=True)
     step("all checks passed")
