@@ -362,6 +362,14 @@ def test_huge_sizes_are_refused_before_allocating(saved, tiny_backbone_path, tmp
     assert result["outcome"] == "LOADED" and result["growth_mb"] > 200, result
 
 
+@pytest.mark.parametrize("num_queries", [4_000_000, 2048])
+def test_more_queries_than_the_backbone_has_positions(tiny_backbone_path, num_queries):
+    """Refused by the config-vs-backbone check, which runs before the queries are allocated (the tiny Qwen3-VL has
+    2048 positions, so at most 2047 queries fit after a prompt)."""
+    with pytest.raises(ValueError, match=f"num_queries={num_queries} but the backbone accepts 2048 positions"):
+        SLQModel.from_backbone(tiny_backbone_path("qwen3_vl"), num_queries=num_queries)
+
+
 def test_config_fields_that_index_are_checked(saved):
     config = json.loads((saved / "config.json").read_text())
     for value, message in [(10**9, "not a token id"), (-1, "not a token id"), (True, "not a token id")]:
