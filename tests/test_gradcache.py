@@ -79,7 +79,7 @@ def test_gradcache_gradients_equal_one_big_batch(backbone, training_path, negati
     assert loss.item() == pytest.approx(big.loss.item(), rel=1e-6)
     assert accuracy.item() == pytest.approx(big.accuracy.item())
     got = _grads(model)
-    assert set(got) == {"queries", "logit_scale"}
+    assert len(got) == 2 and "logit_scale" in got  # the queries and the temperature, nothing of the backbone
     for name in expected:
         assert _relative(got[name], expected[name]) <= 1e-5, name
 
