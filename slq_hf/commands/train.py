@@ -242,7 +242,8 @@ def train(args: argparse.Namespace) -> dict:
     if evaluating:
         summary["best_metric"] = {"name": training_args.metric_for_best_model,
                                   "value": trainer.state.best_metric,
-                                  "checkpoint": trainer.state.best_model_checkpoint,
+                                  # the folder name only: the card shows the summary, not this machine's paths
+                                  "checkpoint": os.path.basename(trainer.state.best_model_checkpoint or "") or None,
                                   "used_for_final_model": not args.keep_last}
         summary["final_eval"] = trainer.evaluate()
     if trainer.is_world_process_zero():
