@@ -63,6 +63,9 @@ def register_output_recorders(model: nn.Module) -> None:
         from transformers.utils.output_capturing import _CAN_RECORD_REGISTRY
     except ImportError:  # a transformers version without the registry needs nothing here
         return
+    # Keyed by str(class) in every version; plain dict access because older transformers (5.20) has a plain dict there
+    # (its get/setitem take that key) and later ones a dict subclass whose get/setitem take the model.
     for module in model.modules():
-        if isinstance(module, PreTrainedModel) and not _CAN_RECORD_REGISTRY.get(module):
-            _CAN_RECORD_REGISTRY[module] = getattr(module, "_can_record_outputs", None)
+        key = str(module.__class__)
+        if isinstance(module, PreTrainedModel) and not dict.get(_CAN_RECORD_REGISTRY, key):
+            dict.__setitem__(_CAN_RECORD_REGISTRY, key, getattr(module, "_can_record_outputs", None))
