@@ -79,11 +79,13 @@ def test_threads_with_different_query_sets(tiny_backbone_path):
         with model.use_query_set(name):
             expected[name] = model.encode(items)
 
+    batch = collate(model.processor, [to_item(items[0])])  # tokenized once: forward itself never tokenizes
+
     def work(i):
         name = names[i % len(names)]
         with model.use_query_set(name):
             assert model.active_query_set == name
-            return name, model.encode(items), model(**collate(model.processor, [to_item(items[0])])).pooler_output
+            return name, model.encode(items), model(**batch).pooler_output
 
     for _ in range(ROUNDS):
         for name, encoded, forwarded in _run_threads(work):

@@ -15,6 +15,7 @@ import math
 import os
 import sys
 import tempfile
+import threading
 from collections import OrderedDict
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -107,6 +108,9 @@ class _Injection:
 # Queries to inject, per thread / asyncio task and per model: {id(SLQModel): _Injection}. Set and reset around one
 # backbone call, so a concurrent call, a later generate or a call after an exception never sees another call's.
 _INJECTIONS: ContextVar[dict[int, _Injection] | None] = ContextVar("slq_injections", default=None)
+# A fast tokenizer sets its padding/truncation state on the shared object at every call, so two threads tokenizing
+# at once (one model, or two sharing a processor) can get each other's settings: processor calls take turns.
+_PROCESSOR_LOCK = threading.Lock()
 
 
 class SLQModel(PreTrainedModel):
@@ -637,13 +641,15 @@ class SLQModel(PreTrainedModel):
         items = to_items(inputs, budget=image_budget(processor))
         out = {name: torch.empty(len(items), self.config.embedding_dim, dtype=torch.float32) for name in names}
         max_batch_tokens = self.max_batch_tokens if max_batch_tokens is None else max_batch_tokens
-        batches = encode_batches(processor, items, batch_size, max_batch_tokens)
+        with _PROCESSOR_LOCK:  # it tokenizes to plan the batches
+            batches = encode_batches(processor, items, batch_size, max_batch_tokens)
         from tqdm.auto import tqdm
 
         show = len(batches) > 8 if show_progress_bar is None else show_progress_bar
         max_length = self.max_prompt_length()
         for index in tqdm(batches, desc="SLQ encode", unit="batch", disable=not show):
-            batch = collate(processor, [items[i] for i in index], instruction, max_length=max_length)
+            with _PROCESSOR_LOCK:
+                batch = collate(processor, [items[i] for i in index], instruction, max_length=max_length)
             batch = {k: v.to(self.device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
             result = self(**batch, query_sets=names).pooler_outputs
             for name in names:
