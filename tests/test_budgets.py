@@ -112,6 +112,10 @@ def test_real_qwen3_vl_token_counts_and_default_budget(tmp_path):
     own = {size: image_tokens(processor, *size) for size in [(800, 600), (1920, 1080), (4000, 3000), (6000, 4000)]}
     assert own == {(800, 600): 475, (1920, 1080): 2040, (4000, 3000): 11750, (6000, 4000): 16224}
     assert resolve_image_budget(processor) == (1800, 4)  # "auto": Qwen3-VL-Embedding's 4,096-1,843,200 pixels
+    assert resolve_image_budget(processor, max_image_tokens=2) == (2, 2)  # the automatic minimum follows
+    assert resolve_image_budget(processor, None, None) == (None, None)  # the processor's own
+    with pytest.raises(ValueError, match="min_image_tokens`=8 is larger than `max_image_tokens`=2"):
+        resolve_image_budget(processor, max_image_tokens=2, min_image_tokens=8)
     budgeted = processor_with_budgets(processor, 1800, 4, None)
     assert dict(budgeted.image_processor.size) == {"shortest_edge": 4096, "longest_edge": 1_843_200}
     assert dict(processor.image_processor.size)["longest_edge"] == 16_777_216  # the caller's object is untouched
@@ -270,3 +274,26 @@ def test_readme_budgets_example_runs(monkeypatch, capsys):
 
     run_readme_example("budgets", Path(__file__).resolve().parents[1], monkeypatch)
     assert capsys.readouterr().out.splitlines()[0] == "9 4 8192"  # the toy backbone's own range is 9-9 tokens
+
+
+def test_a_max_pixels_attribute_set_by_hand_moves_the_pre_shrink_with_the_processor():
+    """transformers 5 Qwen-VL processors still pass a ``max_pixels`` attribute set over ``size`` to every call; the
+    pre-shrink used to read it without the grid rule and picked another grid than the processor (1,271 vs 1,230
+    tokens). Now both use the same range and rule."""
+    processor = _real_qwen3_vl_processor()
+    processor.image_processor.max_pixels = 1_000_000
+    budget = image_budget(processor)
+    assert (budget.max_pixels, budget.unit) == (1_000_000, 32)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)  # transformers' deprecation of the attribute
+        for width, height in [(4000, 3000), (1921, 1079), (3001, 1999)]:
+            image = scene(width, height, (1, 2, 3))
+            shrunk = fit_image(image, budget)
+            assert shrunk.size != image.size
+            own = processor.image_processor(images=[image], return_tensors="pt")["image_grid_thw"]
+            pre = processor.image_processor(images=[shrunk], return_tensors="pt")["image_grid_thw"]
+            assert torch.equal(pre, own), (width, height)
+            assert int(own.prod()) // 4 == image_tokens(processor, width, height)
+    # a budget applied over it replaces the hand-set value
+    budgeted = processor_with_budgets(processor, 100, 4, None)
+    assert budgeted.image_processor.max_pixels is None and image_budget(budgeted).max_pixels == 100 * 1024

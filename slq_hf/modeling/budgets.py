@@ -78,26 +78,34 @@ class PixelRule:
     def unit(image_processor: Any) -> int:
         return int(image_processor.patch_size) * int(image_processor.merge_size)
 
+    @staticmethod
+    def pixels(image_processor: Any) -> tuple[int, int]:
+        """(min_pixels, max_pixels) the processor's resize uses: ``size``, overridden by ``min_pixels`` /
+        ``max_pixels`` attributes when set (transformers 5 still passes those to every call, deprecated)."""
+        size = image_processor.size
+        get = size.get if isinstance(size, dict) else (lambda key: getattr(size, key, None))
+        low, high = getattr(image_processor, "min_pixels", None), getattr(image_processor, "max_pixels", None)
+        return int(low if low is not None else get("shortest_edge")), int(high if high is not None
+                                                                           else get("longest_edge"))
+
     def own(self, image_processor: Any) -> tuple[int, int]:
         """(min_tokens, max_tokens) the processor allows now."""
-        size, area = image_processor.size, self.unit(image_processor) ** 2
-        get = size.get if isinstance(size, dict) else (lambda key: getattr(size, key, None))
-        return max(1, math.ceil(get("shortest_edge") / area)), get("longest_edge") // area
+        area = self.unit(image_processor) ** 2
+        low, high = self.pixels(image_processor)
+        return max(1, math.ceil(low / area)), high // area
 
     def apply(self, image_processor: Any, min_tokens: int, max_tokens: int) -> None:
         area = self.unit(image_processor) ** 2
         image_processor.size = {"shortest_edge": min_tokens * area, "longest_edge": max_tokens * area}
-        for attribute, value in (("min_pixels", min_tokens * area), ("max_pixels", max_tokens * area)):
-            if hasattr(image_processor, attribute):  # older releases kept these next to size; keep them in step
-                setattr(image_processor, attribute, value)
+        for attribute in ("min_pixels", "max_pixels"):
+            if getattr(image_processor, attribute, None) is not None:  # a hand-set override would win over size
+                setattr(image_processor, attribute, None)
 
     def tokens(self, image_processor: Any, width: int, height: int) -> int:
         """Image tokens the processor makes of a ``width`` x ``height`` image (its own ``smart_resize``)."""
         unit = self.unit(image_processor)
-        size = image_processor.size
-        get = size.get if isinstance(size, dict) else (lambda key: getattr(size, key, None))
-        h, w = resize_function(image_processor)(height, width, factor=unit, min_pixels=get("shortest_edge"),
-                                                max_pixels=get("longest_edge"))
+        low, high = self.pixels(image_processor)
+        h, w = resize_function(image_processor)(height, width, factor=unit, min_pixels=low, max_pixels=high)
         return (h // unit) * (w // unit)
 
 
@@ -138,9 +146,9 @@ def resolve_image_budget(processor: Any, max_image_tokens: Any = AUTO, min_image
     own_min, own_max = rule.own(processor.image_processor)
     maximum = min(DEFAULT_MAX_IMAGE_TOKENS, own_max) if max_image_tokens == AUTO else max_image_tokens
     minimum = min(DEFAULT_MIN_IMAGE_TOKENS, own_min) if min_image_tokens == AUTO else min_image_tokens
+    if min_image_tokens == AUTO and maximum is not None and minimum is not None:
+        minimum = min(minimum, maximum)  # a small explicit maximum lowers the automatic minimum with it
     check_budgets(maximum, minimum, None, owner="image budget")
-    if maximum is not None and minimum is not None and minimum > maximum:
-        minimum = maximum
     return maximum, minimum
 
 

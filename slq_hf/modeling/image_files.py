@@ -25,7 +25,7 @@ from typing import Any
 
 from PIL import Image, ImageFile, ImageOps
 
-from .budgets import resize_function
+from .budgets import PixelRule, resize_function
 
 # The raster formats slq_hf decodes: PIL format name -> file extensions. Anything else (PostScript/EPS, which PIL
 # renders by running Ghostscript; PDF; SVG; ...) is refused before any decoder runs. MPO is PIL's name for the
@@ -188,12 +188,13 @@ def image_budget(processor: Any) -> ImageBudget | None:
         return None
     size = _size_values(getattr(image_processor, "size", None))
     if getattr(image_processor, "temporal_patch_size", None) and "longest_edge" in size:
-        # Qwen-VL: size counts pixels, not a side length; sides are multiples of patch x merge size. ``size`` is
-        # what its resize reads (a leftover ``max_pixels`` attribute is not), and its own smart_resize decides.
+        # Qwen-VL: size counts pixels, not a side length; sides are multiples of patch x merge size. The pixel
+        # range its resize really uses (size, or min/max_pixels attributes set over it) and its own smart_resize
+        # decide, so the pre-shrink lands on the processor's grid.
         patch, merge = getattr(image_processor, "patch_size", None), getattr(image_processor, "merge_size", None)
         unit = patch * merge if isinstance(patch, int) and isinstance(merge, int) else None
-        return ImageBudget(max_pixels=size["longest_edge"], unit=unit, resize=resize_function(image_processor),
-                           min_pixels=size.get("shortest_edge"))
+        low, high = PixelRule.pixels(image_processor)
+        return ImageBudget(max_pixels=high, unit=unit, resize=resize_function(image_processor), min_pixels=low)
     explicit = getattr(image_processor, "max_pixels", None)
     if isinstance(explicit, int) and explicit > 0:
         return ImageBudget(max_pixels=explicit)
