@@ -21,7 +21,7 @@ import pytest
 import torch
 from test_checkpoint import tree_digest
 
-from slq_hf import SLQModel
+from slq_hf import SLQConfig, SLQModel
 from slq_hf.modeling.checkpoint import CheckpointError
 
 SRC = str(Path(__file__).resolve().parents[1])
@@ -290,6 +290,84 @@ def test_a_reader_during_resaves_sees_the_old_or_the_new_folder(tmp_path, backbo
     summary = json.loads(result.stdout.strip().splitlines()[-1])
     assert summary["reads"] >= 10 and saves[0] >= 10, (summary, saves)
     assert summary["n_bad"] == 0, summary
+
+
+_AUTO_READER = """
+from transformers import AutoModel
+target, backbone, seconds = sys.argv[2], sys.argv[3], float(sys.argv[4])
+model = SLQModel.from_pretrained(target, backbone_name_or_path=backbone)
+shared, refs = model.backbone, {}  # (AutoModel deep-copies its keyword arguments: no backbone= there)
+for name in "ab":
+    ref = SLQModel.from_pretrained(f"{sys.argv[5]}/ref_{name}", backbone=shared, processor=model.processor)
+    refs[name] = (ref.queries.detach().clone(), ref.config.pooling)
+deadline, reads, bad = time.time() + seconds, 0, []
+while time.time() < deadline:
+    try:  # AutoConfig reads config.json before SLQModel.from_pretrained reads the weights
+        loaded = AutoModel.from_pretrained(target, backbone_name_or_path=backbone, normalize=False)
+        name = next((n for n, (q, _) in refs.items() if torch.equal(q, loaded.queries)), None)
+        if name is None or loaded.config.pooling != refs[name][1] or loaded.config.normalize is not False:
+            bad.append(f"mix: queries of {name}, pooling {loaded.config.pooling}, normalize {loaded.config.normalize}")
+    except Exception as err:
+        bad.append(f"{type(err).__name__}: {err}"[:300])
+    reads += 1
+print(json.dumps({"reads": reads, "bad": bad[:5], "n_bad": len(bad)}))
+"""
+
+
+def test_automodel_during_resaves_pairs_config_and_weights_of_one_save(tmp_path, backbone):
+    # A and B differ in a config field (pooling) and in the queries: a load pairing A's config.json with B's
+    # model.safetensors is visible. normalize=False is a load-time override that every load must keep.
+    a = SLQModel.from_backbone(backbone, num_queries=4, pooling="mean")
+    b = SLQModel.from_backbone(backbone, num_queries=4, pooling="last")
+    with torch.no_grad():
+        b.queries.mul_(-1)
+    a.save_pretrained(tmp_path / "ref_a")
+    b.save_pretrained(tmp_path / "ref_b")
+    target = tmp_path / "slq"
+    a.save_pretrained(target)
+    stop, saves = threading.Event(), [0]
+
+    def writer():
+        while not stop.is_set():
+            (b if saves[0] % 2 == 0 else a).save_pretrained(target)
+            saves[0] += 1
+
+    thread = threading.Thread(target=writer)
+    thread.start()
+    try:
+        result = _run(_AUTO_READER, str(target), backbone, "20", str(tmp_path))
+    finally:
+        stop.set()
+        thread.join()
+    assert result.returncode == 0, result.stderr[-3000:]
+    summary = json.loads(result.stdout.strip().splitlines()[-1])
+    assert summary["reads"] >= 10 and saves[0] >= 10, (summary, saves)
+    assert summary["n_bad"] == 0, summary
+
+
+def test_a_config_read_before_a_resave_is_replaced_by_the_saved_one_with_its_load_keywords(tmp_path, backbone):
+    # The race of the test above, made deterministic: AutoConfig reads A's config.json (with a load keyword and an
+    # edit), then B is saved over A, then the model is loaded with that config.
+    from transformers import AutoConfig, AutoModel
+
+    a = SLQModel.from_backbone(backbone, num_queries=4, pooling="mean")
+    b = SLQModel.from_backbone(backbone, num_queries=6, pooling="last", temperature=0.05)
+    target = tmp_path / "slq"
+    a.save_pretrained(target)
+    config = AutoConfig.from_pretrained(target, normalize=False)
+    config.training_path = "full"
+    b.save_pretrained(target)
+    loaded = AutoModel.from_pretrained(target, config=config, backbone=b.backbone)
+    assert torch.equal(loaded.queries, b.queries) and loaded.config.num_queries == 6
+    assert (loaded.config.pooling, loaded.config.temperature) == ("last", 0.05)  # B's saved fields
+    assert (loaded.config.normalize, loaded.config.training_path) == (False, "full")  # the keyword and the edit
+    # Unchanged folder: the passed config object is used as it is.
+    config = AutoConfig.from_pretrained(target, pooling="mean")
+    assert SLQModel.from_pretrained(target, config=config, backbone=b.backbone).config is config
+    # A config built in code is used as given (here: one that cannot hold B's 6 queries).
+    built = SLQConfig(**{**b.config.field_values(), "num_queries": 4})
+    with pytest.raises(CheckpointError, match="queries"):
+        SLQModel.from_pretrained(target, config=built, backbone=b.backbone)
 
 
 # --------------------------------------------------------------------------------- Trainer.save_model

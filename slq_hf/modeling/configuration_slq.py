@@ -6,8 +6,11 @@ modules of ``slq_hf/modeling``.
 
 from __future__ import annotations
 
+import copy
 import re
 import warnings
+import weakref
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -51,6 +54,12 @@ def _version_tuple(version: str) -> tuple[int, ...]:
     """'0.2.0.dev1' -> (0, 2, 0): the numeric release part, enough to tell an older release from a newer one."""
     match = re.match(r"\d+(\.\d+)*", version.strip())
     return tuple(int(part) for part in match.group(0).split(".")) if match else ()
+
+
+# What SLQConfig.from_dict was built from, per config object (by id; the entry goes with the object): the
+# config.json content, the load keywords naming SLQConfig fields, and the field values right after loading. Kept off
+# the config's attributes so that it is never saved and never makes two equal configs compare unequal.
+_READ_FROM: dict[int, tuple[dict[str, Any], dict[str, Any], dict[str, Any]]] = {}
 
 
 def _check_positive_int(name: str, value: Any, allow_none: bool = False) -> None:
@@ -179,6 +188,22 @@ class SLQConfig(PretrainedConfig):
             )
         return {k: v for k, v in kwargs.items() if k not in unknown}
 
+    @classmethod
+    def from_dict(cls, config_dict: dict[str, Any], **kwargs):
+        """transformers' ``from_dict`` (AutoConfig and ``from_pretrained`` build through it), remembering what the
+        config was read from, for :func:`changes_since_read`."""
+        read = copy.deepcopy(config_dict)
+        result = super().from_dict(config_dict, **kwargs)
+        config = result[0] if isinstance(result, tuple) else result
+        overrides = {k: v for k, v in kwargs.items() if k in SLQ_FIELDS}
+        _READ_FROM[id(config)] = (read, overrides, config.field_values())
+        weakref.finalize(config, _READ_FROM.pop, id(config), None)
+        return result
+
+    def field_values(self) -> dict[str, Any]:
+        """{field name: value} of every SLQConfig field."""
+        return {k: getattr(self, k) for k in SLQ_FIELDS}
+
     def to_dict(self) -> dict[str, Any]:
         """Serialise, stamping the slq_hf and torch versions of the writer (transformers stamps its own)."""
         output = super().to_dict()
@@ -196,3 +221,21 @@ class SLQConfig(PretrainedConfig):
         """The embedding width (= :attr:`embedding_dim`): sentence-transformers' ``get_embedding_dimension`` reads
         ``config.projection_dim`` before ``hidden_size``. Whether a head exists is ``projection_size``."""
         return self.embedding_dim
+
+
+SLQ_FIELDS = tuple(SLQConfig.__annotations__)
+
+
+def changes_since_read(config: SLQConfig, read_config_dict: Callable[[], dict[str, Any]]) -> dict[str, Any] | None:
+    """None when ``config`` was built in code, or read from exactly what ``read_config_dict()`` returns now (the
+    content of the config.json being loaded; only called for a config that was read from one).
+
+    Otherwise (it was read from another content: the folder was re-saved since) the changes made to it on top of
+    what it read - the load keywords (``pooling=``...) and later edits of its fields - to re-apply to a config built
+    from the current content.
+    """
+    record = _READ_FROM.get(id(config))
+    if record is None or record[0] == read_config_dict():
+        return None
+    _, overrides, at_read = record
+    return {**overrides, **{k: v for k, v in config.field_values().items() if v != at_read[k]}}

@@ -52,7 +52,7 @@ from .checkpoint import (
     save_tensors,
     write_folder,
 )
-from .configuration_slq import SLQConfig
+from .configuration_slq import SLQConfig, changes_since_read
 from .latent_queries import LatentQueries
 from .losses import symmetric_infonce
 from .pickling import register_output_recorders, without_capture_hooks
@@ -252,15 +252,15 @@ class SLQModel(PreTrainedModel):
         location = {"revision": kwargs.pop("revision", None), "subfolder": kwargs.pop("subfolder", ""), **shared}
         overrides = {k: kwargs.pop(k) for k in list(kwargs) if k in _CONFIG_FIELDS}
 
-        def read() -> tuple[SLQConfig, dict[str, torch.Tensor], dict[str, Any], Any]:
-            saved = config or SLQConfig.from_pretrained(path, **location)
+        def read() -> tuple[SLQConfig, dict[str, Any], dict[str, torch.Tensor], dict[str, Any], Any]:
+            saved, changes = _config_of_this_save(config, path, location)
             state = read_tensors(_resolve_weights(path, location),
                                  expected_tensors(saved.num_queries, saved.hidden_size, saved.projection_size))
             found = None if processor is not None else _try_processor(path, quiet=True, **location)
-            return saved, state, _read_query_sets(path, location, saved.hidden_size), found
+            return saved, changes, state, _read_query_sets(path, location, saved.hidden_size), found
 
-        saved, state, sets, found = read_folder(path, read)  # one save of the folder, never a mix of two
-        saved = _with_overrides(saved, overrides, path)
+        saved, changes, state, sets, found = read_folder(path, read)  # one save of the folder, never a mix of two
+        saved = _with_overrides(saved, {**changes, **overrides}, path)
         if backbone is None:
             source = str(backbone_name_or_path or saved.backbone_name_or_path or "")
             revision = None if backbone_name_or_path else saved.backbone_revision
@@ -747,6 +747,28 @@ def _read_query_sets(path, location: dict[str, Any], hidden_size: int | None) ->
                                   "missing; re-save the model or restore the file.")
         sets[name] = _read_queries(file, hidden_size)
     return {"active": index["active"], "sets": sets}
+
+
+def _config_of_this_save(config: SLQConfig | None, path, location: dict[str, Any]
+                         ) -> tuple[SLQConfig, dict[str, Any]]:
+    """The config of the save being read (call inside the read window) and the load-time changes to apply to it.
+
+    ``AutoModel.from_pretrained`` (and sentence-transformers through it) reads config.json, applying keywords such
+    as ``pooling=``, before this class's ``from_pretrained`` runs, i.e. outside ``read_folder``: a re-save in between
+    would pair that config with the next save's weights. So a ``config=`` read from a config.json is compared with
+    the folder's config.json here; when they differ, the folder's is used with the passed config's changes (load
+    keywords, edits of its fields) on top. A config built in code is used as given.
+    """
+    if config is None:
+        return SLQConfig.from_pretrained(path, **location), {}
+    current: dict[str, Any] = {}
+
+    def read_config_dict() -> dict[str, Any]:
+        current.update(SLQConfig.get_config_dict(str(path), **location)[0])
+        return current
+
+    changes = changes_since_read(config, read_config_dict)
+    return (config, {}) if changes is None else (SLQConfig.from_dict(current), changes)
 
 
 def _with_overrides(config: SLQConfig, overrides: dict[str, Any], path) -> SLQConfig:
