@@ -162,6 +162,42 @@ def test_resave_of_the_same_model_is_byte_identical(tmp_path, models):
     assert tree_digest(target) == first
 
 
+def _max_seq_length(folder: Path) -> int | None:
+    return json.loads((folder / "sentence_bert_config.json").read_text()).get("max_seq_length")
+
+
+def test_resave_writes_the_models_own_prompt_limit(tmp_path, backbone):
+    # X leaves more room for the prompt than Y (fewer queries); saving X, Y, X must end as a fresh save of X.
+    x = SLQModel.from_backbone(backbone, num_queries=4)
+    y = SLQModel.from_backbone(backbone, num_queries=6)
+    assert x.max_prompt_length() - y.max_prompt_length() == 2
+    x.save_pretrained(tmp_path / "fresh")
+    target = tmp_path / "slq"
+    for model in (x, y, x):
+        model.save_pretrained(target)
+        assert _max_seq_length(target) == model.max_prompt_length()
+    assert (target / "sentence_bert_config.json").read_bytes() == (tmp_path / "fresh" / "sentence_bert_config.json"
+                                                                    ).read_bytes()
+    # A hand-edited smaller limit lasts until the next save_pretrained (documented in sentence_bert_config); the
+    # file's other settings stay.
+    edited = {**json.loads((target / "sentence_bert_config.json").read_text()), "max_seq_length": 7,
+              "processing_kwargs": {"chat_template": {"add_generation_prompt": True}, "text": {"padding": True}}}
+    (target / "sentence_bert_config.json").write_text(json.dumps(edited))
+    x.save_pretrained(target)
+    rewritten = json.loads((target / "sentence_bert_config.json").read_text())
+    assert rewritten["max_seq_length"] == x.max_prompt_length()
+    assert rewritten["processing_kwargs"] == edited["processing_kwargs"]
+
+
+def test_st_files_without_a_known_limit_keep_the_files_value(tmp_path):
+    from slq_hf.modeling.sentence_transformers_files import sentence_bert_config
+
+    assert sentence_bert_config({"max_seq_length": 7}, None)["max_seq_length"] == 7
+    assert sentence_bert_config({"max_seq_length": 7}, 30)["max_seq_length"] == 30
+    assert sentence_bert_config({"max_seq_length": 70}, 30)["max_seq_length"] == 30
+    assert "max_seq_length" not in sentence_bert_config(None, None)
+
+
 # -------------------------------------------------------------------------------------- failed saves
 _DISK_FULL = """
 target, backbone, mode = Path(sys.argv[2]), sys.argv[3], sys.argv[4]

@@ -111,16 +111,19 @@ def sentence_bert_config(existing: Any = None, max_seq_length: int | None = None
     """sentence_bert_config.json: the Transformer module's settings.
 
     Keys SLQ depends on (modality_config, output name, padding) are always enforced; other settings already in the
-    file (e.g. ``processing_kwargs`` or a smaller ``max_seq_length`` a user chose) are kept. ``max_seq_length``
-    (``SLQModel.max_prompt_length()``) caps the file's value: sentence-transformers then truncates over-long texts
-    and restores the chat-template tail, giving the same prompt as ``SLQModel.encode``.
+    file (e.g. ``processing_kwargs``) are kept. ``max_seq_length`` (``SLQModel.max_prompt_length()``, given by every
+    ``save_pretrained``) is written as is: sentence-transformers then truncates over-long texts and restores the
+    chat-template tail, giving the same prompt as ``SLQModel.encode``. It is the model's limit, not a merge with the
+    file's: a re-save writes what a fresh save of the same model writes, even when an earlier save (e.g. of a model
+    with more queries) wrote a smaller one. A smaller limit a user chose by editing the file therefore lasts until
+    the next ``save_pretrained`` (this code cannot tell a hand edit from an earlier save's value); to keep one, set
+    ``SentenceTransformer.max_seq_length`` and save with ``SentenceTransformer.save``, which writes this file after
+    the model. ``max_seq_length=None`` (a caller that does not know the limit) keeps the file's value.
     """
     config = dict(existing) if isinstance(existing, dict) else {}
     config.setdefault("processing_kwargs", DEFAULT_PROCESSING_KWARGS)
     if max_seq_length is not None:
-        current = config.get("max_seq_length")
-        valid = isinstance(current, int) and not isinstance(current, bool) and current > 0
-        config["max_seq_length"] = min(current, max_seq_length) if valid else max_seq_length
+        config["max_seq_length"] = max_seq_length
     config.update(json.loads(json.dumps(REQUIRED_SENTENCE_BERT_CONFIG)))  # deep copy of the constants
     return config
 
