@@ -75,8 +75,6 @@ def test_command_help_imports_only_its_module(name):
     assert not modules & (set(cli.COMMANDS.values()) - {cli.COMMANDS[name]}), modules
 
 
-@pytest.mark.xfail(strict=True, reason="slq_hf/__init__.py imports transformers (and torch) to register 'slq' "
-                   "with AutoConfig/AutoModel at import; `slq-hf --help` is torch-free once that is lazy")
 def test_top_level_help_imports_no_torch():
     _, _, torch_loaded = probe(["--help"])
     assert not torch_loaded
@@ -225,3 +223,18 @@ def test_cli_quiets_the_bitsandbytes_kernel_notice():
                              "import bitsandbytes")
     assert through_cli.returncode == 0, through_cli.stderr
     assert "gemm_4bit_forward" not in through_cli.stderr
+
+
+@pytest.mark.parametrize("first", ["slq_hf", "transformers"])
+def test_slq_registers_with_auto_classes_whichever_is_imported_first(first):
+    # `import slq_hf` no longer imports transformers; the "slq" model type must still be known to AutoConfig and
+    # AutoModel by the time either is usable, in both import orders.
+    second = "transformers" if first == "slq_hf" else "slq_hf"
+    code = (f"import {first}, {second}, sys\n"
+            "from transformers import AutoConfig, AutoModel\n"
+            "from transformers.models.auto.configuration_auto import CONFIG_MAPPING\n"
+            "config = AutoConfig.for_model('slq')\n"
+            "assert type(config).__name__ == 'SLQConfig', type(config)\n"
+            "assert AutoModel._model_mapping[type(config)].__name__ == 'SLQModel'\n")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
