@@ -446,9 +446,11 @@ def test_demo_rerank_rows(toy_slq, monkeypatch):
 
 def test_cache_argument_name_old_and_new():
     """transformers 5.24 renamed ``past_key_values`` to ``cache`` in some forwards; both spellings are handled."""
+    import inspect
     from types import SimpleNamespace
 
-    from slq_hf.modeling.reranking import _cache_kwarg, _output_cache
+    from slq_hf.modeling.prefix_cache import cache_kwarg
+    from slq_hf.modeling.reranking import _output_cache
 
     class Old(torch.nn.Module):
         def forward(self, input_ids, past_key_values=None):
@@ -458,8 +460,10 @@ def test_cache_argument_name_old_and_new():
         def forward(self, input_ids, cache=None):
             return input_ids
 
-    assert _cache_kwarg(Old()) == "past_key_values" and _cache_kwarg(New()) == "cache"
+    assert cache_kwarg(Old) == "past_key_values" and cache_kwarg(New) == "cache"
     model, _ = _load("toy", None)
-    assert _cache_kwarg(model) == "cache"  # the installed transformers' Qwen3-VL
+    # The installed transformers' spelling (5.20-5.23: past_key_values, 5.24+: cache), read from its signature.
+    expected = "cache" if "cache" in inspect.signature(type(model).forward).parameters else "past_key_values"
+    assert cache_kwarg(type(model)) == expected
     assert _output_cache(SimpleNamespace(past_key_values="old")) == "old"
     assert _output_cache(SimpleNamespace(cache="new", past_key_values=None)) == "new"

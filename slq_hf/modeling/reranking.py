@@ -31,6 +31,7 @@ import torch
 
 from .backbones import backbone_spec
 from .positions import query_position_ids, sequence_position_ids
+from .prefix_cache import cache_kwarg
 from .processing_slq import SLQInput, SLQInputError, SLQItem, collate, image_budget, prompt_length_limit, to_item
 
 # Sentinel answer used once per processor to read how its chat template wraps an assistant turn.
@@ -256,11 +257,6 @@ def _pad(tensors: list[torch.Tensor], side: str, value: int = 0) -> tuple[torch.
 
 
 # --------------------------------------------------------------------------------------------- the backbone
-def _cache_kwarg(backbone: torch.nn.Module) -> str:
-    """Name of the KV-cache argument: transformers 5.24 renamed ``past_key_values`` to ``cache`` in some models."""
-    return "cache" if "cache" in inspect.signature(backbone.forward).parameters else "past_key_values"
-
-
 def _output_cache(out: Any) -> Any:
     cache = getattr(out, "cache", None)
     return cache if cache is not None else getattr(out, "past_key_values", None)
@@ -362,7 +358,7 @@ class _SharedPrefix:
         self.ids = rows[0].ids[:length][None].to(device)  # (1, P)
         self.mask = torch.ones_like(self.ids)
         self.extras = {k: v[:length][None].to(device) for k, v in rows[0].extras.items()}
-        self.key = _cache_kwarg(backbone)
+        self.key = cache_kwarg(type(backbone))
         inputs = {"input_ids": self.ids, "attention_mask": self.mask, **self.extras}
         out = _forward(backbone, 1, **inputs, **_positions(backbone, spec, inputs, image_inputs), **image_inputs,
                        use_cache=True)
