@@ -23,8 +23,8 @@ import torch
 from torch import nn
 
 from .checkpoint import DEFAULT_QUERY_SET, check_query_set_name
+from .configuration_slq import QUERY_INIT_CHOICES
 
-QUERY_INIT_CHOICES = ("normal", "vocab")
 # use_query_set blocks, per thread / task: {id(LatentQueries): name}. Never mutated, only replaced and reset.
 _SCOPED_ACTIVE: ContextVar[dict[int, str] | None] = ContextVar("slq_scoped_query_set", default=None)
 

@@ -11,6 +11,7 @@ sibling modules.
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import sys
@@ -334,7 +335,8 @@ class SLQModel(PreTrainedModel):
                 for name in extra:
                     self.save_query_set(name, out / query_set_file(name))
                 sets = {n: {"file": query_set_file(n), "num_queries": self.get_query_set(n).shape[0]} for n in extra}
-                (out / QUERY_SETS_INDEX).write_text(_json({"active": self.active_query_set, "sets": sets}))
+                index = {"active": self.active_query_set, "sets": sets}
+                (out / QUERY_SETS_INDEX).write_text(json.dumps(index, indent=2) + "\n")
             # Every SLQ folder is also a sentence-transformers model; max_seq_length makes it truncate like encode.
             write_sentence_transformers_files(out, max_seq_length=self.max_prompt_length())
             save_processor(self.processor, out, self.config, bundle_processor)
@@ -708,12 +710,6 @@ _LEGACY_KEYS = {QUERY_SET_TENSOR: "latent_queries.default"}
 
 
 # ------------------------------------------------------------------------------------------------------- helpers
-def _json(data: Any) -> str:
-    import json
-
-    return json.dumps(data, indent=2) + "\n"
-
-
 def _check_state(state: dict[str, torch.Tensor], expected: dict[str, tuple[int, ...]], source: str
                  ) -> dict[str, torch.Tensor]:
     """An in-memory state dict checked by the same code as a file (``read_tensors``); errors name ``source``."""

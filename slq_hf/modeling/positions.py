@@ -109,8 +109,8 @@ def query_position_ids(
     input_ids: torch.Tensor,
     attention_mask: torch.Tensor,
     backbone_inputs: dict[str, Any] | None = None,
-    offsets: torch.Tensor | None = None,
-    num_queries: int | None = None,
+    *,
+    offsets: torch.Tensor,
 ) -> torch.Tensor:
     """Position ids the backbone would give the query slots appended after a left-padded prompt.
 
@@ -122,15 +122,10 @@ def query_position_ids(
         backbone_inputs: other processor outputs of the prompt (grids, ``mm_token_type_ids`` (B, L), ...).
         offsets: (Q,) offset of each query slot from the first; several query sets on one prompt repeat
             ``arange(N_q)`` so every set sees the positions a lone set would.
-        num_queries: shorthand for ``offsets = arange(num_queries)``.
 
     Returns:
         (B, Q) for 1-D positions or (3, B, Q) for M-RoPE, long, on the ids' device.
     """
-    if offsets is None:
-        if num_queries is None:
-            raise ValueError("query_position_ids needs `offsets` or `num_queries`.")
-        offsets = torch.arange(num_queries, device=input_ids.device)
     try:
         rule = POSITION_RULES[spec.rope]
     except KeyError:
