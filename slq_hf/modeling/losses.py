@@ -18,6 +18,12 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
+# torch.distributed.nn.functional.all_gather is the stable all-gather with a backward pass (it sums the gradients of
+# all ranks into the local rows); its deprecation notice points at a private API. One narrow filter, added once:
+# catch_warnings() per call is not thread-safe and resets Python's "shown once" registry for every other warning.
+warnings.filterwarnings("ignore", message=r"torch\.distributed\.nn\.functional\.all_gather is deprecated",
+                        category=FutureWarning)
+
 
 @dataclass
 class ContrastiveOutput:
@@ -67,13 +73,9 @@ def gather_with_grad(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
             gathered.append(tensor)  # nobody has rows: nothing to exchange
             continue
         padded = F.pad(tensor, (0, 0, 0, longest - tensor.shape[0]))  # (longest, D)
-        # torch.distributed.nn.functional.all_gather is the stable all-gather with a backward pass (it sums the
-        # gradients of all ranks into the local rows); its deprecation notice points at a private API.
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", FutureWarning)
-            from torch.distributed.nn.functional import all_gather
+        from torch.distributed.nn.functional import all_gather
 
-            parts = all_gather(padded)
+        parts = all_gather(padded)
         gathered.append(torch.cat([part[:count] for part, count in zip(parts, per_rank)], dim=0))
     return gathered
 
