@@ -53,7 +53,7 @@ from .checkpoint import (
     save_tensors,
     write_folder,
 )
-from .configuration_slq import SLQConfig, changes_since_read
+from .configuration_slq import SLQ_FIELDS, SLQConfig, changes_since_read
 from .latent_queries import LatentQueries
 from .losses import symmetric_infonce
 from .pickling import register_output_recorders, without_capture_hooks
@@ -70,7 +70,7 @@ _AUTO_CLASS_KWARGS = ("_from_auto", "_from_pipeline", "trust_remote_code", "adap
                       "_commit_hash")
 _SHARED_HUB_KWARGS = ("cache_dir", "force_download", "local_files_only", "proxies", "token")
 # from_pretrained keywords naming SLQConfig fields override the saved config; these cannot change after training.
-_CONFIG_FIELDS = frozenset(SLQConfig.__annotations__) | {"projection_dim"}
+_CONFIG_FIELDS = frozenset(SLQ_FIELDS) | {"projection_dim"}
 _FIXED_FIELDS = ("num_queries", "hidden_size", "projection_size", "projection_dim", "backbone_model_type")
 PAIR_SIDES = ("positive", "negative")
 
@@ -777,7 +777,7 @@ def _with_overrides(config: SLQConfig, overrides: dict[str, Any], path) -> SLQCo
                              f"were trained with {key}={getattr(config, key)!r}. Train a new model (from_backbone) "
                              "for another value.")
     changed = {k: v for k, v in overrides.items() if k not in _FIXED_FIELDS}
-    SLQConfig(**{**{k: getattr(config, k) for k in SLQConfig.__annotations__}, **changed})  # validates the values
+    SLQConfig(**{**config.field_values(), **changed})  # validates the values
     for key, value in changed.items():
         setattr(config, key, value)
     return config
