@@ -109,8 +109,32 @@ class DemoState:
         log("   " + _short(self.rows[name]))
 
 
+def rerank_step(state: DemoState) -> None:
+    """SLQ's top 10 reranked by the same frozen backbone (``SLQModel.rerank`` through ``evaluate_retrieval``)."""
+    from demo_rerank import rerank_rows  # examples/demo_rerank.py
+
+    log("7. Rerank SLQ's top 10 with the same frozen backbone (likelihood of the caption given the image): no "
+        "training, no second model")
+    for name, row in rerank_rows(state.slq_model, evaluation_scenes(state.config)).items():
+        if name == "SLQ":  # the SLQ row above, on the same model and scenes
+            continue
+        cost = f", {row['ms per query']:.0f} ms per query" if "ms per query" in row else ""
+        state.rows[f"{name}{cost}"] = {**{f"{p} {d}": row[f"{p} {d}"] for p, d in COLUMNS}, "params": 0}
+        log(f"   {name}: " + _short(row) + cost)
+
+
+def search_step(state: DemoState) -> None:
+    """Index the held-out scenes with the saved SLQ folder, search them in words, save a picture of the hits."""
+    from demo_search import run as search  # examples/demo_search.py
+
+    log("8. Index the held-out scenes with the saved SLQ folder (slq_hf.retrieval) and search them in words")
+    result = search(state.out / "slq-toy", state.out / "search")
+    log(f"   {100 * result['top1']:.0f}% of {len(result['queries'])} queries (explicit and knowledge captions) put "
+        f"their scene first; each query with its top 5: {result['grid']}")
+
+
 # Extra steps run after the built-in ones, in order: each is fn(state: DemoState) -> None.
-EXTRA_STEPS: list[Callable[[DemoState], None]] = []
+EXTRA_STEPS: list[Callable[[DemoState], None]] = [rerank_step, search_step]
 
 
 # -------------------------------------------------------------------------------------------------------- data
@@ -119,11 +143,17 @@ def training_corpus(config: DemoConfig) -> dict[str, Path]:
     return write_corpus(Path(config.out) / "data", config.drawings)
 
 
-def evaluation_sets(config: DemoConfig) -> dict[str, RetrievalDataset]:
-    """The fixed held-out split, once with explicit captions and once with knowledge captions."""
+def evaluation_scenes(config: DemoConfig) -> list[Scene]:
+    """The fixed held-out split (or the same subset of it every time, with ``--eval-scenes``)."""
     scenes: list[Scene] = heldout_scenes()
     if config.eval_scenes is not None:
         scenes = random.Random(0).sample(scenes, config.eval_scenes)
+    return scenes
+
+
+def evaluation_sets(config: DemoConfig) -> dict[str, RetrievalDataset]:
+    """The fixed held-out split, once with explicit captions and once with knowledge captions."""
+    scenes = evaluation_scenes(config)
     images = [s.image for s in scenes]
     return {
         "caption": RetrievalDataset.from_pairs(images, [s.caption for s in scenes], name="toy held-out, captions"),
