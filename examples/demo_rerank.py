@@ -7,18 +7,15 @@ and knowledge captions ("the shape with three corners and the colour of blood in
 
     .venv/bin/python examples/demo_rerank.py [--model outputs/demo/slq-toy] [--top-k 10] [--out outputs/rerank]
 
-Without ``--model`` (or when the folder does not exist) it first trains SLQ on the toy backbone with the demo's
-recipe (8 queries, 1000 steps x 32 fresh pairs, lr 3e-2 cosine; about 3 minutes on 2 cores) and saves it there.
+``--model`` is an SLQ folder trained on the toy backbone: ``make demo`` writes one with ``slq-hf train``
+(``outputs/demo/slq-toy``), and ``make demo`` itself runs :func:`rerank_rows` as its step 7.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
-import random
-import time
 from pathlib import Path
 from typing import Any
 
@@ -26,9 +23,8 @@ import torch
 
 from slq_hf import SLQModel
 from slq_hf.evaluation import RetrievalDataset, evaluate_retrieval
-from slq_hf.testing.toy_scenes import TRAIN_SEED, Scene, combinations, heldout_scenes, scene_for
+from slq_hf.testing.toy_scenes import Scene, heldout_scenes
 
-TOY_BACKBONE = Path(__file__).resolve().parent / "toy" / "backbone"
 PARTS = {"caption": "explicit captions", "knowledge": "knowledge captions"}
 
 
@@ -98,66 +94,23 @@ def format_rows(rows: dict[str, dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
-# ------------------------------------------------------------------------------------------------------ training
-def train_toy_slq(out: Path, steps: int = 1000, batch_size: int = 32, num_queries: int = 8, lr: float = 3e-2,
-                  warmup: int = 10, seed: int = TRAIN_SEED) -> SLQModel:
-    """The demo's SLQ recipe with the public API (SLQModel + SLQDataCollator + a plain AdamW loop); saves to ``out``.
-
-    Only the queries and the temperature train; each batch holds ``batch_size`` distinct combinations, every image
-    freshly drawn, explicit captions only (knowledge captions are never seen in training).
-    """
-    from slq_hf.training import SLQDataCollator
-
-    torch.manual_seed(seed)
-    model = SLQModel.from_backbone(str(TOY_BACKBONE), num_queries=num_queries, dtype=torch.float32)
-    collator = SLQDataCollator(model.processor, strict=True)
-    params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
-
-    def factor(step: int) -> float:
-        if step < warmup:
-            return (step + 1) / warmup
-        return 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, steps - warmup)))
-
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
-    rng = random.Random(seed)
-    model.train()
-    started = time.perf_counter()
-    for step in range(steps):
-        scenes = [scene_for(c, rng) for c in rng.sample(combinations(), batch_size)]
-        loss = model(**collator([{"image": s.image, "text": s.caption} for s in scenes])).loss
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        scheduler.step()
-        if (step + 1) % 100 == 0:
-            print(f"   step {step + 1}/{steps} loss {loss.item():.3f} {time.perf_counter() - started:.0f}s",
-                  flush=True)
-    model.eval()
-    model.save_pretrained(out)
-    return model
-
-
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", default="outputs/rerank/slq-toy",
-                        help="SLQ folder on the toy backbone; trained there first if missing")
+    parser.add_argument("--model", default="outputs/demo/slq-toy",
+                        help="SLQ folder on the toy backbone (make demo writes outputs/demo/slq-toy)")
     parser.add_argument("--top-k", type=int, default=10, help="SLQ candidates reranked per query")
     parser.add_argument("--scorers", nargs="+", default=["likelihood"], choices=["likelihood", "yes_no"],
                         help="rerank scorers to compare (the toy vocabulary has no 'yes': yes_no needs a real "
                              "instruction-tuned backbone)")
-    parser.add_argument("--steps", type=int, default=1000, help="SLQ training steps when a folder must be trained")
     parser.add_argument("--out", default="outputs/rerank", help="where results.json goes")
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads")
     args = parser.parse_args(argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     torch.set_num_threads(args.threads)
     folder = Path(args.model)
-    if (folder / "config.json").is_file():
-        model = SLQModel.from_pretrained(folder, dtype=torch.float32)
-    else:
-        print(f"Training SLQ on the toy backbone ({args.steps} steps) -> {folder}", flush=True)
-        model = train_toy_slq(folder, steps=args.steps)
+    if not (folder / "config.json").is_file():
+        parser.error(f"--model {folder}: no SLQ folder there; run `make demo` first (it trains one with slq-hf train)")
+    model = SLQModel.from_pretrained(folder, dtype=torch.float32)
     scenes = heldout_scenes()
     print(f"Reranking SLQ's top {args.top_k} on {len(scenes)} held-out scenes ...", flush=True)
     rows = rerank_rows(model, scenes, top_k=args.top_k, scorers=tuple(args.scorers))

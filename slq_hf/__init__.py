@@ -11,6 +11,7 @@ __all__ = ["SLQConfig", "SLQModel", "SLQModelOutput", "__version__"]
 
 # Attributes resolved on first use (PEP 562), so `import slq_hf` (and `slq-hf --help`) costs no torch/transformers.
 _LAZY = {"SLQConfig": "slq_hf.modeling", "SLQModel": "slq_hf.modeling", "SLQModelOutput": "slq_hf.modeling"}
+_WATCHED = ("transformers", "slq_hf.modeling")
 
 
 def register() -> None:
@@ -24,27 +25,45 @@ def register() -> None:
     AutoModel.register(SLQConfig, SLQModel, exist_ok=True)
 
 
-class _RegisterAfterTransformers(importlib.abc.MetaPathFinder, importlib.abc.Loader):
-    """Runs register() right after `transformers` is first imported: `import slq_hf` stays free of it, and
-    registration still precedes any AutoModel call (which needs transformers imported)."""
+def _initialising(name: str) -> bool:
+    module = sys.modules.get(name)
+    return module is not None and getattr(getattr(module, "__spec__", None), "_initializing", False)
+
+
+def _register_when_ready() -> None:
+    # slq_hf.modeling imports transformers itself: when transformers finishes inside that import, registering now
+    # would re-enter the half-imported slq_hf.modeling; its own completion registers instead.
+    if not _initialising("slq_hf.modeling") and not _initialising("transformers"):
+        register()
+
+
+class _RegisterOnImport(importlib.abc.MetaPathFinder, importlib.abc.Loader):
+    """Registers right after `transformers` or `slq_hf.modeling` finishes importing, whichever completes the pair:
+    `import slq_hf` stays free of both, and registration still precedes any AutoModel call."""
+
+    def __init__(self) -> None:
+        self._loaders: dict[str, importlib.abc.Loader] = {}
 
     def find_spec(self, fullname, path, target=None):
-        if fullname != "transformers":
+        if fullname not in _WATCHED or fullname in self._loaders:
             return None
-        sys.meta_path.remove(self)  # one shot; also keeps the lookup below from finding this finder again
+        self._loaders[fullname] = None  # keeps the lookup below from coming back here
         spec = importlib.util.find_spec(fullname)
         if spec is None or spec.loader is None:
             return spec
-        self._loader = spec.loader
+        self._loaders[fullname] = spec.loader
         spec.loader = self
         return spec
 
     def create_module(self, spec):
-        return self._loader.create_module(spec)
+        return self._loaders[spec.name].create_module(spec)
 
     def exec_module(self, module):
-        self._loader.exec_module(module)
-        register()
+        self._loaders[module.__spec__.name].exec_module(module)
+        if all(name in self._loaders for name in _WATCHED) and self in sys.meta_path:
+            sys.meta_path.remove(self)
+        module.__spec__._initializing = False
+        _register_when_ready()
 
 
 def __getattr__(name: str):
@@ -58,6 +77,6 @@ def __getattr__(name: str):
 
 
 if "transformers" in sys.modules:
-    register()
+    register()  # imports slq_hf.modeling, which needs nothing but transformers and torch
 else:
-    sys.meta_path.insert(0, _RegisterAfterTransformers())
+    sys.meta_path.insert(0, _RegisterOnImport())

@@ -225,14 +225,17 @@ def test_cli_quiets_the_bitsandbytes_kernel_notice():
     assert "gemm_4bit_forward" not in through_cli.stderr
 
 
-@pytest.mark.parametrize("first", ["slq_hf", "transformers"])
-def test_slq_registers_with_auto_classes_whichever_is_imported_first(first):
+@pytest.mark.parametrize("imports", [
+    "import slq_hf, transformers", "import transformers, slq_hf", "from slq_hf import SLQModel",
+    "import slq_hf.modeling.modeling_slq", "from slq_hf.modeling.configuration_slq import SLQConfig",
+    "import slq_hf.cli; import transformers",
+])
+def test_slq_registers_with_auto_classes_in_every_import_order(imports):
     # `import slq_hf` no longer imports transformers; the "slq" model type must still be known to AutoConfig and
-    # AutoModel by the time either is usable, in both import orders.
-    second = "transformers" if first == "slq_hf" else "slq_hf"
-    code = (f"import {first}, {second}, sys\n"
+    # AutoModel by the time either is usable, however the user's imports are ordered (slq_hf.modeling imports
+    # transformers itself, which must not re-enter the half-imported package).
+    code = (f"{imports}\n"
             "from transformers import AutoConfig, AutoModel\n"
-            "from transformers.models.auto.configuration_auto import CONFIG_MAPPING\n"
             "config = AutoConfig.for_model('slq')\n"
             "assert type(config).__name__ == 'SLQConfig', type(config)\n"
             "assert AutoModel._model_mapping[type(config)].__name__ == 'SLQModel'\n")
