@@ -187,3 +187,26 @@ def test_export_renders_what_train_recorded(tiny_backbone_path, data, tmp_path, 
     for row in ("| steps | 2 |", "| batch size per device | 2 |", f"| train data path | {data} |"):
         assert row in card, card[card.find("## Training"):][:1500]
     assert "| lr | 0.001 |" in card or "| learning rate | 0.001 |" in card
+
+
+def test_max_batch_tokens_reaches_the_loaded_model(moved_model, data, tmp_path, capsys):
+    # Every model-loading command takes --max-batch-tokens; it sets the model's token budget per forward, which
+    # encode (and so eval and index build) uses by default. tests/test_budgets.py checks it leaves embeddings equal.
+    import argparse
+
+    from slq_hf.commands.common import load_model
+
+    model, moved = moved_model
+    args = argparse.Namespace(model=str(model), backbone=str(moved), device="cpu", max_batch_tokens=64)
+    assert load_model(args).max_batch_tokens == 64
+    assert main(["eval", "--model", str(model), "--backbone", str(moved), "--data", str(data), "--split", "all",
+                 "--no-progress", "--max-batch-tokens", "0"]) == 2
+    assert "--max-batch-tokens 0" in _one_error_line(capsys, "eval")
+    metrics = []
+    for extra in ([], ["--max-batch-tokens", "64"]):
+        out = tmp_path / f"r{len(extra)}.json"
+        assert main(["eval", "--model", str(model), "--backbone", str(moved), "--data", str(data), "--split", "all",
+                     "--no-progress", "--batch-size", "2", "--output", str(out), *extra]) == 0
+        metrics.append(json.loads(out.read_text())["metrics"])
+    for direction in ("t2i", "i2t"):  # a token budget changes batching, never the results
+        assert metrics[0][direction] == pytest.approx(metrics[1][direction])
