@@ -6,13 +6,17 @@ import argparse
 from typing import Any
 
 
-def add_model_options(parser: argparse.ArgumentParser, what: str = "saved SLQ folder (or Hub id)") -> None:
-    """``--model DIR`` (required), ``--backbone ID_OR_PATH``, ``--device`` and ``--max-batch-tokens``."""
+def add_model_options(parser: argparse.ArgumentParser, what: str = "saved SLQ folder (or Hub id)",
+                      encodes: bool = True) -> None:
+    """``--model DIR`` (required), ``--backbone ID_OR_PATH``, ``--device`` and, for commands that encode,
+    ``--max-batch-tokens``."""
     parser.add_argument("--model", required=True, metavar="DIR", help=what)
     parser.add_argument("--backbone", metavar="ID_OR_PATH",
                         help="load the backbone from here instead of the one pinned in DIR/config.json (e.g. when "
                              "the folder was trained on a local copy that this machine keeps elsewhere)")
     parser.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
+    if not encodes:  # a command that only generates has no encode batches to budget
+        return
     parser.add_argument("--max-batch-tokens", type=int, default=None, metavar="N",
                         help="at most N padded prompt tokens per forward besides the batch size: a large photo among "
                              "short texts then gets a batch of its own (same embeddings, less time and memory)")
@@ -21,6 +25,7 @@ def add_model_options(parser: argparse.ArgumentParser, what: str = "saved SLQ fo
 def load_model(args: argparse.Namespace) -> Any:
     """The SLQModel of ``--model`` (backbone from ``--backbone`` if given) on ``--device``, batching its encodes by
     ``--max-batch-tokens`` when given."""
+    max_batch_tokens = getattr(args, "max_batch_tokens", None)
     import torch
 
     from ..modeling import SLQModel
@@ -31,8 +36,8 @@ def load_model(args: argparse.Namespace) -> Any:
     except (OSError, ValueError) as err:
         hint = "" if args.backbone else " If its backbone lives elsewhere on this machine, pass --backbone PATH."
         raise OSError(f"cannot load the SLQ model from {args.model!r}: {err}{hint}") from err
-    if args.max_batch_tokens is not None:
-        if args.max_batch_tokens < 1:
-            raise ValueError(f"--max-batch-tokens {args.max_batch_tokens}: expected a positive number of tokens")
-        model.max_batch_tokens = args.max_batch_tokens
+    if max_batch_tokens is not None:
+        if max_batch_tokens < 1:
+            raise ValueError(f"--max-batch-tokens {max_batch_tokens}: expected a positive number of tokens")
+        model.max_batch_tokens = max_batch_tokens
     return model

@@ -38,7 +38,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                                    description=DESCRIPTION, epilog=EPILOG,
                                    formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data", required=True, metavar="JSONL", help="pairs file (image + explicit caption)")
-    add_model_options(parser, "SLQ folder (its backbone generates) or a backbone folder / Hub id")
+    add_model_options(parser, "SLQ folder (its backbone generates) or a backbone folder / Hub id", encodes=False)
     parser.add_argument("--out", required=True, metavar="JSONL", help="KARR layout output")
     parser.add_argument("--template", metavar="FILE", help="prompt template with {caption} and {object}")
     parser.add_argument("--with-image", action="store_true", help="show the image to the backbone too")
