@@ -59,3 +59,15 @@ def run_readme_example(section: str, cwd: Path, monkeypatch) -> None:
     code = body.split("```python\n", 1)[1].split("```", 1)[0]
     monkeypatch.chdir(cwd)
     exec(compile(code, f"README.md:{section}", "exec"), {"__name__": "readme_example"})
+
+
+def stop_at_step(step: int):
+    """A Trainer callback that ends training after ``step`` (a run "killed" mid-epoch, for resume tests)."""
+    from transformers import TrainerCallback
+
+    class StopAt(TrainerCallback):
+        def on_step_end(self, args, state, control, **kwargs):
+            if state.global_step == step:
+                control.should_training_stop = True
+
+    return StopAt()

@@ -302,10 +302,9 @@ print(json.dumps({"reads": reads, "bad": bad[:5], "n_bad": len(bad)}))
 """
 
 
-def test_a_reader_during_resaves_sees_the_old_or_the_new_folder(tmp_path, backbone, models):
-    a, b = models
-    a.save_pretrained(tmp_path / "ref_a")
-    b.save_pretrained(tmp_path / "ref_b")
+def _race_reader_against_resaves(tmp_path, backbone, a, b, reader: str) -> None:
+    """Re-save A and B alternately into one folder from a thread while ``reader`` (a script run in another process)
+    loads it for 20 s; every load must see one whole save."""
     target = tmp_path / "slq"
     a.save_pretrained(target)
     stop, saves = threading.Event(), [0]
@@ -318,7 +317,7 @@ def test_a_reader_during_resaves_sees_the_old_or_the_new_folder(tmp_path, backbo
     thread = threading.Thread(target=writer)
     thread.start()
     try:
-        result = _run(_READER, str(target), backbone, "20", str(tmp_path))
+        result = _run(reader, str(target), backbone, "20", str(tmp_path))
     finally:
         stop.set()
         thread.join()
@@ -326,6 +325,13 @@ def test_a_reader_during_resaves_sees_the_old_or_the_new_folder(tmp_path, backbo
     summary = json.loads(result.stdout.strip().splitlines()[-1])
     assert summary["reads"] >= 10 and saves[0] >= 10, (summary, saves)
     assert summary["n_bad"] == 0, summary
+
+
+def test_a_reader_during_resaves_sees_the_old_or_the_new_folder(tmp_path, backbone, models):
+    a, b = models
+    a.save_pretrained(tmp_path / "ref_a")
+    b.save_pretrained(tmp_path / "ref_b")
+    _race_reader_against_resaves(tmp_path, backbone, a, b, _READER)
 
 
 _AUTO_READER = """
@@ -359,26 +365,7 @@ def test_automodel_during_resaves_pairs_config_and_weights_of_one_save(tmp_path,
         b.queries.mul_(-1)
     a.save_pretrained(tmp_path / "ref_a")
     b.save_pretrained(tmp_path / "ref_b")
-    target = tmp_path / "slq"
-    a.save_pretrained(target)
-    stop, saves = threading.Event(), [0]
-
-    def writer():
-        while not stop.is_set():
-            (b if saves[0] % 2 == 0 else a).save_pretrained(target)
-            saves[0] += 1
-
-    thread = threading.Thread(target=writer)
-    thread.start()
-    try:
-        result = _run(_AUTO_READER, str(target), backbone, "20", str(tmp_path))
-    finally:
-        stop.set()
-        thread.join()
-    assert result.returncode == 0, result.stderr[-3000:]
-    summary = json.loads(result.stdout.strip().splitlines()[-1])
-    assert summary["reads"] >= 10 and saves[0] >= 10, (summary, saves)
-    assert summary["n_bad"] == 0, summary
+    _race_reader_against_resaves(tmp_path, backbone, a, b, _AUTO_READER)
 
 
 def test_a_config_read_before_a_resave_is_replaced_by_the_saved_one_with_its_load_keywords(tmp_path, backbone):

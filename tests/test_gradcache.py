@@ -13,11 +13,13 @@ from pathlib import Path
 import pytest
 import torch
 from PIL import Image
-from transformers import TrainerCallback, TrainingArguments
+from transformers import TrainingArguments
 
 from slq_hf import SLQModel
 from slq_hf.training import SLQDataCollator, SLQTrainer
 from slq_hf.training.gradcache import MICRO_BATCHES_KEY, gradcache_backward
+
+from helpers import stop_at_step
 
 NUM_QUERIES = 4
 COLOURS = [(255, 0, 0), (0, 255, 0), (0, 0, 255), (255, 255, 0), (128, 0, 128), (0, 255, 255), (255, 255, 255),
@@ -124,15 +126,6 @@ def _pairs(count: int) -> list[dict]:
             for i in range(count)]
 
 
-class _StopAt(TrainerCallback):
-    def __init__(self, step: int):
-        self.step = step
-
-    def on_step_end(self, args, state, control, **kwargs):
-        if state.global_step == self.step:
-            control.should_training_stop = True
-
-
 def test_resume_mid_epoch_with_gradcache_equals_uninterrupted(backbone, tmp_path):
     def run(out: Path, resume: str | None = None, stop_at: int | None = None) -> SLQModel:
         model = SLQModel.from_backbone(backbone, num_queries=NUM_QUERIES)
@@ -141,7 +134,7 @@ def test_resume_mid_epoch_with_gradcache_equals_uninterrupted(backbone, tmp_path
                                  seed=0, save_strategy="steps", save_steps=1)
         trainer = SLQTrainer(model=model, args=args, train_dataset=_pairs(10),
                              data_collator=SLQDataCollator(model.processor), micro_batch_size=3,
-                             callbacks=[_StopAt(stop_at)] if stop_at else None)
+                             callbacks=[stop_at_step(stop_at)] if stop_at else None)
         trainer.train(resume_from_checkpoint=resume)
         return model
 

@@ -20,6 +20,8 @@ from slq_hf.modeling.modeling_slq import MAX_LOGIT_SCALE
 from slq_hf.processing import SLQInputError
 from slq_hf.training import HFPairDataset, PairDataset, SLQDataCollator, SLQTrainer, read_jsonl, retrieval_metrics
 
+from helpers import stop_at_step
+
 NUM_QUERIES = 4
 COLOURS = {"red": (255, 0, 0), "green": (0, 255, 0), "blue": (0, 0, 255), "yellow": (255, 255, 0),
            "purple": (128, 0, 128), "cyan": (0, 255, 255), "white": (255, 255, 255), "black": (0, 0, 0)}
@@ -270,21 +272,12 @@ def test_plain_trainer_trains_only_queries_and_saves_a_queries_only_folder(model
     assert reloaded.logit_scale.item() == model.logit_scale.item()
 
 
-class _StopAt(TrainerCallback):
-    def __init__(self, step: int):
-        self.step = step
-
-    def on_step_end(self, args, state, control, **kwargs):
-        if state.global_step == self.step:
-            control.should_training_stop = True
-
-
 def test_resume_from_checkpoint_ends_with_the_same_queries(backbone, tmp_path):
     def run(out: Path, resume: str | None = None, stop_at: int | None = None) -> SLQModel:
         model = SLQModel.from_backbone(backbone, num_queries=NUM_QUERIES)
         trainer = Trainer(model=model, args=_args(out, max_steps=4, save_strategy="steps", save_steps=2),
                           train_dataset=_pairs(8), data_collator=SLQDataCollator(model.processor),
-                          callbacks=[_StopAt(stop_at)] if stop_at else None)
+                          callbacks=[stop_at_step(stop_at)] if stop_at else None)
         trainer.train(resume_from_checkpoint=resume)
         return model
 
