@@ -52,7 +52,9 @@ from slq_hf.processing import collate, to_items
 from slq_hf.testing.toy_scenes import TRAIN_SEED, Scene, combinations, heldout_scenes
 from slq_hf.training import SLQDataCollator, symmetric_infonce
 
-sys.path.insert(0, str(Path(__file__).resolve().parent / "toy"))
+# The demo's sibling scripts (demo_rerank.py, demo_search.py) and examples/toy/corpus.py, also when demo.py is loaded
+# by path from elsewhere (the tests do).
+sys.path[:0] = [str(Path(__file__).resolve().parent), str(Path(__file__).resolve().parent / "toy")]
 from corpus import DRAWINGS_PER_COMBINATION, write_corpus  # noqa: E402  (examples/toy/corpus.py)
 
 TOY_BACKBONE = Path(__file__).resolve().parent / "toy" / "backbone"

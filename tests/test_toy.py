@@ -92,8 +92,13 @@ def test_demo_runs_at_a_tiny_scale(tmp_path, capsys):
     config = demo.DemoConfig(steps=2, batch_size=8, eval_scenes=12, warmup=1, log_every=1, eval_steps=1, drawings=1,
                              out=str(tmp_path))
     summary = demo.run(config)
-    assert set(summary["rows"]) == {"zero-shot last token", "SLQ, random queries", "SLQ trained (frozen backbone)",
-                                    "LoRA r=8 q,k,v,o, last token"}
+    rows = set(summary["rows"])
+    assert {"zero-shot last token", "SLQ, random queries", "SLQ trained (frozen backbone)",
+            "LoRA r=8 q,k,v,o, last token"} <= rows
+    # the extra steps: SLQ's top 10 reranked by the backbone (with and without a rewrite), then corpus search
+    assert any(name.startswith("SLQ + rerank top-10 (likelihood)") for name in rows), rows
+    assert any("rewrites the text first" in name for name in rows), rows
+    assert (tmp_path / "search" / "search_grid.png").stat().st_size > 0
     assert all(summary["reload_checks"].values()), summary["reload_checks"]
     assert (tmp_path / "modality_gap_slq.png").stat().st_size > 0
     saved = tmp_path / "slq-toy" / "model.safetensors"
