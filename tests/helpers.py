@@ -6,6 +6,8 @@ in ``conftest.py``.
 
 from __future__ import annotations
 
+import json
+import struct
 from pathlib import Path
 
 import torch
@@ -71,3 +73,15 @@ def stop_at_step(step: int):
                 control.should_training_stop = True
 
     return StopAt()
+
+
+def sparse_query_file(path: Path, num_queries: int, hidden: int = 64) -> Path:
+    """A valid safetensors header for (num_queries, hidden) float32 queries over a sparse (unallocated) data block:
+    a file that declares gigabytes while taking ~0 bytes on disk, for loading-limit tests."""
+    nbytes = num_queries * hidden * 4
+    header = json.dumps({"queries": {"dtype": "F32", "shape": [num_queries, hidden], "data_offsets": [0, nbytes]}})
+    header += " " * (-len(header) % 8)
+    with open(path, "wb") as handle:
+        handle.write(struct.pack("<Q", len(header)) + header.encode())
+        handle.truncate(8 + len(header) + nbytes)
+    return path

@@ -27,6 +27,8 @@ from transformers import AutoConfig
 from slq_hf.modeling import checkpoint as ck
 from slq_hf.modeling.checkpoint import CheckpointError
 
+from helpers import sparse_query_file
+
 H = 8
 SRC = str(Path(__file__).resolve().parents[1])
 
@@ -316,23 +318,12 @@ print(json.dumps(results))
 """
 
 
-def _sparse_query_file(path: Path, num_queries: int, hidden: int = 64) -> Path:
-    """A valid safetensors header for (num_queries, hidden) float32 queries over a sparse (unallocated) data block."""
-    nbytes = num_queries * hidden * 4
-    header = json.dumps({"queries": {"dtype": "F32", "shape": [num_queries, hidden], "data_offsets": [0, nbytes]}})
-    header += " " * (-len(header) % 8)
-    with open(path, "wb") as handle:
-        handle.write(struct.pack("<Q", len(header)) + header.encode())
-        handle.truncate(8 + len(header) + nbytes)
-    return path
-
-
 def test_sparse_file_declaring_8m_queries_is_refused_without_allocating(tmp_path):
     """Peak RSS growth of each read, in one process; the naive read (plain safetensors, as loading did before) of a
     smaller sparse file is the negative control showing the measurement sees an allocation."""
-    huge = _sparse_query_file(tmp_path / "huge.safetensors", 8_000_000)  # 2 GB declared, ~0 on disk
+    huge = sparse_query_file(tmp_path / "huge.safetensors", 8_000_000)  # 2 GB declared, ~0 on disk
     assert huge.stat().st_size > 2 * 10**9 and os.stat(huge).st_blocks * 512 < 10**6
-    control = _sparse_query_file(tmp_path / "big.safetensors", 1_000_000)  # 256 MB declared
+    control = sparse_query_file(tmp_path / "big.safetensors", 1_000_000)  # 256 MB declared
     runs = [(str(huge), "header"), (str(huge), "bounded"), (str(huge), "wildcard"), (str(control), "naive")]
     results = json.loads(_run(_PEAK_RSS, json.dumps(runs), check=True).stdout.strip().splitlines()[-1])
     assert results["header"][0] == "HEADER ('F32', (8000000, 64))"

@@ -23,6 +23,8 @@ from transformers import AutoModel
 from slq_hf import SLQModel
 from slq_hf.modeling.checkpoint import WEIGHTS_NAME
 
+from helpers import sparse_query_file
+
 NUM_QUERIES = 4
 
 
@@ -320,18 +322,6 @@ def _load_peak(folder: Path, backbone: str, *control: str) -> dict:
     return json.loads(result.stdout.strip().splitlines()[-1])
 
 
-def _sparse_queries(path: Path, num_queries: int, hidden: int) -> None:
-    """A safetensors file whose header declares (num_queries, hidden) float32 queries over a sparse data block."""
-    import struct
-
-    nbytes = num_queries * hidden * 4
-    header = json.dumps({"queries": {"dtype": "F32", "shape": [num_queries, hidden], "data_offsets": [0, nbytes]}})
-    header += " " * (-len(header) % 8)
-    with open(path, "wb") as handle:
-        handle.write(struct.pack("<Q", len(header)) + header.encode())
-        handle.truncate(8 + len(header) + nbytes)
-
-
 def test_huge_sizes_are_refused_before_allocating(saved, tiny_backbone_path, tmp_path):
     """num_queries: 4000000 in config.json, and a query-set file declaring 8M queries (sparse), are refused by the
     checks against the backbone before any tensor of that size exists; peak RSS growth stays small. The negative
@@ -348,7 +338,7 @@ def test_huge_sizes_are_refused_before_allocating(saved, tiny_backbone_path, tmp
     huge_set = tmp_path / "huge_set"
     shutil.copytree(saved, huge_set)
     (huge_set / "query_sets").mkdir(exist_ok=True)
-    _sparse_queries(huge_set / "query_sets" / "big.safetensors", 8_000_000, hidden)
+    sparse_query_file(huge_set / "query_sets" / "big.safetensors", 8_000_000, hidden)
     (huge_set / "query_sets" / "sets.json").write_text(json.dumps(
         {"active": "default", "sets": {"big": {"file": "query_sets/big.safetensors", "num_queries": 8_000_000}}}))
 
