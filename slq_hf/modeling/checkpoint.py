@@ -134,8 +134,16 @@ def _unreadable(path: Path, detail: str) -> CheckpointError:
                            "model.")
 
 
-def _parse_header(handle, path: Path, size: int) -> tuple[dict[str, dict[str, Any]], dict[str, str], int]:
+def _open(path: Path):
+    try:
+        return open(path, "rb")
+    except OSError as err:
+        raise CheckpointError(f"{path}: cannot be read ({err.strerror or err}).") from err
+
+
+def _parse_header(handle, path: Path) -> tuple[dict[str, dict[str, Any]], dict[str, str], int]:
     """(entries name -> {dtype, shape, data_offsets}, metadata, data start) from an open file, every field checked."""
+    size = os.fstat(handle.fileno()).st_size
     prefix = handle.read(8)
     if len(prefix) < 8:
         raise _unreadable(path, f"{size} bytes, shorter than a safetensors header")
@@ -153,9 +161,8 @@ def _parse_header(handle, path: Path, size: int) -> tuple[dict[str, dict[str, An
         raise _unreadable(path, "its __metadata__ is not a mapping of strings")
     data_size, end = size - 8 - length, 0
     for name, entry in header.items():
-        dtype = entry.get("dtype") if isinstance(entry, dict) else None
-        shape = entry.get("shape") if isinstance(entry, dict) else None
-        offsets = entry.get("data_offsets") if isinstance(entry, dict) else None
+        fields = entry if isinstance(entry, dict) else {}
+        dtype, shape, offsets = fields.get("dtype"), fields.get("shape"), fields.get("data_offsets")
         valid = (dtype in _DTYPE_BYTES and isinstance(shape, list) and isinstance(offsets, list) and len(offsets) == 2
                  and all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in [*shape, *offsets]))
         if not valid:
@@ -177,11 +184,8 @@ def read_header(path: str | os.PathLike) -> tuple[dict[str, tuple[str, tuple[int
     add up).
     """
     path = Path(path)
-    try:
-        with open(path, "rb") as handle:
-            header, metadata, _ = _parse_header(handle, path, os.fstat(handle.fileno()).st_size)
-    except OSError as err:
-        raise CheckpointError(f"{path}: cannot be read ({err.strerror or err}).") from err
+    with _open(path) as handle:
+        header, metadata, _ = _parse_header(handle, path)
     return {k: (v["dtype"], tuple(v["shape"])) for k, v in header.items()}, metadata
 
 
@@ -232,18 +236,13 @@ def read_tensors(path: str | os.PathLike, expected: Mapping[str, tuple[Dim, ...]
         CheckpointError: naming the file, the tensor and what to do.
     """
     path, optional = Path(path), set(optional)
-    try:
-        handle = open(path, "rb")
-    except OSError as err:
-        raise CheckpointError(f"{path}: cannot be read ({err.strerror or err}).") from err
-    with handle:  # one handle for header and data: a file replaced meanwhile cannot pair one header with other data
-        header, _, start = _parse_header(handle, path, os.fstat(handle.fileno()).st_size)
+    with _open(path) as handle:  # one handle for header and data: a replaced file cannot pair header and other data
+        header, _, start = _parse_header(handle, path)
         missing = sorted(set(expected) - set(header) - optional)
         unexpected = sorted(set(header) - set(expected))
         if missing or unexpected:
             raise CheckpointError(f"{path}: expected tensors {sorted(expected)}; missing {missing}, unexpected "
                                   f"{unexpected}. Is this an SLQ checkpoint with the same config?")
-        total = end = 0
         for name, entry in header.items():
             shape, want = tuple(entry["shape"]), expected[name]
             if want is not None and not _fits(shape, tuple(want)):
@@ -251,8 +250,8 @@ def read_tensors(path: str | os.PathLike, expected: Mapping[str, tuple[Dim, ...]
             if entry["dtype"] not in LOADABLE_DTYPES:
                 raise CheckpointError(f"{path}: tensor {name!r} has dtype {entry['dtype']}; SLQ tensors are float32, "
                                       "float16 or bfloat16. Convert the file (e.g. tensor.float()) and save it again.")
-            total += entry["data_offsets"][1] - entry["data_offsets"][0]
-            end = max(end, entry["data_offsets"][1])
+        offsets = [entry["data_offsets"] for entry in header.values()]
+        total, end = sum(stop - begin for begin, stop in offsets), max((stop for _, stop in offsets), default=0)
         if max(total, end) > max_bytes:
             raise CheckpointError(f"{path}: the tensors would take {total / 2**20:.0f} MiB, more than the "
                                   f"{max_bytes / 2**20:.0f} MiB an SLQ checkpoint can need; the file is not SLQ's.")
@@ -326,11 +325,15 @@ _PLAIN_ID_ATTRS = frozenset({"pad_token_id", "bos_token_id", "eos_token_id", "un
                              "decoder_start_token_id"})
 
 
+def _text_config(backbone_config: Any) -> Any:
+    return backbone_config.get_text_config() if hasattr(backbone_config, "get_text_config") else backbone_config
+
+
 def special_token_ids(backbone_config: Any) -> set[int]:
     """Ids that mean structure to the backbone (image/video/vision markers...): every ``*_token_id`` /
     ``*_token_index`` attribute of the backbone config and its text config, except pad/bos/eos/unk/sep."""
     ids: set[int] = set()
-    text = backbone_config.get_text_config() if hasattr(backbone_config, "get_text_config") else backbone_config
+    text = _text_config(backbone_config)
     for config in {id(backbone_config): backbone_config, id(text): text}.values():
         for key, value in vars(config).items():
             if key.endswith(("_token_id", "_token_index")) and key not in _PLAIN_ID_ATTRS:
@@ -342,8 +345,7 @@ def special_token_ids(backbone_config: Any) -> set[int]:
 
 def position_budget(backbone_config: Any) -> int | None:
     """Positions the backbone's language model accepts (``max_position_embeddings``), or None when unknown."""
-    text = backbone_config.get_text_config() if hasattr(backbone_config, "get_text_config") else backbone_config
-    for config in (text, backbone_config):
+    for config in (_text_config(backbone_config), backbone_config):
         value = getattr(config, "max_position_embeddings", None)
         if isinstance(value, int) and not isinstance(value, bool) and value > 0:
             return value
@@ -373,8 +375,7 @@ def check_config_for_backbone(config: Any, backbone_config: Any, vocab_size: int
     Raises:
         CheckpointError.
     """
-    text = backbone_config.get_text_config() if hasattr(backbone_config, "get_text_config") else backbone_config
-    limit = max_queries(backbone_config)
+    text, limit = _text_config(backbone_config), max_queries(backbone_config)
     if limit is not None and config.num_queries > limit:
         raise CheckpointError(f"{source}: num_queries={config.num_queries} but the backbone accepts "
                               f"{limit + 1} positions, so at most {limit} queries fit after a prompt; the config is "
@@ -391,9 +392,9 @@ def check_config_for_backbone(config: Any, backbone_config: Any, vocab_size: int
         raise CheckpointError(f"{source}: placeholder_token_id={token!r} is not a token id of the backbone "
                               f"(vocabulary 0..{vocab - 1 if vocab else '?'}); remove it from config.json to let SLQ "
                               "pick one.")
-    if token in special_token_ids(backbone_config):
+    if token in (special := special_token_ids(backbone_config)):
         raise CheckpointError(f"{source}: placeholder_token_id={token} is one of the backbone's special tokens "
-                              f"{sorted(special_token_ids(backbone_config))} (image/video markers), which the "
+                              f"{sorted(special)} (image/video markers), which the "
                               "backbone treats as structure; remove it from config.json to let SLQ pick one.")
 
 
@@ -449,21 +450,15 @@ def save_tensors(state: Mapping[str, torch.Tensor], path: str | os.PathLike,
     _fsync_dir(path.parent)
 
 
-def _config_model_type(path: Path) -> tuple[bool, Any]:
-    """(config.json is readable JSON, its model_type)."""
-    try:
-        data = json.loads(path.read_text(encoding="utf8"))
-    except (OSError, UnicodeDecodeError, ValueError):
-        return False, None
-    return True, data.get("model_type") if isinstance(data, dict) else None
-
-
 def foreign_model_files(folder: str | os.PathLike) -> list[str]:
     """What in ``folder`` belongs to a model other than SLQ, as readable descriptions (empty for an SLQ folder, a new
     or empty folder, or a folder of unrelated files such as a Trainer's ``checkpoint-*`` dirs)."""
-    folder = Path(folder)
-    found = []
-    readable, model_type = _config_model_type(folder / CONFIG_NAME)
+    folder, found = Path(folder), []
+    try:
+        data = json.loads((folder / CONFIG_NAME).read_text(encoding="utf8"))
+        readable, model_type = True, data.get("model_type") if isinstance(data, dict) else None
+    except (OSError, UnicodeDecodeError, ValueError):
+        readable, model_type = False, None
     is_slq = readable and model_type == "slq"
     if (folder / CONFIG_NAME).exists() and not is_slq:
         found.append(f"{CONFIG_NAME} of a {model_type!r} model" if readable else f"{CONFIG_NAME} (not SLQ's JSON)")
@@ -554,8 +549,8 @@ def _process_alive(pid: int) -> bool:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
-    except (PermissionError, OSError):
-        return True
+    except OSError:  # PermissionError: alive, another user's
+        pass
     return True
 
 

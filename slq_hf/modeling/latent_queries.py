@@ -113,13 +113,13 @@ class LatentQueries(nn.ParameterDict):
         if name == DEFAULT_QUERY_SET and queries.shape != self[name].shape:
             raise ValueError(f"{source}: {queries.shape[0]} queries cannot replace the default set, which has "
                              f"{self[name].shape[0]} (config.num_queries); load it under another name.")
-        if name in self and self[name].shape == queries.shape:
-            with torch.no_grad():
-                self[name].copy_(queries.to(self[name]))
-            return
-        trainable = self[name].requires_grad if name in self else True
+        trainable = True
         if name in self:
-            del self[name]
+            if self[name].shape == queries.shape:
+                with torch.no_grad():
+                    self[name].copy_(queries.to(self[name]))
+                return
+            trainable = self.pop(name).requires_grad
         self.add(name, queries=queries, trainable=trainable)
 
     def remove(self, name: str) -> None:

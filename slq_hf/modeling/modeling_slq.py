@@ -19,7 +19,7 @@ import tempfile
 import threading
 from collections import OrderedDict
 from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 from contextvars import ContextVar
 from dataclasses import dataclass
 from pathlib import Path
@@ -40,6 +40,7 @@ from .checkpoint import (
     QUERY_SET_TENSOR,
     QUERY_SETS_DIR,
     QUERY_SETS_INDEX,
+    SLQ_TENSOR_NAMES,
     WEIGHTS_METADATA,
     WEIGHTS_NAME,
     CheckpointError,
@@ -384,11 +385,9 @@ class SLQModel(PreTrainedModel):
         """Make ``name`` the set that ``embed``/``encode``/``forward`` (and so training) use by default."""
         self.latent_queries.set_active(name)
 
-    @contextmanager
-    def use_query_set(self, name: str) -> Iterator[None]:
+    def use_query_set(self, name: str) -> AbstractContextManager[None]:
         """Context manager: ``name`` is the active set inside the block, for the calling thread only."""
-        with self.latent_queries.use(name):
-            yield
+        return self.latent_queries.use(name)
 
     def query_set_for_task(self, task: str | None) -> str | None:
         """The set a sentence-transformers ``task`` (``"query"``/``"document"``) selects, or None (the active set)."""
@@ -428,7 +427,7 @@ class SLQModel(PreTrainedModel):
         else:
             own_name = query_set or DEFAULT_QUERY_SET
             filename = WEIGHTS_NAME if own_name == DEFAULT_QUERY_SET else query_set_file(own_name)
-            file = cached_file(source, filename, _raise_exceptions_for_missing_entries=False, **hub_kwargs)
+            file = _optional_file(source, filename, hub_kwargs)
             if file is None:
                 raise OSError(f"{source}: no {filename} found; it is neither a query-set file nor an SLQ folder "
                               f"with a query set {own_name!r}.")
@@ -584,29 +583,23 @@ class SLQModel(PreTrainedModel):
         pooled = {name: query[name][0] for name in names}
         # ModelOutput keeps only fields given at construction (later attributes miss to_tuple), so collect first.
         out: dict[str, Any] = {"pooler_output": pooled[main], "query_states": query[main][1]}
-        per_set = query_sets is not None
-        if per_set:
-            out["pooler_outputs"] = pooled
+        per_set: dict[str, Any] = {"pooler_outputs": pooled}  # returned only when the call named query sets
         if "positive" in sides:
-            positive = {k: v[0] for k, v in self.embed(**sides["positive"], query_sets=names).items()}  # n -> (B, D)
-            negative = ({k: v[0] for k, v in self.embed(**sides["negative"], query_sets=names).items()}
-                        if "negative" in sides else {})
+            positive, negative = ({n: pair[0] for n, pair in self.embed(**sides[side], query_sets=names).items()}
+                                  if side in sides else {} for side in PAIR_SIDES)  # set name -> (B, D)
             if positive[main].shape != pooled[main].shape:
                 raise ValueError(f"The positive side has {positive[main].shape[0]} rows but the query side has "
                                  f"{pooled[main].shape[0]}; a pair batch needs one positive per query (row i pairs "
                                  "with row i).")
-            out["positive_pooler_output"] = positive[main]
-            if per_set:
-                out["positive_pooler_outputs"] = positive
+            out["positive_pooler_output"], per_set["positive_pooler_outputs"] = positive[main], positive
             if return_loss:  # one loss per set: each set is its own embedder, sharing only the temperature
                 results = {n: symmetric_infonce(pooled[n], positive[n], self.logit_scale, negative.get(n),
                                                 max_logit_scale=MAX_LOGIT_SCALE) for n in names}
                 out["loss"] = torch.stack([r.loss for r in results.values()]).mean()
                 out["accuracy"] = results[main].accuracy
-                if per_set:
-                    out["losses"] = {n: r.loss for n, r in results.items()}
-                    out["accuracies"] = {n: r.accuracy for n, r in results.items()}
-        return SLQModelOutput(**out)
+                per_set["losses"] = {n: r.loss for n, r in results.items()}
+                per_set["accuracies"] = {n: r.accuracy for n, r in results.items()}
+        return SLQModelOutput(**out, **(per_set if query_sets is not None else {}))
 
     # ------------------------------------------------------------------------------------------------- encode
     @torch.inference_mode()
@@ -724,20 +717,20 @@ def _check_state(state: dict[str, torch.Tensor], expected: dict[str, tuple[int, 
 
 def _read_queries(file: str | os.PathLike, hidden_size: int | None, whole_checkpoint: bool = False) -> torch.Tensor:
     """(N_q, H) ``queries`` of a query-set file (or of an SLQ model.safetensors), validated before allocation."""
-    expected: dict[str, Any] = {QUERY_SET_TENSOR: (None, hidden_size)}
-    others = ("logit_scale", "projection.weight", "projection.bias") if whole_checkpoint else ()
-    return read_tensors(file, {**expected, **dict.fromkeys(others)}, optional=others)[QUERY_SET_TENSOR]
+    others = sorted(SLQ_TENSOR_NAMES - {QUERY_SET_TENSOR}) if whole_checkpoint else []
+    expected = {QUERY_SET_TENSOR: (None, hidden_size), **dict.fromkeys(others)}
+    return read_tensors(file, expected, optional=others)[QUERY_SET_TENSOR]
 
 
 def _read_query_sets(path, location: dict[str, Any], hidden_size: int | None) -> dict[str, Any]:
     """{"active": name, "sets": {name: (N_q, H) queries}} from ``query_sets/`` of an SLQ folder; a folder without
     the index (one saved with the default set only) gives no extra sets."""
-    index_file = cached_file(str(path), QUERY_SETS_INDEX, _raise_exceptions_for_missing_entries=False, **location)
+    index_file = _optional_file(path, QUERY_SETS_INDEX, location)
     if index_file is None:
         return {"active": DEFAULT_QUERY_SET, "sets": {}}
     index, sets = read_query_set_index(index_file), {}
     for name, entry in index["sets"].items():
-        file = cached_file(str(path), entry["file"], _raise_exceptions_for_missing_entries=False, **location)
+        file = _optional_file(path, entry["file"], location)
         if file is None:
             raise CheckpointError(f"{path}: {QUERY_SETS_INDEX} lists query set {name!r} but {entry['file']} is "
                                   "missing; re-save the model or restore the file.")
@@ -865,11 +858,15 @@ def _try_processor(name: Any, revision: str | None = None, quiet: bool = False, 
         hf_logging.set_verbosity(verbosity)
 
 
+def _optional_file(path, filename: str, location: dict[str, Any]) -> str | None:
+    """Local path of ``filename`` in the folder or Hub repo ``path`` (downloaded when needed), None when absent."""
+    return cached_file(str(path), filename, _raise_exceptions_for_missing_entries=False, **location)
+
+
 def _resolve_weights(path, location: dict) -> str:
-    weights = cached_file(str(path), WEIGHTS_NAME, _raise_exceptions_for_missing_entries=False, **location)
+    weights = _optional_file(path, WEIGHTS_NAME, location)
     if weights is None:
-        pickles = [n for n in ("pytorch_model.bin", "model.pt", "queries.pt")
-                   if cached_file(str(path), n, _raise_exceptions_for_missing_entries=False, **location)]
+        pickles = [n for n in ("pytorch_model.bin", "model.pt", "queries.pt") if _optional_file(path, n, location)]
         hint = (f" It holds {pickles}: pickle files can run arbitrary code when loaded and are never read. Convert "
                 "them with `slq-hf convert-reference` in a trusted environment.") if pickles else ""
         raise OSError(f"{path}: no {WEIGHTS_NAME} found.{hint}")

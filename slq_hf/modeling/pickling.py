@@ -28,13 +28,6 @@ _INSTALLED_FLAG = "_output_capturing_hooks_installed"
 _HOOK_DICTS = ("_forward_hooks", "_forward_hooks_with_kwargs", "_forward_hooks_always_called")
 
 
-def _has_capture_state(module: nn.Module) -> bool:
-    hooks = module.__dict__.get("_forward_hooks") or {}
-    return _INSTALLED_FLAG in module.__dict__ or any(
-        getattr(hook, "__module__", None) == _CAPTURE_HOOK_MODULE for hook in hooks.values()
-    )
-
-
 def without_capture_hooks(module: nn.Module | None) -> nn.Module | None:
     """``module`` itself when no capture hook sits in its tree, else a shallow copy of the tree without them.
 
@@ -44,12 +37,13 @@ def without_capture_hooks(module: nn.Module | None) -> nn.Module | None:
     if module is None:
         return None
     children = OrderedDict((name, without_capture_hooks(child)) for name, child in module._modules.items())
-    if not _has_capture_state(module) and all(children[name] is child for name, child in module._modules.items()):
+    hooks = module.__dict__.get("_forward_hooks") or {}
+    dropped = {key for key, hook in hooks.items() if getattr(hook, "__module__", None) == _CAPTURE_HOOK_MODULE}
+    unchanged = all(children[name] is child for name, child in module._modules.items())
+    if not dropped and _INSTALLED_FLAG not in module.__dict__ and unchanged:
         return module
     clone = copy.copy(module)  # new __dict__, same attribute values
     clone.__dict__.pop(_INSTALLED_FLAG, None)
-    hooks = module.__dict__.get("_forward_hooks") or {}
-    dropped = {key for key, hook in hooks.items() if getattr(hook, "__module__", None) == _CAPTURE_HOOK_MODULE}
     for name in _HOOK_DICTS:
         if name in module.__dict__:
             clone.__dict__[name] = OrderedDict((k, v) for k, v in module.__dict__[name].items() if k not in dropped)

@@ -60,7 +60,7 @@ def padded_positions(base_model: torch.nn.Module, spec: BackboneSpec, input_ids:
                      attention_mask: torch.Tensor, offsets: torch.Tensor, backbone_inputs: dict[str, Any]
                      ) -> torch.Tensor:
     """1-D rule: query j of every row sits right after the padded prompt, at ``L + j`` (the mask is not used: the
-    backbone ignores it when numbering positions). Arguments as for :func:`mrope_positions`; returns (B, Q) long."""
+    backbone ignores it when numbering positions). Arguments as for :func:`query_position_ids`; returns (B, Q) long."""
     batch, length = input_ids.shape
     return (length + offsets.to(input_ids.device)).unsqueeze(0).expand(batch, -1)
 
@@ -76,18 +76,9 @@ def mrope_positions(
     """M-RoPE rule (Qwen-VL): ``n_real + j + rope_delta`` on all three axes when the batch holds images or videos.
 
     Text-only batches fall back to :func:`padded_positions`, because the backbone itself numbers a text-only batch
-    by padded index (it only calls ``get_rope_index`` when image or video grids are given).
-
-    Args:
-        base_model: the backbone's base model (the module that owns ``get_rope_index``).
-        spec: the family's row (``rope_index_keys``).
-        input_ids: (B, L) left-padded prompt ids (the prompt only, no query slots).
-        attention_mask: (B, L) prompt mask.
-        offsets: (Q,) offset of each query slot from the first one.
-        backbone_inputs: the processor's other outputs (``mm_token_type_ids`` (B, L), ``image_grid_thw``, ...).
-
-    Returns:
-        (3, B, Q) long position ids (temporal, height, width), or (B, Q) for a text-only batch.
+    by padded index (it only calls ``get_rope_index`` when image or video grids are given). Arguments as for
+    :func:`query_position_ids` (``base_model`` owns ``get_rope_index``, ``spec`` gives its ``rope_index_keys``);
+    returns (3, B, Q) long position ids (temporal, height, width), or (B, Q) for a text-only batch.
     """
     if not _has_vision(backbone_inputs):
         return padded_positions(base_model, spec, input_ids, attention_mask, offsets, backbone_inputs)

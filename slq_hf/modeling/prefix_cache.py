@@ -41,18 +41,9 @@ def cache_kwarg(model_class: type) -> str:
 @torch.no_grad()
 def prompt_cache(base_model: torch.nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                  backbone_inputs: dict[str, Any], position_ids: torch.Tensor | None = None):
-    """Run the prompt through the base model without grad and return its KV cache.
-
-    Args:
-        base_model: the backbone's base model (``backbone.base_model``).
-        input_ids: (B, L) left-padded prompt ids.
-        attention_mask: (B, L) prompt mask.
-        backbone_inputs: pixel_values, image_grid_thw, mm_token_type_ids (B, L), ... for the prompt.
-        position_ids: the prompt's positions when SLQ computes them (M-RoPE with images), else None.
-
-    Returns:
-        The backbone's cache object (a ``DynamicCache``) holding L positions per layer.
-    """
+    """Run the prompt through the base model without grad and return the backbone's cache object (a
+    ``DynamicCache``) holding L positions per layer. Arguments as for :func:`prefix_cache_query_states`, plus
+    ``position_ids``: the prompt's positions when SLQ computes them (M-RoPE with images), else None."""
     out = base_model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=True,
                      return_dict=True, **backbone_inputs)
     cache = getattr(out, cache_kwarg(type(base_model)), None)  # the output field has the argument's name

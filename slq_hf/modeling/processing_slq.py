@@ -17,6 +17,7 @@ from typing import Any
 from PIL import Image
 
 from .budgets import image_tokens, text_budget, warn_once
+from .checkpoint import position_budget
 from .control_tokens import split_text_ids, template_with_literal_texts
 from .image_files import (
     IMAGE_EXTENSIONS,
@@ -86,17 +87,11 @@ def _where(index: int | None, path: Any = None) -> str:
     return f" ({label})" if label else ""
 
 
-def _is_file(text: str) -> bool:
+def _exists(text: str, file: bool = False) -> bool:
     # Texts are probed as paths: a 5000-character caption or one with a NUL byte must not raise here.
     try:
-        return Path(text).expanduser().is_file()
-    except (OSError, ValueError):
-        return False
-
-
-def _exists(text: str) -> bool:
-    try:
-        return Path(text).expanduser().exists()
+        path = Path(text).expanduser()
+        return path.is_file() if file else path.exists()
     except (OSError, ValueError):
         return False
 
@@ -172,7 +167,7 @@ def _normalise(value: SLQInput, index: int | None, budget: ImageBudget | None) -
     if isinstance(value, str):
         stripped = value.strip()
         if looks_like_path(value):
-            if _is_file(stripped):
+            if _exists(stripped, file=True):
                 # An existing file is read as an image (even "my cat.jpg" with a space): refused if it is not one.
                 return SLQItem(image=_image(stripped, index, budget), source=image_label(index, stripped))
             raise _path_error(value, index)
@@ -249,20 +244,12 @@ def build_messages(item: SLQItem, instruction: str | None = None) -> list[dict]:
 def prompt_length_limit(backbone_config: Any, tokenizer: Any = None, reserved: int = 0) -> int | None:
     """Longest prompt, in tokens, the backbone accepts when ``reserved`` more positions (the queries) follow it.
 
-    The limit is the text model's ``max_position_embeddings`` and the tokenizer's ``model_max_length`` (ignored when
-    it is transformers' "no limit" sentinel), whichever is smaller; None when neither is known.
+    The limit is the backbone's positions (``checkpoint.position_budget``) and the tokenizer's ``model_max_length``
+    (ignored when it is transformers' "no limit" sentinel), whichever is smaller; None when neither is known.
     """
-    limits = []
-    text_config = backbone_config.get_text_config() if hasattr(backbone_config, "get_text_config") else backbone_config
-    for config in (text_config, backbone_config):
-        value = getattr(config, "max_position_embeddings", None)
-        if isinstance(value, int) and value > 0:
-            limits.append(value)
-            break
-    tokenizer = getattr(tokenizer, "tokenizer", tokenizer)
-    value = getattr(tokenizer, "model_max_length", None)
-    if isinstance(value, int) and 0 < value < _NO_LIMIT:
-        limits.append(value)
+    value = getattr(getattr(tokenizer, "tokenizer", tokenizer), "model_max_length", None)
+    tokens = value if isinstance(value, int) and 0 < value < _NO_LIMIT else None
+    limits = [n for n in (position_budget(backbone_config), tokens) if n is not None]
     if not limits:
         return None
     limit = min(limits) - reserved

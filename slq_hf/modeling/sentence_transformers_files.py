@@ -139,15 +139,11 @@ def st_model_config(existing: Any = None, prompts: dict[str, str] | None = None)
         "prompts": dict(DEFAULT_PROMPTS),
         "default_prompt_name": None,
         "similarity_fn_name": "cosine",
+        **(existing if isinstance(existing, dict) else {}),
     }
-    if isinstance(existing, dict):
-        config.update(existing)
     if prompts is not None:
         config["prompts"] = dict(prompts)
-    requirements = dict(config.get("requirements") or {})
-    for package, requirement in ST_REQUIREMENTS.items():
-        requirements.setdefault(package, requirement)
-    config["requirements"] = requirements
+    config["requirements"] = {**ST_REQUIREMENTS, **(config.get("requirements") or {})}  # the file's own win
     return config
 
 
