@@ -73,13 +73,12 @@ def object_words(caption: str) -> list[str]:
 
     "a grey cat on a bookshelf" -> ["cat"]; "a red triangle in the top left" -> ["triangle"].
     """
-    words = _WORD.findall(caption.lower())
     phrase = []
-    for word in words:
+    for word in _WORD.findall(caption.lower()):
         if word in _PHRASE_ENDS and phrase:
             break
         phrase.append(word)
-    return phrase[-1:] if phrase else []
+    return phrase[-1:]
 
 
 def leaked_words(text: str, objects: Sequence[str]) -> list[str]:
@@ -127,15 +126,13 @@ def read_pairs(path: str | os.PathLike, split: str | None = None) -> list[PairIm
         objects = [raw] if isinstance(raw, str) else raw if isinstance(raw, list) else [] if raw is None else None
         if objects is None or not all(isinstance(o, str) and o.strip() for o in objects):
             raise DataFormatError(record.source, f"\"object\" must be a word or a list of words, got {raw!r}.")
-        texts = [p.text for p in record.positives]
-        entry = images.get(image_key(record.query.image))
-        if entry is None:
-            images[image_key(record.query.image)] = PairImage(
-                Path(record.query.image), texts, list(objects), record.split,
-                str(record.fields["id"]) if "id" in record.fields else None, record.line or 0)
+        texts, key = [p.text for p in record.positives], image_key(record.query.image)
+        if key not in images:
+            images[key] = PairImage(Path(record.query.image), texts, list(objects), record.split,
+                                    str(record.fields["id"]) if "id" in record.fields else None, record.line or 0)
         else:
-            entry.captions.extend(texts)
-            entry.objects.extend(o for o in objects if o not in entry.objects)
+            images[key].captions.extend(texts)
+            images[key].objects.extend(o for o in objects if o not in images[key].objects)
     return list(images.values())
 
 

@@ -13,6 +13,7 @@ from typing import Any
 
 import torch
 
+from ..modeling.checkpoint import expected_tensors
 from ..modeling.configuration_slq import SLQConfig
 
 # Inside the package, so `slq-hf export` finds it after a regular (non-editable) install.
@@ -125,7 +126,7 @@ def load_eval_results(paths: str | os.PathLike | Iterable[str | os.PathLike]) ->
     paths = [paths] if isinstance(paths, (str, os.PathLike)) else list(paths)
     blocks, seen = [], {}
     for path in map(Path, paths):
-        for block in parse_eval_results(read_json(path, "evaluation results"), str(path)):
+        for block in parse_eval_results(read_json(path, "evaluation results", object_only=False), str(path)):
             key = (block.dataset, block.split, block.direction)
             if key in seen and seen[key] != path:
                 raise ValueError(f"{path}: {block.dataset}/{block.direction} (split {block.split}) is also in "
@@ -140,7 +141,7 @@ def _trainer_state_info(path: Path) -> dict[str, Any]:
     """Steps/epochs/batch size and the highest logged learning rate from a Trainer's trainer_state.json."""
     if not path.is_file():
         return {}
-    state = read_json_object(path, "trainer state")
+    state = read_json(path, "trainer state")
     logged = [entry.get("learning_rate") for entry in state.get("log_history") or [] if "learning_rate" in entry]
     info = {"steps": state.get("global_step"), "epochs": state.get("epoch"),
             "batch size per device": state.get("train_batch_size"),
@@ -154,25 +155,23 @@ def read_training_info(model_dir: str | os.PathLike) -> dict[str, Any] | None:
     folder = Path(model_dir)
     summary = folder / TRAINING_SUMMARY_NAME
     if summary.is_file():
-        return read_json_object(summary, "training summary")
+        return read_json(summary, "training summary")
     checkpoints = sorted(folder.glob(f"checkpoint-*/{TRAINER_STATE_NAME}"),  # checkpoint-<step>: newest = most steps
                          key=lambda p: int(p.parent.name[11:]) if p.parent.name[11:].isdigit() else -1)
     states = [*checkpoints[-1:], folder / TRAINER_STATE_NAME]
     return next((info for info in map(_trainer_state_info, states) if info), None)
 
 
-def read_json(path: str | os.PathLike, what: str) -> Any:
+def read_json(path: str | os.PathLike, what: str, object_only: bool = True) -> Any:
+    """The JSON in ``path`` (a JSON object of name -> value unless ``object_only`` is False); ValueError naming the
+    file and ``what`` it should hold otherwise."""
     try:
-        return json.loads(Path(path).read_text(encoding="utf-8"))
+        data = json.loads(Path(path).read_text(encoding="utf-8"))
     except OSError as err:
         raise ValueError(f"{path}: cannot read the {what} ({err}).") from err
     except json.JSONDecodeError as err:
         raise ValueError(f"{path}: the {what} is not valid JSON ({err}).") from err
-
-
-def read_json_object(path: str | os.PathLike, what: str) -> dict[str, Any]:
-    data = read_json(path, what)
-    if not isinstance(data, dict):
+    if object_only and not isinstance(data, dict):
         raise ValueError(f"{path}: the {what} must be a JSON object of name -> value, got {type(data).__name__}.")
     return data
 
@@ -252,10 +251,8 @@ def render_model_card(config: SLQConfig, *, model_name: str, repo_id: str | None
         license_link=None if license or not hub_backbone else f"https://huggingface.co/{hub_backbone}",
         eval_results=_eval_results_for_index(blocks) or None,
     )
-    hidden = config.hidden_size
-    num_params = config.num_queries * hidden + 1 if hidden else None
-    if hidden and config.projection_size:
-        num_params += hidden * config.projection_size + config.projection_size
+    shapes = expected_tensors(config.num_queries, config.hidden_size, config.projection_size).values()
+    num_params = sum(map(math.prod, shapes)) if config.hidden_size else None
     training_rows = _rows(training_info or {})
     env = jinja2.Environment(undefined=jinja2.StrictUndefined, keep_trailing_newline=True, autoescape=False)
     text = env.from_string(template_path.read_text(encoding="utf-8")).render(

@@ -23,14 +23,11 @@ def _reference_tensor(path: Path) -> torch.Tensor:
         raise ValueError(f"{path}: not a readable torch.save file ({err}).") from err
     if isinstance(obj, Mapping):
         tensors = {k: v for k, v in obj.items() if isinstance(v, torch.Tensor)}
-        named = [k for k in ("meta_queries", "queries", "latent_queries") if k in tensors]
-        if named:
-            obj = tensors[named[0]]
-        elif len(tensors) == 1:
-            obj = next(iter(tensors.values()))
-        else:
+        named = [k for k in ("meta_queries", "queries", "latent_queries") if k in tensors][:1] or list(tensors)
+        if len(named) != 1:
             raise ValueError(f"{path}: a dict with keys {sorted(map(str, obj))[:10]}; expected a tensor, or a dict "
                              "with one tensor or a 'meta_queries'/'queries' entry.")
+        obj = tensors[named[0]]
     if not isinstance(obj, torch.Tensor):
         raise ValueError(f"{path}: holds a {type(obj).__name__}; expected a tensor [N_q, hidden] or [hidden].")
     return obj

@@ -12,13 +12,13 @@ from typing import Any
 
 from ..modeling import checkpoint as ckpt
 from ..modeling.configuration_slq import SLQConfig
-from .card import EvalBlock, _is_local_path, load_eval_results, read_json_object, read_training_info, render_model_card
+from .card import EvalBlock, _is_local_path, load_eval_results, read_json, read_training_info, render_model_card
 from .publish import README_NAME, collect_upload_files
 
 
 def _model_type(config_path: Path) -> str | None:
     try:
-        return read_json_object(config_path, "config").get("model_type")
+        return read_json(config_path, "config").get("model_type")
     except ValueError:
         return None
 
@@ -36,24 +36,16 @@ def _check_out_dir(out: Path, src: Path, overwrite: bool) -> None:
 
 
 def _save_processor(src: Path, out: Path, config: SLQConfig) -> bool:
-    """Re-save the processor (tokenizer, image processor, chat template); False when none could be loaded."""
-    from transformers import AutoProcessor
-    from transformers.utils import logging as hf_logging
+    """Re-save the processor (tokenizer, image processor, chat template) of ``src``, else of the backbone; False when
+    neither has one."""
+    from ..modeling.modeling_slq import _try_processor
 
-    verbosity = hf_logging.get_verbosity()
-    # The tokenizer loader peeks at our config.json and warns that "slq" is not its model type: noise here.
-    hf_logging.set_verbosity_error()
-    try:
-        for source, revision in ((str(src), None), (config.backbone_name_or_path, config.backbone_revision)):
-            try:
-                processor = AutoProcessor.from_pretrained(source, revision=revision, trust_remote_code=False)
-            except (OSError, ValueError, KeyError, TypeError):
-                continue
+    for source, revision in ((src, None), (config.backbone_name_or_path, config.backbone_revision)):
+        processor = _try_processor(source, revision, quiet=True)
+        if processor is not None:
             processor.save_pretrained(out)
             return True
-        return False
-    finally:
-        hf_logging.set_verbosity(verbosity)
+    return False
 
 
 def _pinned_config(src: Path, backbone: str | None, backbone_revision: str | None) -> SLQConfig:
@@ -117,7 +109,7 @@ def export(model_dir: str | os.PathLike, out_dir: str | os.PathLike, *,
                                          and isinstance(eval_results[0], EvalBlock)):
         eval_results = load_eval_results(eval_results)
     if isinstance(training_info, (str, os.PathLike)):
-        training_info = read_json_object(training_info, "training info")
+        training_info = read_json(training_info, "training info")
     elif training_info is None:
         training_info = read_training_info(src)
     card = render_model_card(

@@ -14,15 +14,7 @@ import warnings
 from pathlib import Path
 from typing import Any
 
-from ..modeling.checkpoint import (
-    CONFIG_NAME,
-    QUERY_SET_TENSOR,
-    QUERY_SETS_DIR,
-    SLQ_TENSOR_NAMES,
-    WEIGHT_FILE_PATTERNS,
-    WEIGHTS_NAME,
-    read_header,
-)
+from ..modeling import checkpoint as ckpt
 
 README_NAME = "README.md"
 # An SLQ folder is megabytes (the largest part is usually tokenizer.json); anything this big is not ours.
@@ -31,15 +23,15 @@ MAX_FILE_BYTES = 256 * 2**20
 
 def _refusal(root: Path, name: str, size: int) -> str | None:
     """Why ``name`` may not be uploaded, or None when it may."""
-    if name == WEIGHTS_NAME or fnmatch.fnmatch(name, f"{QUERY_SETS_DIR}/*.safetensors"):
-        allowed = SLQ_TENSOR_NAMES if name == WEIGHTS_NAME else {QUERY_SET_TENSOR}
+    if name == ckpt.WEIGHTS_NAME or fnmatch.fnmatch(name, f"{ckpt.QUERY_SETS_DIR}/*.safetensors"):
+        allowed = ckpt.SLQ_TENSOR_NAMES if name == ckpt.WEIGHTS_NAME else {ckpt.QUERY_SET_TENSOR}
         try:
-            keys = sorted(read_header(root / name)[0])
+            keys = sorted(ckpt.read_header(root / name)[0])
         except ValueError as err:
             return f"{name} (unreadable: {err})"
-        if set(keys) - allowed or QUERY_SET_TENSOR not in keys:
+        if set(keys) - allowed or ckpt.QUERY_SET_TENSOR not in keys:
             return f"{name} (holds tensors {keys[:3]}..., not SLQ queries)"
-    elif any(fnmatch.fnmatch(Path(name).name, pattern) for pattern in WEIGHT_FILE_PATTERNS):
+    elif any(fnmatch.fnmatch(Path(name).name, pattern) for pattern in ckpt.WEIGHT_FILE_PATTERNS):
         return f"{name} (a weights file)"
     if size > MAX_FILE_BYTES:
         return f"{name} ({size / 2**20:.0f} MiB)"
@@ -65,13 +57,12 @@ def collect_upload_files(folder: str | os.PathLike) -> list[str]:
         problem = _refusal(root, rel.as_posix(), path.stat().st_size)
         (refused if problem else files).append(problem or rel.as_posix())
     if refused:
-        raise ValueError(
-            f"{root}: refusing to upload {refused}. An SLQ repository holds only the queries ({WEIGHTS_NAME} with "
-            f"tensors {sorted(SLQ_TENSOR_NAMES)}), config, code and processor files; the backbone's weights stay in "
-            "the backbone's own repository. Remove these files or export a clean folder with `slq-hf export`."
-        )
-    if WEIGHTS_NAME not in files or CONFIG_NAME not in files:
-        raise ValueError(f"{root}: no {WEIGHTS_NAME} and {CONFIG_NAME}; this is not an SLQ folder.")
+        raise ValueError(f"{root}: refusing to upload {refused}. An SLQ repository holds only the queries "
+                         f"({ckpt.WEIGHTS_NAME} with tensors {sorted(ckpt.SLQ_TENSOR_NAMES)}), config, code and "
+                         "processor files; the backbone's weights stay in the backbone's own repository. Remove these "
+                         "files or export a clean folder with `slq-hf export`.")
+    if ckpt.WEIGHTS_NAME not in files or ckpt.CONFIG_NAME not in files:
+        raise ValueError(f"{root}: no {ckpt.WEIGHTS_NAME} and {ckpt.CONFIG_NAME}; this is not an SLQ folder.")
     return files
 
 
