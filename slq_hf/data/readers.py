@@ -69,16 +69,14 @@ def read_jsonl(path: str | os.PathLike, split: str | None = None, check_files: b
                                       f"missing {missing}.", line)
             if not isinstance(rec["text"], str) or not rec["text"].strip():
                 raise DataFormatError(path, f"\"text\" must be a non-empty string, got {rec['text']!r}.", line)
-            reference, target = (resolve_image(rec[k], base, path, line, check_files, k) for k in ("reference",
-                                                                                                    "target"))
-            yield Record(Item(reference, rec["text"], str(rec["reference"])),
-                         (Item(target, name=str(rec["target"])),), **where)
+            image = {k: resolve_image(rec[k], base, path, line, check_files, k) for k in ("reference", "target")}
+            yield Record(Item(image["reference"], rec["text"], str(rec["reference"])),
+                         (Item(image["target"], name=str(rec["target"])),), **where)
         elif "image" in rec:
             present = [k for k in TEXT_KEYS if k in rec]
             if len(present) != 1:
-                detail = f"has {present}" if present else "has none"
-                raise DataFormatError(path, f"a pair line needs exactly one of {list(TEXT_KEYS)}; this line "
-                                      f"{detail}.", line)
+                raise DataFormatError(path, f"a pair line needs exactly one of {list(TEXT_KEYS)}; this line has "
+                                      f"{present or 'none'}.", line)
             image = resolve_image(rec["image"], base, path, line, check_files)
             texts = captions(rec[present[0]], present[0], path, line)
             yield Record(Item(image, name=str(rec.get("id", rec["image"]))), tuple(Item(text=t) for t in texts),
@@ -104,11 +102,10 @@ def read_karr(path: str | os.PathLike, split: str | None = None, text_field: str
         if not isinstance(text, str) or not text.strip():
             raise DataFormatError(path, f"\"{text_field}\" must be one non-empty string, got {text!r}.", line)
         image = resolve_image(rec["image"], base, path, line, check_files)
-        key = image.resolve()
-        if key in first_line:
-            raise DataFormatError(path, f"image {rec['image']!r} already appeared on line {first_line[key]}; the "
-                                  "KARR layout has one line (one knowledge caption) per image.", line)
-        first_line[key] = line
+        first = first_line.setdefault(image.resolve(), line)
+        if first != line:
+            raise DataFormatError(path, f"image {rec['image']!r} already appeared on line {first}; the KARR layout "
+                                  "has one line (one knowledge caption) per image.", line)
         yield Record(Item(image, name=str(rec.get("id", rec["image"]))), (Item(text=text),), source=f"{path}:{line}",
                      line=line, split=rec.get("split"), fields={k: v for k, v in rec.items() if k != "image"})
 
@@ -176,14 +173,12 @@ def read_karpathy(path: str | os.PathLike, split: str | None = None, image_root:
 
 # ------------------------------------------------------------------------------------------------------- hf
 def _pick_column(columns: list[str], given: str | None, candidates: tuple[str, ...], what: str, source: str) -> str:
-    if given is not None:
-        if given not in columns:
-            raise ValueError(f"{source}: column {given!r} is not in the dataset (columns: {columns}); pass "
-                             f"{what}_column= (--{what}-column).")
-        return given
-    for name in candidates:
-        if name in columns:
-            return name
+    if given is not None and given not in columns:
+        raise ValueError(f"{source}: column {given!r} is not in the dataset (columns: {columns}); pass "
+                         f"{what}_column= (--{what}-column).")
+    found = given if given is not None else next((name for name in candidates if name in columns), None)
+    if found is not None:
+        return found
     raise ValueError(f"{source}: cannot tell which column holds the {what}; columns are {columns}. Pass "
                      f"{what}_column= (--{what}-column).")
 
@@ -195,16 +190,13 @@ def load_hf(source: Any, split: str | None = None) -> tuple[Any, str]:
     except ImportError as err:
         raise ImportError("Reading `datasets` data needs the datasets package: "
                           "pip install 'slq_hf[training]'.") from err
-    label = str(source) if isinstance(source, (str, os.PathLike)) else (
-        getattr(getattr(source, "info", None), "dataset_name", None) or "dataset")
+    label = getattr(getattr(source, "info", None), "dataset_name", None) or "dataset"
     if isinstance(source, (str, os.PathLike)):
-        folder = Path(source).expanduser()
+        label, folder = str(source), Path(source).expanduser()
         if not folder.exists():
             raise DataFormatError(folder, "dataset folder not found.")
-        if any((folder / marker).exists() for marker in ("dataset_info.json", "state.json", "dataset_dict.json")):
-            source = datasets.load_from_disk(str(folder))
-        else:
-            source = datasets.load_dataset(str(folder))
+        saved = any((folder / marker).exists() for marker in ("dataset_info.json", "state.json", "dataset_dict.json"))
+        source = (datasets.load_from_disk if saved else datasets.load_dataset)(str(folder))  # save_to_disk or files
     if isinstance(source, (datasets.DatasetDict, dict)):
         if split is None:
             raise ValueError(f"{label} holds a DatasetDict with splits {sorted(source)}; pick one (split=, --split) "
@@ -247,10 +239,7 @@ def read_hf(source: Any, split: str | None = None, image_column: str | None = No
             if lazy or isinstance(value, dict) and (value.get("bytes") or value.get("path")):
                 image, name = DatasetImage(table, image_column, row), str(row)
             elif isinstance(value, str):
-                image = Path(value) if Path(value).is_absolute() else root / value
-                if check_files and not image.is_file():
-                    raise ValueError(f"{where}: image file {value!r} not found (looked at {image}).")
-                name = value
+                image, name = resolve_image(value, root, where, None, check_files), value
             else:
                 raise ValueError(f"{where}: column {image_column!r} holds {type(value).__name__}, not an image.")
             values = [v.get("raw") if isinstance(v, dict) else v for v in text] if isinstance(text, list) else text
@@ -262,20 +251,17 @@ def read_hf(source: Any, split: str | None = None, image_column: str | None = No
 
 
 # ---------------------------------------------------------------------------------------------------- table
-READERS: dict[str, Callable[..., Iterator[Record]]] = {
-    "jsonl": read_jsonl, "karpathy": read_karpathy, "karr": read_karr, "hf": read_hf,
-}
+READERS: dict[str, Callable[..., Iterator[Record]]] = {"jsonl": read_jsonl, "karpathy": read_karpathy,
+                                                       "karr": read_karr, "hf": read_hf}
 FORMATS = tuple(READERS)
 
 
 def detect_format(path: str | os.PathLike | Any) -> str:
     """Guess the reader: a ``datasets`` object or a folder -> hf; .json -> karpathy; .jsonl -> karr if its first
     record has "knowledge", else jsonl."""
-    if not isinstance(path, (str, os.PathLike)):
+    if not isinstance(path, (str, os.PathLike)) or Path(path).is_dir():
         return "hf"
     path = Path(path)
-    if path.is_dir():
-        return "hf"
     if path.suffix == ".json":
         return "karpathy"
     if path.suffix == ".jsonl":
@@ -296,12 +282,11 @@ def read_records(source: str | os.PathLike | Any, format: str | None = None, spl
     format = detect_format(source) if format in (None, "auto") else format
     if format not in READERS:
         raise ValueError(f"format={format!r} (--format) is not supported; expected one of {list(FORMATS)} or 'auto'.")
-    reader = READERS[format]
-    accepted = inspect.signature(reader).parameters
+    accepted = inspect.signature(READERS[format]).parameters
     options = {k: v for k, v in options.items() if v is not None}
     wrong = sorted(set(options) - set(accepted))
     if wrong:
         flags = ", ".join(f"--{k.replace('_', '-')}" for k in wrong)
         raise ValueError(f"{flags} does not apply to the {format} format (it takes "
                          f"{[k for k in accepted if k not in ('path', 'source', 'split')]}).")
-    return list(reader(source, split=split, **options))
+    return list(READERS[format](source, split=split, **options))

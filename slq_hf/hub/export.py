@@ -35,19 +35,6 @@ def _check_out_dir(out: Path, src: Path, overwrite: bool) -> None:
                                   "empty or new folder.")
 
 
-def _save_processor(src: Path, out: Path, config: SLQConfig) -> bool:
-    """Re-save the processor (tokenizer, image processor, chat template) of ``src``, else of the backbone; False when
-    neither has one."""
-    from ..modeling.modeling_slq import _try_processor
-
-    for source, revision in ((src, None), (config.backbone_name_or_path, config.backbone_revision)):
-        processor = _try_processor(source, revision, quiet=True)
-        if processor is not None:
-            processor.save_pretrained(out)
-            return True
-    return False
-
-
 def _pinned_config(src: Path, backbone: str | None, backbone_revision: str | None) -> SLQConfig:
     if not (src / ckpt.CONFIG_NAME).is_file():
         raise FileNotFoundError(f"{src}: no {ckpt.CONFIG_NAME}; expected an SLQ folder written by save_pretrained.")
@@ -130,11 +117,17 @@ def export(model_dir: str | os.PathLike, out_dir: str | os.PathLike, *,
         for source in Path(modeling_slq.__file__).parent.glob("*.py"):
             if source.name != "__init__.py":
                 shutil.copyfile(source, staging / source.name)
-        if not _save_processor(src, staging, config):
+        # The folder's processor (tokenizer, image processor, chat template), else the backbone's.
+        sources = ((src, None), (config.backbone_name_or_path, config.backbone_revision))
+        loaded = (modeling_slq._try_processor(source, revision, quiet=True) for source, revision in sources)
+        processor = next((p for p in loaded if p is not None), None)
+        if processor is not None:
+            processor.save_pretrained(staging)
+        else:
             warnings.warn(f"No processor could be loaded from {src} or the backbone; the export has no processor "
                           "files and SLQModel.from_pretrained will fetch the backbone's.", UserWarning, stacklevel=3)
         # Keep the user's sentence-transformers settings (prompts, max length) and fill in whatever is missing.
-        for name in ckpt.SEEDED_FILES:  # the sentence-transformers settings files
+        for name in ckpt.SEEDED_FILES:
             if (src / name).is_file():
                 shutil.copyfile(src / name, staging / name)
         write_sentence_transformers_files(staging)
