@@ -49,7 +49,10 @@ QUERY_SETS_DIR = "query_sets"
 QUERY_SETS_INDEX = f"{QUERY_SETS_DIR}/sets.json"
 QUERY_SET_TENSOR = "queries"
 DEFAULT_QUERY_SET = "default"
-SLQ_TENSOR_NAMES = frozenset({"queries", "logit_scale", "projection.weight", "projection.bias"})
+# The tensors of model.safetensors, with the names of their dimensions (for errors that say what a wrong number means).
+DIM_NAMES = {"queries": ("num_queries", "hidden_size"), "logit_scale": (),
+             "projection.weight": ("projection_dim", "hidden_size"), "projection.bias": ("projection_dim",)}
+SLQ_TENSOR_NAMES = frozenset(DIM_NAMES)
 # Names become file names and module keys (no dots there): one plain token.
 QUERY_SET_NAME_PATTERN = re.compile(r"\A[A-Za-z0-9][A-Za-z0-9_-]{0,63}\Z")  # \Z: no trailing newline
 # CLIP clamps its learnable logit scale at 100 (temperature >= 0.01) to keep training stable.
@@ -93,9 +96,6 @@ LOADABLE_DTYPES: dict[str, torch.dtype] = {
     "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "F64": torch.float64}
 _DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U64": 8, "U32": 4,
                 "U16": 2, "U8": 1, "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1, "F8_E8M0": 1, "C64": 8}
-# Names of tensor dimensions, for errors that say what a wrong number means.
-DIM_NAMES = {"queries": ("num_queries", "hidden_size"), "logit_scale": (),
-             "projection.weight": ("projection_dim", "hidden_size"), "projection.bias": ("projection_dim",)}
 
 Dim = int | range | None  # exact size, allowed sizes, or any size (bounded by MAX_TENSOR_BYTES)
 
@@ -306,9 +306,9 @@ def read_query_set_index(path: str | os.PathLike) -> dict[str, Any]:
             raise bad(f"set name {name!r} is invalid (1-64 letters, digits, '_' or '-'; 'default' is the set in "
                       f"{WEIGHTS_NAME})")
         entry = entry if isinstance(entry, dict) else {}
-        file = entry.get("file", query_set_file(name))
-        if file != query_set_file(name):
-            raise bad(f"set {name!r} points at {file!r}; sets live at {query_set_file(name)!r}")
+        file = entry.get("file", expected := query_set_file(name))
+        if file != expected:
+            raise bad(f"set {name!r} points at {file!r}; sets live at {expected!r}")
         count = entry.get("num_queries")
         if count is not None and (isinstance(count, bool) or not isinstance(count, int) or count < 1):
             raise bad(f"set {name!r} has num_queries={count!r}; expected a positive integer")

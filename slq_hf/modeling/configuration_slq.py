@@ -22,11 +22,7 @@ from .version import SLQ_HF_VERSION
 POOLING_CHOICES = ("mean", "last")
 QUERY_INIT_CHOICES = ("normal", "vocab")
 TRAINING_PATH_CHOICES = ("prefix_cache", "full")
-
-
-def _check_choice(name: str, value: Any, allowed: tuple[str, ...]) -> None:
-    if value not in allowed:
-        raise ValueError(f"SLQConfig: `{name}`={value!r} is not supported; allowed values are {list(allowed)}.")
+_CHOICES = {"pooling": POOLING_CHOICES, "query_init": QUERY_INIT_CHOICES, "training_path": TRAINING_PATH_CHOICES}
 
 
 # Keys that are not SLQConfig fields but that transformers itself writes into, or consumes from, config.json.
@@ -133,13 +129,13 @@ class SLQConfig(PretrainedConfig):
                                  f"{self.projection_size!r} disagree; give only projection_size.")
             self.projection_size = self.projection_size if legacy is None else legacy
         kwargs = self._drop_unknown_keys(kwargs)
-        _check_positive_int("num_queries", self.num_queries)
-        _check_positive_int("hidden_size", self.hidden_size, allow_none=True)
-        _check_positive_int("projection_size", self.projection_size, allow_none=True)
-        _check_choice("pooling", self.pooling, POOLING_CHOICES)
+        for name in ("num_queries", "hidden_size", "projection_size"):
+            _check_positive_int(name, getattr(self, name), allow_none=name != "num_queries")
+        for name, allowed in _CHOICES.items():
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"SLQConfig: `{name}`={getattr(self, name)!r} is not supported; allowed values are "
+                                 f"{list(allowed)}.")
         check_budgets(self.max_image_tokens, self.min_image_tokens, self.max_text_tokens)
-        _check_choice("query_init", self.query_init, QUERY_INIT_CHOICES)
-        _check_choice("training_path", self.training_path, TRAINING_PATH_CHOICES)
         if not isinstance(self.normalize, bool):
             raise ValueError(f"SLQConfig: `normalize`={self.normalize!r} is invalid; expected True or False.")
         temperature = self.temperature

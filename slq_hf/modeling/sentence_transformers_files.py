@@ -90,13 +90,8 @@ def modules_config(existing: Any = None) -> list[dict[str, Any]]:
     An existing modules.json whose first module is a Transformer in the root is kept (a sentence-transformers user may
     have appended modules); only the ``task`` kwarg of that first module is ensured.
     """
-    if (
-        isinstance(existing, list)
-        and existing
-        and isinstance(existing[0], dict)
-        and str(existing[0].get("type", "")).endswith("Transformer")
-        and existing[0].get("path") == ""
-    ):
+    first = existing[0] if isinstance(existing, list) and existing and isinstance(existing[0], dict) else {}
+    if str(first.get("type", "")).endswith("Transformer") and first.get("path") == "":
         modules = [dict(module) for module in existing]
         kwargs = list(modules[0].get("kwargs") or [])
         modules[0]["kwargs"] = kwargs + [k for k in TRANSFORMER_KWARGS if k not in kwargs]
