@@ -32,7 +32,6 @@ example:
 """
 
 
-
 def add_parser(subparsers) -> argparse.ArgumentParser:
     parser = subparsers.add_parser("karr-build", help="build a KARR-style knowledge retrieval set with the backbone",
                                    description=DESCRIPTION, epilog=EPILOG,

@@ -158,8 +158,7 @@ def rewrite_captions(backbone: Any, processor: Any, prompts: list[str], images: 
                 conversations.append([{"role": "user", "content": content}])
             batch = processor.apply_chat_template(conversations, add_generation_prompt=True, tokenize=True,
                                                   return_dict=True, return_tensors="pt",
-                                                  processor_kwargs={"padding": True})
-            batch = {k: v.to(backbone.device) if hasattr(v, "to") else v for k, v in batch.items()}
+                                                  processor_kwargs={"padding": True}).to(backbone.device)
             with torch.inference_mode():
                 generated = backbone.generate(**batch, max_new_tokens=max_new_tokens, do_sample=False)
             new_tokens = generated[:, batch["input_ids"].shape[1]:]
