@@ -25,10 +25,6 @@ def error(command: str, message: Any, status: int = BAD_INPUT) -> int:
     return status
 
 
-def warn(command: str, message: Any) -> None:
-    print(f"slq-hf {command}: warning: {message}", file=sys.stderr)
-
-
 def report(command: str, call: Callable[[], Any], done: Callable[[Any], int | None] | None = None) -> int:
     """Run ``call()``, then ``done(result)`` (printing the outcome; its return value, default 0, is the status).
 
@@ -40,7 +36,7 @@ def report(command: str, call: Callable[[], Any], done: Callable[[Any], int | No
 
         def show(message, category, *args, **kwargs):
             if issubclass(category, UserWarning):
-                warn(command, message)
+                print(f"slq-hf {command}: warning: {message}", file=sys.stderr)
             else:
                 original(message, category, *args, **kwargs)
 

@@ -180,14 +180,13 @@ def build_karr(pairs: list[PairImage], out: str | os.PathLike, rewrite: Callable
     generated = rewrite(prompts, [pair.image for pair in pairs])
     if len(generated) != len(pairs):
         raise RuntimeError(f"rewrite returned {len(generated)} texts for {len(pairs)} prompts.")
-    stats = KarrBuildStats()
-    lines = []
+    lines, skipped = [], []
     for index, (pair, words, text) in enumerate(zip(pairs, objects, generated)):
         knowledge = clean_rewrite(text)
         leaked = leaked_words(knowledge, words)
         if not knowledge or leaked:
-            stats.skipped.append({"image": str(pair.image), "caption": pair.captions[0], "rewrite": knowledge,
-                                  "reason": f"leaks {leaked}" if leaked else "empty"})
+            skipped.append({"image": str(pair.image), "caption": pair.captions[0], "rewrite": knowledge,
+                            "reason": f"leaks {leaked}" if leaked else "empty"})
             continue
         lines.append({"image": os.path.relpath(pair.image.resolve(), out.resolve().parent), "knowledge": knowledge,
                       "caption": pair.captions[0], "split": pair.split or default_split,
@@ -196,8 +195,7 @@ def build_karr(pairs: list[PairImage], out: str | os.PathLike, rewrite: Callable
     tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
     tmp.write_text("".join(json.dumps(line, ensure_ascii=False) + "\n" for line in lines), encoding="utf-8")
     os.replace(tmp, out)
-    stats.written = len(lines)
-    return stats
+    return KarrBuildStats(written=len(lines), skipped=skipped)
 
 
 def load_generator(model: str, device: str | None = None, backbone: str | None = None) -> tuple[Any, Any]:
