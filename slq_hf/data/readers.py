@@ -111,12 +111,6 @@ def read_karr(path: str | os.PathLike, split: str | None = None, text_field: str
 
 
 # ------------------------------------------------------------------------------------------------- karpathy
-def _line_of(text: str, needle: str) -> int | None:
-    # JSON documents carry no per-entry line numbers; finding the entry's own string locates it for the user.
-    at = text.find(needle)
-    return text.count("\n", 0, at) + 1 if at >= 0 else None
-
-
 def read_karpathy(path: str | os.PathLike, split: str | None = None, image_root: str | os.PathLike | None = None,
                   max_captions: int | None = None, check_files: bool = True) -> Iterator[Record]:
     """Karpathy-split JSON. ``split`` "train" includes "restval", as Karpathy's own loaders do; ``image_root``
@@ -140,10 +134,11 @@ def read_karpathy(path: str | os.PathLike, split: str | None = None, image_root:
         filename = entry.get("filename") if isinstance(entry, dict) else None
 
         def fail(message: str, n: int = n, filename: Any = filename) -> DataFormatError:
-            # Located only on failure: searching a 150 MB COCO file for every entry would take minutes.
-            line = _line_of(text, json.dumps(filename)) if isinstance(filename, str) and filename else None
+            # JSON documents carry no per-entry line numbers; the entry's own string locates it for the user. Only on
+            # failure: searching a 150 MB COCO file for every entry would take minutes.
+            at = text.find(json.dumps(filename)) if isinstance(filename, str) and filename else -1
             label = f"images[{n}]" + (f" ({filename!r})" if isinstance(filename, str) else "")
-            return DataFormatError(path, f"{label}: {message}", line)
+            return DataFormatError(path, f"{label}: {message}", text.count("\n", 0, at) + 1 if at >= 0 else None)
 
         if not isinstance(entry, dict) or not isinstance(filename, str) or not filename:
             raise fail("every image entry needs a \"filename\" string.")
