@@ -146,15 +146,22 @@ def test_resume_mid_epoch_with_gradcache_equals_uninterrupted(backbone, tmp_path
     assert resumed.logit_scale.item() == pytest.approx(uninterrupted.logit_scale.item(), abs=1e-6)
 
 
-def test_gradcache_step_equals_a_plain_trainer_step(backbone, tmp_path):
-    """One SLQTrainer step with micro-batches moves the queries exactly as the plain step on the whole batch."""
+@pytest.mark.parametrize("accumulation", [1, 2])
+def test_gradcache_step_equals_a_plain_trainer_step(backbone, tmp_path, accumulation):
+    """One optimizer step of SLQTrainer with micro-batches moves the queries exactly as the plain step on the whole
+    batch; with gradient accumulation (two contrastive batches of 6 per optimizer step), as the plain accumulated
+    step (each batch's loss scaled by 1/2 in both; SGD without clipping, so a wrong scale shows, where Adam or the
+    gradient clip would normalise it)."""
     def step(micro: int | None) -> torch.Tensor:
         model = SLQModel.from_backbone(backbone, num_queries=NUM_QUERIES)
         args = TrainingArguments(str(tmp_path / str(micro)), learning_rate=1e-2, per_device_train_batch_size=6,
-                                 max_steps=1, remove_unused_columns=False, use_cpu=True, report_to="none",
-                                 disable_tqdm=True, seed=0, save_strategy="no")
-        SLQTrainer(model=model, args=args, train_dataset=_pairs(6), data_collator=SLQDataCollator(model.processor),
-                   micro_batch_size=micro).train()
+                                 gradient_accumulation_steps=accumulation, max_steps=1, optim="sgd", max_grad_norm=0,
+                                 remove_unused_columns=False, use_cpu=True, report_to="none", disable_tqdm=True,
+                                 seed=0, save_strategy="no")
+        trainer = SLQTrainer(model=model, args=args, train_dataset=_pairs(6 * accumulation),
+                             data_collator=SLQDataCollator(model.processor), micro_batch_size=micro)
+        trainer.train()
+        assert trainer.state.global_step == 1
         return model.queries.detach().clone()
 
     plain, cached = step(None), step(2)
