@@ -49,3 +49,23 @@ def test_two_process_trainer_step_equals_one_process_on_concatenated_batch(tiny_
         grad = torch.tensor(rank["queries_grad"])
         assert torch.linalg.norm(grad - model.queries.grad) <= 1e-4 * torch.linalg.norm(model.queries.grad)
         assert rank["logit_scale_grad"] == pytest.approx(model.logit_scale.grad.item(), rel=1e-4, abs=1e-7)
+
+
+@pytest.mark.distributed
+@pytest.mark.parametrize("micro", [None, 2])
+def test_a_batch_that_lost_every_example_on_one_rank_is_skipped_on_both(tiny_backbone_path, tmp_path, micro):
+    """Rank 1's first batch is all unreadable images: both ranks skip step 1 together (nobody waits in a
+    collective), train step 2, and end with the same queries; plain and GradCache steps."""
+    backbone = tiny_backbone_path("qwen3_vl")
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+               str(Path(__file__).with_name("ddp_skip_worker.py")), backbone, str(tmp_path)]
+    done = subprocess.run(command + ([str(micro)] if micro else []), env=env, capture_output=True, text=True,
+                          timeout=600)
+    assert done.returncode == 0, done.stderr[-4000:]
+    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
+    assert [r["skipped_steps"] for r in ranks] == [1, 1]
+    assert [r["global_step"] for r in ranks] == [2, 2]
+    assert ranks[0]["queries"] == ranks[1]["queries"]
+    assert ranks[0]["queries"] != ranks[0]["initial"]  # step 2 trained
+    assert "could not be loaded" in done.stderr and "another process's batch lost every example" in done.stderr

@@ -1,0 +1,71 @@
+"""Worker for tests/test_distributed.py's skipped-batch test, started with `torchrun --nproc_per_node 2` (gloo).
+
+Two SLQTrainer steps of 3 image/caption pairs a rank. On rank 1 the first batch is replaced by pairs whose images
+are all unreadable files, so that rank's batch loses every example: both ranks must skip that step together (no
+collective left waiting) and train the second. Writes ``<out>/rank<r>.json`` with the skipped steps, the global step
+and the final queries.
+
+Usage: python -m torch.distributed.run --nproc_per_node 2 ddp_skip_worker.py BACKBONE_DIR OUT_DIR [MICRO_BATCH]
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+
+import torch
+from PIL import Image
+
+PER_DEVICE_BATCH = 3
+NUM_QUERIES = 4
+COLOURS = [(255, 0, 0), (0, 255, 0), (0, 0, 255), (255, 255, 0), (128, 0, 128), (0, 255, 255)]
+
+
+def main(backbone: str, out_dir: str, micro_batch_size: int | None) -> None:
+    torch.set_num_threads(1)
+    from transformers import TrainingArguments
+
+    from slq_hf import SLQModel
+    from slq_hf.training import SLQDataCollator, SLQTrainer
+
+    rank = int(os.environ["RANK"])
+    folder = Path(out_dir, f"images{rank}")
+    folder.mkdir(parents=True, exist_ok=True)
+    pairs = []
+    for i in range(2 * 2 * PER_DEVICE_BATCH):
+        image = Image.new("RGB", (64, 64), (128, 128, 128))
+        image.paste(COLOURS[i % len(COLOURS)], (16, 16, 48, 48))
+        image.save(folder / f"{i}.png")
+        pairs.append({"image": str(folder / f"{i}.png"), "text": f"a square of colour {i}"})
+    broken = folder / "broken.png"
+    broken.write_bytes(b"\x89PNG\r\n\x1a\n not an image")
+
+    model = SLQModel.from_backbone(backbone, num_queries=NUM_QUERIES)
+
+    class FirstBatchBrokenOnRank1(SLQDataCollator):
+        calls = 0
+
+        def __call__(self, examples: list[dict]) -> dict:
+            self.calls += 1
+            if rank == 1 and self.calls == 1:
+                examples = [{**example, "image": str(broken)} for example in examples]
+            return super().__call__(examples)
+
+    args = TrainingArguments(
+        out_dir, use_cpu=True, ddp_backend="gloo", per_device_train_batch_size=PER_DEVICE_BATCH, max_steps=2,
+        learning_rate=1e-2, report_to="none", save_strategy="no", remove_unused_columns=False, seed=0,
+        disable_tqdm=True, dataloader_num_workers=0,
+    )
+    trainer = SLQTrainer(model=model, args=args, train_dataset=pairs,
+                         data_collator=FirstBatchBrokenOnRank1(model.processor), micro_batch_size=micro_batch_size)
+    initial = model.queries.detach().clone()
+    trainer.train()
+    record = {"skipped_steps": trainer.skipped_steps, "global_step": trainer.state.global_step,
+              "queries": model.queries.detach().tolist(), "initial": initial.tolist()}
+    Path(out_dir, f"rank{rank}.json").write_text(json.dumps(record))
+
+
+if __name__ == "__main__":
+    main(sys.argv[1], sys.argv[2], int(sys.argv[3]) if len(sys.argv) > 3 else None)
