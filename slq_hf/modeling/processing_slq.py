@@ -379,9 +379,8 @@ def plan_batches(lengths: list[int], batch_size: int, max_batch_tokens: int | No
     order = sorted(range(len(lengths)), key=lambda i: lengths[i])
     batches: list[list[int]] = []
     current: list[int] = []
-    for index in order:
-        longest = max([lengths[i] for i in current] + [lengths[index]])
-        fits = len(current) < batch_size and (max_batch_tokens is None or longest * (len(current) + 1)
+    for index in order:  # ascending: this item is the longest of its batch
+        fits = len(current) < batch_size and (max_batch_tokens is None or lengths[index] * (len(current) + 1)
                                               <= max_batch_tokens)
         if current and not fits:
             batches.append(current)
