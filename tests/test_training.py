@@ -272,6 +272,26 @@ def test_plain_trainer_trains_only_queries_and_saves_a_queries_only_folder(model
     assert reloaded.logit_scale.item() == model.logit_scale.item()
 
 
+def test_weight_decay_applies_to_queries_and_head_weight_never_to_the_temperature(backbone, tmp_path):
+    """SLQTrainer's weight decay shrinks the queries (and a projection head's weight), not logit_scale: with zero
+    gradients, one AdamW step decays exactly those parameters by lr x weight_decay."""
+    model = SLQModel.from_backbone(backbone, num_queries=NUM_QUERIES, projection_dim=8)
+    with torch.no_grad():
+        model.projection.bias.fill_(0.3)  # non-zero, so a decay would show
+    trainer = SLQTrainer(model=model, args=_args(tmp_path, weight_decay=0.5, learning_rate=0.1),
+                         data_collator=SLQDataCollator(model.processor))
+    before = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+    trainer.create_optimizer()
+    for parameter in before:
+        model.get_parameter(parameter).grad = torch.zeros_like(before[parameter])
+    trainer.optimizer.step()
+    after = {n: p.detach() for n, p in model.named_parameters() if p.requires_grad}
+    for name in ("latent_queries.default", "projection.weight"):
+        assert torch.allclose(after[name], before[name] * (1 - 0.1 * 0.5), rtol=1e-6, atol=0), name
+    for name in ("logit_scale", "projection.bias"):
+        assert torch.equal(after[name], before[name]), name
+
+
 def test_resume_from_checkpoint_ends_with_the_same_queries(backbone, tmp_path):
     def run(out: Path, resume: str | None = None, stop_at: int | None = None) -> SLQModel:
         model = SLQModel.from_backbone(backbone, num_queries=NUM_QUERIES)

@@ -97,7 +97,9 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                        help="learning-rate schedule after the warmup (default: cosine, to zero)")
     train.add_argument("--warmup", type=float, default=0.0,
                        help="linear warmup: a fraction of the steps if < 1, else a step count (default: 0)")
-    train.add_argument("--weight-decay", type=float, default=0.0, help="AdamW weight decay (default: 0)")
+    train.add_argument("--weight-decay", type=float, default=0.0,
+                       help="AdamW weight decay on the queries (and a --projection-dim head's weight), never on the "
+                       "temperature (default: 0)")
     train.add_argument("--seed", type=int, default=42, help="random seed (default: 42)")
     train.add_argument("--save-steps", type=_positive_int, default=500,
                        help="checkpoint every N steps (default: 500; with --eval-data, every --eval-steps)")

@@ -101,6 +101,8 @@ class SLQTrainer(Trainer):
       (``eval_t2i_R@1``, ``eval_i2t_R@1``, ``eval_mean_R@1``: use one as ``metric_for_best_model`` with
       ``load_best_model_at_end=True`` to keep the checkpoint with the best retrieval), and ``query_states`` are not
       collected;
+    - weight decay (``TrainingArguments.weight_decay``) applies to the queries and a projection head's weight,
+      never to ``logit_scale`` (decaying log(1 / temperature) would pull the temperature towards 1);
     - ``micro_batch_size=`` turns on GradCache (:mod:`slq_hf.training.gradcache`): the contrastive batch is
       ``per_device_train_batch_size`` (times the number of processes), embedded ``micro_batch_size`` examples at a
       time, with the exact gradient of the whole batch;
@@ -162,6 +164,11 @@ class SLQTrainer(Trainer):
             # Around the DDP wrapper: gradcache_backward averages the gradients across ranks itself.
             loss, _ = gradcache_backward(self.accelerator.unwrap_model(model), inputs[MICRO_BATCHES_KEY], scale)
         return loss * scale
+
+    def get_decay_parameter_names(self, model) -> list[str]:
+        # logit_scale is log(1 / temperature), not a weight: decaying it would pull the temperature towards 1 (CLIP
+        # and open_clip exclude it too). Weight decay applies to the queries (and a projection head's weight).
+        return [name for name in super().get_decay_parameter_names(model) if name.split(".")[-1] != "logit_scale"]
 
     def _skip_step(self, inputs: dict[str, Any]) -> bool:
         """True when this batch (or, under torchrun, any rank's batch) lost every example: all ranks skip it, so
