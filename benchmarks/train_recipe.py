@@ -40,16 +40,20 @@ TOY_BACKBONE = ROOT / "examples" / "toy" / "backbone"
 COMMON = ["--num-queries", "8", "--batch-size", "32", "--logging-steps", "100"]
 # name -> (what it is, extra `slq-hf train` arguments). "default" is the CLI's own defaults for everything else.
 TOY = ["--lr", "3e-2", "--max-steps", "500", "--warmup", "25"]
+TOY_1000 = ["--lr", "3e-2", "--max-steps", "1000", "--warmup", "50", "--lr-scheduler", "cosine", "--eval-data",
+            "{validation}", "--eval-steps", "100"]
 RECIPES: dict[str, tuple[str, list[str]]] = {
     "toy-default": ("cosine schedule, eval on the validation file every 50 steps, final model = best eval_mean_R@1",
                     [*TOY, "--lr-scheduler", "cosine", "--eval-data", "{validation}", "--eval-steps", "50"]),
     # Not trained separately: evaluation draws no random numbers, so the toy-default run's last checkpoint IS the
     # model a run without --eval-data ends with (same seed, same batches, same updates).
     "cosine-last": ("cosine schedule, final model = last step (the toy-default run's last checkpoint)", []),
-    "toy-1000": ("the same for 1000 steps (3.3 epochs), warmup 50, eval every 100 steps",
-                 ["--lr", "3e-2", "--max-steps", "1000", "--warmup", "50", "--lr-scheduler", "cosine", "--eval-data",
-                  "{validation}", "--eval-steps", "100"]),
+    "toy-1000": ("the same for 1000 steps (3.3 epochs), warmup 50, eval every 100 steps", TOY_1000),
     "toy-1000-last": ("toy-1000, final model = last step (its last checkpoint)", []),
+    "lr-1e-2": ("toy-1000 with lr 1e-2", [*TOY_1000[:1], "1e-2", *TOY_1000[2:]]),
+    "wd-0.1": ("toy-1000 with weight decay 0.1 on the queries", [*TOY_1000, "--weight-decay", "0.1"]),
+    "wd-1": ("toy-1000 with weight decay 1.0 on the queries", [*TOY_1000, "--weight-decay", "1.0"]),
+    "wd-3": ("toy-1000 with weight decay 3.0 on the queries", [*TOY_1000, "--weight-decay", "3.0"]),
     "linear-last": ("as in the issue: the Trainer's linear schedule, final model = last step",
                     [*TOY, "--lr-scheduler", "linear"]),
 }

@@ -74,6 +74,7 @@ class DemoConfig:
     pooling: str = "mean"
     projection_dim: int | None = None
     slq_lr: float = 3e-2
+    slq_weight_decay: float = 1.0  # on the queries: 3.3 epochs over one corpus (BENCHMARKS.md "Training recipe")
     temperature: float = 0.07
     lora_rank: int = 8
     lora_lr: float = 3e-3
@@ -195,7 +196,8 @@ def slq_train_argv(config: DemoConfig, files: dict[str, Path], out: Path) -> lis
     return ["train", "--backbone", config.backbone, "--train-data", str(files["train"]), "--eval-data",
             str(files["validation"]), "--output-dir", str(out), "--num-queries", str(config.num_queries),
             "--query-init", config.query_init, "--pooling", config.pooling, "--temperature", str(config.temperature),
-            "--lr", str(config.slq_lr), "--lr-scheduler", config.lr_scheduler, "--warmup", str(config.warmup),
+            "--lr", str(config.slq_lr), "--weight-decay", str(config.slq_weight_decay), "--lr-scheduler",
+            config.lr_scheduler, "--warmup", str(config.warmup),
             "--max-steps", str(config.steps), "--batch-size", str(config.batch_size), "--eval-steps",
             str(config.eval_steps), "--logging-steps", str(config.log_every), "--seed", str(config.seed),
             "--save-total-limit", "1", "--overwrite-output-dir", "--use-cpu", "--dtype", "float32"]

@@ -567,3 +567,24 @@ def test_best_checkpoint_by_eval_recall_becomes_the_final_model(model, tmp_path)
     saved = {step: load_file(tmp_path / "out" / f"checkpoint-{step}" / "model.safetensors") for step in (2, 4)}
     assert not torch.equal(saved[2]["queries"], saved[4]["queries"])
     assert torch.equal(model.queries.detach(), saved[2]["queries"])
+
+
+@pytest.mark.parametrize(("steps", "weight_decay", "noted"), [(8, 0.0, True), (8, 1.0, False), (2, 0.0, False)])
+def test_plan_notes_weight_decay_when_a_run_repeats_its_data(tmp_path, capsys, steps, weight_decay, noted):
+    """Several epochs over the same pairs without weight decay get a note in the plan (the toy's knowledge transfer
+    drops there); one epoch, or a run with weight decay, does not."""
+    import argparse
+
+    from transformers import TrainerState
+
+    from slq_hf.training.run import PlanPrinter
+
+    cli = argparse.Namespace(batch_size=4, micro_batch_size=None, train_data="train.jsonl", lr=1e-2,
+                             lr_scheduler="cosine", warmup=0, weight_decay=weight_decay, num_queries=4,
+                             pooling="mean", query_init="normal", eval_steps=None, save_steps=500, keep_last=False,
+                             metric_for_best_model="mean_R@1", eval_data=None)
+    state = TrainerState(max_steps=steps)
+    PlanPrinter(cli, train_size=8, eval_size=0, resume=None).on_train_begin(_args(tmp_path), state, None)
+    plan = capsys.readouterr().out
+    assert f"= {steps * 4 / 8:.2f} epochs" in plan
+    assert ("--weight-decay 1.0" in plan) == noted

@@ -29,7 +29,8 @@ recipes (what they measured is in the README's "Training" section):
       --num-queries 40 --epochs 1 --lr 5e-4 --batch-size 32 --eval-data coco_val.jsonl
   # the toy backbone (examples/toy/backbone), several epochs over a fixed corpus
   slq-hf train --backbone examples/toy/backbone --train-data toy/train.jsonl --eval-data toy/validation.jsonl \\
-      --output-dir slq-toy --num-queries 8 --lr 3e-2 --max-steps 1000 --warmup 50 --batch-size 32 --eval-steps 100
+      --output-dir slq-toy --num-queries 8 --lr 3e-2 --max-steps 1000 --warmup 50 --batch-size 32 --eval-steps 100 \\
+      --weight-decay 1.0
   torchrun --nproc_per_node 8 -m slq_hf.cli train ...      # 8 GPUs, 8 x 32 negatives per step
   slq-hf train ... --batch-size 256 --micro-batch-size 32  # GradCache: 256 negatives, memory of 32
   slq-hf train ... --load-in-4bit                          # NF4 backbone (bitsandbytes), fp32 queries
@@ -99,7 +100,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                        help="linear warmup: a fraction of the steps if < 1, else a step count (default: 0)")
     train.add_argument("--weight-decay", type=float, default=0.0,
                        help="AdamW weight decay on the queries (and a --projection-dim head's weight), never on the "
-                       "temperature (default: 0)")
+                       "temperature (default: 0, the paper's single epoch; for several epochs over the same data, 1.0 "
+                       "keeps the queries generalising)")
     train.add_argument("--seed", type=int, default=42, help="random seed (default: 42)")
     train.add_argument("--save-steps", type=_positive_int, default=500,
                        help="checkpoint every N steps (default: 500; with --eval-data, every --eval-steps)")
