@@ -367,7 +367,8 @@ def run(config: DemoConfig) -> dict[str, Any]:
     folder = out / "slq-toy"
     log(f"4. Training SLQ with `slq-hf train` on a fixed corpus ({config.drawings} drawings x 150 combinations, "
         f"explicit captions only): {config.steps} steps x {config.batch_size} pairs, lr {config.slq_lr} "
-        f"{config.lr_scheduler}, best of the checkpoints by validation recall, backbone frozen")
+        f"{config.lr_scheduler}, weight decay {config.slq_weight_decay}, best of the checkpoints by validation "
+        "recall, backbone frozen")
     seconds = train_slq(config, files, folder)
     # The trained folder on the SAME backbone object: SLQ never changed it, so it still generates below.
     model = SLQModel.from_pretrained(folder, backbone=backbone, processor=processor)
@@ -458,6 +459,8 @@ def parse_args(argv: list[str] | None = None) -> DemoConfig:
     parser.add_argument("--query-init", default=defaults.query_init, choices=["normal", "vocab"],
                         help="SLQ query initialisation")
     parser.add_argument("--slq-lr", type=float, default=defaults.slq_lr, help="SLQ peak learning rate")
+    parser.add_argument("--slq-weight-decay", type=float, default=defaults.slq_weight_decay,
+                        help="weight decay on the SLQ queries (several epochs over one corpus need it)")
     parser.add_argument("--lora-lr", type=float, default=defaults.lora_lr, help="LoRA peak learning rate")
     parser.add_argument("--temperature", type=float, default=defaults.temperature, help="initial temperature")
     parser.add_argument("--eval-scenes", type=int, default=None, help="evaluate on a subset of the 150 scenes")
@@ -473,6 +476,7 @@ def parse_args(argv: list[str] | None = None) -> DemoConfig:
     torch.set_num_threads(args.threads or 1)
     return DemoConfig(backbone=args.backbone, steps=args.steps, batch_size=args.batch_size,
                       num_queries=args.num_queries, query_init=args.query_init, slq_lr=args.slq_lr,
+                      slq_weight_decay=args.slq_weight_decay,
                       lora_lr=args.lora_lr, temperature=args.temperature, eval_scenes=args.eval_scenes,
                       eval_steps=args.eval_steps, drawings=args.drawings, seed=args.seed, out=args.out)
 
