@@ -168,7 +168,10 @@ class SLQTrainer(Trainer):
     def get_decay_parameter_names(self, model) -> list[str]:
         # logit_scale is log(1 / temperature), not a weight: decaying it would pull the temperature towards 1 (CLIP
         # and open_clip exclude it too). Weight decay applies to the queries (and a projection head's weight).
-        return [name for name in super().get_decay_parameter_names(model) if name.split(".")[-1] != "logit_scale"]
+        names = super().get_decay_parameter_names(model)
+        if not self.args.weight_decay:  # nothing decays: the Trainer's own groups, as in checkpoints of earlier runs
+            return names
+        return [name for name in names if name.split(".")[-1] != "logit_scale"]
 
     def _skip_step(self, inputs: dict[str, Any]) -> bool:
         """True when this batch (or, under torchrun, any rank's batch) lost every example: all ranks skip it, so
