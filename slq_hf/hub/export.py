@@ -119,7 +119,7 @@ def export(model_dir: str | os.PathLike, out_dir: str | os.PathLike, *,
                 shutil.copyfile(source, staging / source.name)
         # The folder's processor (tokenizer, image processor, chat template), else the backbone's.
         sources = ((src, None), (config.backbone_name_or_path, config.backbone_revision))
-        loaded = (modeling_slq._try_processor(source, revision, quiet=True) for source, revision in sources)
+        loaded = (modeling_slq.try_processor(source, revision, quiet=True) for source, revision in sources)
         processor = next((p for p in loaded if p is not None), None)
         if processor is not None:
             processor.save_pretrained(staging)

@@ -219,7 +219,7 @@ class SLQModel(PreTrainedModel):
                              "backbone; load the backbone with them yourself, or pass its id/path instead.")
         model = backbone if loaded else _load_backbone(name, revision, **backbone_kwargs)
         if processor is None and name:
-            processor = _try_processor(name, revision=revision)
+            processor = try_processor(name, revision=revision)
         if processor is not None:
             config.max_image_tokens, config.min_image_tokens = resolve_image_budget(
                 processor, max_image_tokens, min_image_tokens)
@@ -258,7 +258,7 @@ class SLQModel(PreTrainedModel):
             saved, changes = _config_of_this_save(config, path, location)
             state = read_tensors(_resolve_weights(path, location),
                                  expected_tensors(saved.num_queries, saved.hidden_size, saved.projection_size))
-            found = None if processor is not None else _try_processor(path, quiet=True, **location)
+            found = None if processor is not None else try_processor(path, quiet=True, **location)
             return saved, changes, state, _read_query_sets(path, location, saved.hidden_size), found
 
         saved, changes, state, sets, found = read_folder(path, read)  # one save of the folder, never a mix of two
@@ -271,7 +271,7 @@ class SLQModel(PreTrainedModel):
                 saved.backbone_name_or_path = _pin(str(backbone_name_or_path))
         elif kwargs:
             raise ValueError(f"Backbone arguments {sorted(kwargs)} were given with an already loaded backbone.")
-        processor = processor or found or _try_processor(saved.backbone_name_or_path, saved.backbone_revision,
+        processor = processor or found or try_processor(saved.backbone_name_or_path, saved.backbone_revision,
                                                          **shared)
         model = cls(saved, backbone=backbone, processor=processor)
         model.load_trainable_state(state, source=f"{path}/{WEIGHTS_NAME}")
@@ -839,7 +839,7 @@ def _load_backbone(name: str | None, revision: str | None = None, folder: Any = 
     return model.eval()
 
 
-def _try_processor(name: Any, revision: str | None = None, quiet: bool = False, **kwargs) -> Any:
+def try_processor(name: Any, revision: str | None = None, quiet: bool = False, **kwargs) -> Any:
     """The processor saved at ``name``, or None when it has none (a backbone saved with model.save_pretrained only).
 
     The processor is a stock transformers class (never remote code). Its tokenizer loader peeks at an SLQ folder's
