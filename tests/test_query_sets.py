@@ -414,3 +414,74 @@ def test_readme_query_sets_example_runs(tmp_path, monkeypatch):
     run_readme_example("query-sets", tmp_path, monkeypatch)
     index = json.loads((tmp_path / "slq-multi" / "query_sets" / "sets.json").read_text())
     assert index["active"] == "query" and list(index["sets"]) == ["query", "document", "medical"]
+
+
+# ---------------------------------------------------------------------------------------------- resume / best
+def _joint_trainer(path: str, out, **overrides):
+    from slq_hf.training import SLQTrainer
+
+    torch.manual_seed(0)  # the same initial sets in every run
+    model = _new(path, sharpen=False)
+    model.joint_query_sets = ["query", "document"]
+    settings = dict(learning_rate=1e-2, per_device_train_batch_size=2, max_steps=4, save_strategy="steps",
+                    save_steps=1, remove_unused_columns=False, use_cpu=True, report_to="none", disable_tqdm=True,
+                    seed=0)
+    callbacks = overrides.pop("callbacks", None)
+    compute_metrics = overrides.pop("compute_metrics", None)
+    args = TrainingArguments(str(out), **{**settings, **overrides})
+    # Eight distinct pairs: a batch holding one pair twice would give the queries no gradient.
+    pairs = [{"image": scene(width, 64, rgb), "text": f"a {name} square {width} wide"}
+             for width in (64, 96) for name, rgb in COLOURS]
+    return model, SLQTrainer(model=model, args=args, train_dataset=pairs, eval_dataset=PAIRS,
+                             data_collator=SLQDataCollator(model.processor), callbacks=callbacks,
+                             compute_metrics=compute_metrics)
+
+
+def test_slq_trainer_resume_restores_every_query_set(tiny_backbone_path, tmp_path, caplog):
+    from helpers import stop_at_step
+
+    path = tiny_backbone_path("qwen3_vl")
+    uninterrupted, trainer = _joint_trainer(path, tmp_path / "a")
+    trainer.train()
+    interrupted, trainer = _joint_trainer(path, tmp_path / "b", callbacks=[stop_at_step(2)])
+    trainer.train()
+    assert not torch.equal(interrupted.get_query_set("document"), uninterrupted.get_query_set("document"))
+    resumed, trainer = _joint_trainer(path, tmp_path / "b")
+    with caplog.at_level("WARNING"):
+        trainer.train(resume_from_checkpoint=str(tmp_path / "b" / "checkpoint-2"))
+    for name in SETS:
+        assert torch.allclose(resumed.get_query_set(name), uninterrupted.get_query_set(name), rtol=0, atol=1e-6), name
+    assert "keep their current values" not in caplog.text  # SLQTrainer restored them: no warning
+
+    other, trainer = _joint_trainer(path, tmp_path / "b")
+    other.add_query_set("extra")  # a set the run's checkpoints do not hold
+    with pytest.raises(ValueError, match="has query set 'extra' but the checkpoint does not"):
+        trainer.train(resume_from_checkpoint=str(tmp_path / "b" / "checkpoint-2"))
+
+
+def test_slq_trainer_best_checkpoint_restores_every_query_set(tiny_backbone_path, tmp_path):
+    scores = iter([3.0, 2.0, 1.0, 0.0])  # the first evaluation is the best: checkpoint-1, not the last step's
+
+    path = tiny_backbone_path("qwen3_vl")
+    model, trainer = _joint_trainer(path, tmp_path, eval_strategy="steps", eval_steps=1, load_best_model_at_end=True,
+                                    metric_for_best_model="score", compute_metrics=lambda _: {"score": next(scores)})
+    trainer.train()
+    assert trainer.state.best_model_checkpoint == str(tmp_path / "checkpoint-1")
+    for name in ("query", "document"):
+        best = load_file(tmp_path / "checkpoint-1" / "query_sets" / f"{name}.safetensors")["queries"]
+        last = load_file(tmp_path / "checkpoint-4" / "query_sets" / f"{name}.safetensors")["queries"]
+        assert not torch.equal(best, last)
+        assert torch.equal(model.get_query_set(name).detach(), best), name
+
+
+def test_plain_load_state_dict_without_the_other_sets_warns(models, caplog):
+    model = models("qwen3_vl")
+    state = {"queries": model.queries.detach().clone(), "logit_scale": model.logit_scale.detach().clone()}
+    with caplog.at_level("WARNING"):
+        model.load_state_dict(state)
+    assert "no entries for query sets ['query', 'document']" in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING"):  # a state dict that carries every set: nothing to say
+        model.load_state_dict({**state, **{f"latent_queries.{n}": model.get_query_set(n).detach().clone()
+                                           for n in ("query", "document")}})
+    assert "no entries" not in caplog.text

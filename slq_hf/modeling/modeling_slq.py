@@ -306,6 +306,13 @@ class SLQModel(PreTrainedModel):
                for k, v in state_dict.items() if not k.startswith("backbone.")}
         for key in [k for k in own if k.startswith("latent_queries.") and k != "latent_queries.default"]:
             self.latent_queries.replace(key.split(".", 1)[1], own.pop(key), f"state dict entry {key!r}")
+        kept = [n for n in self.query_sets[1:] if f"latent_queries.{n}" not in state_dict]
+        if kept and any(self.get_query_set(n).requires_grad for n in kept):
+            # The plain Trainer resumes (and loads its best checkpoint) from model.safetensors alone.
+            logger.warning(f"load_state_dict: no entries for query sets {kept}; they keep their current values. A "
+                           "checkpoint keeps them in query_sets/: SLQTrainer restores them on resume and for the best "
+                           "checkpoint; with the plain Trainer call model.load_query_set(checkpoint, name=n, "
+                           "query_set=n) for each.")
         own[QUERY_SET_TENSOR] = own.pop("latent_queries.default", own.get(QUERY_SET_TENSOR))
         self.load_trainable_state({k: v for k, v in own.items() if v is not None})
         return nn.modules.module._IncompatibleKeys([], [])

@@ -5,6 +5,7 @@ and retrieval metrics (R@1 in both directions over the whole eval set) on evalua
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
 import os
@@ -16,7 +17,7 @@ import torch
 from transformers import Trainer
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, rotate_checkpoints
 
-from ..modeling.checkpoint import replace_folder, write_folder
+from ..modeling.checkpoint import query_set_file, replace_folder, write_folder
 from .collator import MICRO_BATCHES_KEY, SKIPPED_KEY, SLQDataCollator, example_roles
 from .gradcache import contrastive_loss, embed_side, gradcache_backward, side_inputs
 
@@ -164,6 +165,38 @@ class SLQTrainer(Trainer):
             # Around the DDP wrapper: gradcache_backward averages the gradients across ranks itself.
             loss, _ = gradcache_backward(self.accelerator.unwrap_model(model), inputs[MICRO_BATCHES_KEY], scale)
         return loss * scale
+
+    def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
+        with self._quiet_model_logger(model):
+            super()._load_from_checkpoint(resume_from_checkpoint, model)
+        self._load_query_sets(resume_from_checkpoint, model)
+
+    def _load_best_model(self) -> None:
+        with self._quiet_model_logger():
+            super()._load_best_model()
+        self._load_query_sets(self.state.best_model_checkpoint)
+
+    @contextlib.contextmanager
+    def _quiet_model_logger(self, model=None):
+        # load_state_dict warns that the other query sets keep their values; _load_query_sets restores them next.
+        model = self.accelerator.unwrap_model(model if model is not None else self.model)
+        model_logger = logging.getLogger(type(model).__module__)
+        level = model_logger.level
+        model_logger.setLevel(logging.ERROR)
+        try:
+            yield
+        finally:
+            model_logger.setLevel(level)
+
+    def _load_query_sets(self, folder: str, model=None) -> None:
+        """The Trainer restores a checkpoint's model.safetensors (the default set, the temperature); the other query
+        sets are in its query_sets/ folder. Copied in place, so the optimizer's state still belongs to them."""
+        model = self.accelerator.unwrap_model(model if model is not None else self.model)
+        for name in getattr(model, "query_sets", [])[1:]:
+            if not os.path.isfile(os.path.join(folder, query_set_file(name))):
+                raise ValueError(f"{folder}: the model has query set {name!r} but the checkpoint does not; resume "
+                                 "with the query sets the run was started with.")
+            model.load_query_set(folder, name=name, query_set=name)
 
     def get_decay_parameter_names(self, model) -> list[str]:
         # logit_scale is log(1 / temperature), not a weight: decaying it would pull the temperature towards 1 (CLIP
