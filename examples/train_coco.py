@@ -97,6 +97,7 @@ def main() -> None:
     trainer.train()
     trainer.save_model()  # args.out: config.json + model.safetensors (queries, temperature) + code + processor
     print(json.dumps(trainer.evaluate(), indent=2))
+    trainer.accelerator.end_training()  # under torchrun: close the process group before the interpreter exits
 
 
 if __name__ == "__main__":

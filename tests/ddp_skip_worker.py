@@ -65,6 +65,7 @@ def main(backbone: str, out_dir: str, micro_batch_size: int | None) -> None:
     record = {"skipped_steps": trainer.skipped_steps, "global_step": trainer.state.global_step,
               "queries": model.queries.detach().tolist(), "initial": initial.tolist()}
     Path(out_dir, f"rank{rank}.json").write_text(json.dumps(record))
+    trainer.accelerator.end_training()  # a gloo group left open can abort the process at exit
 
 
 if __name__ == "__main__":

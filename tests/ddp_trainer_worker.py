@@ -94,6 +94,7 @@ def main(backbone: str, out_dir: str, micro_batch_size: int | None = None) -> No
     trainer.train()
     rank = int(os.environ.get("RANK", 0))
     Path(out_dir, f"rank{rank}.json").write_text(json.dumps(record))
+    trainer.accelerator.end_training()  # a gloo group left open can abort the process at exit
 
 
 if __name__ == "__main__":

@@ -255,6 +255,9 @@ def train(args: argparse.Namespace) -> dict:
 
         write_json(os.path.join(args.output_dir, SUMMARY_NAME), summary)
         print(json.dumps(summary, indent=2))
+    # Under torchrun: end the process group the Trainer started. Left alive, gloo's threads can outlive the
+    # interpreter and abort a finished run at exit (SIGABRT), which torchrun reports as a failure.
+    trainer.accelerator.end_training()
     return summary
 
 
