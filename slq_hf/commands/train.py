@@ -38,10 +38,6 @@ recipes (what they measured is in the README's "Training" section):
 
 SCHEDULERS = ["cosine", "linear", "constant", "constant_with_warmup", "cosine_with_restarts", "polynomial",
               "inverse_sqrt", "warmup_stable_decay"]
-# Written next to the final model; `slq-hf export` / the model card read it (slq_hf.hub.card).
-SUMMARY_NAME = "training_summary.json"
-# Written in --output-dir when a run starts: what a resumed run must match to continue it.
-RUN_FILE = "slq_run.json"
 
 
 def _positive_int(text: str) -> int:
@@ -222,9 +218,13 @@ def train(args: argparse.Namespace) -> dict:
     plan = PlanPrinter(args, len(train_data), len(eval_data) if evaluating else 0, resume)
     trainer = SLQTrainer(model=model, args=training_args, train_dataset=train_data, eval_dataset=eval_data,
                          data_collator=collator, micro_batch_size=args.micro_batch_size, callbacks=[plan])
-    if evaluating and training_args.metric_for_best_model.removeprefix("eval_") not in _metric_names(trainer):
-        raise ValueError(f"--metric-for-best-model {args.metric_for_best_model}: this eval data reports "
-                         f"{sorted(_metric_names(trainer))}.")
+    if evaluating:
+        compute = trainer.compute_metrics
+        directions = compute.keywords.get("directions", ()) if hasattr(compute, "keywords") else ()
+        reported = {f"{d}_R@1" for d in directions} | {"mean_R@1", "loss"}
+        if training_args.metric_for_best_model.removeprefix("eval_") not in reported:
+            raise ValueError(f"--metric-for-best-model {args.metric_for_best_model}: this eval data reports "
+                             f"{sorted(reported)}.")
     if trainer.is_world_process_zero() and resume is None:
         write_run_file(args.output_dir, run_settings(args))
     result = trainer.train(resume_from_checkpoint=resume)
@@ -251,20 +251,16 @@ def train(args: argparse.Namespace) -> dict:
                                   "used_for_final_model": not args.keep_last}
         summary["final_eval"] = trainer.evaluate()
     if trainer.is_world_process_zero():
+        # Written next to the final model; `slq-hf export` / the model card read it under the same name.
+        from slq_hf.hub.card import TRAINING_SUMMARY_NAME
         from slq_hf.training.run import write_json
 
-        write_json(os.path.join(args.output_dir, SUMMARY_NAME), summary)
+        write_json(os.path.join(args.output_dir, TRAINING_SUMMARY_NAME), summary)
         print(json.dumps(summary, indent=2))
     # Under torchrun: end the process group the Trainer started. Left alive, gloo's threads can outlive the
     # interpreter and abort a finished run at exit (SIGABRT), which torchrun reports as a failure.
     trainer.accelerator.end_training()
     return summary
-
-
-def _metric_names(trainer) -> set[str]:
-    directions = trainer.compute_metrics.keywords.get("directions", ()) if hasattr(
-        trainer.compute_metrics, "keywords") else ()
-    return {f"{d}_R@1" for d in directions} | {"mean_R@1", "loss"}
 
 
 def run_settings(args: argparse.Namespace) -> dict:
