@@ -146,33 +146,17 @@ def to_item(value: SLQInput, index: int | None = None, budget: ImageBudget | Non
     decoded right away (RGB, EXIF-transposed, shrunk to ``budget``); with ``lazy=True`` they stay
     :class:`PendingImage` until :func:`collate` (or :meth:`SLQItem.decoded`) decodes them.
     """
-    item = _normalise(value, index, budget)
-    if item.image is not None and budget is not None and budget.unit and budget.target_size(*item.image.size):
-        warn_once("image budget", f"Image of {item.image.width}x{item.image.height} pixels{_where(index)} is above "
-                  f"the model's image budget ({budget.max_pixels:,} pixels); it is shrunk to the processor's grid "
-                  "for that budget (shown once). Set max_image_tokens= (encode, from_backbone, from_pretrained) to "
-                  "change the budget.")
-    return item if lazy else item.decoded(budget)
-
-
-def _image(value: Any, index: int | None, budget: ImageBudget | None) -> PendingImage:
-    path = value if isinstance(value, (str, os.PathLike)) else None
-    return pending_image(value, image_label(index, path), budget)
-
-
-def _normalise(value: SLQInput, index: int | None, budget: ImageBudget | None) -> SLQItem:
+    image, text = None, None
     if isinstance(value, (Image.Image, os.PathLike)):
-        path = value if isinstance(value, os.PathLike) else None
-        return SLQItem(image=_image(value, index, budget), source=image_label(index, path))
-    if isinstance(value, str):
-        stripped = value.strip()
-        if looks_like_path(value):
-            if _exists(stripped, file=True):
-                # An existing file is read as an image (even "my cat.jpg" with a space): refused if it is not one.
-                return SLQItem(image=_image(stripped, index, budget), source=image_label(index, stripped))
+        image = value
+    elif isinstance(value, str) and looks_like_path(value):
+        if not _exists(value.strip(), file=True):
             raise _path_error(value, index)
-        return SLQItem(text=_check_text(value, index), source=image_label(index))
-    if isinstance(value, dict):
+        # An existing file is read as an image (even "my cat.jpg" with a space): refused if it is not one.
+        image = value.strip()
+    elif isinstance(value, str):
+        text = value
+    elif isinstance(value, dict):
         unknown = set(value) - {"image", "text"}
         if unknown:
             raise SLQInputError(f"Unknown keys {sorted(unknown)}{_where(index)}; an input dict may hold 'image' and "
@@ -180,18 +164,26 @@ def _normalise(value: SLQInput, index: int | None, budget: ImageBudget | None) -
         image, text = value.get("image"), value.get("text")
         if image is None and text is None:
             raise SLQInputError(f"Input dict has neither 'image' nor 'text'{_where(index)}.")
-        path = image if isinstance(image, (str, os.PathLike)) else None
-        return SLQItem(image=None if image is None else _image(image, index, budget),
-                       text=None if text is None else _check_text(text, index), source=image_label(index, path))
-    if value is None:
+    elif value is None:
         raise SLQInputError(f"Input is None{_where(index)}; pass a text, an image, an image path or "
                             "{'image': ..., 'text': ...}, or drop it.")
-    if isinstance(value, (list, tuple)):
+    elif isinstance(value, (list, tuple)):
         raise SLQInputError(f"Nested {type(value).__name__}{_where(index)}: inputs must be a flat list. Flatten it, "
                             "or pass {'image': ..., 'text': ...} to embed an image and a text together.")
-    hint = " Convert arrays/tensors with PIL.Image.fromarray first." if hasattr(value, "shape") else ""
-    raise SLQInputError(f"Unsupported input type {type(value).__name__}{_where(index)}; pass a text, a PIL image, "
-                        "an image path or {'image': ..., 'text': ...}." + hint)
+    else:
+        hint = " Convert arrays/tensors with PIL.Image.fromarray first." if hasattr(value, "shape") else ""
+        raise SLQInputError(f"Unsupported input type {type(value).__name__}{_where(index)}; pass a text, a PIL image, "
+                            "an image path or {'image': ..., 'text': ...}." + hint)
+    # One label names the item and its image: the input's index and, for an image given as a path, the file.
+    label = image_label(index, image if isinstance(image, (str, os.PathLike)) else None)
+    item = SLQItem(image=None if image is None else pending_image(image, label, budget),
+                   text=None if text is None else _check_text(text, index), source=label)
+    if item.image is not None and budget is not None and budget.unit and budget.target_size(*item.image.size):
+        warn_once("image budget", f"Image of {item.image.width}x{item.image.height} pixels{_where(index)} is above "
+                  f"the model's image budget ({budget.max_pixels:,} pixels); it is shrunk to the processor's grid "
+                  "for that budget (shown once). Set max_image_tokens= (encode, from_backbone, from_pretrained) to "
+                  "change the budget.")
+    return item if lazy else item.decoded(budget)
 
 
 def to_items(inputs: SLQInput | list[SLQInput], budget: ImageBudget | None = None,
