@@ -13,6 +13,7 @@ from typing import Any
 
 import torch
 
+from ..evaluation.report import DIRECTIONS as ROW_LABELS
 from ..modeling.checkpoint import expected_tensors
 from ..modeling.configuration_slq import SLQConfig
 
@@ -27,16 +28,14 @@ PAPER_URL = "https://arxiv.org/abs/2604.13710"
 # Usage snippets name this org until the export is told its repo id (`--repo-id`); push warns about it.
 PLACEHOLDER_ORG = "your-org"
 
-# Result block key (as ``slq-hf eval`` writes them) -> (row label, model-index task type, task name). The task types
-# differ per direction because the Hub's model-index groups results by (task type, dataset, split).
-DIRECTIONS: dict[str, tuple[str, str, str]] = {
-    "i2t": ("image → text", "image-to-text-retrieval", "Image-to-text retrieval"),
-    "t2i": ("text → image", "text-to-image-retrieval", "Text-to-image retrieval"),
-    "i2t_dedup": ("image → text (duplicate captions = hits)", "image-to-text-retrieval-dedup",
-                  "Image-to-text retrieval (duplicate captions count as hits)"),
-    "t2i_dedup": ("text → image (duplicate captions = hits)", "text-to-image-retrieval-dedup",
-                  "Text-to-image retrieval (duplicate captions count as hits)"),
-    "composed": ("composed (image + text → image)", "composed-image-retrieval", "Composed image retrieval"),
+# Result block key (as ``slq-hf eval`` writes them) -> (model-index task type, task name); row labels: ROW_LABELS.
+# The task types differ per direction because the Hub's model-index groups results by (task type, dataset, split).
+DIRECTIONS: dict[str, tuple[str, str]] = {
+    "i2t": ("image-to-text-retrieval", "Image-to-text retrieval"),
+    "t2i": ("text-to-image-retrieval", "Text-to-image retrieval"),
+    "i2t_dedup": ("image-to-text-retrieval-dedup", "Image-to-text retrieval (duplicate captions count as hits)"),
+    "t2i_dedup": ("text-to-image-retrieval-dedup", "Text-to-image retrieval (duplicate captions count as hits)"),
+    "composed": ("composed-image-retrieval", "Composed image retrieval"),
 }
 
 
@@ -186,7 +185,7 @@ def _eval_table(blocks: list[EvalBlock]) -> str:
     header = ["Dataset", "Split", "Direction", *[f"{k} (%)" for k in recall_keys], "Mean rank", "Queries"]
     lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
     for b in blocks:
-        label = DIRECTIONS[b.direction][0] if b.direction in DIRECTIONS else b.direction
+        label = ROW_LABELS.get(b.direction, b.direction)
         recalls = [f"{100 * b.recalls[k]:.1f}" if k in b.recalls else "–" for k in recall_keys]
         mean_rank = f"{b.mean_rank:.1f}" if isinstance(b.mean_rank, (int, float)) else "–"
         lines.append("| " + " | ".join([b.dataset, b.split or "–", label, *recalls, mean_rank,
@@ -199,8 +198,7 @@ def _eval_results_for_index(blocks: list[EvalBlock]) -> list[Any]:
 
     results = []
     for b in blocks:
-        _, task_type, task_name = DIRECTIONS.get(b.direction, ("", f"{b.direction}-retrieval",
-                                                                 f"Retrieval ({b.direction})"))
+        task_type, task_name = DIRECTIONS.get(b.direction, (f"{b.direction}-retrieval", f"Retrieval ({b.direction})"))
         results += [EvalResult(task_type=task_type, task_name=task_name, dataset_type=b.dataset_id or b.dataset,
                                dataset_name=b.dataset, dataset_split=b.split, metric_type=f"recall_at_{key[2:]}",
                                metric_name=key, metric_value=round(100 * v, 2)) for key, v in b.recalls.items()]
