@@ -133,15 +133,6 @@ def from_records(records: Iterable[Record], name: str) -> RetrievalDataset:
     return RetrievalDataset(images, texts, owners, composed, name=name, image_ids=ids)
 
 
-def _name(source: Any, format: str, split: str | None, records: list[Record], text_field: str | None) -> str:
-    label = Path(source).stem if isinstance(source, (str, os.PathLike)) else str(
-        getattr(getattr(source, "info", None), "dataset_name", None) or "dataset")
-    # Only name a split the data actually has: a file without split fields is not "the test split".
-    has_split = split not in (None, "all") and (format in ("karpathy", "hf") or any(r.split for r in records))
-    name = f"{label}:{split}" if has_split else label
-    return f"{name}:{text_field or 'knowledge'}" if format == "karr" else name
-
-
 def load_retrieval_dataset(path: str | os.PathLike | Any, format: str | None = None, split: str | None = "test",
                            *, image_root: str | os.PathLike | None = None, text_field: str | None = None,
                            image_column: str | None = None, text_column: str | None = None,
@@ -155,7 +146,12 @@ def load_retrieval_dataset(path: str | os.PathLike | Any, format: str | None = N
     records = read_records(path, format, split, image_root=image_root, text_field=text_field,
                            image_column=image_column, text_column=text_column, max_captions=max_captions,
                            check_files=check_files)
-    return from_records(records, _name(path, format, split, records, text_field))
+    label = Path(path).stem if isinstance(path, (str, os.PathLike)) else str(
+        getattr(getattr(path, "info", None), "dataset_name", None) or "dataset")
+    # Only name a split the data actually has: a file without split fields is not "the test split".
+    has_split = split is not None and (format in ("karpathy", "hf") or any(r.split for r in records))
+    name = f"{label}:{split}" if has_split else label
+    return from_records(records, f"{name}:{text_field or 'knowledge'}" if format == "karr" else name)
 
 
 # One reader per format, as before the shared table existed; options are those of the format's reader.
