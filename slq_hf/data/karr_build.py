@@ -52,7 +52,6 @@ class PairImage:
     objects: list[str]
     split: str | None = None
     id: str | None = None
-    line: int = 0
 
 
 @dataclass
@@ -129,7 +128,7 @@ def read_pairs(path: str | os.PathLike, split: str | None = None) -> list[PairIm
         texts, key = [p.text for p in record.positives], image_key(record.query.image)
         if key not in images:
             images[key] = PairImage(Path(record.query.image), texts, list(objects), record.split,
-                                    str(record.fields["id"]) if "id" in record.fields else None, record.line or 0)
+                                    str(record.fields["id"]) if "id" in record.fields else None)
         else:
             images[key].captions.extend(texts)
             images[key].objects.extend(o for o in objects if o not in images[key].objects)
