@@ -568,11 +568,6 @@ def _clean_leftovers(target: Path) -> None:
             shutil.rmtree(entry, ignore_errors=True)
 
 
-def _carried_over(name: str) -> bool:
-    # Temporary files of interrupted per-file writes are debris, not user data.
-    return name not in SLQ_OWNED and not (name.startswith(".") and ".tmp-" in name)
-
-
 def _link_tree(source: Path, dest: Path) -> None:
     """Recreate ``source`` at ``dest`` with hard links (no data copied; the old folder stays intact), copying files
     where the file system cannot link."""
@@ -642,7 +637,9 @@ def write_folder(target: str | os.PathLike, write: Callable[[Path], None], *,
         write(staging)
         if old:
             for entry in old.iterdir():
-                if _carried_over(entry.name) and not os.path.lexists(staging / entry.name):
+                # Temporary files of interrupted per-file writes are debris, not user data.
+                debris = entry.name.startswith(".") and ".tmp-" in entry.name
+                if entry.name not in SLQ_OWNED and not debris and not os.path.lexists(staging / entry.name):
                     _link_tree(entry, staging / entry.name)
         _fsync_tree(staging)
         replace_folder(staging, target)
