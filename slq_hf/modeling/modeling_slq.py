@@ -292,10 +292,16 @@ class SLQModel(PreTrainedModel):
                              source: str | None = None) -> None:
         """Load queries (+ temperature, head) from a safetensors file or a state dict, checking every tensor."""
         expected = {k: tuple(v.shape) for k, v in self.trainable_state_dict().items()}
-        if isinstance(path_or_state, dict):
-            state = _check_state(path_or_state, expected, source or "state dict")
-        else:
+        if not isinstance(path_or_state, dict):
             state = read_tensors(path_or_state, expected)
+        else:  # an in-memory state dict is checked by the same code as a file; errors name ``source``
+            with tempfile.TemporaryDirectory() as tmp:
+                file = Path(tmp) / WEIGHTS_NAME
+                save_tensors(path_or_state, file)
+                try:
+                    state = read_tensors(file, expected)
+                except CheckpointError as err:
+                    raise CheckpointError(str(err).replace(str(file), source or "state dict")) from None
         with torch.no_grad():
             for name, param in self.trainable_state_dict().items():
                 param.copy_(state[name].to(dtype=param.dtype, device=param.device))
@@ -710,18 +716,6 @@ _LEGACY_KEYS = {QUERY_SET_TENSOR: "latent_queries.default"}
 
 
 # ------------------------------------------------------------------------------------------------------- helpers
-def _check_state(state: dict[str, torch.Tensor], expected: dict[str, tuple[int, ...]], source: str
-                 ) -> dict[str, torch.Tensor]:
-    """An in-memory state dict checked by the same code as a file (``read_tensors``); errors name ``source``."""
-    with tempfile.TemporaryDirectory() as tmp:
-        file = Path(tmp) / WEIGHTS_NAME
-        save_tensors(state, file)
-        try:
-            return read_tensors(file, expected)
-        except CheckpointError as err:
-            raise CheckpointError(str(err).replace(str(file), source)) from None
-
-
 def _read_queries(file: str | os.PathLike, hidden_size: int | None, whole_checkpoint: bool = False) -> torch.Tensor:
     """(N_q, H) ``queries`` of a query-set file (or of an SLQ model.safetensors), validated before allocation."""
     others = sorted(SLQ_TENSOR_NAMES - {QUERY_SET_TENSOR}) if whole_checkpoint else []
