@@ -3,34 +3,11 @@
 from __future__ import annotations
 
 import os
+import pickle
 from collections.abc import Mapping
 from pathlib import Path
 
 import torch
-
-
-def _reference_tensor(path: Path) -> torch.Tensor:
-    import pickle
-
-    try:
-        # weights_only: a pickle can run any code on load; only tensors and plain containers are accepted.
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as err:
-        raise ValueError(f"{path}: refused to load: it holds Python objects other than tensors (pickled code or "
-                         f"classes), which torch.load(weights_only=True) does not execute. Re-save the queries as a "
-                         f"plain tensor: torch.save(queries.detach().cpu(), path). Details: {err}") from err
-    except (OSError, RuntimeError, EOFError) as err:
-        raise ValueError(f"{path}: not a readable torch.save file ({err}).") from err
-    if isinstance(obj, Mapping):
-        tensors = {k: v for k, v in obj.items() if isinstance(v, torch.Tensor)}
-        named = [k for k in ("meta_queries", "queries", "latent_queries") if k in tensors][:1] or list(tensors)
-        if len(named) != 1:
-            raise ValueError(f"{path}: a dict with keys {sorted(map(str, obj))[:10]}; expected a tensor, or a dict "
-                             "with one tensor or a 'meta_queries'/'queries' entry.")
-        obj = tensors[named[0]]
-    if not isinstance(obj, torch.Tensor):
-        raise ValueError(f"{path}: holds a {type(obj).__name__}; expected a tensor [N_q, hidden] or [hidden].")
-    return obj
 
 
 def convert_reference(queries_path: str | os.PathLike, backbone: str, out_dir: str | os.PathLike, *,
@@ -61,7 +38,24 @@ def convert_reference(queries_path: str | os.PathLike, backbone: str, out_dir: s
     if num_queries is not None and (isinstance(num_queries, bool) or not isinstance(num_queries, int)
                                     or num_queries < 1):
         raise ValueError(f"num_queries={num_queries!r} (--num-queries) is invalid; expected a positive integer.")
-    tensor = _reference_tensor(path)
+    try:
+        # weights_only: a pickle can run any code on load; only tensors and plain containers are accepted.
+        tensor = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as err:
+        raise ValueError(f"{path}: refused to load: it holds Python objects other than tensors (pickled code or "
+                         f"classes), which torch.load(weights_only=True) does not execute. Re-save the queries as a "
+                         f"plain tensor: torch.save(queries.detach().cpu(), path). Details: {err}") from err
+    except (OSError, RuntimeError, EOFError) as err:
+        raise ValueError(f"{path}: not a readable torch.save file ({err}).") from err
+    if isinstance(tensor, Mapping):  # a dict of tensors: its one tensor, or its queries entry
+        tensors = {k: v for k, v in tensor.items() if isinstance(v, torch.Tensor)}
+        named = [k for k in ("meta_queries", "queries", "latent_queries") if k in tensors][:1] or list(tensors)
+        if len(named) != 1:
+            raise ValueError(f"{path}: a dict with keys {sorted(map(str, tensor))[:10]}; expected a tensor, or a dict "
+                             "with one tensor or a 'meta_queries'/'queries' entry.")
+        tensor = tensors[named[0]]
+    if not isinstance(tensor, torch.Tensor):
+        raise ValueError(f"{path}: holds a {type(tensor).__name__}; expected a tensor [N_q, hidden] or [hidden].")
     if not tensor.is_floating_point():
         raise ValueError(f"{path}: the queries have dtype {tensor.dtype}; expected a float tensor.")
     if tensor.ndim == 1:
