@@ -23,18 +23,6 @@ def _model_type(config_path: Path) -> str | None:
         return None
 
 
-def _check_out_dir(out: Path, src: Path, overwrite: bool) -> None:
-    if out.resolve() == src.resolve():
-        raise ValueError(f"--out {out} is the model folder itself; export writes a new folder.")
-    if out.exists() and any(out.iterdir()):
-        if not overwrite:
-            raise FileExistsError(f"{out} exists and is not empty; pass --overwrite (overwrite=True) to replace a "
-                                  "previous export.")
-        if _model_type(out / ckpt.CONFIG_NAME) != "slq":
-            raise FileExistsError(f"{out} is not empty and is not an SLQ folder; refusing to delete it. Choose an "
-                                  "empty or new folder.")
-
-
 def _pinned_config(src: Path, backbone: str | None, backbone_revision: str | None) -> SLQConfig:
     if not (src / ckpt.CONFIG_NAME).is_file():
         raise FileNotFoundError(f"{src}: no {ckpt.CONFIG_NAME}; expected an SLQ folder written by save_pretrained.")
@@ -104,7 +92,15 @@ def export(model_dir: str | os.PathLike, out_dir: str | os.PathLike, *,
         training_info=training_info, learned_temperature=math.exp(-state["logit_scale"].item()), license=license,
         template=template,
     )
-    _check_out_dir(out, src, overwrite)
+    if out.resolve() == src.resolve():
+        raise ValueError(f"--out {out} is the model folder itself; export writes a new folder.")
+    if out.exists() and any(out.iterdir()):
+        if not overwrite:
+            raise FileExistsError(f"{out} exists and is not empty; pass --overwrite (overwrite=True) to replace a "
+                                  "previous export.")
+        if _model_type(out / ckpt.CONFIG_NAME) != "slq":
+            raise FileExistsError(f"{out} is not empty and is not an SLQ folder; refusing to delete it. Choose an "
+                                  "empty or new folder.")
 
     def write(staging: Path) -> None:
         config.auto_map = {"AutoConfig": "configuration_slq.SLQConfig", "AutoModel": "modeling_slq.SLQModel"}
