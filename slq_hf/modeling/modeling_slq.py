@@ -521,17 +521,17 @@ class SLQModel(PreTrainedModel):
         # The prefix cache (prompt once, queries after it) is exact whenever the backbone gets no gradient.
         cached = self.config.training_path == "prefix_cache" and (frozen or not grad)
         shared = cached and len(names) > 1 and block_mask_allowed(self.spec, self.backbone)
+        prefix = cached and (shared or grad)  # a grad step: backward runs through the query tokens only
         states: dict[str, torch.Tensor] = {}
         for group in [names] if shared else [[n] for n in names]:
             blocks = [self.get_query_set(n) for n in group]
             sizes = [b.shape[0] for b in blocks]
-            if cached and (shared or grad):  # a grad step: backward runs through the query tokens only
-                ids, mask, relaid = self._relay_left(input_ids, attention_mask, inputs, 0)
+            ids, mask, relaid = self._relay_left(input_ids, attention_mask, inputs, 0 if prefix else sizes[0])
+            extra = {**inputs, **relaid}
+            if prefix:
                 out = prefix_cache_query_states(self.backbone.base_model, self.spec, ids, mask, torch.cat(blocks),
-                                                {**inputs, **relaid}, sizes=sizes)  # (B, sum(sizes), H)
+                                                extra, sizes=sizes)  # (B, sum(sizes), H)
             else:  # one full forward; at inference it needs no cache
-                ids, mask, relaid = self._relay_left(input_ids, attention_mask, inputs, sizes[0])
-                extra = {**inputs, **relaid}
                 positions = sequence_position_ids(self.backbone.base_model, self.spec, ids, mask, extra)
                 with self._inject(tuple(ids.shape), blocks[0]):
                     out = self.backbone.base_model(input_ids=ids, attention_mask=mask, position_ids=positions,
