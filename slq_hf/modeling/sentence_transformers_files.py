@@ -32,12 +32,8 @@ NORMALIZE_TYPE = "sentence_transformers.base.modules.normalize.Normalize"
 _FORWARD = {"method": "forward", "method_output_name": "pooler_output"}
 # "image+text" is how sentence-transformers spells the ("image", "text") tuple key in JSON. With the "message" entry
 # present, sentence-transformers converts every other modality to chat messages before calling the processor.
-MODALITY_CONFIG: dict[str, dict[str, str]] = {
-    "text": dict(_FORWARD),
-    "image": dict(_FORWARD),
-    "image+text": dict(_FORWARD),
-    "message": {**_FORWARD, "format": "structured"},
-}
+MODALITY_CONFIG: dict[str, dict[str, str]] = {**{m: dict(_FORWARD) for m in ("text", "image", "image+text")},
+                                              "message": {**_FORWARD, "format": "structured"}}
 
 # What the Transformer module needs to reproduce SLQ's prompts and per-row layout. add_generation_prompt: the queries
 # follow the assistant header, as in the paper. unpad_inputs false: flash-attention unpadding would break the per-row
