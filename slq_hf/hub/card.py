@@ -193,18 +193,6 @@ def _eval_table(blocks: list[EvalBlock]) -> str:
     return "\n".join(lines)
 
 
-def _eval_results_for_index(blocks: list[EvalBlock]) -> list[Any]:
-    from huggingface_hub import EvalResult
-
-    results = []
-    for b in blocks:
-        task_type, task_name = DIRECTIONS.get(b.direction, (f"{b.direction}-retrieval", f"Retrieval ({b.direction})"))
-        results += [EvalResult(task_type=task_type, task_name=task_name, dataset_type=b.dataset_id or b.dataset,
-                               dataset_name=b.dataset, dataset_split=b.split, metric_type=f"recall_at_{key[2:]}",
-                               metric_name=key, metric_value=round(100 * v, 2)) for key, v in b.recalls.items()]
-    return results
-
-
 def _rows(info: Mapping[str, Any], prefix: str = "") -> list[tuple[str, str]]:
     """Card rows of a training summary: nested objects flattened ("train_data": {"path"} -> "train data path"),
     empty values and this machine's paths (``LOCAL_ONLY``) left out, floats shown to 6 decimals."""
@@ -229,7 +217,7 @@ def render_model_card(config: SLQConfig, *, model_name: str, repo_id: str | None
     """
     import jinja2
     import transformers
-    from huggingface_hub import ModelCard, ModelCardData
+    from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
     from ..modeling.version import SLQ_HF_VERSION
 
@@ -240,6 +228,12 @@ def render_model_card(config: SLQConfig, *, model_name: str, repo_id: str | None
     backbone = config.backbone_name_or_path
     hub_backbone = backbone if backbone and not _is_local_path(backbone) else None
     blocks = eval_results or []
+    model_index = []  # the card header's model-index: one entry per recall value of each block
+    for b in blocks:
+        task_type, task_name = DIRECTIONS.get(b.direction, (f"{b.direction}-retrieval", f"Retrieval ({b.direction})"))
+        model_index += [EvalResult(task_type=task_type, task_name=task_name, dataset_type=b.dataset_id or b.dataset,
+                                   dataset_name=b.dataset, dataset_split=b.split, metric_type=f"recall_at_{key[2:]}",
+                                   metric_name=key, metric_value=round(100 * v, 2)) for key, v in b.recalls.items()]
     card_data = ModelCardData(
         model_name=model_name, base_model=hub_backbone, library_name="transformers",
         pipeline_tag="feature-extraction", tags=list(CARD_TAGS),
@@ -247,7 +241,7 @@ def render_model_card(config: SLQConfig, *, model_name: str, repo_id: str | None
         license=license or "other",
         license_name=None if license else "same-as-base-model",
         license_link=None if license or not hub_backbone else f"https://huggingface.co/{hub_backbone}",
-        eval_results=_eval_results_for_index(blocks) or None,
+        eval_results=model_index or None,
     )
     shapes = expected_tensors(config.num_queries, config.hidden_size, config.projection_size).values()
     num_params = sum(map(math.prod, shapes)) if config.hidden_size else None
