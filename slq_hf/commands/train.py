@@ -147,6 +147,7 @@ def train(args: argparse.Namespace) -> dict:
     from transformers import AutoProcessor, TrainingArguments
 
     from slq_hf import SLQModel
+    from slq_hf.hub.card import TRAINING_SUMMARY_NAME
     from slq_hf.training import SLQDataCollator, SLQTrainer, load_training_data
     from slq_hf.training.run import PlanPrinter, check_output_dir, check_strict, resume_checkpoint, write_run_file
 
@@ -251,10 +252,9 @@ def train(args: argparse.Namespace) -> dict:
                                   "used_for_final_model": not args.keep_last}
         summary["final_eval"] = trainer.evaluate()
     if trainer.is_world_process_zero():
-        # Written next to the final model; `slq-hf export` / the model card read it under the same name.
-        from slq_hf.hub.card import TRAINING_SUMMARY_NAME
         from slq_hf.training.run import write_json
 
+        # Written next to the final model; `slq-hf export` / the model card read it under the same name.
         write_json(os.path.join(args.output_dir, TRAINING_SUMMARY_NAME), summary)
         print(json.dumps(summary, indent=2))
     # Under torchrun: end the process group the Trainer started. Left alive, gloo's threads can outlive the
