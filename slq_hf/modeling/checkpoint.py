@@ -596,13 +596,12 @@ def _fsync_tree(root: Path) -> None:
         _fsync_dir(Path(folder))
 
 
-def write_folder(target: str | os.PathLike, write: Callable[[Path], None], *,
-                 seed: Iterable[str] = SEEDED_FILES) -> Path:
+def write_folder(target: str | os.PathLike, write: Callable[[Path], None]) -> Path:
     """Save a whole SLQ folder atomically: ``write(staging)`` fills a fresh folder beside ``target``, then it is
     swapped in with one rename.
 
     Before anything is written, :func:`check_save_target` refuses a folder holding another model. The files in
-    ``seed`` are copied from the old folder into the staging folder first (writers that update them see the old
+    ``SEEDED_FILES`` are copied from the old folder into the staging folder first (writers that update them see the old
     values). After ``write``, entries of the old folder that the save did not write and that SLQ does not own
     (``SLQ_OWNED``) are carried over as hard links: a Trainer's ``checkpoint-*/``, ``runs/``, README.md, user files.
     A failure at any point (exception, disk full, the process killed) leaves the previous folder untouched.
@@ -631,7 +630,7 @@ def write_folder(target: str | os.PathLike, write: Callable[[Path], None], *,
         umask = os.umask(0)
         os.umask(umask)
         os.chmod(staging, (old.stat().st_mode & 0o7777) if old else 0o777 & ~umask)
-        for name in seed if old else ():
+        for name in SEEDED_FILES if old else ():
             if (old / name).is_file():
                 shutil.copy2(old / name, staging / name)
         write(staging)
