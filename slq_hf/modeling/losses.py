@@ -118,10 +118,9 @@ def symmetric_infonce(
     # fp32 even under autocast: logits reach 100 x cosine, where bf16 would round them by ~0.5.
     with torch.autocast(device_type=query.device.type, enabled=False):
         query, positive = query.float(), positive.float()
-        negative = negative.float() if negative is not None else None
         scale = logit_scale.float()
         scale = (scale.clamp(max=max_logit_scale) if max_logit_scale is not None else scale).exp()
-        candidates = positive if negative is None or negative.shape[0] == 0 else torch.cat([positive, negative])
+        candidates = positive if negative is None else torch.cat([positive, negative.float()])
         logits = scale * query @ candidates.T  # (G, G + M)
         logits_back = scale * positive @ query.T  # (G, G)
         labels = torch.arange(query.shape[0], device=query.device)
