@@ -86,6 +86,7 @@ def symmetric_infonce(
     logit_scale: torch.Tensor,
     negative: torch.Tensor | None = None,
     max_logit_scale: float | None = None,
+    gather: bool = True,
 ) -> ContrastiveOutput:
     """Symmetric InfoNCE (CLIP loss) between paired embeddings, with optional hard negatives.
 
@@ -100,6 +101,7 @@ def symmetric_infonce(
         logit_scale: () log(1 / temperature), learnable.
         negative: optional (M, D) hard negatives (any M, also 0); extra candidates for the query -> positive side.
         max_logit_scale: clamp ``logit_scale`` at this value (CLIP: log(100)) so the temperature cannot collapse.
+        gather: all-gather across ranks when ``torch.distributed`` runs with world size > 1.
 
     Returns:
         ContrastiveOutput(loss (), accuracy (), logits (G, G + M)).
@@ -110,7 +112,8 @@ def symmetric_infonce(
     if negative is not None and (negative.ndim != 2 or negative.shape[1] != query.shape[1]):
         raise ValueError(f"symmetric_infonce: negative has shape {tuple(negative.shape)}; expected (M, "
                          f"{query.shape[1]}).")
-    if distributed_world_size() > 1:
+    distributed = gather and distributed_world_size() > 1
+    if distributed:
         # Every rank must join the same collectives, so an absent negative side is gathered as 0 rows.
         if negative is None:
             negative = query.new_zeros((0, query.shape[1]))
