@@ -220,9 +220,7 @@ def train(args: argparse.Namespace) -> dict:
     trainer = SLQTrainer(model=model, args=training_args, train_dataset=train_data, eval_dataset=eval_data,
                          data_collator=collator, micro_batch_size=args.micro_batch_size, callbacks=[plan])
     if evaluating:
-        compute = trainer.compute_metrics
-        directions = compute.keywords.get("directions", ()) if hasattr(compute, "keywords") else ()
-        reported = {f"{d}_R@1" for d in directions} | {"mean_R@1", "loss"}
+        reported = {f"{d}_R@1" for d in trainer.retrieval_directions or ()} | {"mean_R@1", "loss"}
         if training_args.metric_for_best_model.removeprefix("eval_") not in reported:
             raise ValueError(f"--metric-for-best-model {args.metric_for_best_model}: this eval data reports "
                              f"{sorted(reported)}.")

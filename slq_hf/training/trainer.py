@@ -116,9 +116,11 @@ class SLQTrainer(Trainer):
     """
 
     def __init__(self, *args, micro_batch_size: int | None = None, **kwargs):
+        # The directions evaluation reports R@1 for (``eval_<d>_R@1``); None when the caller gave compute_metrics.
+        self.retrieval_directions: tuple[str, str] | None = None
         if kwargs.get("compute_metrics") is None:
-            kwargs["compute_metrics"] = functools.partial(retrieval_metrics,
-                                                          directions=_directions(kwargs.get("eval_dataset")))
+            self.retrieval_directions = _directions(kwargs.get("eval_dataset"))
+            kwargs["compute_metrics"] = functools.partial(retrieval_metrics, directions=self.retrieval_directions)
         super().__init__(*args, **kwargs)
         contrastive = self.args.per_device_train_batch_size * self.args.world_size
         if contrastive < 2:
