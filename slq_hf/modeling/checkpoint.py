@@ -29,12 +29,13 @@ import struct
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, TypeVar
 
 import torch
-from safetensors.torch import load as _load_safetensors_bytes
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save as _save_safetensors_bytes
 
 from .sentence_transformers_files import MODULES_NAME, NORMALIZE_DIR, SENTENCE_BERT_CONFIG_NAME, ST_CONFIG_NAME
@@ -62,8 +63,6 @@ MAX_LOGIT_SCALE = math.log(100.0)
 LOGIT_SCALE_MARGIN = 0.5
 # SLQ tensors are kilobytes to a few hundred MB (a projection head); a header asking for more is not ours.
 MAX_TENSOR_BYTES = 2**30
-# safetensors' own header size limit.
-MAX_HEADER_BYTES = 100 * 2**20
 
 # Code files the save copies from this package, plus the names of files earlier releases shipped, so a re-save drops
 # them instead of carrying stale code along.
@@ -94,8 +93,6 @@ TRAINER_FILES = ("training_args.bin", "optimizer.pt", "scheduler.pt", "scaler.pt
 # float8/float4, integers and bools never held SLQ parameters.
 LOADABLE_DTYPES: dict[str, torch.dtype] = {
     "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "F64": torch.float64}
-_DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U64": 8, "U32": 4,
-                "U16": 2, "U8": 1, "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1, "F8_E8M0": 1, "C64": 8}
 
 Dim = int | range | None  # exact size, allowed sizes, or any size (bounded by MAX_TENSOR_BYTES)
 
@@ -134,47 +131,23 @@ def _unreadable(path: Path, detail: str) -> CheckpointError:
                            "model.")
 
 
-def _open(path: Path):
+@contextmanager
+def _open(path: Path) -> Iterator[Any]:
+    """safetensors' own reader on ``path``. It checks the header before any tensor is read (its size, the JSON, known
+    dtypes, offsets that cover the data block exactly) and maps the file once, so the header and the data read
+    through it come from one file even if the path is replaced meanwhile."""
     try:
-        return open(path, "rb")
+        with safe_open(str(path), framework="pt") as handle:
+            yield handle
     except OSError as err:
         raise CheckpointError(f"{path}: cannot be read ({err.strerror or err}).") from err
+    except SafetensorError as err:
+        raise _unreadable(path, str(err)) from None
 
 
-def _parse_header(handle, path: Path) -> tuple[dict[str, dict[str, Any]], dict[str, str], int]:
-    """(entries name -> {dtype, shape, data_offsets}, metadata, data start) from an open file, every field checked."""
-    size = os.fstat(handle.fileno()).st_size
-    prefix = handle.read(8)
-    if len(prefix) < 8:
-        raise _unreadable(path, f"{size} bytes, shorter than a safetensors header")
-    (length,) = struct.unpack("<Q", prefix)
-    if length > min(MAX_HEADER_BYTES, size - 8):
-        raise _unreadable(path, f"its first 8 bytes announce a {length}-byte header in a {size}-byte file")
-    try:
-        header = json.loads(handle.read(length))
-    except (UnicodeDecodeError, ValueError) as err:
-        raise _unreadable(path, f"the header is not JSON: {err}") from None
-    if not isinstance(header, dict):
-        raise _unreadable(path, "the header is not a JSON object")
-    metadata = header.pop("__metadata__", None) or {}
-    if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
-        raise _unreadable(path, "its __metadata__ is not a mapping of strings")
-    data_size, end = size - 8 - length, 0
-    for name, entry in header.items():
-        fields = entry if isinstance(entry, dict) else {}
-        dtype, shape, offsets = fields.get("dtype"), fields.get("shape"), fields.get("data_offsets")
-        valid = (dtype in _DTYPE_BYTES and isinstance(shape, list) and isinstance(offsets, list) and len(offsets) == 2
-                 and all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in [*shape, *offsets]))
-        if not valid:
-            raise _unreadable(path, f"tensor {name!r} has a malformed header entry {str(entry)[:200]}")
-        begin, stop = offsets
-        if stop - begin != math.prod(shape) * _DTYPE_BYTES[dtype] or stop > data_size:
-            raise _unreadable(path, f"tensor {name!r} ({dtype} {tuple(shape)}) does not match its {stop - begin} "
-                              f"bytes at {begin}..{stop} of a {data_size}-byte data block (truncated?)")
-        end = max(end, stop)
-    if end != data_size:
-        raise _unreadable(path, f"the header describes {end} bytes of tensor data but the file holds {data_size}")
-    return header, {str(k): v for k, v in metadata.items()}, 8 + length
+def _entries(handle: Any) -> dict[str, tuple[str, tuple[int, ...]]]:
+    return {name: (handle.get_slice(name).get_dtype(), tuple(handle.get_slice(name).get_shape()))
+            for name in handle.keys()}
 
 
 def read_header(path: str | os.PathLike) -> tuple[dict[str, tuple[str, tuple[int, ...]]], dict[str, str]]:
@@ -185,8 +158,7 @@ def read_header(path: str | os.PathLike) -> tuple[dict[str, tuple[str, tuple[int
     """
     path = Path(path)
     with _open(path) as handle:
-        header, metadata, _ = _parse_header(handle, path)
-    return {k: (v["dtype"], tuple(v["shape"])) for k, v in header.items()}, metadata
+        return _entries(handle), handle.metadata() or {}
 
 
 def _fits(shape: tuple[int, ...], expected: tuple[Dim, ...]) -> bool:
@@ -236,27 +208,25 @@ def read_tensors(path: str | os.PathLike, expected: Mapping[str, tuple[Dim, ...]
         CheckpointError: naming the file, the tensor and what to do.
     """
     path, optional = Path(path), set(optional)
-    with _open(path) as handle:  # one handle for header and data: a replaced file cannot pair header and other data
-        header, _, start = _parse_header(handle, path)
+    with _open(path) as handle:
+        header = _entries(handle)
         missing = sorted(set(expected) - set(header) - optional)
         unexpected = sorted(set(header) - set(expected))
         if missing or unexpected:
             raise CheckpointError(f"{path}: expected tensors {sorted(expected)}; missing {missing}, unexpected "
                                   f"{unexpected}. Is this an SLQ checkpoint with the same config?")
-        for name, entry in header.items():
-            shape, want = tuple(entry["shape"]), expected[name]
+        for name, (dtype, shape) in header.items():
+            want = expected[name]
             if want is not None and not _fits(shape, tuple(want)):
                 raise CheckpointError(f"{path}: {_shape_problem(name, shape, tuple(want))}.")
-            if entry["dtype"] not in LOADABLE_DTYPES:
-                raise CheckpointError(f"{path}: tensor {name!r} has dtype {entry['dtype']}; SLQ tensors are float32, "
+            if dtype not in LOADABLE_DTYPES:
+                raise CheckpointError(f"{path}: tensor {name!r} has dtype {dtype}; SLQ tensors are float32, "
                                       "float16 or bfloat16. Convert the file (e.g. tensor.float()) and save it again.")
-        offsets = [entry["data_offsets"] for entry in header.values()]
-        total, end = sum(stop - begin for begin, stop in offsets), max((stop for _, stop in offsets), default=0)
-        if max(total, end) > max_bytes:
+        total = sum(math.prod(shape) * LOADABLE_DTYPES[dtype].itemsize for dtype, shape in header.values())
+        if total > max_bytes:
             raise CheckpointError(f"{path}: the tensors would take {total / 2**20:.0f} MiB, more than the "
                                   f"{max_bytes / 2**20:.0f} MiB an SLQ checkpoint can need; the file is not SLQ's.")
-        handle.seek(0)
-        state = _load_safetensors_bytes(handle.read(start + end))
+        state = {name: handle.get_tensor(name) for name in header}
     out = {}
     for name, tensor in state.items():
         tensor = tensor.to(torch.float32)
