@@ -143,27 +143,23 @@ def rewrite_captions(backbone: Any, processor: Any, prompts: list[str], images: 
     import torch
     from PIL import Image
 
-    tokenizer = getattr(processor, "tokenizer", processor)
     outputs: list[str] = []
-    previous_side, tokenizer.padding_side = tokenizer.padding_side, "left"  # every row continues its last token
-    try:
-        for start in range(0, len(prompts), batch_size):
-            conversations = []
-            for i in range(start, min(start + batch_size, len(prompts))):
-                content: list[dict[str, Any]] = [{"type": "text", "text": prompts[i]}]
-                if images is not None:
-                    with Image.open(images[i]) as img:
-                        content.insert(0, {"type": "image", "image": img.convert("RGB")})
-                conversations.append([{"role": "user", "content": content}])
-            batch = processor.apply_chat_template(conversations, add_generation_prompt=True, tokenize=True,
-                                                  return_dict=True, return_tensors="pt",
-                                                  processor_kwargs={"padding": True}).to(backbone.device)
-            with torch.inference_mode():
-                generated = backbone.generate(**batch, max_new_tokens=max_new_tokens, do_sample=False)
-            new_tokens = generated[:, batch["input_ids"].shape[1]:]
-            outputs.extend(tokenizer.batch_decode(new_tokens, skip_special_tokens=True))
-    finally:
-        tokenizer.padding_side = previous_side
+    for start in range(0, len(prompts), batch_size):
+        conversations = []
+        for i in range(start, min(start + batch_size, len(prompts))):
+            content: list[dict[str, Any]] = [{"type": "text", "text": prompts[i]}]
+            if images is not None:
+                with Image.open(images[i]) as img:
+                    content.insert(0, {"type": "image", "image": img.convert("RGB")})
+            conversations.append([{"role": "user", "content": content}])
+        # Left padding: every row continues its last token (a call option, so the shared processor keeps its own).
+        batch = processor.apply_chat_template(conversations, add_generation_prompt=True, tokenize=True,
+                                              return_dict=True, return_tensors="pt",
+                                              processor_kwargs={"padding": True, "padding_side": "left"})
+        with torch.inference_mode():
+            generated = backbone.generate(**batch.to(backbone.device), max_new_tokens=max_new_tokens, do_sample=False)
+        new_tokens = generated[:, batch["input_ids"].shape[1]:]
+        outputs.extend(processor.batch_decode(new_tokens, skip_special_tokens=True))
     return outputs
 
 
