@@ -18,7 +18,7 @@ import importlib.util
 import logging
 import sys
 from collections.abc import Iterable, Sequence
-from functools import cache
+from functools import cache, partial
 
 # name -> module. Order = order in `slq-hf --help`.
 COMMANDS: dict[str, str] = {
@@ -73,7 +73,9 @@ def build_parser(commands: Iterable[str] | None = None) -> argparse.ArgumentPars
     module; the others are listed with their summary only (nothing imported)."""
     full = set(COMMANDS if commands is None else commands)
     parser = argparse.ArgumentParser(prog="slq-hf", description=DESCRIPTION)
-    subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
+    # A command's description and epilog are laid out by hand (format tables, examples): printed as written.
+    command_parser = partial(argparse.ArgumentParser, formatter_class=argparse.RawDescriptionHelpFormatter)
+    subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=command_parser)
     for name, module in COMMANDS.items():
         if name in full:
             importlib.import_module(module).add_parser(subparsers)

@@ -30,8 +30,7 @@ example:
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
     parser = subparsers.add_parser("convert-reference", help="import queries from the paper's research code (.pt)",
-                                   description=DESCRIPTION, epilog=EPILOG,
-                                   formatter_class=argparse.RawDescriptionHelpFormatter)
+                                   description=DESCRIPTION, epilog=EPILOG)
     parser.add_argument("queries", metavar="QUERIES.pt", help="torch.save file: a [N_q, hidden] or [hidden] tensor")
     parser.add_argument("--backbone", required=True, metavar="ID",
                         help="Hub id or path of the backbone the queries were trained on")

@@ -28,8 +28,7 @@ example:
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
     parser = subparsers.add_parser("eval", help="image-text retrieval evaluation (recall, ranks, modality gap)",
-                                   description=DESCRIPTION, epilog=EPILOG,
-                                   formatter_class=argparse.RawDescriptionHelpFormatter)
+                                   description=DESCRIPTION, epilog=EPILOG)
     add_model_options(parser)
     parser.add_argument("--data", required=True, metavar="PATH", help="data file or datasets folder")
     parser.add_argument("--format", choices=["auto", "karpathy", "jsonl", "karr", "hf"], default="auto",

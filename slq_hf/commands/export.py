@@ -35,8 +35,7 @@ example:
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
     parser = subparsers.add_parser("export", help="make a hub-ready folder (queries only + model card)",
-                                   description=DESCRIPTION, epilog=EPILOG,
-                                   formatter_class=argparse.RawDescriptionHelpFormatter)
+                                   description=DESCRIPTION, epilog=EPILOG)
     parser.add_argument("model_dir", metavar="DIR", help="saved SLQ folder (config.json + model.safetensors)")
     parser.add_argument("--out", required=True, metavar="HUB_DIR", help="folder to write (new or empty)")
     parser.add_argument("--eval-results", metavar="JSON", nargs="+", action="extend",

@@ -42,8 +42,7 @@ FORMATS = ("auto", "folder", "items", "karpathy", "jsonl", "karr", "hf")
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
     parser = subparsers.add_parser("index", help="build a FAISS index of a corpus (resumable, torchrun) / export it",
-                                   description=DESCRIPTION, epilog=EPILOG,
-                                   formatter_class=argparse.RawDescriptionHelpFormatter)
+                                   description=DESCRIPTION, epilog=EPILOG)
     actions = parser.add_subparsers(dest="action", metavar="ACTION", required=True)
 
     build = actions.add_parser("build", help="encode a corpus into shards and build its FAISS index",

@@ -34,8 +34,7 @@ example:
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
     parser = subparsers.add_parser("karr-build", help="build a KARR-style knowledge retrieval set with the backbone",
-                                   description=DESCRIPTION, epilog=EPILOG,
-                                   formatter_class=argparse.RawDescriptionHelpFormatter)
+                                   description=DESCRIPTION, epilog=EPILOG)
     parser.add_argument("--data", required=True, metavar="JSONL", help="pairs file (image + explicit caption)")
     add_model_options(parser, "SLQ folder (its backbone generates) or a backbone folder / Hub id", encodes=False)
     parser.add_argument("--out", required=True, metavar="JSONL", help="KARR layout output")

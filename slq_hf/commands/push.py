@@ -25,8 +25,7 @@ example:
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
     parser = subparsers.add_parser("push", help="upload a hub-ready folder to the Hugging Face Hub",
-                                   description=DESCRIPTION, epilog=EPILOG,
-                                   formatter_class=argparse.RawDescriptionHelpFormatter)
+                                   description=DESCRIPTION, epilog=EPILOG)
     parser.add_argument("hub_dir", metavar="HUB_DIR", help="folder written by `slq-hf export`")
     parser.add_argument("--repo-id", required=True, metavar="ORG/NAME", help="target model repository")
     parser.add_argument("--private", action="store_true", help="create the repository as private (if it is new)")

@@ -30,8 +30,7 @@ examples:
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
     parser = subparsers.add_parser("search", help="search an index with texts or images (ranked results / JSON)",
-                                   description=DESCRIPTION, epilog=EPILOG,
-                                   formatter_class=argparse.RawDescriptionHelpFormatter)
+                                   description=DESCRIPTION, epilog=EPILOG)
     parser.add_argument("index_dir", metavar="INDEX_DIR")
     parser.add_argument("--text", action="append", default=[], metavar="TEXT", help="a text query (repeatable)")
     parser.add_argument("--image", action="append", default=[], metavar="FILE", help="an image query (repeatable)")

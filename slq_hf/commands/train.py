@@ -56,8 +56,7 @@ def _positive_float(text: str) -> float:
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
     parser = subparsers.add_parser("train", help="train SLQ queries on a frozen backbone (JSONL pairs)",
-                                   description=DESCRIPTION, epilog=EPILOG,
-                                   formatter_class=argparse.RawDescriptionHelpFormatter)
+                                   description=DESCRIPTION, epilog=EPILOG)
     need = parser.add_argument_group("required")
     need.add_argument("--backbone", required=True, metavar="ID_OR_PATH",
                       help="Hub id or local folder of the vision-language backbone (e.g. Qwen/Qwen3-VL-2B-Instruct)")
