@@ -142,6 +142,20 @@ def test_training_reads_every_format_of_the_table(files):
     assert data[1]["_source"].endswith("images[0][1]")
 
 
+def test_training_data_is_never_empty(files):
+    """`slq-hf train` relies on this: every reader refuses a source without examples, naming it."""
+    empty = _jsonl(files / "empty.jsonl", ["", "  "])
+    with pytest.raises(DataFormatError, match=re.escape(f"{empty}: the file holds no records")):
+        load_training_data(empty)
+    karpathy = files / "dataset_empty.json"
+    karpathy.write_text(json.dumps({"images": []}))
+    with pytest.raises(DataFormatError, match=re.escape(f"{karpathy}: no image has split")):
+        load_training_data(karpathy)
+    datasets = pytest.importorskip("datasets")
+    with pytest.raises(ValueError, match="dataset: the dataset is empty"):
+        load_training_data(datasets.Dataset.from_dict({"image": [], "text": []}), format="hf")
+
+
 # --------------------------------------------------------------------------------------- errors name file + line
 @pytest.mark.parametrize("line, message", [
     ('{"image": "img/a.png", "text": "ok"', "invalid JSON at column"),

@@ -155,8 +155,6 @@ def train(args: argparse.Namespace) -> dict:
     check_output_dir(args.output_dir, args.backbone, resuming=resume is not None, overwrite=args.overwrite_output_dir)
     train_data = load_training_data(args.train_data, args.image_column, args.text_column)
     eval_data = load_training_data(args.eval_data, args.image_column, args.text_column) if args.eval_data else None
-    if len(train_data) == 0:
-        raise ValueError(f"--train-data {args.train_data}: no training examples.")
 
     use_cpu = args.use_cpu or not torch.cuda.is_available()
     backbone_kwargs = {}
