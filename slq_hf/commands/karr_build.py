@@ -52,12 +52,11 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
 def run(args: argparse.Namespace) -> int:
     from ..data.karr_build import karr_build
 
-    def done(stats) -> int:
+    def done(stats) -> int | None:
         print(f"karr-build: {stats.total} images: wrote {stats.written} to {args.out}; skipped {stats.skipped_leak} "
               f"that leaked the object word and {stats.skipped_empty} empty rewrites.")
         if not stats.written:
             return error("karr-build", "no rewrite was kept; see --skipped and the prompt template.", FAILED)
-        return 0
 
     return report("karr-build", lambda: karr_build(
         args.data, args.model, args.out, template=args.template, with_image=args.with_image,

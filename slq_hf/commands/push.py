@@ -41,7 +41,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
 def run(args: argparse.Namespace) -> int:
     from ..hub import collect_upload_files, push
 
-    def upload() -> list[str]:
+    def upload() -> None:
         files = collect_upload_files(args.hub_dir)
         print(f"{len(files)} files to upload from {args.hub_dir} to {args.repo_id}:")
         print("".join(f"  {name}\n" for name in files), end="")
@@ -49,6 +49,5 @@ def run(args: argparse.Namespace) -> int:
             commit = push(args.hub_dir, args.repo_id, private=args.private or None, token=args.token,
                           revision=args.revision, create_pr=args.create_pr, commit_message=args.commit_message)
             print(f"Pushed: {getattr(commit, 'commit_url', commit)}")
-        return files
 
     return report("push", upload)
