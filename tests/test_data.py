@@ -152,8 +152,16 @@ def test_training_data_is_never_empty(files):
     with pytest.raises(DataFormatError, match=re.escape(f"{karpathy}: no image has split")):
         load_training_data(karpathy)
     datasets = pytest.importorskip("datasets")
+    empty_table = datasets.Dataset.from_dict({"image": [], "text": []})
     with pytest.raises(ValueError, match="dataset: the dataset is empty"):
-        load_training_data(datasets.Dataset.from_dict({"image": [], "text": []}), format="hf")
+        load_training_data(empty_table, format="hf")
+    empty_table.save_to_disk(files / "saved_empty")  # datasets itself raises IndexError loading this folder
+    with pytest.raises(DataFormatError, match=re.escape(f"{files / 'saved_empty'}: ") + ".*empty dataset"):
+        load_training_data(files / "saved_empty", format="hf")
+    (files / "not_a_dataset").mkdir()
+    (files / "not_a_dataset" / "notes.md").write_text("hello")
+    with pytest.raises(DataFormatError, match=re.escape(f"{files / 'not_a_dataset'}: ")):
+        load_training_data(files / "not_a_dataset", format="hf")
 
 
 # --------------------------------------------------------------------------------------- errors name file + line

@@ -191,7 +191,11 @@ def load_hf(source: Any, split: str | None = None) -> tuple[Any, str]:
         if not folder.exists():
             raise DataFormatError(folder, "dataset folder not found.")
         saved = any((folder / marker).exists() for marker in ("dataset_info.json", "state.json", "dataset_dict.json"))
-        source = (datasets.load_from_disk if saved else datasets.load_dataset)(str(folder))  # save_to_disk or files
+        try:  # a save_to_disk folder, or data files load_dataset reads
+            source = (datasets.load_from_disk if saved else datasets.load_dataset)(str(folder))
+        except Exception as err:  # datasets' own internals (an empty save_to_disk folder raises IndexError)
+            raise DataFormatError(folder, f"datasets cannot load this folder ({type(err).__name__}: {err}); is it an "
+                                  "empty dataset, or not a dataset folder?") from err
     if isinstance(source, (datasets.DatasetDict, dict)):
         if split is None:
             raise ValueError(f"{label} holds a DatasetDict with splits {sorted(source)}; pick one (split=, --split) "
