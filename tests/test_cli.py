@@ -62,6 +62,8 @@ def _bad_inputs(tmp: Path, data: Path, model: Path) -> list[tuple[str, list[str]
          "--image-root does not apply to the jsonl format"),
         ("eval", ["--model", str(model), "--data", str(data), "--batch-size", "0"], "--batch-size must be positive"),
         ("eval", ["--model", str(tmp / "nowhere"), "--data", str(data)], "cannot load the SLQ model"),
+        ("eval", ["--model", str(model), "--data", str(data), "--device", "banana"], "--device banana: "),
+        ("eval", ["--model", str(model), "--data", str(data), "--device", "cuda:99"], "--device cuda:99: "),
         ("export", [str(tmp / "nowhere"), "--out", str(tmp / "hub")], "no config.json"),
         ("export", [str(model), "--out", str(tmp / "hub"), "--template", str(tmp / "none.md")], "--template PATH"),
         ("export", [str(model), "--out", str(tmp / "hub"), "--eval-results", missing],
@@ -74,6 +76,11 @@ def _bad_inputs(tmp: Path, data: Path, model: Path) -> list[tuple[str, list[str]
                         "--template", str(template)], "has no {caption} placeholder"),
         ("karr-build", ["--data", str(data), "--model", str(model), "--out", str(tmp / "k.jsonl"), "--limit", "0"],
          "--limit (limit=) must be a positive integer"),
+        ("karr-build", ["--data", str(data), "--model", str(model), "--out", str(tmp / "k.jsonl"), "--device",
+                        "banana"], "--device banana: "),
+        ("karr-build", ["--data", str(data), "--model", str(model), "--out", str(tmp)], "--out "),
+        ("karr-build", ["--data", str(data), "--model", str(model), "--out", str(tmp / "k.jsonl"), "--skipped",
+                        str(data / "s.jsonl")], "is a file, so nothing can be written under it"),
         ("train", ["--backbone", str(tmp / "nowhere"), "--train-data", missing, "--output-dir", str(tmp / "run")],
          "missing.jsonl"),
     ]
@@ -97,6 +104,19 @@ def test_every_command_is_covered_by_the_bad_input_test(moved_model, data, tmp_p
     covered = {command for command, _, _ in _bad_inputs(tmp_path, data, moved_model[0])}
     mine = {"train", "eval", "export", "push", "convert-reference", "karr-build"}
     assert mine <= set(COMMANDS) and covered == mine
+
+
+@pytest.mark.parametrize("flag", ["--output", "--gap-plot", "--cache-dir"])
+def test_eval_outputs_that_cannot_be_written_end_in_one_error_line(flag, moved_model, data, tmp_path, capsys):
+    """Writing the results (after the evaluation) or the cache is reported like bad input, not as a traceback."""
+    model, backbone = moved_model
+    target = {"--output": data.parent / "red.png" / "results.json", "--gap-plot": data.parent,
+              "--cache-dir": data}[flag]  # under a file / a folder where a file goes / a file where a folder goes
+    argv = ["eval", "--model", str(model), "--backbone", str(backbone), "--data", str(data), "--split", "all",
+            "--no-progress", flag, str(target)]
+    assert main(argv) == 2
+    line = _one_error_line(capsys, "eval")
+    assert str(target) in line and (flag if flag != "--cache-dir" else "(--cache-dir) cannot be used") in line, line
 
 
 def test_a_real_process_prints_no_traceback(data, tmp_path):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 from typing import Any
 
 
@@ -26,11 +27,9 @@ def load_model(args: argparse.Namespace) -> Any:
     """The SLQModel of ``--model`` (backbone from ``--backbone`` if given) on ``--device``, batching its encodes by
     ``--max-batch-tokens`` when given."""
     max_batch_tokens = getattr(args, "max_batch_tokens", None)
-    import torch
-
     from ..modeling import SLQModel
 
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    device = resolve_device(args.device)
     try:
         model = SLQModel.from_pretrained(args.model, backbone_name_or_path=args.backbone).to(device)
     except (OSError, ValueError) as err:
@@ -41,3 +40,31 @@ def load_model(args: argparse.Namespace) -> Any:
             raise ValueError(f"--max-batch-tokens {max_batch_tokens}: expected a positive number of tokens")
         model.max_batch_tokens = max_batch_tokens
     return model
+
+
+def resolve_device(name: str | None) -> str:
+    """``--device``, checked before anything is loaded: a device torch knows and this machine has (default: cuda if
+    available, else cpu)."""
+    import torch
+
+    if name is None:
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        torch.empty(0, device=name)
+    except (RuntimeError, AssertionError, ValueError) as err:  # unknown type, no driver, CUDA not compiled in
+        raise ValueError(f"--device {name}: {str(err).splitlines()[0]} Pass a device this machine has (cpu, cuda, "
+                         "cuda:0, mps...).") from None
+    return name
+
+
+def check_output_file(path: str | None, flag: str) -> None:
+    """Refuse an output file ``path`` that can never be written (a folder, or a path under a file) before any work is
+    done; other write errors (permissions, a full disk) still end in one error line when the file is written."""
+    if path is None:
+        return
+    target = Path(path)
+    under_file = next((parent for parent in target.parents if parent.exists() and not parent.is_dir()), None)
+    if target.is_dir():
+        raise ValueError(f"{flag} {path}: is a folder; give the path of a file to write.")
+    if under_file is not None:
+        raise ValueError(f"{flag} {path}: {under_file} is a file, so nothing can be written under it.")

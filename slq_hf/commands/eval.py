@@ -6,7 +6,7 @@ import argparse
 import sys
 
 from ..data import readers
-from .common import add_model_options, load_model
+from .common import add_model_options, check_output_file, load_model
 from .reporting import report
 
 FORMATS_HELP = (readers.__doc__ or "").split("\n", 2)[-1]  # the format list of the readers' table
@@ -68,6 +68,8 @@ def run(args: argparse.Namespace) -> int:
             raise ValueError(f"--batch-size must be positive, got {args.batch_size}.")
         if args.rerank_top_k is not None and args.rerank_top_k < 1:
             raise ValueError(f"--rerank-top-k must be positive, got {args.rerank_top_k}.")
+        check_output_file(args.output, "--output")
+        check_output_file(args.gap_plot, "--gap-plot")
         dataset = load_retrieval_dataset(args.data, args.format, args.split, image_root=args.image_root,
                                          text_field=args.text_field, image_column=args.image_column,
                                          text_column=args.text_column, max_captions=args.max_captions)

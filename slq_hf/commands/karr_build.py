@@ -6,7 +6,7 @@ import argparse
 
 from ..data.karr_build import DEFAULT_TEMPLATE
 from ..data.karr_build import __doc__ as karr_doc
-from .common import add_model_options
+from .common import add_model_options, check_output_file, resolve_device
 from .reporting import FAILED, error, report
 
 DESCRIPTION = (karr_doc or "").split("\n\n", 1)[-1] + """
@@ -58,7 +58,12 @@ def run(args: argparse.Namespace) -> int:
         if not stats.written:
             return error("karr-build", "no rewrite was kept; see --skipped and the prompt template.", FAILED)
 
-    return report("karr-build", lambda: karr_build(
-        args.data, args.model, args.out, template=args.template, with_image=args.with_image,
-        max_new_tokens=args.max_new_tokens, batch_size=args.batch_size, limit=args.limit, split=args.split,
-        skipped=args.skipped, device=args.device, backbone=args.backbone), done)
+    def build():
+        check_output_file(args.out, "--out")
+        check_output_file(args.skipped, "--skipped")
+        return karr_build(args.data, args.model, args.out, template=args.template, with_image=args.with_image,
+                          max_new_tokens=args.max_new_tokens, batch_size=args.batch_size, limit=args.limit,
+                          split=args.split, skipped=args.skipped, device=resolve_device(args.device),
+                          backbone=args.backbone)
+
+    return report("karr-build", build, done)

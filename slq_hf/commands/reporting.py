@@ -29,7 +29,7 @@ def report(command: str, call: Callable[[], Any], done: Callable[[Any], int | No
     """Run ``call()``, then ``done(result)`` (printing the outcome; its return value, default 0, is the status).
 
     UserWarnings raised meanwhile are printed as they happen (a long training run should not hide them until the
-    end); ``USER_ERRORS`` end the command with one error line and status 2.
+    end); ``USER_ERRORS`` in either end the command with one error line and status 2.
     """
     with warnings.catch_warnings():
         original = warnings.showwarning
@@ -44,7 +44,8 @@ def report(command: str, call: Callable[[], Any], done: Callable[[Any], int | No
         warnings.showwarning = show
         try:
             result = call()
+            # done writes outputs too (results JSON, figures): a path that cannot be written is a user error as well.
+            status = done(result) if done is not None else 0
         except USER_ERRORS as err:
             return error(command, err)
-    status = done(result) if done is not None else 0
     return int(status or 0)

@@ -194,8 +194,9 @@ def load_hf(source: Any, split: str | None = None) -> tuple[Any, str]:
         try:  # a save_to_disk folder, or data files load_dataset reads
             source = (datasets.load_from_disk if saved else datasets.load_dataset)(str(folder))
         except Exception as err:  # datasets' own internals (an empty save_to_disk folder raises IndexError)
-            raise DataFormatError(folder, f"datasets cannot load this folder ({type(err).__name__}: {err}); is it an "
-                                  "empty dataset, or not a dataset folder?") from err
+            raise DataFormatError(folder, f"datasets cannot load it ({type(err).__name__}: {err}); the hf format "
+                                  "reads a save_to_disk folder or a folder of data files, and this is empty or "
+                                  "neither.") from err
     if isinstance(source, (datasets.DatasetDict, dict)):
         if split is None:
             raise ValueError(f"{label} holds a DatasetDict with splits {sorted(source)}; pick one (split=, --split) "

@@ -291,6 +291,11 @@ def encode_inputs(
         settings = [CACHE_VERSION, ident, instruction, encode_kwargs or {}, inputs_fingerprint(inputs)]
         key = hashlib.sha256(json.dumps(settings, sort_keys=True, default=_json_default).encode())
         key = key.hexdigest()
+        try:  # before the encoding: a cache folder that cannot be made fails now, not after the work
+            Path(cache_dir).mkdir(parents=True, exist_ok=True)
+        except OSError as err:
+            raise OSError(f"cache_dir {str(cache_dir)!r} (--cache-dir) cannot be used as the embedding cache folder: "
+                          f"{err.strerror or err}. Pass a folder that is writable.") from err
         cache_path = Path(cache_dir) / f"{desc.replace(' ', '_')}-{key[:32]}.safetensors"
         cached = _load_cached(cache_path, key, len(inputs))
         if cached is not None:
