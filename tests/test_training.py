@@ -493,10 +493,17 @@ def test_cli_errors_are_one_line(backbone, tmp_path, capsys):
     from slq_hf.cli import main
 
     data = _write_jsonl(tmp_path / "data", 4)
+    missing_image, unreadable = tmp_path / "data" / "missing_image.jsonl", tmp_path / "data" / "unreadable.jsonl"
+    missing_image.write_text(json.dumps({"image": "images/gone.png", "text": "a gone square"}) + "\n")
+    (tmp_path / "data" / "images" / "bad.png").write_bytes(b"\x89PNG not really an image")
+    unreadable.write_text("".join(json.dumps({"image": "images/bad.png", "text": f"bad {n}"}) + "\n" for n in (1, 2)))
     cases = {
         "missing.jsonl": (["--train-data", str(tmp_path / "missing.jsonl")], "missing.jsonl"),
         "batch 1": (["--batch-size", "1"], "contrastive batch is 1"),
         "bad metric": (["--eval-data", str(data), "--metric-for-best-model", "r1"], "--metric-for-best-model r1"),
+        # Held-out data: a missing file fails before training; an eval with nothing loadable stops the run.
+        "eval missing image": (["--eval-data", str(missing_image)], "missing_image.jsonl:1: image file"),
+        "eval unreadable": (["--eval-data", str(unreadable)], "None of the evaluation examples could be loaded"),
     }
     for name, (extra, needle) in cases.items():
         argv = _cli(backbone, data, tmp_path / name.replace(" ", "_"), "--max-steps", "1")

@@ -18,10 +18,17 @@ USER_ERRORS: tuple[type[BaseException], ...] = (ValueError, OSError, ImportError
 BAD_INPUT, FAILED = 2, 1  # exit statuses: the input was refused / the command ran but produced nothing usable
 
 
+def _line(text: str) -> None:
+    # tqdm.write moves open progress bars (a training run's) out of the way, so the line starts a line of its own.
+    from tqdm.auto import tqdm
+
+    tqdm.write(text, file=sys.stderr)
+
+
 def error(command: str, message: Any, status: int = BAD_INPUT) -> int:
     """Print one error line for ``command``; returns ``status`` so ``return error(...)`` ends a ``run``."""
     # One line even for libraries' multi-line messages (transformers' OSErrors), so the error is easy to spot.
-    print(f"slq-hf {command}: error: {' '.join(str(message).split())}", file=sys.stderr)
+    _line(f"slq-hf {command}: error: {' '.join(str(message).split())}")
     return status
 
 
@@ -36,7 +43,7 @@ def report(command: str, call: Callable[[], Any], done: Callable[[Any], int | No
 
         def show(message, category, *args, **kwargs):
             if issubclass(category, UserWarning):
-                print(f"slq-hf {command}: warning: {message}", file=sys.stderr)
+                _line(f"slq-hf {command}: warning: {message}")
             else:
                 original(message, category, *args, **kwargs)
 

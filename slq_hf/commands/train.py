@@ -19,7 +19,8 @@ Training data (--train-data, --eval-data): a JSONL file, one pair per line; imag
   {"query": {"image": "ref.jpg", "text": "same shirt in blue"}, "positive": {"image": "target.jpg"}}
 An item is a text string, {"image": path} or {"image": path, "text": str}; "negative" (a hard negative) is
 optional. A folder saved with datasets' save_to_disk (columns --image-column/--text-column) also works.
-Unreadable images are skipped and counted (a warning at the end) unless --strict is given.
+Unreadable images are skipped and counted (a warning at the end) unless --strict is given; an image file
+missing from --eval-data is an error before training (it would make the held-out set silently smaller).
 """
 
 EPILOG = """\
@@ -154,7 +155,9 @@ def train(args: argparse.Namespace) -> dict:
     resume = resume_checkpoint(args.output_dir, args.resume_from_checkpoint, run_settings(args))
     check_output_dir(args.output_dir, args.backbone, resuming=resume is not None, overwrite=args.overwrite_output_dir)
     train_data = load_training_data(args.train_data, args.image_column, args.text_column)
-    eval_data = load_training_data(args.eval_data, args.image_column, args.text_column) if args.eval_data else None
+    # Held-out data is read like `slq-hf eval` reads it: a missing image is an error now, not a smaller eval set.
+    eval_data = load_training_data(args.eval_data, args.image_column, args.text_column,
+                                   check_files=True) if args.eval_data else None
 
     use_cpu = args.use_cpu or not torch.cuda.is_available()
     backbone_kwargs = {}

@@ -93,9 +93,10 @@ class HFPairDataset(PairDataset):
 
 
 def load_training_data(path: str | os.PathLike, image_column: str = "image", text_column: str = "text",
-                       format: str | None = None, split: str | None = None) -> PairDataset:
+                       format: str | None = None, split: str | None = None, check_files: bool = False) -> PairDataset:
     """Training examples from any ``slq_hf.data`` format (None: guessed from the path as ``slq-hf eval`` does; a
-    folder is a ``datasets`` folder read with ``image_column``/``text_column``); ``split`` None keeps every line."""
+    folder is a ``datasets`` folder read with ``image_column``/``text_column``); ``split`` None keeps every line.
+    ``check_files``: a missing image file is an error naming its line now (else the example is skipped when used)."""
     hf = format == "hf" or (format in (None, "auto") and Path(path).is_dir())
     options = {"image_column": image_column, "text_column": text_column} if hf else {}
-    return PairDataset(examples_from_records(read_records(path, format, split, check_files=False, **options)))
+    return PairDataset(examples_from_records(read_records(path, format, split, check_files=check_files, **options)))
