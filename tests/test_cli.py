@@ -69,6 +69,8 @@ def _bad_inputs(tmp: Path, data: Path, model: Path) -> list[tuple[str, list[str]
         ("export", [str(model), "--out", str(tmp / "hub"), "--eval-results", missing],
          "cannot read the evaluation results"),
         ("push", [str(tmp / "nowhere"), "--repo-id", "org/name", "--dry-run"], "not a folder"),
+        ("push", [str(tmp), "--repo-id", "not a repo id!", "--dry-run"], "is invalid (--repo-id)"),
+        ("export", [str(model), "--out", str(tmp / "hub"), "--repo-id", "org/na me"], "is invalid (--repo-id)"),
         ("convert-reference", [str(tmp / "q.pt"), "--backbone", str(tmp), "--out", str(tmp / "o")], "no such file"),
         ("karr-build", ["--data", missing, "--model", str(model), "--out", str(tmp / "k.jsonl")],
          "data file not found"),

@@ -335,6 +335,20 @@ def test_quantized_search_finds_the_exact_top1(model, image_folder, tmp_path, pr
     np.testing.assert_allclose(scores, np.take_along_axis(exact, rows, 1), atol=1e-5)  # rescored = exact scores
 
 
+def test_search_settings_below_one_are_refused_not_replaced(model, image_folder, tmp_path):
+    """0 used to mean "the default" for rescore_multiplier and reached FAISS as is for nprobe."""
+    out = tmp_path / "index"
+    build_index(model, image_folder, out, shard_size=16, precision="ubinary", faiss_factory="IVF4")
+    for kwargs in ({"nprobe": 0}, {"ef_search": -1}, {"nprobe": True}):
+        with pytest.raises(ValueError, match=f"{next(iter(kwargs))}=.* is invalid"):
+            CorpusIndex.load(out, **kwargs)
+    index = CorpusIndex.load(out, nprobe=4)
+    queries = model.encode(["a red circle"]).numpy()
+    with pytest.raises(ValueError, match="rescore_multiplier=0 is invalid"):
+        index.search_embeddings(queries, k=2, rescore_multiplier=0)
+    assert index.search_embeddings(queries, k=2, rescore_multiplier=1)[1].shape == (1, 2)
+
+
 def test_binary_codes_match_sentence_transformers_and_factory_errors():
     st_quantization = pytest.importorskip("sentence_transformers.util.quantization")
     x = np.random.default_rng(0).standard_normal((7, 44)).astype(np.float32)

@@ -39,9 +39,10 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..hub import collect_upload_files, push
+    from ..hub import check_repo_id, collect_upload_files, push
 
     def upload() -> None:
+        check_repo_id(args.repo_id)  # a dry run too: it answers whether the real push would go through
         files = collect_upload_files(args.hub_dir)
         print(f"{len(files)} files to upload from {args.hub_dir} to {args.repo_id}:")
         print("".join(f"  {name}\n" for name in files), end="")

@@ -5,7 +5,7 @@ the paper's research code (``slq-hf convert-reference``)."""
 from .card import EvalBlock, load_eval_results, read_training_info, render_model_card
 from .convert_reference import convert_reference
 from .export import export
-from .publish import collect_upload_files, push
+from .publish import check_repo_id, collect_upload_files, push
 
-__all__ = ["EvalBlock", "collect_upload_files", "convert_reference", "export",
+__all__ = ["EvalBlock", "check_repo_id", "collect_upload_files", "convert_reference", "export",
            "load_eval_results", "push", "read_training_info", "render_model_card"]

@@ -13,7 +13,7 @@ from typing import Any
 from ..modeling import checkpoint as ckpt
 from ..modeling.configuration_slq import SLQConfig
 from .card import EvalBlock, _is_local_path, load_eval_results, read_json, read_training_info, render_model_card
-from .publish import README_NAME, collect_upload_files
+from .publish import README_NAME, check_repo_id, collect_upload_files
 
 
 def _model_type(config_path: Path) -> str | None:
@@ -76,6 +76,8 @@ def export(model_dir: str | os.PathLike, out_dir: str | os.PathLike, *,
     from ..modeling.sentence_transformers_files import write_sentence_transformers_files
 
     src, out = Path(model_dir), Path(out_dir)
+    if repo_id is not None:
+        check_repo_id(repo_id)  # the card's usage snippets load it
     config = _pinned_config(src, backbone, backbone_revision)
     state = ckpt.read_tensors(src / ckpt.WEIGHTS_NAME, ckpt.expected_tensors(config.num_queries, config.hidden_size,
                                                               config.projection_size))

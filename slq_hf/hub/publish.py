@@ -66,6 +66,17 @@ def collect_upload_files(folder: str | os.PathLike) -> list[str]:
     return files
 
 
+def check_repo_id(repo_id: str) -> str:
+    """``repo_id`` if the Hub accepts it as a model repository id, else ValueError naming it (before any work)."""
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+    try:
+        validate_repo_id(repo_id)
+    except HFValidationError as err:
+        raise ValueError(f"repo_id {repo_id!r} is invalid (--repo-id); expected 'org/name' ({err}).") from err
+    return repo_id
+
+
 def push(hub_dir: str | os.PathLike, repo_id: str, *, private: bool | None = None, token: bool | str | None = None,
          revision: str | None = None, create_pr: bool = False, commit_message: str | None = None,
          commit_description: str | None = None) -> Any:
@@ -73,12 +84,8 @@ def push(hub_dir: str | os.PathLike, repo_id: str, *, private: bool | None = Non
     files :func:`collect_upload_files` allows; returns huggingface_hub's ``CommitInfo`` (a ``str``, the commit URL).
     Warns when the folder has no model card or the card's usage snippets load another repository."""
     from huggingface_hub import CommitOperationAdd, HfApi
-    from huggingface_hub.utils import HFValidationError, validate_repo_id
 
-    try:
-        validate_repo_id(repo_id)
-    except HFValidationError as err:
-        raise ValueError(f"repo_id {repo_id!r} is invalid (--repo-id); expected 'org/name' ({err}).") from err
+    check_repo_id(repo_id)
     root = Path(hub_dir)
     files = collect_upload_files(root)
     if README_NAME not in files:

@@ -85,6 +85,10 @@ class CorpusIndex:
 
     def configure(self, nprobe: int | None = None, ef_search: int | None = None) -> None:
         """IVF lists probed / HNSW candidate list size (defaults: 1/16 of the lists, at least 16; 128)."""
+        for name, value in (("nprobe", nprobe), ("ef_search", ef_search)):
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+                flag = " (--nprobe)" if name == "nprobe" else ""
+                raise ValueError(f"{name}={value!r}{flag} is invalid; expected a positive integer.")
         nlist = getattr(_ivf(self.index), "nlist", None)
         if nprobe is None and nlist:
             nprobe = min(nlist, max(16, nlist // 16))
@@ -153,7 +157,8 @@ class CorpusIndex:
                              "dim vectors.")
         info = self.manifest["index"]
         return fi.search(self.index, embeddings, k, precision=info["precision"], exact_scores=info["exact_scores"],
-                         rescore_multiplier=rescore_multiplier or fi.DEFAULT_RESCORE_MULTIPLIER,
+                         rescore_multiplier=fi.DEFAULT_RESCORE_MULTIPLIER if rescore_multiplier is None
+                         else rescore_multiplier,
                          vectors=self.vectors.take)
 
     def hits(self, scores: np.ndarray, rows: np.ndarray) -> list[list[SearchHit]]:
