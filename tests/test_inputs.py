@@ -343,6 +343,19 @@ def test_empty_or_whitespace_text(model, text):
         model.encode([{"image": _scene(32, 32), "text": text}])
 
 
+@pytest.mark.parametrize("instruction", [5, b"find it", ["a"]])
+def test_instruction_must_be_text(model, instruction):
+    with pytest.raises(SLQInputError, match="instruction= must be a str"):
+        model.encode(["ok"], instruction=instruction)
+
+
+@pytest.mark.parametrize("input_ids", [torch.tensor([1, 2]), torch.ones(1, 3), torch.zeros(0, 0, dtype=torch.long),
+                                       torch.ones(1, 2, 3, dtype=torch.long)])
+def test_forward_refuses_ids_that_are_not_a_batch_of_token_ids(model, input_ids):
+    with pytest.raises(ValueError, match=r"input_ids must be a \(batch, length\) tensor of token ids"):
+        model(input_ids=input_ids)
+
+
 def _suffix_ids(processor) -> list[int]:
     return processor.tokenizer(SUFFIX, add_special_tokens=False)["input_ids"]
 

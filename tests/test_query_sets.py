@@ -259,6 +259,10 @@ def test_width_mismatch_and_bad_files_are_refused(qwen, tmp_path):
         qwen.load_query_set(tmp_path / "nan.safetensors", name="x")
     with pytest.raises(OSError, match="query set 'missing'"):
         qwen.load_query_set(tmp_path, query_set="missing", name="x")
+    # A path that is clearly local and missing fails at once (it is never tried as a Hub repo id).
+    for missing in (tmp_path / "gone.safetensors", "gone.safetensors", "./gone", tmp_path / "gone"):
+        with pytest.raises(OSError, match="no such file or folder on this machine"):
+            qwen.load_query_set(missing, name="x")
     with pytest.raises(ValueError, match=rf"{hidden + 8} wide"):
         qwen.add_query_set("wide", queries=torch.randn(2, hidden + 8))
     assert qwen.query_sets == SETS

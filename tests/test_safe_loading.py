@@ -360,6 +360,21 @@ def test_more_queries_than_the_backbone_has_positions(tiny_backbone_path, num_qu
         SLQModel.from_backbone(tiny_backbone_path("qwen3_vl"), num_queries=num_queries)
 
 
+def test_query_sets_beyond_the_backbone_positions_are_refused_before_allocating(tiny_backbone_path, tmp_path):
+    """The same position bound as num_queries, for every way a set is added (add, copy, load): 1e9 queries of the
+    tiny Qwen3-VL would be 512 GB; the refusal comes before any allocation."""
+    model = SLQModel.from_backbone(tiny_backbone_path("qwen3_vl"), num_queries=4)
+    hidden = model.config.hidden_size
+    with pytest.raises(ValueError, match="would have 1000000000 queries, but at most 2047 fit"):
+        model.add_query_set("huge", 10**9)
+    with pytest.raises(ValueError, match="would have 2048 queries, but at most 2047 fit"):
+        model.add_query_set("copy", queries=torch.zeros(2048, hidden))
+    save_file({"queries": torch.zeros(2048, hidden)}, str(tmp_path / "big.safetensors"))
+    with pytest.raises(ValueError, match="would have 2048 queries"):
+        model.load_query_set(tmp_path / "big.safetensors", name="big")
+    assert model.add_query_set("largest", 2047).shape == (2047, hidden) and model.query_sets == ["default", "largest"]
+
+
 def test_config_fields_that_index_are_checked(saved):
     config = json.loads((saved / "config.json").read_text())
     for value, message in [(10**9, "not a token id"), (-1, "not a token id"), (True, "not a token id")]:

@@ -39,14 +39,16 @@ class LatentQueries(nn.ParameterDict):
             and the rows new sets are initialised from.
         init: ``"normal"`` (Gaussian with the rows' std) or ``"vocab"`` (distinct rows of the sample).
         source: what the queries belong to, named in error messages (the backbone id).
+        max_queries: most queries a set may have (the backbone's positions minus one for the prompt); None: no limit.
     """
 
     def __init__(self, hidden_size: int, num_queries: int, rows: torch.Tensor, init: str = "normal",
-                 source: str = "the backbone", device: torch.device | None = None):
+                 source: str = "the backbone", device: torch.device | None = None, max_queries: int | None = None):
         super().__init__()
         if init not in QUERY_INIT_CHOICES:
             raise ValueError(f"query_init={init!r} is not supported; allowed values are {list(QUERY_INIT_CHOICES)}.")
         self.hidden_size, self.init, self.source, self._active = hidden_size, init, source, DEFAULT_QUERY_SET
+        self.max_queries = max_queries
         # "normal" needs only the scale; "vocab" keeps the sample (a few MB for a 2B backbone) to draw rows from.
         self._std = rows.float().std().item()
         self._rows = rows.float().cpu() if init == "vocab" else None
@@ -100,6 +102,11 @@ class LatentQueries(nn.ParameterDict):
         else:
             if isinstance(num_queries, bool) or not isinstance(num_queries, int) or num_queries < 1:
                 raise ValueError(f"num_queries={num_queries!r} is invalid; expected a positive integer.")
+        count = num_queries if queries is None else queries.shape[0]
+        if self.max_queries is not None and count > self.max_queries:  # before anything is allocated
+            raise ValueError(f"Query set {name!r} would have {count} queries, but at most {self.max_queries} fit "
+                             f"after a prompt within the positions of {self.source}.")
+        if queries is None:
             queries = self.initial(num_queries, zlib.crc32(name.encode()) if seed is None else seed)
         if device is None and len(self):
             device = self[DEFAULT_QUERY_SET].device

@@ -46,6 +46,7 @@ from .checkpoint import (
     CheckpointError,
     check_config_for_backbone,
     expected_tensors,
+    max_queries,
     query_set_file,
     read_folder,
     read_header,
@@ -153,7 +154,8 @@ class SLQModel(PreTrainedModel):
         device = embedding.weight.device
         sample = embedding_rows(embedding, usable, num_samples=max(2048, config.num_queries))  # (S, H)
         self.latent_queries = LatentQueries(hidden, config.num_queries, sample, config.query_init,
-                                            source=repr(config.backbone_name_or_path), device=device)
+                                            source=repr(config.backbone_name_or_path), device=device,
+                                            max_queries=max_queries(backbone.config))
         self.logit_scale = nn.Parameter(torch.tensor(math.log(1.0 / config.temperature), device=device))
         self.projection = nn.Linear(hidden, config.projection_size, device=device) if config.projection_size else None
         # post_init before the backbone is attached, so transformers' weight init never touches backbone weights.
@@ -437,6 +439,8 @@ class SLQModel(PreTrainedModel):
         source, own_name = str(path_or_repo), None
         if Path(source).is_file():
             file = source
+        elif _missing_local_path(source):
+            raise OSError(f"{source}: no such file or folder on this machine (a query-set file or an SLQ folder).")
         else:
             own_name = query_set or DEFAULT_QUERY_SET
             filename = WEIGHTS_NAME if own_name == DEFAULT_QUERY_SET else query_set_file(own_name)
@@ -486,6 +490,12 @@ class SLQModel(PreTrainedModel):
         Returns ids (B, L + N_q), mask (B, L + N_q) and the per-token extras (``spec.token_keys``) re-laid and
         zero-extended.
         """
+        if not isinstance(input_ids, torch.Tensor) or input_ids.ndim != 2 or input_ids.is_floating_point() \
+                or input_ids.numel() == 0:
+            shape = tuple(input_ids.shape) if isinstance(input_ids, torch.Tensor) else type(input_ids).__name__
+            raise ValueError(f"input_ids must be a (batch, length) tensor of token ids with at least one token, got "
+                             f"{shape} {getattr(input_ids, 'dtype', '')}; build batches with the backbone's "
+                             "processor.")
         batch, length = input_ids.shape
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
@@ -819,6 +829,12 @@ def _keep_4bit_layers_differentiable(backbone: nn.Module) -> None:
             weight.data, weight.quant_state = unpack(weight.data, state)
 
 
+def _missing_local_path(name: str) -> bool:
+    """A path that is clearly local (absolute, ``./``-relative, a ``.safetensors`` file) and does not exist: it is not
+    a Hub id, so it fails at once instead of after the Hub's retries."""
+    return (os.path.isabs(name) or name.startswith(".") or name.endswith(".safetensors")) and not Path(name).exists()
+
+
 def _pin(name: str) -> str:
     """A local folder as its absolute path (so the pin works from any directory), anything else as given."""
     return str(Path(name).resolve()) if name and Path(name).exists() else name
@@ -829,8 +845,7 @@ def _load_backbone(name: str | None, revision: str | None = None, folder: Any = 
     hint = "pass backbone_name_or_path=<local folder or Hub id> to load it from elsewhere"
     if not name:
         raise ValueError(f"No backbone is pinned{where}; {hint}.")
-    if (os.path.isabs(name) or name.startswith(".")) and not Path(name).exists():
-        # A missing local path is not a Hub id: fail at once instead of retrying the Hub.
+    if _missing_local_path(name):
         raise OSError(f"The backbone {name!r}{where} does not exist on this machine; {hint}.")
     try:
         model = AutoModelForImageTextToText.from_pretrained(name, revision=revision, **kwargs)

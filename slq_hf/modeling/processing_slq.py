@@ -411,6 +411,8 @@ def collate(processor, items: list[SLQItem], instruction: str | None = None, max
     """
     if not items:
         raise SLQInputError("Cannot collate an empty batch.")
+    if instruction is not None and not isinstance(instruction, str):
+        raise SLQInputError(f"instruction= must be a str (or None), got {type(instruction).__name__}.")
     budget = image_budget(processor)
     max_text_tokens = text_budget(processor)
     items = [limit_text(processor, item.decoded(budget), max_text_tokens) for item in items]
