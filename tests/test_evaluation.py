@@ -129,6 +129,9 @@ def test_metric_input_errors():
     with pytest.raises(ValueError, match="NaN"):
         evaluate_embeddings(RetrievalDataset.from_pairs(["a", "b"], ["x", "y"]), torch.tensor([[1.0], [math.nan]]),
                             torch.ones(2, 1))
+    for not_a_dataset in ([("a.png", "x")], {"images": []}, "data.jsonl"):
+        with pytest.raises(TypeError, match="expected a RetrievalDataset from load_retrieval_dataset"):
+            evaluate_retrieval(None, not_a_dataset)
 
 
 def test_reports(tmp_path):

@@ -346,6 +346,12 @@ def test_search_settings_below_one_are_refused_not_replaced(model, image_folder,
     queries = model.encode(["a red circle"]).numpy()
     with pytest.raises(ValueError, match="rescore_multiplier=0 is invalid"):
         index.search_embeddings(queries, k=2, rescore_multiplier=0)
+    dim = queries.shape[1]
+    for bad, message in [(np.full((1, dim), np.nan), "NaN or Inf"), (np.full((2, dim), np.inf), "NaN or Inf"),
+                         (np.zeros((1, 1, dim)), rf"shape \(1, 1, {dim}\); expected \(Q, {dim}\)"),
+                         (np.zeros((1, dim + 1)), rf"expected \(Q, {dim}\)")]:
+        with pytest.raises(ValueError, match=message):
+            index.search_embeddings(bad, k=2)
     assert index.search_embeddings(queries, k=2, rescore_multiplier=1)[1].shape == (1, 2)
 
 

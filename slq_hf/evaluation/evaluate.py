@@ -152,6 +152,9 @@ def evaluate_retrieval(
         :func:`evaluate_embeddings`'s dict plus "encode": per-part {"seconds", "cache"} and "gap_plot" (path or
         None). Example: ``result["metrics"]["t2i"]["R@1"]`` is text→image Recall@1 as a fraction.
     """
+    if not isinstance(dataset, RetrievalDataset):
+        raise TypeError(f"dataset is a {type(dataset).__name__}; expected a RetrievalDataset from "
+                        "load_retrieval_dataset(path) or RetrievalDataset.from_pairs(pairs).")
     started = time.perf_counter()
     stats: dict = {}
     embeddings = encode_dataset(model, dataset, batch_size=batch_size, cache_dir=cache_dir, model_id=model_id,

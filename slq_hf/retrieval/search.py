@@ -152,9 +152,11 @@ class CorpusIndex:
         (default 4, sentence-transformers' choice; raise it for more recall).
         """
         embeddings = np.atleast_2d(np.asarray(embeddings, dtype=np.float32))
-        if embeddings.shape[1] != self.vectors.dim:
-            raise ValueError(f"Query embeddings are {embeddings.shape[1]} wide; the index holds {self.vectors.dim}-"
-                             "dim vectors.")
+        if embeddings.ndim != 2 or embeddings.shape[1] != self.vectors.dim:
+            raise ValueError(f"Query embeddings have shape {embeddings.shape}; expected (Q, {self.vectors.dim}), the "
+                             "width of the index's vectors.")
+        if not np.isfinite(embeddings).all():  # FAISS would rank them anyway and return -inf scores / -1 rows
+            raise ValueError("Query embeddings contain NaN or Inf values; check the model's weights and dtype.")
         info = self.manifest["index"]
         return fi.search(self.index, embeddings, k, precision=info["precision"], exact_scores=info["exact_scores"],
                          rescore_multiplier=fi.DEFAULT_RESCORE_MULTIPLIER if rescore_multiplier is None
