@@ -438,6 +438,9 @@ def test_qdrant_local_export_round_trips(model, tmp_path, scenes):
         assert [p.id for p in found] == np.argsort(-(vectors @ query))[:3].tolist()
     finally:
         client.close()
+    # A server that cannot be reached is one clear error (the CLI prints it as one line), not qdrant's own exception.
+    with pytest.raises(ConnectionError, match=r"Qdrant at http://127.0.0.1:9: .*--overwrite"):
+        export_qdrant(index, "scenes", url="http://127.0.0.1:9")
 
 
 # --------------------------------------------------------------------------------------------------------- CLI

@@ -42,6 +42,7 @@ def export_qdrant(index: CorpusIndex | str | os.PathLike, collection: str, *, pa
         {"collection", "points", "dim"}.
     """
     from qdrant_client import models
+    from qdrant_client.http.exceptions import ApiException
     from tqdm.auto import tqdm
 
     index = index if isinstance(index, CorpusIndex) else CorpusIndex.load(index)
@@ -73,6 +74,11 @@ def export_qdrant(index: CorpusIndex | str | os.PathLike, collection: str, *, pa
                 client.upsert(collection, points=points, wait=True)
                 bar.update(len(rows))
         return {"collection": collection, "points": total, "dim": dim}
+    except ApiException as err:  # server unreachable, refused the key, or answered an error
+        where = url or path or "the given client"
+        raise ConnectionError(f"Qdrant at {where}: {' '.join(str(err).split())}. Check that the server runs and that "
+                              "the URL and API key are right; a collection this export had begun stays partial, so "
+                              "re-run with --overwrite.") from err
     finally:
         if own_client:
             client.close()
