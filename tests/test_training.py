@@ -504,6 +504,10 @@ def test_cli_errors_are_one_line(backbone, tmp_path, capsys):
         # Held-out data: a missing file fails before training; an eval with nothing loadable stops the run.
         "eval missing image": (["--eval-data", str(missing_image)], "missing_image.jsonl:1: image file"),
         "eval unreadable": (["--eval-data", str(unreadable)], "None of the evaluation examples could be loaded"),
+        # Options that would be silently ignored, and values no optimiser should get.
+        "eval steps alone": (["--eval-steps", "5"], "--eval-steps only apply with --eval-data"),
+        "metric alone": (["--metric-for-best-model", "t2i_R@1"], "--metric-for-best-model only apply with"),
+        "column of a file": (["--image-column", "img"], "--image-column name columns of a datasets folder"),
     }
     for name, (extra, needle) in cases.items():
         argv = _cli(backbone, data, tmp_path / name.replace(" ", "_"), "--max-steps", "1")
@@ -515,6 +519,11 @@ def test_cli_errors_are_one_line(backbone, tmp_path, capsys):
         assert main(argv) == 2, name
         lines = _error_lines(capsys)
         assert len(lines) == 1 and needle in lines[0], (name, lines)
+    for flag in ("--weight-decay", "--warmup"):  # argparse refuses these itself (exit status 2, usage + one line)
+        with pytest.raises(SystemExit) as exit_info:
+            main([*_cli(backbone, data, tmp_path / "negative", "--max-steps", "1"), flag, "-1"])
+        assert exit_info.value.code == 2
+        assert f"argument {flag}: expected a number >= 0, got -1" in capsys.readouterr().err
 
 
 def test_batch_size_one_is_refused(model, tmp_path):

@@ -55,6 +55,13 @@ def _positive_float(text: str) -> float:
     return value
 
 
+def _non_negative_float(text: str) -> float:
+    value = float(text)
+    if not value >= 0:
+        raise argparse.ArgumentTypeError(f"expected a number >= 0, got {text}")
+    return value
+
+
 def add_parser(subparsers) -> argparse.ArgumentParser:
     parser = subparsers.add_parser("train", help="train SLQ queries on a frozen backbone (JSONL pairs)",
                                    description=DESCRIPTION, epilog=EPILOG)
@@ -92,9 +99,9 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                        "gradient of the whole batch, about 1.3x-2x the compute); default: the whole batch at once")
     train.add_argument("--lr-scheduler", default="cosine", choices=SCHEDULERS,
                        help="learning-rate schedule after the warmup (default: cosine, to zero)")
-    train.add_argument("--warmup", type=float, default=0.0,
+    train.add_argument("--warmup", type=_non_negative_float, default=0.0,
                        help="linear warmup: a fraction of the steps if < 1, else a step count (default: 0)")
-    train.add_argument("--weight-decay", type=float, default=0.0,
+    train.add_argument("--weight-decay", type=_non_negative_float, default=0.0,
                        help="AdamW weight decay on the queries (and a --projection-dim head's weight), never on the "
                        "temperature (default: 0, the paper's single epoch; for several epochs over the same data, 1.0 "
                        "keeps the queries generalising)")
@@ -127,8 +134,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     data.add_argument("--strict", action="store_true",
                       help="check every example before step 1 and stop at the first unreadable one (default: skip "
                       "and count unreadable examples)")
-    data.add_argument("--image-column", default="image", help="image column of a save_to_disk folder")
-    data.add_argument("--text-column", default="text", help="text column of a save_to_disk folder")
+    data.add_argument("--image-column", help="image column of a save_to_disk folder (default: image)")
+    data.add_argument("--text-column", help="text column of a save_to_disk folder (default: text)")
     parser.set_defaults(func=run)
     return parser
 
@@ -152,12 +159,13 @@ def train(args: argparse.Namespace) -> dict:
     from slq_hf.training.run import PlanPrinter, check_output_dir, check_strict, resume_checkpoint, write_run_file
 
     started = time.time()
+    check_options_apply(args)
     resume = resume_checkpoint(args.output_dir, args.resume_from_checkpoint, run_settings(args))
     check_output_dir(args.output_dir, args.backbone, resuming=resume is not None, overwrite=args.overwrite_output_dir)
-    train_data = load_training_data(args.train_data, args.image_column, args.text_column)
+    columns = (args.image_column or "image", args.text_column or "text")
+    train_data = load_training_data(args.train_data, *columns)
     # Held-out data is read like `slq-hf eval` reads it: a missing image is an error now, not a smaller eval set.
-    eval_data = load_training_data(args.eval_data, args.image_column, args.text_column,
-                                   check_files=True) if args.eval_data else None
+    eval_data = load_training_data(args.eval_data, *columns, check_files=True) if args.eval_data else None
 
     use_cpu = args.use_cpu or not torch.cuda.is_available()
     backbone_kwargs = {}
@@ -259,6 +267,23 @@ def train(args: argparse.Namespace) -> dict:
     # interpreter and abort a finished run at exit (SIGABRT), which torchrun reports as a failure.
     trainer.accelerator.end_training()
     return summary
+
+
+def check_options_apply(args: argparse.Namespace) -> None:
+    """Refuse options that would be silently ignored: evaluation settings without --eval-data, column names without
+    a datasets folder to read them from."""
+    unused = [flag for flag, value, default in (("--eval-steps", args.eval_steps, None),
+                                                ("--keep-last", args.keep_last, False),
+                                                ("--metric-for-best-model", args.metric_for_best_model, "mean_R@1"))
+              if value != default and not args.eval_data]
+    if unused:
+        raise ValueError(f"{', '.join(unused)} only apply with --eval-data (held-out pairs to evaluate on); add "
+                         "--eval-data PATH or drop them.")
+    columns = [flag for flag, value in (("--image-column", args.image_column), ("--text-column", args.text_column))
+               if value is not None]
+    if columns and not any(path and os.path.isdir(path) for path in (args.train_data, args.eval_data)):
+        raise ValueError(f"{', '.join(columns)} name columns of a datasets folder (save_to_disk); --train-data and "
+                         "--eval-data are files, whose keys are fixed (see `slq-hf train --help`).")
 
 
 def run_settings(args: argparse.Namespace) -> dict:
