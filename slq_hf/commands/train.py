@@ -37,6 +37,8 @@ recipes (what they measured is in the README's "Training" section):
   slq-hf train ... --load-in-4bit                          # NF4 backbone (bitsandbytes), fp32 queries
 """
 
+# --metric-for-best-model's default: SLQTrainer's mean of the two Recall@1 directions.
+DEFAULT_METRIC = "mean_R@1"
 SCHEDULERS = ["cosine", "linear", "constant", "constant_with_warmup", "cosine_with_restarts", "polynomial",
               "inverse_sqrt", "warmup_stable_decay"]
 
@@ -126,7 +128,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                       "--eval-steps; the best checkpoint by --metric-for-best-model becomes the final model")
     data.add_argument("--eval-steps", type=_positive_int, default=None, metavar="N",
                       help="evaluate (and checkpoint) every N steps (default: --save-steps)")
-    data.add_argument("--metric-for-best-model", default="mean_R@1", metavar="NAME",
+    data.add_argument("--metric-for-best-model", default=DEFAULT_METRIC, metavar="NAME",
                       help="eval metric that picks the final model, higher is better (default: mean_R@1, the mean of "
                       "both directions; e.g. t2i_R@1)")
     data.add_argument("--keep-last", action="store_true",
@@ -272,10 +274,9 @@ def train(args: argparse.Namespace) -> dict:
 def check_options_apply(args: argparse.Namespace) -> None:
     """Refuse options that would be silently ignored: evaluation settings without --eval-data, column names without
     a datasets folder to read them from."""
-    unused = [flag for flag, value, default in (("--eval-steps", args.eval_steps, None),
-                                                ("--keep-last", args.keep_last, False),
-                                                ("--metric-for-best-model", args.metric_for_best_model, "mean_R@1"))
-              if value != default and not args.eval_data]
+    eval_only = (("--eval-steps", args.eval_steps, None), ("--keep-last", args.keep_last, False),
+                 ("--metric-for-best-model", args.metric_for_best_model, DEFAULT_METRIC))
+    unused = [flag for flag, value, default in eval_only if value != default and not args.eval_data]
     if unused:
         raise ValueError(f"{', '.join(unused)} only apply with --eval-data (held-out pairs to evaluate on); add "
                          "--eval-data PATH or drop them.")

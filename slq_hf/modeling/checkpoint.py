@@ -146,8 +146,8 @@ def _open(path: Path) -> Iterator[Any]:
 
 
 def _entries(handle: Any) -> dict[str, tuple[str, tuple[int, ...]]]:
-    return {name: (handle.get_slice(name).get_dtype(), tuple(handle.get_slice(name).get_shape()))
-            for name in handle.keys()}
+    slices = {name: handle.get_slice(name) for name in handle.keys()}
+    return {name: (piece.get_dtype(), tuple(piece.get_shape())) for name, piece in slices.items()}
 
 
 def read_header(path: str | os.PathLike) -> tuple[dict[str, tuple[str, tuple[int, ...]]], dict[str, str]]:

@@ -322,8 +322,7 @@ class SLQTrainer(Trainer):
         metrics = super().evaluate(*args, **kwargs)
         skipped = len(self.skipped_examples["eval"])
         self._report_skipped("eval")
-        prefix = kwargs.get("metric_key_prefix", "eval")
-        if self.retrieval_directions and skipped and f"{prefix}_mean_R@1" not in metrics:
+        if self.retrieval_directions and skipped and not any(key.endswith("_R@1") for key in metrics):
             # Otherwise the run would go on with no recall to log or to pick the best checkpoint by.
             raise ValueError(f"None of the evaluation examples could be loaded ({skipped} skipped, listed in the "
                              "warning above), so no recall was computed. Fix or replace the eval data (e.g. "
