@@ -427,11 +427,12 @@ def test_config_limits_refuse_what_does_not_fit(qwen_config):
 
 @pytest.mark.parametrize("family", ["llava", "internvl", "idefics3", "gemma3", "qwen2_vl"])
 def test_the_picked_placeholder_passes_on_every_family(tiny_backbone_path, family):
-    """The id SLQ picks itself must satisfy the same rule (else every fresh model would be refused)."""
-    from slq_hf.modeling.backbones import pick_placeholder_token_id
+    """The id a fresh model picks for itself (with its processor's tokenizer) must satisfy the same rule, else every
+    saved model would be refused when loaded."""
+    from slq_hf import SLQModel
 
-    config = AutoConfig.from_pretrained(tiny_backbone_path(family))
-    ck.check_config_for_backbone(_Config(4, None, pick_placeholder_token_id(config)), config)
+    model = SLQModel.from_backbone(tiny_backbone_path(family), num_queries=4)
+    ck.check_config_for_backbone(_Config(4, None, model.config.placeholder_token_id), model.backbone.config)
 
 
 # ------------------------------------------------------------------------------------------ save_tensors

@@ -104,12 +104,6 @@ def usable_token_ids(backbone_config: Any, num_rows: int, tokenizer: Any = None)
     return ids
 
 
-def pick_placeholder_token_id(backbone_config: Any, tokenizer: Any = None, num_rows: int | None = None) -> int:
-    """The id appended for each query slot (its row is replaced by the query): the first :func:`usable_token_ids`."""
-    rows = num_rows if num_rows is not None else backbone_config.get_text_config().vocab_size
-    return int(usable_token_ids(backbone_config, rows, tokenizer)[0])
-
-
 def embedding_rows(embedding: nn.Module, ids: torch.Tensor, num_samples: int = 2048, seed: int = 0) -> torch.Tensor:
     """(S, H) float32 rows of the embedding layer's OUTPUT for up to ``num_samples`` distinct ids out of ``ids``.
 
