@@ -1,35 +1,67 @@
 """Public home of SLQ's input handling (validation, image loading, chat-template prompts, batching).
 
 The implementation lives in ``slq_hf/modeling/`` (``processing_slq.py``, ``image_files.py``, ``control_tokens.py``)
-because ``SLQModel.encode`` needs it inside remote-code checkpoints too.
+because ``SLQModel.encode`` needs it inside remote-code checkpoints too. :func:`prepare_inputs`, which only callers
+of the installed library use, lives here.
 """
 
+from __future__ import annotations
+
+from typing import Any
+
+from PIL import Image
+
+from .modeling.budgets import text_budget
 from .modeling.control_tokens import control_strings, split_text_ids
-from .modeling.image_files import MAX_DECODED_BYTES, decode_image, pending_image
-from .modeling.processing_slq import (
+from .modeling.image_files import (
     IMAGE_EXTENSIONS,
     IMAGE_FORMATS,
+    MAX_DECODED_BYTES,
     ImageBudget,
     PendingImage,
-    SLQInput,
     SLQInputError,
+    decode_image,
+    fit_image,
+    image_budget,
+    load_image,
+    open_image,
+    pending_image,
+)
+from .modeling.processing_slq import (
+    SLQInput,
     SLQItem,
     build_messages,
     collate,
     encode_batches,
     estimate_tokens,
-    fit_image,
-    image_budget,
     limit_text,
-    load_image,
     looks_like_path,
-    open_image,
     plan_batches,
-    prepare_inputs,
     prompt_length_limit,
     to_item,
     to_items,
 )
+
+
+def prepare_inputs(inputs: SLQInput | list[SLQInput], processor: Any = None) -> list[str | Image.Image | dict]:
+    """Validate and convert inputs exactly as ``SLQModel.encode`` does, for APIs that run the processor themselves
+    (sentence-transformers: ``st.encode(prepare_inputs(inputs, st[0].processor))``).
+
+    Texts stay ``str``; images (PIL or path) become RGB PIL images: EXIF-transposed, mode-converted, first frame
+    only, checked against the decoded-size limit and, with ``processor``, shrunk to its :func:`image_budget`;
+    image+text inputs become ``{"image": PIL, "text": str}``. Raises SLQInputError naming the index, like ``encode``.
+    All images are decoded at once: pass a batch at a time for large inputs.
+    """
+    budget = image_budget(processor) if processor is not None else None
+    prepared: list[str | Image.Image | dict] = []
+    for item in to_items(inputs, budget, lazy=False):
+        item = limit_text(processor, item, text_budget(processor)) if processor is not None else item
+        if item.image is not None and item.text is not None:
+            prepared.append({"image": item.image, "text": item.text})
+        else:
+            prepared.append(item.image if item.image is not None else item.text)
+    return prepared
+
 
 __all__ = [
     "IMAGE_EXTENSIONS",

@@ -9,8 +9,8 @@ import pytest
 import torch
 from transformers import AutoModelForImageTextToText, AutoProcessor
 
-from slq_hf.modeling.processing_slq import SLQInputError, prepare_inputs
 from slq_hf.modeling.reranking import YES_NO_DEFAULTS, YesNoPrompt, rerank
+from slq_hf.processing import SLQInputError, prepare_inputs
 from slq_hf.testing import toy_scenes
 
 from helpers import scene, sharpen_attention

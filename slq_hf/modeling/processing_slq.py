@@ -21,8 +21,6 @@ from .checkpoint import position_budget
 from .control_tokens import split_text_ids, template_with_literal_texts
 from .image_files import (
     IMAGE_EXTENSIONS,
-    IMAGE_FORMATS,
-    MAX_DECODED_BYTES,
     ImageBudget,
     PendingImage,
     SLQInputError,
@@ -30,8 +28,6 @@ from .image_files import (
     fit_image,
     image_budget,
     image_label,
-    load_image,
-    open_image,
     pending_image,
 )
 
@@ -43,10 +39,6 @@ _NO_LIMIT = 10**12
 _PROCESSOR_ERRORS = (ValueError, TypeError, IndexError, RuntimeError, OSError)
 _SEPARATORS = tuple({"/", os.sep, os.altsep or "/"})
 
-__all__ = ["IMAGE_EXTENSIONS", "IMAGE_FORMATS", "MAX_DECODED_BYTES", "ImageBudget", "PendingImage", "SLQInput",
-           "SLQInputError", "SLQItem", "build_messages", "collate", "encode_batches", "estimate_tokens", "fit_image",
-           "image_budget", "limit_text", "load_image", "looks_like_path", "open_image", "plan_batches",
-           "prepare_inputs", "prompt_length_limit", "to_item", "to_items"]
 
 
 @dataclass
@@ -199,26 +191,6 @@ def to_items(inputs: SLQInput | list[SLQInput], budget: ImageBudget | None = Non
     if not isinstance(inputs, (list, tuple)):
         raise SLQInputError(f"Expected a list of inputs, got {type(inputs).__name__}.")
     return [to_item(value, index, budget, lazy=lazy) for index, value in enumerate(inputs)]
-
-
-def prepare_inputs(inputs: SLQInput | list[SLQInput], processor: Any = None) -> list[str | Image.Image | dict]:
-    """Validate and convert inputs exactly as ``SLQModel.encode`` does, for APIs that run the processor themselves
-    (sentence-transformers: ``st.encode(prepare_inputs(inputs, st[0].processor))``).
-
-    Texts stay ``str``; images (PIL or path) become RGB PIL images: EXIF-transposed, mode-converted, first frame
-    only, checked against the decoded-size limit and, with ``processor``, shrunk to its :func:`image_budget`;
-    image+text inputs become ``{"image": PIL, "text": str}``. Raises SLQInputError naming the index, like ``encode``.
-    All images are decoded at once: pass a batch at a time for large inputs.
-    """
-    budget = image_budget(processor) if processor is not None else None
-    prepared: list[str | Image.Image | dict] = []
-    for item in to_items(inputs, budget, lazy=False):
-        item = limit_text(processor, item, text_budget(processor)) if processor is not None else item
-        if item.image is not None and item.text is not None:
-            prepared.append({"image": item.image, "text": item.text})
-        else:
-            prepared.append(item.image if item.image is not None else item.text)
-    return prepared
 
 
 def build_messages(item: SLQItem, instruction: str | None = None) -> list[dict]:

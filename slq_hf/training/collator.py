@@ -14,7 +14,8 @@ import logging
 from dataclasses import dataclass
 from typing import Any
 
-from ..modeling.processing_slq import ImageBudget, SLQInputError, SLQItem, collate, image_budget, open_image, to_item
+from ..modeling.image_files import open_image
+from ..modeling.processing_slq import ImageBudget, SLQInputError, SLQItem, collate, image_budget, to_item
 
 logger = logging.getLogger(__name__)
 
