@@ -489,3 +489,17 @@ def test_plain_load_state_dict_without_the_other_sets_warns(models, caplog):
         model.load_state_dict({**state, **{f"latent_queries.{n}": model.get_query_set(n).detach().clone()
                                            for n in ("query", "document")}})
     assert "no entries" not in caplog.text
+
+
+def test_load_state_dict_reads_pre_0_2_key_names(models, caplog):
+    """State dicts of releases before 0.2 hold the default set as ``queries`` and the others as
+    ``extra_query_sets.<name>``: they load into the same sets, and count as carrying them (no warning)."""
+    model = models("qwen3_vl")
+    new = {n: torch.randn_like(model.get_query_set(n)) for n in model.query_sets}
+    state = {"queries": new["default"], "logit_scale": model.logit_scale.detach().clone(),
+             **{f"extra_query_sets.{n}": new[n] for n in model.query_sets[1:]}}
+    with caplog.at_level("WARNING"):
+        model.load_state_dict(state)
+    assert "no entries" not in caplog.text
+    for name, queries in new.items():
+        assert torch.equal(model.get_query_set(name).detach(), queries), name

@@ -310,11 +310,13 @@ class SLQModel(PreTrainedModel):
 
     def load_state_dict(self, state_dict: dict[str, torch.Tensor], strict: bool = True, assign: bool = False):
         """Accept full, queries-only or pre-0.2 state dicts (Trainer resume): backbone keys are never required."""
-        own = {_LEGACY_KEYS.get(k, k).replace("extra_query_sets.", "latent_queries."): v
+        own = {k.replace("extra_query_sets.", "latent_queries."): v  # pre-0.2 names of the extra sets
                for k, v in state_dict.items() if not k.startswith("backbone.")}
+        given: set[str] = set()
         for key in [k for k in own if k.startswith("latent_queries.") and k != "latent_queries.default"]:
             self.latent_queries.replace(key.split(".", 1)[1], own.pop(key), f"state dict entry {key!r}")
-        kept = [n for n in self.query_sets[1:] if f"latent_queries.{n}" not in state_dict]
+            given.add(key)
+        kept = [n for n in self.query_sets[1:] if f"latent_queries.{n}" not in given]
         if kept and any(self.get_query_set(n).requires_grad for n in kept):
             # The plain Trainer resumes (and loads its best checkpoint) from model.safetensors alone.
             logger.warning(f"load_state_dict: no entries for query sets {kept}; they keep their current values. A "
@@ -721,8 +723,6 @@ class SLQModel(PreTrainedModel):
 
 SLQConfig.register_for_auto_class()
 SLQModel.register_for_auto_class("AutoModel")
-# Keys of state dicts written before query sets were named LatentQueries entries.
-_LEGACY_KEYS = {QUERY_SET_TENSOR: "latent_queries.default"}
 
 
 # ------------------------------------------------------------------------------------------------------- helpers
