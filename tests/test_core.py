@@ -391,6 +391,13 @@ def test_from_pretrained_keywords_override_the_config(model, tmp_path):
             SLQModel.from_pretrained(tmp_path / "slq", **{key: value})
     with pytest.raises(ValueError, match="`pooling`='max'"):
         SLQModel.from_pretrained(tmp_path / "slq", pooling="max")
+    # Neither a config field nor a Hub argument: it reaches the backbone, and the error says so and names it.
+    for load in (SLQModel.from_pretrained, AutoModel.from_pretrained, SLQModel.from_backbone):
+        source = model.config.backbone_name_or_path if load == SLQModel.from_backbone else tmp_path / "slq"
+        with pytest.raises(TypeError, match=r"'poolin'.*neither SLQConfig fields \(.*pooling.*\) nor Hub"):
+            load(source, poolin="last")
+    with pytest.raises(ValueError, match=r"is an SLQ model, not a backbone: load it with SLQModel.from_pretrained"):
+        SLQModel.from_backbone(tmp_path / "slq")
 
 
 def test_backbone_folder_without_processor_files(tiny_backbone_path, tmp_path):

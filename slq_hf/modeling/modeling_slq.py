@@ -851,6 +851,16 @@ def _load_backbone(name: str | None, revision: str | None = None, folder: Any = 
         model = AutoModelForImageTextToText.from_pretrained(name, revision=revision, **kwargs)
     except OSError as err:
         raise OSError(f"Could not load the backbone {name!r}{where}: {err}\nTo use another copy, {hint}.") from err
+    except ValueError as err:
+        if "SLQConfig" not in str(err):  # transformers' "Unrecognized configuration class ...SLQConfig..."
+            raise
+        raise ValueError(f"{name!r} is an SLQ model, not a backbone: load it with SLQModel.from_pretrained({name!r}), "
+                         "or pass the backbone it names in its config.json (backbone_name_or_path).") from None
+    except TypeError as err:
+        if not kwargs or "unexpected keyword argument" not in str(err):
+            raise
+        raise TypeError(f"{err}. Keyword arguments that are neither SLQConfig fields ({', '.join(SLQ_FIELDS)}) nor "
+                        f"Hub arguments go to the backbone's from_pretrained ({name!r}), which refused it.") from err
     backbone_spec(model.config.model_type)
     return model.eval()
 
