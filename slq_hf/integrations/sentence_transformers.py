@@ -20,7 +20,7 @@ import tempfile
 from typing import TYPE_CHECKING, Any
 
 from ..modeling.modeling_slq import SLQModel
-from ..modeling.processing_slq import image_budget, limit_text, to_item
+from ..modeling.processing_slq import SLQInputError, image_budget, limit_text, to_item
 from ..modeling.sentence_transformers_files import write_sentence_transformers_files
 
 if TYPE_CHECKING:
@@ -98,6 +98,23 @@ def _preprocess_like_encode(module: Any, inputs: Any, *args, **kwargs) -> Any:
         module, [_like_encode(value, budget, module.processor, max_text_tokens) for value in inputs], *args, **kwargs)
 
 
+def _encode_naming_the_input(model: Any, inputs: Any, *args, **kwargs) -> Any:
+    """``SentenceTransformer.encode``; on a bad input, the error names its position in ``inputs``.
+
+    sentence-transformers sorts the inputs by length before preprocessing them, so the preprocessing error cannot
+    know the position: on that (rare) path every input is checked again, in order, with its index.
+    """
+    try:
+        return type(model).encode(model, inputs, *args, **kwargs)
+    except SLQInputError:
+        values = inputs if isinstance(inputs, list) else [inputs]
+        budget = image_budget(model[0].processor)
+        for index, value in enumerate(values):
+            if not _is_message(value):
+                to_item(value, index, budget, lazy=True)  # raises for the first bad input, naming its index
+        raise
+
+
 def use_encode_input_handling(model: SentenceTransformer) -> SentenceTransformer:
     """Make ``model.encode`` (and training through it) take inputs exactly as ``SLQModel.encode`` does.
 
@@ -106,13 +123,15 @@ def use_encode_input_handling(model: SentenceTransformer) -> SentenceTransformer
     (ZeroDivisionError), embeds empty strings and missing paths as text, and does not bound decoding cost. After this
     call every input goes through slq_hf's validation and conversion first: SLQInputError for bad inputs, RGB images
     (first frame, EXIF-transposed, shrunk to the processor's budget), texts cut to the model's ``max_text_tokens``,
-    the same path rule as ``encode``. Chat-message
+    the same path rule as ``encode``; errors name the input's position. Chat-message
     inputs are passed through unchanged. Returns ``model`` (changed in place; the change is not saved with it).
     """
     module = model[0]
     if not isinstance(module.__dict__.get("preprocess"), functools.partial):
         # A partial of a module-level function (not a closure) so the model still pickles for multi-process pools.
         module.preprocess = functools.partial(_preprocess_like_encode, module)
+    if not isinstance(model.__dict__.get("encode"), functools.partial):  # encode_query/_document go through it too
+        model.encode = functools.partial(_encode_naming_the_input, model)
     return model
 
 
