@@ -233,7 +233,7 @@ def test_logit_scale_shape(tmp_path):
 def test_non_float_and_float8_dtypes_are_refused(tmp_path, dtype):
     path = tmp_path / "q.safetensors"
     save_file({"queries": torch.ones(4, H).to(dtype)}, str(path))
-    with pytest.raises(CheckpointError, match=r"'queries' has dtype .*float32, float16 or bfloat16"):
+    with pytest.raises(CheckpointError, match=r"'queries' has dtype .*float32, float16, bfloat16 or float64"):
         ck.read_tensors(path, {"queries": (4, H)})
 
 

@@ -373,6 +373,12 @@ def test_query_sets_beyond_the_backbone_positions_are_refused_before_allocating(
     with pytest.raises(ValueError, match="would have 2048 queries"):
         model.load_query_set(tmp_path / "big.safetensors", name="big")
     assert model.add_query_set("largest", 2047).shape == (2047, hidden) and model.query_sets == ["default", "largest"]
+    # Replacing an existing set with one too large is refused the same way, and the existing set stays (active too)
+    model.set_active_query_set("largest")
+    with pytest.raises(ValueError, match="would have 2048 queries"):
+        model.load_query_set(tmp_path / "big.safetensors", name="largest")
+    assert model.query_sets == ["default", "largest"] and model.active_query_set == "largest"
+    assert model.get_query_set("largest").shape == (2047, hidden)
 
 
 def test_config_fields_that_index_are_checked(saved):

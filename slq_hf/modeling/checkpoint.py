@@ -30,7 +30,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -125,12 +125,6 @@ def expected_tensors(num_queries: int, hidden_size: int, projection_dim: int | N
 
 
 # --------------------------------------------------------------------------------------------------- reading
-def _unreadable(path: Path, detail: str) -> CheckpointError:
-    return CheckpointError(f"{path}: not a readable safetensors file ({detail}). Only safetensors are loaded: a "
-                           "pickle file or a truncated download ends up here; re-download the file or re-save the "
-                           "model.")
-
-
 @contextmanager
 def _open(path: Path) -> Iterator[Any]:
     """safetensors' own reader on ``path``. It checks the header before any tensor is read (its size, the JSON, known
@@ -142,7 +136,9 @@ def _open(path: Path) -> Iterator[Any]:
     except OSError as err:
         raise CheckpointError(f"{path}: cannot be read ({err.strerror or err}).") from err
     except SafetensorError as err:
-        raise _unreadable(path, str(err)) from None
+        raise CheckpointError(f"{path}: not a readable safetensors file ({err}). Only safetensors are loaded: a "
+                              "pickle file or a truncated download ends up here; re-download the file or re-save "
+                              "the model.") from None
 
 
 def _entries(handle: Any) -> dict[str, tuple[str, tuple[int, ...]]]:
@@ -156,8 +152,7 @@ def read_header(path: str | os.PathLike) -> tuple[dict[str, tuple[str, tuple[int
     Raises CheckpointError when the file is not a well-formed safetensors file (a pickle, truncated, sizes that do not
     add up).
     """
-    path = Path(path)
-    with _open(path) as handle:
+    with _open(Path(path)) as handle:
         return _entries(handle), handle.metadata() or {}
 
 
@@ -221,7 +216,8 @@ def read_tensors(path: str | os.PathLike, expected: Mapping[str, tuple[Dim, ...]
                 raise CheckpointError(f"{path}: {_shape_problem(name, shape, tuple(want))}.")
             if dtype not in LOADABLE_DTYPES:
                 raise CheckpointError(f"{path}: tensor {name!r} has dtype {dtype}; SLQ tensors are float32, "
-                                      "float16 or bfloat16. Convert the file (e.g. tensor.float()) and save it again.")
+                                      "float16, bfloat16 or float64. Convert the file (e.g. tensor.float()) and save "
+                                      "it again.")
         total = sum(math.prod(shape) * LOADABLE_DTYPES[dtype].itemsize for dtype, shape in header.values())
         if total > max_bytes:
             raise CheckpointError(f"{path}: the tensors would take {total / 2**20:.0f} MiB, more than the "
@@ -234,19 +230,14 @@ def read_tensors(path: str | os.PathLike, expected: Mapping[str, tuple[Dim, ...]
             raise CheckpointError(f"{path}: tensor {name!r} contains NaN or Inf values; the checkpoint is corrupt (or "
                                   "training diverged). Use an earlier checkpoint.")
         out[name] = tensor.contiguous()
-    if "logit_scale" in out:
-        check_logit_scale(out["logit_scale"], path)
-    return out
-
-
-def check_logit_scale(value: torch.Tensor | float, source: Any) -> None:
-    """Refuse a logit scale (log 1/temperature) outside the clamp the loss applies (``|value| <= log 100``, plus a
-    small margin for trained values that overshot the clamp)."""
-    number = float(value)
-    if not math.isfinite(number) or abs(number) > MAX_LOGIT_SCALE + LOGIT_SCALE_MARGIN:
-        raise CheckpointError(f"{source}: logit_scale is {number} (temperature {math.exp(-number):.3g}) but it must "
+    # logit_scale (log 1/temperature) within the clamp the loss applies (|value| <= log 100), plus a small margin for
+    # trained values that overshot the clamp; finite, as every tensor is by now.
+    number = float(out.get("logit_scale", 0.0))
+    if abs(number) > MAX_LOGIT_SCALE + LOGIT_SCALE_MARGIN:
+        raise CheckpointError(f"{path}: logit_scale is {number} (temperature {math.exp(-number):.3g}) but it must "
                               f"lie within +-log(100) = {MAX_LOGIT_SCALE:.3f} (temperature 0.01..100); the checkpoint "
                               "is corrupt. Use an earlier checkpoint.")
+    return out
 
 
 def read_query_set_index(path: str | os.PathLike) -> dict[str, Any]:
@@ -272,7 +263,7 @@ def read_query_set_index(path: str | os.PathLike) -> dict[str, Any]:
         raise bad('expected an object {"active": ..., "sets": {...}}')
     sets = {}
     for name, entry in index["sets"].items():
-        if not isinstance(name, str) or not QUERY_SET_NAME_PATTERN.match(name) or name == DEFAULT_QUERY_SET:
+        if not QUERY_SET_NAME_PATTERN.match(name) or name == DEFAULT_QUERY_SET:  # JSON keys are str
             raise bad(f"set name {name!r} is invalid (1-64 letters, digits, '_' or '-'; 'default' is the set in "
                       f"{WEIGHTS_NAME})")
         entry = entry if isinstance(entry, dict) else {}
@@ -295,15 +286,11 @@ _PLAIN_ID_ATTRS = frozenset({"pad_token_id", "bos_token_id", "eos_token_id", "un
                              "decoder_start_token_id"})
 
 
-def _text_config(backbone_config: Any) -> Any:
-    return backbone_config.get_text_config() if hasattr(backbone_config, "get_text_config") else backbone_config
-
-
 def special_token_ids(backbone_config: Any) -> set[int]:
     """Ids that mean structure to the backbone (image/video/vision markers...): every ``*_token_id`` /
     ``*_token_index`` attribute of the backbone config and its text config, except pad/bos/eos/unk/sep."""
     ids: set[int] = set()
-    text = _text_config(backbone_config)
+    text = backbone_config.get_text_config()
     for config in {id(backbone_config): backbone_config, id(text): text}.values():
         for key, value in vars(config).items():
             if key.endswith(("_token_id", "_token_index")) and key not in _PLAIN_ID_ATTRS:
@@ -315,7 +302,7 @@ def special_token_ids(backbone_config: Any) -> set[int]:
 
 def position_budget(backbone_config: Any) -> int | None:
     """Positions the backbone's language model accepts (``max_position_embeddings``), or None when unknown."""
-    for config in (_text_config(backbone_config), backbone_config):
+    for config in (backbone_config.get_text_config(), backbone_config):
         value = getattr(config, "max_position_embeddings", None)
         if isinstance(value, int) and not isinstance(value, bool) and value > 0:
             return value
@@ -345,7 +332,7 @@ def check_config_for_backbone(config: Any, backbone_config: Any, vocab_size: int
     Raises:
         CheckpointError.
     """
-    text, limit = _text_config(backbone_config), max_queries(backbone_config)
+    text, limit = backbone_config.get_text_config(), max_queries(backbone_config)
     if limit is not None and config.num_queries > limit:
         raise CheckpointError(f"{source}: num_queries={config.num_queries} but the backbone accepts "
                               f"{limit + 1} positions, so at most {limit} queries fit after a prompt; the config is "
@@ -369,32 +356,13 @@ def check_config_for_backbone(config: Any, backbone_config: Any, vocab_size: int
 
 
 # --------------------------------------------------------------------------------------------------- writing
-def safetensors_bytes(state: Mapping[str, torch.Tensor], metadata: Mapping[str, str] | None = None) -> bytes:
-    """safetensors bytes with the JSON header's keys sorted.
-
-    safetensors serialises its header from a hash map whose order changes between processes, so two saves of the same
-    tensors would differ byte-wise; sorting makes a file's hash depend on its content only (uploads, caches and tests
-    compare bytes). Data offsets are absolute within the data block, so the data block is unchanged.
-    """
-    blob = _save_safetensors_bytes(dict(state), metadata=dict(metadata) if metadata is not None else None)
-    (length,) = struct.unpack("<Q", blob[:8])
-    header = json.loads(blob[8 : 8 + length])
-    text = json.dumps(header, sort_keys=True, separators=(",", ":")).encode()
-    text += b" " * (-len(text) % 8)  # the format pads the header to 8-byte alignment
-    return struct.pack("<Q", len(text)) + text + blob[8 + length :]
-
-
 def _fsync_dir(path: Path) -> None:
-    try:
+    with suppress(OSError):  # platforms without directory handles (Windows), file systems that cannot fsync one
         fd = os.open(path, os.O_RDONLY)
-    except OSError:  # platforms without directory handles (Windows)
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
 
 
 def save_tensors(state: Mapping[str, torch.Tensor], path: str | os.PathLike,
@@ -403,36 +371,55 @@ def save_tensors(state: Mapping[str, torch.Tensor], path: str | os.PathLike,
 
     A crash never leaves a half-written file under the final name, and a failed write (disk full) leaves the old file
     untouched. Tensors are written as given (contiguous CPU copies are made).
+
+    Byte-reproducible: safetensors serialises its header from a hash map whose order changes between processes, so
+    two saves of the same tensors would differ byte-wise; the JSON header's keys are sorted, so a file's hash depends
+    on its content only (uploads, caches and tests compare bytes). Data offsets are absolute within the data block,
+    so the data block is unchanged.
     """
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     tensors = {k: v.detach().cpu().contiguous() for k, v in state.items()}
+    blob = _save_safetensors_bytes(tensors, metadata=dict(metadata) if metadata is not None else None)
+    (length,) = struct.unpack("<Q", blob[:8])
+    header = json.dumps(json.loads(blob[8 : 8 + length]), sort_keys=True, separators=(",", ":")).encode()
+    header += b" " * (-len(header) % 8)  # the format pads the header to 8-byte alignment
     try:
         with open(tmp, "wb") as handle:
-            handle.write(safetensors_bytes(tensors, metadata))
+            handle.write(struct.pack("<Q", len(header)) + header + blob[8 + length :])
             handle.flush()
             # On disk before the rename, so even a power loss cannot leave the new name on partial data.
             os.fsync(handle.fileno())
         os.replace(tmp, path)
     finally:
-        if tmp.exists():
-            tmp.unlink()
+        tmp.unlink(missing_ok=True)
     _fsync_dir(path.parent)
 
 
-def foreign_model_files(folder: str | os.PathLike) -> list[str]:
-    """What in ``folder`` belongs to a model other than SLQ, as readable descriptions (empty for an SLQ folder, a new
-    or empty folder, or a folder of unrelated files such as a Trainer's ``checkpoint-*`` dirs)."""
-    folder, found = Path(folder), []
+def check_save_target(path: str | os.PathLike) -> None:
+    """Refuse, before anything is written, to save an SLQ model into a folder that holds another model.
+
+    Fine: a new or empty folder, an SLQ folder (re-save), a folder of unrelated files (a Trainer's ``checkpoint-*``
+    dirs). Refused: a file, a folder with a ``config.json`` of another model type, or weight files that are not SLQ's
+    (a backbone, any other model).
+
+    Raises:
+        CheckpointError naming the folder, what in it belongs to another model and what to do.
+    """
+    path, found = Path(path), []  # found: what in the folder belongs to another model, as readable descriptions
+    if not path.exists():
+        return
+    if not path.is_dir():
+        raise CheckpointError(f"{path}: is a file, not a folder; an SLQ model saves into a folder. Pick another path.")
     try:
-        data = json.loads((folder / CONFIG_NAME).read_text(encoding="utf8"))
+        data = json.loads((path / CONFIG_NAME).read_text(encoding="utf8"))
         readable, model_type = True, data.get("model_type") if isinstance(data, dict) else None
     except (OSError, UnicodeDecodeError, ValueError):
         readable, model_type = False, None
     is_slq = readable and model_type == "slq"
-    if (folder / CONFIG_NAME).exists() and not is_slq:
+    if (path / CONFIG_NAME).exists() and not is_slq:
         found.append(f"{CONFIG_NAME} of a {model_type!r} model" if readable else f"{CONFIG_NAME} (not SLQ's JSON)")
-    for entry in sorted(folder.iterdir()):
+    for entry in sorted(path.iterdir()):
         if not entry.is_file() or any(fnmatch.fnmatch(entry.name, p) for p in TRAINER_FILES):
             continue
         if entry.name == WEIGHTS_NAME:
@@ -446,24 +433,6 @@ def foreign_model_files(folder: str | os.PathLike) -> list[str]:
                 found.append(f"{WEIGHTS_NAME} holding {sorted(names - SLQ_TENSOR_NAMES)[:3] or sorted(names)[:3]}...")
         elif any(fnmatch.fnmatch(entry.name, pattern) for pattern in WEIGHT_FILE_PATTERNS):
             found.append(f"{entry.name} (weights)")
-    return found
-
-
-def check_save_target(path: str | os.PathLike) -> None:
-    """Refuse, before anything is written, to save an SLQ model into a folder that holds another model.
-
-    Fine: a new or empty folder, an SLQ folder (re-save), a folder of unrelated files. Refused: a file, a folder with
-    a ``config.json`` of another model type, or weight files that are not SLQ's (a backbone, any other model).
-
-    Raises:
-        CheckpointError naming the folder, what in it belongs to another model and what to do.
-    """
-    path = Path(path)
-    if not path.exists():
-        return
-    if not path.is_dir():
-        raise CheckpointError(f"{path}: is a file, not a folder; an SLQ model saves into a folder. Pick another path.")
-    found = foreign_model_files(path)
     if found:
         raise CheckpointError(
             f"{path}: refusing to save an SLQ model here: this folder holds another model ({'; '.join(found)}), and "
@@ -528,7 +497,7 @@ def _clean_leftovers(target: Path) -> None:
     """Remove what saves killed midway left beside ``target`` (their processes are gone), and put back a folder a
     killed two-rename swap moved aside."""
     pattern = re.compile(rf"^\.{re.escape(target.name)}\.({_STAGING}|{_ASIDE})-(\d+)-")
-    for entry in sorted(target.parent.iterdir()) if target.parent.is_dir() else []:
+    for entry in sorted(target.parent.iterdir()):
         match = pattern.match(entry.name)
         if not match or _process_alive(int(match.group(2))):
             continue

@@ -120,7 +120,17 @@ class SLQConfig(PretrainedConfig):
     torch_version: str | None = None
 
     def __post_init__(self, **kwargs):
-        self._check_written_by_version()
+        written = self.slq_hf_version
+        if written is not None and not isinstance(written, str):
+            raise ValueError(f"SLQConfig: `slq_hf_version`={written!r} is invalid; expected a version string.")
+        if written is not None and _version_tuple(written) > _version_tuple(SLQ_HF_VERSION):
+            warnings.warn(
+                f"This SLQ config was written by slq_hf {written}, but slq_hf {SLQ_HF_VERSION} is installed. Newer "
+                "releases may store options this one ignores; upgrade slq_hf (pip install -U slq_hf) if loading "
+                "fails or embeddings differ.",
+                UserWarning,
+                stacklevel=2,
+            )
         if "projection_dim" in kwargs:  # the earlier name of projection_size (config.json written before 0.2)
             legacy = kwargs.pop("projection_dim")
             _check_positive_int("projection_dim", legacy, allow_none=True)
@@ -148,21 +158,6 @@ class SLQConfig(PretrainedConfig):
                 "a local path (str)."
             )
         super().__post_init__(**kwargs)
-
-    def _check_written_by_version(self) -> None:
-        written = self.slq_hf_version
-        if written is None:
-            return
-        if not isinstance(written, str):
-            raise ValueError(f"SLQConfig: `slq_hf_version`={written!r} is invalid; expected a version string.")
-        if _version_tuple(written) > _version_tuple(SLQ_HF_VERSION):
-            warnings.warn(
-                f"This SLQ config was written by slq_hf {written}, but slq_hf {SLQ_HF_VERSION} is installed. Newer "
-                "releases may store options this one ignores; upgrade slq_hf (pip install -U slq_hf) if loading "
-                "fails or embeddings differ.",
-                UserWarning,
-                stacklevel=3,
-            )
 
     def _drop_unknown_keys(self, kwargs: dict[str, Any]) -> dict[str, Any]:
         """Drop keys that no SLQConfig field or transformers itself knows: most likely options of a newer slq_hf.

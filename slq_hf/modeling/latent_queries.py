@@ -99,13 +99,9 @@ class LatentQueries(nn.ParameterDict):
             queries = self.validate(queries, f"queries= for set {name!r}")
             if num_queries is not None and num_queries != queries.shape[0]:
                 raise ValueError(f"num_queries={num_queries} but queries= holds {queries.shape[0]} rows.")
-        else:
-            if isinstance(num_queries, bool) or not isinstance(num_queries, int) or num_queries < 1:
-                raise ValueError(f"num_queries={num_queries!r} is invalid; expected a positive integer.")
-        count = num_queries if queries is None else queries.shape[0]
-        if self.max_queries is not None and count > self.max_queries:  # before anything is allocated
-            raise ValueError(f"Query set {name!r} would have {count} queries, but at most {self.max_queries} fit "
-                             f"after a prompt within the positions of {self.source}.")
+        elif isinstance(num_queries, bool) or not isinstance(num_queries, int) or num_queries < 1:
+            raise ValueError(f"num_queries={num_queries!r} is invalid; expected a positive integer.")
+        self.check_fits(name, num_queries if queries is None else queries.shape[0])
         if queries is None:
             queries = self.initial(num_queries, zlib.crc32(name.encode()) if seed is None else seed)
         if device is None and len(self):
@@ -120,14 +116,19 @@ class LatentQueries(nn.ParameterDict):
         if name == DEFAULT_QUERY_SET and queries.shape != self[name].shape:
             raise ValueError(f"{source}: {queries.shape[0]} queries cannot replace the default set, which has "
                              f"{self[name].shape[0]} (config.num_queries); load it under another name.")
-        trainable = True
-        if name in self:
-            if self[name].shape == queries.shape:
-                with torch.no_grad():
-                    self[name].copy_(queries.to(self[name]))
-                return
-            trainable = self.pop(name).requires_grad
+        if name in self and self[name].shape == queries.shape:
+            with torch.no_grad():
+                self[name].copy_(queries.to(self[name]))
+            return
+        self.check_fits(name, queries.shape[0])  # before the old set goes
+        trainable = self.pop(name).requires_grad if name in self else True
         self.add(name, queries=queries, trainable=trainable)
+
+    def check_fits(self, name: str, count: int) -> None:
+        """Refuse a set of ``count`` queries that cannot fit after a prompt (called before anything is allocated)."""
+        if self.max_queries is not None and count > self.max_queries:
+            raise ValueError(f"Query set {name!r} would have {count} queries, but at most {self.max_queries} fit "
+                             f"after a prompt within the positions of {self.source}.")
 
     def remove(self, name: str) -> None:
         """Drop set ``name`` (not the default set); the active set falls back to ``"default"``."""
