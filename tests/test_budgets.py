@@ -265,6 +265,11 @@ def test_pinned_hub_backbone_folder_leaves_the_processor_out(model, tiny_backbon
     _close(loaded.encode(photos), model.encode(photos))
     with pytest.raises(ValueError, match="bundle_processor='yes' is invalid"):
         hub_like.save_pretrained(tmp_path / "bad", bundle_processor="yes")
+    # Re-saving the small folder with the processor bundled: sentence-transformers must use the copy, not the Hub
+    hub_like.save_pretrained(small, bundle_processor=True)
+    settings = json.loads((small / "sentence_bert_config.json").read_text())
+    assert (small / "tokenizer.json").exists()
+    assert "tokenizer_name_or_path" not in settings and "processor_kwargs" not in settings
 
 
 def test_readme_budgets_example_runs(monkeypatch, capsys):

@@ -125,7 +125,6 @@ class SLQModel(PreTrainedModel):
 
     config_class = SLQConfig
     base_model_prefix = "slq"
-    main_input_name = "input_ids"
     supports_gradient_checkpointing = False
     accepts_loss_kwargs = False  # the Trainer must hand our own loss through (it is computed inside forward)
     _supports_sdpa = True
@@ -670,8 +669,7 @@ class SLQModel(PreTrainedModel):
         for index in tqdm(batches, desc="SLQ encode", unit="batch", disable=not show):
             with _PROCESSOR_LOCK:
                 batch = collate(processor, [items[i] for i in index], instruction, max_length=max_length)
-            batch = {k: v.to(self.device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
-            result = self(**batch, query_sets=names).pooler_outputs
+            result = self(**batch.to(self.device), query_sets=names).pooler_outputs
             for name in names:
                 out[name][index] = result[name].float().cpu()
         return out if query_sets is not None else out[names[0]]
@@ -693,10 +691,6 @@ class SLQModel(PreTrainedModel):
         """Longest prompt (tokens) that leaves room for the queries within the backbone's positions; ``collate``
         truncates longer user texts to it (with a warning), keeping the chat template's generation prompt."""
         return prompt_length_limit(self.backbone.config, self.processor, reserved=self.max_query_set_size())
-
-    @property
-    def device(self) -> torch.device:
-        return self.queries.device
 
     def train(self, mode: bool = True) -> SLQModel:
         """Switch SLQ's own modules to train mode; a frozen backbone stays in eval mode.

@@ -81,7 +81,7 @@ def prefix_cache_query_states(
     input_ids: torch.Tensor,
     attention_mask: torch.Tensor,
     queries: torch.Tensor,
-    backbone_inputs: dict[str, Any] | None = None,
+    backbone_inputs: dict[str, Any],
     sizes: Sequence[int] | None = None,
 ) -> torch.Tensor:
     """Final hidden states of the queries appended to a prompt, computed with the prefix cache.
@@ -91,7 +91,7 @@ def prefix_cache_query_states(
         spec: the backbone family's registry row (decides the position rule).
         input_ids: (B, L) LEFT-padded prompt ids, no query slots (``SLQModel`` re-lays rows before calling).
         attention_mask: (B, L) prompt mask.
-        queries: (Q, H) shared by every row, or (B, Q, H); fp32 parameters are cast to the backbone's dtype.
+        queries: (Q, H), shared by every row; fp32 parameters are cast to the backbone's dtype.
             Q = N_q for one query set, K*N_q for K sets.
         backbone_inputs: the prompt's other processor outputs (pixel_values, image_grid_thw, mm_token_type_ids
             (B, L), ...), already re-laid like the ids.
@@ -103,12 +103,10 @@ def prefix_cache_query_states(
         (B, Q, H) final (post-norm) hidden states at the query positions, in the backbone's dtype, with grad to
         ``queries`` only.
     """
-    backbone_inputs = backbone_inputs or {}
     batch, length = input_ids.shape
     dtype = base_model.get_input_embeddings().weight.dtype
-    if queries.ndim == 2:
-        queries = queries.unsqueeze(0).expand(batch, -1, -1)  # (B, Q, H)
-    num = queries.shape[1]
+    num = queries.shape[0]
+    queries = queries.unsqueeze(0).expand(batch, -1, -1)  # (B, Q, H)
     sizes = [num] if sizes is None else list(sizes)
     if sum(sizes) != num:
         raise ValueError(f"sizes={sizes} add up to {sum(sizes)}, but {num} queries were given.")

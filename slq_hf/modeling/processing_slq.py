@@ -40,7 +40,6 @@ _PROCESSOR_ERRORS = (ValueError, TypeError, IndexError, RuntimeError, OSError)
 _SEPARATORS = tuple({"/", os.sep, os.altsep or "/"})
 
 
-
 @dataclass
 class SLQItem:
     """One normalised input: an image, a text, or both (image first, then text, in the user turn).

@@ -12,14 +12,12 @@ Ships inside every checkpoint (remote code): standard library only (the processo
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 from typing import Any
 
 from .budgets import image_rule
-
-SENTENCE_BERT_CONFIG_NAME = "sentence_bert_config.json"
+from .sentence_transformers_files import SENTENCE_BERT_CONFIG_NAME, read_json, write_json
 
 
 def bundles_processor(backbone_name_or_path: str | None, backbone_revision: str | None,
@@ -35,19 +33,21 @@ def bundles_processor(backbone_name_or_path: str | None, backbone_revision: str 
     return Path(backbone_name_or_path).expanduser().exists() or os.path.isabs(backbone_name_or_path)
 
 
-def save_processor(processor: Any, out: Path, config: Any, bundle_processor: bool | None = None) -> bool:
+def save_processor(processor: Any, out: Path, config: Any, bundle_processor: bool | None = None) -> None:
     """Write the processor into ``out`` or, for an unbundled folder, point sentence-transformers at the backbone's
-    processor (call after the sentence-transformers files are written). Returns whether the processor was copied."""
+    processor (call after the sentence-transformers files are written)."""
     if processor is None:
-        return False
+        return
+    file = Path(out) / SENTENCE_BERT_CONFIG_NAME
+    settings = read_json(file) or {}
     if bundles_processor(config.backbone_name_or_path, config.backbone_revision, bundle_processor):
         processor.save_pretrained(out)
-        return True
-    file = Path(out) / SENTENCE_BERT_CONFIG_NAME
-    settings = json.loads(file.read_text(encoding="utf8")) if file.is_file() else {}
-    kwargs: dict[str, Any] = {"revision": config.backbone_revision}
-    if image_rule(processor) is not None:  # the budgeted size, so sentence-transformers sizes images like encode
-        kwargs["size"] = {k: int(v) for k, v in dict(processor.image_processor.size).items() if v is not None}
-    settings.update({"tokenizer_name_or_path": config.backbone_name_or_path, "processor_kwargs": kwargs})
-    file.write_text(json.dumps(settings, indent=2) + "\n", encoding="utf8")
-    return False
+        # A re-save of an unbundled folder carried its pointer to the backbone's processor over: the copy wins now.
+        for key in ("tokenizer_name_or_path", "processor_kwargs"):
+            settings.pop(key, None)
+    else:
+        kwargs: dict[str, Any] = {"revision": config.backbone_revision}
+        if image_rule(processor) is not None:  # the budgeted size, so sentence-transformers sizes images like encode
+            kwargs["size"] = {k: int(v) for k, v in dict(processor.image_processor.size).items() if v is not None}
+        settings.update({"tokenizer_name_or_path": config.backbone_name_or_path, "processor_kwargs": kwargs})
+    write_json(settings, file)

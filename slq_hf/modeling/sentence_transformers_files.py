@@ -62,7 +62,7 @@ ST_REQUIREMENTS: dict[str, Any] = {
 }
 
 
-def _read_json(path: Path) -> Any:
+def read_json(path: Path) -> Any:
     """The parsed file, or None when it is missing or not valid JSON (then it is rewritten from scratch)."""
     try:
         with open(path, encoding="utf8") as handle:
@@ -71,7 +71,7 @@ def _read_json(path: Path) -> Any:
         return None
 
 
-def _write_json(data: Any, path: Path) -> None:
+def write_json(data: Any, path: Path) -> None:
     # Write next to the target, then rename: an interrupted save never leaves half a JSON file behind.
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     with open(tmp, "w", encoding="utf8") as handle:
@@ -151,11 +151,11 @@ def write_sentence_transformers_files(save_directory: str | os.PathLike, prompts
     """
     out = Path(save_directory)
     out.mkdir(parents=True, exist_ok=True)
-    _write_json(modules_config(_read_json(out / MODULES_NAME)), out / MODULES_NAME)
-    _write_json(sentence_bert_config(_read_json(out / SENTENCE_BERT_CONFIG_NAME), max_seq_length),
-                out / SENTENCE_BERT_CONFIG_NAME)
+    write_json(modules_config(read_json(out / MODULES_NAME)), out / MODULES_NAME)
+    write_json(sentence_bert_config(read_json(out / SENTENCE_BERT_CONFIG_NAME), max_seq_length),
+               out / SENTENCE_BERT_CONFIG_NAME)
     normalize_dir = out / NORMALIZE_DIR
     normalize_dir.mkdir(exist_ok=True)
-    _write_json({"module_input_name": "sentence_embedding", "module_output_name": "sentence_embedding"},
-                normalize_dir / "config.json")
-    _write_json(st_model_config(_read_json(out / ST_CONFIG_NAME), prompts), out / ST_CONFIG_NAME)
+    write_json({"module_input_name": "sentence_embedding", "module_output_name": "sentence_embedding"},
+               normalize_dir / "config.json")
+    write_json(st_model_config(read_json(out / ST_CONFIG_NAME), prompts), out / ST_CONFIG_NAME)
