@@ -468,6 +468,14 @@ def test_cli_refuses_an_earlier_run_unless_resuming_or_overwriting(backbone, tmp
     assert main(_cli(backbone, data, out, "--max-steps", "3", "--resume-from-checkpoint", "latest")) == 0
     assert f"Resuming from {out / 'checkpoint-3'}" in capsys.readouterr().out
 
+    # --overwrite-output-dir with a mistake elsewhere in the command (a missing data file, an unknown eval metric)
+    # fails with the earlier run untouched: nothing is deleted before every check has passed.
+    before = _tree(out)
+    for extra in (["--train-data", str(tmp_path / "typo.jsonl")],
+                  ["--eval-data", str(data), "--metric-for-best-model", "nonsense"]):
+        assert main(_cli(backbone, data, out, "--max-steps", "1", "--overwrite-output-dir", *extra)) == 2
+        _error_lines(capsys)
+        assert _tree(out) == before, extra
     # --overwrite-output-dir starts over: the old run's checkpoints are gone, never mixed with the new ones.
     assert main(_cli(backbone, data, out, "--max-steps", "1", "--overwrite-output-dir")) == 0
     assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-1"]

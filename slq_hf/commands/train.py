@@ -158,7 +158,14 @@ def train(args: argparse.Namespace) -> dict:
     from slq_hf import SLQModel
     from slq_hf.hub.card import TRAINING_SUMMARY_NAME
     from slq_hf.training import SLQDataCollator, SLQTrainer, load_training_data
-    from slq_hf.training.run import PlanPrinter, check_output_dir, check_strict, resume_checkpoint, write_run_file
+    from slq_hf.training.run import (
+        PlanPrinter,
+        check_output_dir,
+        check_strict,
+        clear_earlier_run,
+        resume_checkpoint,
+        write_run_file,
+    )
 
     started = time.time()
     check_options_apply(args)
@@ -235,6 +242,8 @@ def train(args: argparse.Namespace) -> dict:
             raise ValueError(f"--metric-for-best-model {args.metric_for_best_model}: this eval data reports "
                              f"{sorted(reported)}.")
     if trainer.is_world_process_zero() and resume is None:
+        if args.overwrite_output_dir:  # only now: every check above passed
+            clear_earlier_run(args.output_dir)
         write_run_file(args.output_dir, run_settings(args))
     result = trainer.train(resume_from_checkpoint=resume)
     trainer.save_model()

@@ -51,8 +51,8 @@ def check_output_dir(output_dir: str | os.PathLike, backbone: str, resuming: boo
     """Refuse, before anything is written, an output folder that would lose or mix data.
 
     Refused: the backbone's own folder or another model's folder (always); a folder holding an earlier run unless
-    resuming it or ``overwrite`` (then its checkpoints and model files are deleted first, so the folder never holds
-    checkpoints of two runs).
+    resuming it or ``overwrite``. Nothing is deleted here: :func:`clear_earlier_run` does that once every other
+    check of the command has passed, so a mistyped option never costs the earlier run.
     """
     from ..modeling.checkpoint import check_save_target
 
@@ -61,20 +61,23 @@ def check_output_dir(output_dir: str | os.PathLike, backbone: str, resuming: boo
         raise ValueError(f"--output-dir {output_dir} is the backbone's folder: saving there would overwrite the "
                          "backbone's files. Pick a new folder; the SLQ folder only points at the backbone.")
     check_save_target(folder)
-    if resuming:
-        return
-    found = earlier_run(folder)
+    found = [] if resuming else earlier_run(folder)
     if found and not overwrite:
         shown = ", ".join(found[:6]) + (", ..." if len(found) > 6 else "")
         raise ValueError(f"--output-dir {output_dir} holds an earlier run ({shown}). Continue it with "
                          "--resume-from-checkpoint latest, pass --overwrite-output-dir to delete it and start over, "
                          "or pick a new folder.")
-    if found:
-        for checkpoint in _checkpoints(folder):
-            shutil.rmtree(checkpoint)
-        shutil.rmtree(folder / STAGING_DIR, ignore_errors=True)
-        for name in (*MODEL_FILES, RUN_FILE):
-            (folder / name).unlink(missing_ok=True)
+
+
+def clear_earlier_run(output_dir: str | os.PathLike) -> None:
+    """Delete an earlier run's checkpoints and model files (``--overwrite-output-dir``, after every check passed), so
+    the folder never holds checkpoints of two runs."""
+    folder = Path(output_dir)
+    for checkpoint in _checkpoints(folder) if folder.is_dir() else []:
+        shutil.rmtree(checkpoint)
+    shutil.rmtree(folder / STAGING_DIR, ignore_errors=True)
+    for name in (*MODEL_FILES, RUN_FILE):
+        (folder / name).unlink(missing_ok=True)
 
 
 def write_run_file(output_dir: str | os.PathLike, settings: dict[str, Any]) -> None:
