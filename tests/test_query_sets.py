@@ -313,6 +313,19 @@ def test_registry_names_and_active_set(qwen):
     assert model.max_query_set_size() == NUM_QUERIES
 
 
+def test_a_use_query_set_block_is_not_saved_and_its_set_cannot_be_removed(models, tmp_path):
+    """The block's set is the calling thread's temporary choice: a save inside it records the model-wide active set,
+    and removing the block's own set is refused (the block would name a set that no longer exists)."""
+    model = models("qwen3_vl")
+    with model.use_query_set("document"):
+        model.save_pretrained(tmp_path / "inside")
+        with pytest.raises(ValueError, match="active set of the calling use_query_set block"):
+            model.remove_query_set("document")
+        assert model.active_query_set == "document" and "document" in model.query_sets
+    assert json.loads((tmp_path / "inside" / "query_sets" / "sets.json").read_text())["active"] == "default"
+    assert SLQModel.from_pretrained(tmp_path / "inside").active_query_set == "default"
+
+
 # ----------------------------------------------------------------------------------------- sentence-transformers
 def test_sentence_transformers_encode_query_and_document_use_their_sets(qwen, tiny_backbone_path, tmp_path):
     """Remote code only (slq_hf never imported in the subprocess): task -> forward -> the set of that name, falling

@@ -67,6 +67,11 @@ class LatentQueries(nn.ParameterDict):
         """The set used when none is named: the calling thread's :meth:`use` block, else :meth:`set_active`'s."""
         return (_SCOPED_ACTIVE.get() or {}).get(id(self), self._active)
 
+    @property
+    def model_active(self) -> str:
+        """The model-wide active set (:meth:`set_active`), whatever a :meth:`use` block selects; what a save keeps."""
+        return self._active
+
     def lookup(self, name: str) -> nn.Parameter:
         """(N_q, H) queries of set ``name`` (the parameter itself); KeyError listing the sets otherwise."""
         if name not in self:
@@ -136,6 +141,9 @@ class LatentQueries(nn.ParameterDict):
             raise ValueError("The default query set holds config.num_queries queries (model.safetensors) and cannot "
                              "be removed.")
         self.lookup(name)
+        if name == self.active != self._active:
+            raise ValueError(f"Query set {name!r} is the active set of the calling use_query_set block; remove it "
+                             "after the block.")
         del self[name]
         if self._active == name:
             self._active = DEFAULT_QUERY_SET

@@ -347,12 +347,13 @@ class SLQModel(PreTrainedModel):
             self.config.save_pretrained(out)  # + configuration_slq.py, auto_map["AutoConfig"]
             save_tensors(self.trainable_state_dict(), out / WEIGHTS_NAME, WEIGHTS_METADATA)
             extra = self.query_sets[1:]
-            if extra or self.active_query_set != DEFAULT_QUERY_SET:
+            active = self.latent_queries.model_active  # not a use_query_set block's temporary choice
+            if extra or active != DEFAULT_QUERY_SET:
                 (out / QUERY_SETS_DIR).mkdir()
                 for name in extra:
                     self.save_query_set(name, out / query_set_file(name))
                 sets = {n: {"file": query_set_file(n), "num_queries": self.get_query_set(n).shape[0]} for n in extra}
-                index = {"active": self.active_query_set, "sets": sets}
+                index = {"active": active, "sets": sets}
                 (out / QUERY_SETS_INDEX).write_text(json.dumps(index, indent=2) + "\n")
             # Every SLQ folder is also a sentence-transformers model; max_seq_length makes it truncate like encode.
             write_sentence_transformers_files(out, max_seq_length=self.max_prompt_length())
