@@ -289,6 +289,22 @@ def test_eval_rerank_of_every_candidate_equals_reranking_by_hand(toy_slq, scenes
     assert "reranked top-5 (likelihood)" in format_results_table(result)
 
 
+def test_eval_rerank_takes_captions_as_texts_even_when_they_look_like_files(toy_slq, scenes, tmp_path, monkeypatch):
+    """A caption is a text in evaluation, reranked or not: "IMG_0042.JPG" (no such file) and the name of a file that
+    exists are scored as texts, the same as the text itself."""
+    from slq_hf.evaluation import RetrievalDataset, evaluate_retrieval
+
+    monkeypatch.chdir(tmp_path)
+    scenes[0].image.save(tmp_path / "photo.png")
+    images = [s.image for s in scenes[:3]]
+    texts = ["IMG_0042.JPG", "photo.png", "see photos/"]
+    data = RetrievalDataset.from_pairs(images, texts, name="toy")
+    result = evaluate_retrieval(toy_slq, data, show_progress_bar=False, rerank_top_k=3)
+    t2i = [rerank(toy_slq.backbone, toy_slq.processor, {"text": t}, images).order[0].item() == i
+           for i, t in enumerate(texts)]
+    assert result["rerank"]["metrics"]["t2i"]["R@1"] == pytest.approx(sum(t2i) / len(t2i))
+
+
 def test_eval_rerank_top_1_changes_nothing(toy_slq, scenes):
     from slq_hf.evaluation import RetrievalDataset, evaluate_retrieval
 

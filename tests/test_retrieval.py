@@ -484,6 +484,10 @@ def test_cli_rerank_reorders_the_top_k(slq_dir, image_folder, tmp_path, capsys):
     results = json.loads(capsys.readouterr().out)["results"]
     reranked = [r["rerank_score"] for r in results]
     assert len(results) == 3 and reranked == sorted(reranked, reverse=True) and all(np.isfinite(reranked))
+    # A query text is a text when reranked too, even one that looks like a file name
+    for text in ("IMG_0042.JPG", "see photos/"):
+        assert main(["search", str(out), "--text", text, "-k", "2", "--rerank", "3", "--json"]) == 0
+        assert len(json.loads(capsys.readouterr().out)["results"]) == 2
     assert main(["search", str(out), "--text", "x", "-k", "5", "--rerank", "2"]) == 2
 
 

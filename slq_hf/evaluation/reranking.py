@@ -121,14 +121,14 @@ def rerank_retrieval_metrics(
         started = time.perf_counter()
         if direction == "t2i":
             def score(row: int, top: list[int]) -> torch.Tensor:
-                return rerank(backbone, processor, texts[row], [image(i) for i in top], **options).scores
+                return rerank(backbone, processor, {"text": texts[row]}, [image(i) for i in top], **options).scores
 
             reranked = rerank_similarity(sim.T, top_k, score, desc="rerank text->image",
                                          show_progress_bar=show_progress_bar).T
             rows = len(texts)
         else:
             def score(row: int, top: list[int]) -> torch.Tensor:
-                return rerank(backbone, processor, image(row), [texts[t] for t in top], **options).scores
+                return rerank(backbone, processor, image(row), [{"text": texts[t]} for t in top], **options).scores
 
             captioned = sorted(set(owner.tolist()))  # images without captions are no image->text queries
             reranked = rerank_similarity(sim, top_k, score, rows=captioned, desc="rerank image->text",

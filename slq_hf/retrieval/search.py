@@ -215,11 +215,10 @@ def rerank_hits(model: Any, query: Any, hits: list[SearchHit], *, scorer: str = 
         image = hit.path
         if image is None and hit.image is not None:
             raise ValueError(f"Item {hit.id!r} has no image file on disk to rerank with (hf datasets corpora).")
-        candidates.append(image if hit.text is None else (hit.text if image is None else {"image": image,
-                                                                                          "text": hit.text}))
-    value = _query_input(query, 0)
-    value = value["text"] if isinstance(value, dict) and set(value) == {"text"} else value
-    result = rerank(model.backbone, model.processor, value, candidates, scorer, batch_size=batch_size)
+        # {"text": ...}: a stored text is a text even when it looks like a file name ("IMG_0042.JPG")
+        candidates.append(image if hit.text is None else {"text": hit.text, **({"image": image} if image else {})})
+    result = rerank(model.backbone, model.processor, _query_input(query, 0), candidates, scorer,
+                    batch_size=batch_size)
     out = []
     for rank, position in enumerate(result.order.tolist(), start=1):
         hit = hits[position]
