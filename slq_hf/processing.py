@@ -43,23 +43,24 @@ from .modeling.processing_slq import (
 )
 
 
-def prepare_inputs(inputs: SLQInput | list[SLQInput], processor: Any = None) -> list[str | Image.Image | dict]:
+def prepare_inputs(inputs: SLQInput | list[SLQInput], processor: Any = None) -> list[Image.Image | dict]:
     """Validate and convert inputs exactly as ``SLQModel.encode`` does, for APIs that run the processor themselves
     (sentence-transformers: ``st.encode(prepare_inputs(inputs, st[0].processor))``).
 
-    Texts stay ``str``; images (PIL or path) become RGB PIL images: EXIF-transposed, mode-converted, first frame
-    only, checked against the decoded-size limit and, with ``processor``, shrunk to its :func:`image_budget`;
-    image+text inputs become ``{"image": PIL, "text": str}``. Raises SLQInputError naming the index, like ``encode``.
-    All images are decoded at once: pass a batch at a time for large inputs.
+    Texts become ``{"text": str}`` (a text, even one naming a file); images (PIL or path) become RGB PIL images:
+    EXIF-transposed, mode-converted, first frame only, checked against the decoded-size limit and, with
+    ``processor``, shrunk to its :func:`image_budget`; image+text inputs become ``{"image": PIL, "text": str}``.
+    Raises SLQInputError naming the index, like ``encode``. All images are decoded at once: pass a batch at a time
+    for large inputs.
     """
     budget = image_budget(processor) if processor is not None else None
-    prepared: list[str | Image.Image | dict] = []
+    prepared: list[Image.Image | dict] = []
     for item in to_items(inputs, budget, lazy=False):
         item = limit_text(processor, item, text_budget(processor)) if processor is not None else item
-        if item.image is not None and item.text is not None:
-            prepared.append({"image": item.image, "text": item.text})
-        else:
-            prepared.append(item.image if item.image is not None else item.text)
+        if item.image is not None:
+            prepared.append(item.image if item.text is None else {"image": item.image, "text": item.text})
+        else:  # a bare str naming an existing file would be opened as an image by sentence-transformers
+            prepared.append({"text": item.text})
     return prepared
 
 

@@ -478,6 +478,8 @@ def test_sentence_transformer_evaluates_like_slq_model(slq_dir, tmp_path):
     data = read_jsonl(_write_jsonl(tmp_path / "d.jsonl", [
         {"image": "red.png", "texts": ["a red square", "red"]}, {"image": "blue.png", "text": "a blue square"},
         {"reference": "red.png", "text": "make it blue", "target": "blue.png"},
+        # captions that look like files, one of them an existing image: texts in both
+        {"image": "red.png", "texts": ["IMG_0042.JPG", str(tmp_path / "blue.png")]},
     ]))
     ours = evaluate_retrieval(SLQModel.from_pretrained(slq_dir), data, return_embeddings=True)
     theirs = evaluate_retrieval(load_sentence_transformer(slq_dir, device="cpu"), data, return_embeddings=True)

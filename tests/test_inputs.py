@@ -533,10 +533,12 @@ def test_sentence_transformers_with_prepare_inputs_matches_encode(model, sentenc
     _scene(64, 32).save(rotated, exif=exif)
     high_depth = Image.frombytes("I;16", (40, 30), np.linspace(0, 60000, 1200).astype("<u2").tobytes())
     inputs = ["a caption", str(files["good"]), rotated, high_depth, _scene(48, 48, mode="CMYK"), _scene(1, 1),
-              _scene(3000, 2000), {"image": _scene(96, 64, mode="RGBA"), "text": "what shape?"}]
+              _scene(3000, 2000), {"image": _scene(96, 64, mode="RGBA"), "text": "what shape?"},
+              {"text": str(files["good"])}]  # a text naming an existing image file stays a text
     prepared = prepare_inputs(inputs, sentence_model[0].processor)
-    assert [type(p).__name__ for p in prepared] == ["str", "Image", "Image", "Image", "Image", "Image", "Image",
-                                                    "dict"]
+    assert [type(p).__name__ for p in prepared] == ["dict", "Image", "Image", "Image", "Image", "Image", "Image",
+                                                    "dict", "dict"]
+    assert prepared[0] == {"text": "a caption"} and prepared[-1] == {"text": str(files["good"])}
     assert all(p.mode == "RGB" for p in prepared if isinstance(p, Image.Image))
     got = sentence_model.encode(prepared, convert_to_tensor=True, batch_size=3)
     _close(got, model.encode(inputs))
@@ -691,7 +693,7 @@ def test_sentence_transformers_helpers_take_inputs_like_encode(model, tmp_path):
     stored.paste((255, 0, 0), (0, 0, 32, 32))
     stored.save(tmp_path / "rot.jpg", exif=exif)
     inputs = [str(tmp_path / "anim.gif"), Image.open(tmp_path / "rot.jpg"), tmp_path / "rot.jpg", "a caption",
-              {"image": _scene(40, 30, mode="RGBA"), "text": "what?"}]
+              {"image": _scene(40, 30, mode="RGBA"), "text": "what?"}, {"text": str(tmp_path / "rot.jpg")}]
     _close(st.encode(inputs, convert_to_tensor=True, batch_size=2), model.encode(inputs))
     # still picklable (multi-process pools send the model to workers), and the copy keeps encode's handling
     import pickle

@@ -305,7 +305,9 @@ def encode_inputs(
 
     from tqdm.auto import tqdm
 
-    wrap_text = _is_slq(model)
+    # {"text": ...}: a caption that names a file is still a caption (SLQ models, and sentence-transformers models
+    # hosting one, whose input rule would otherwise open it as an image)
+    wrap_text = isinstance(model, torch.nn.Module) and any(_is_slq(module) for module in model.modules())
     chunk_size = chunk_size or batch_size * 8
     parts = []
     # tqdm's disable=None means "only on a terminal": progress lines would flood log files.

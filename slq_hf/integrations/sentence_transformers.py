@@ -86,9 +86,9 @@ def _like_encode(value: Any, budget: Any, processor: Any = None, max_text_tokens
     if _is_message(value):
         return value
     item = limit_text(processor, to_item(value, budget=budget), max_text_tokens)
-    if item.image is not None and item.text is not None:
-        return {"image": item.image, "text": item.text}
-    return item.image if item.image is not None else item.text
+    if item.image is not None:
+        return item.image if item.text is None else {"image": item.image, "text": item.text}
+    return {"text": item.text}  # a bare str naming an existing file would be opened as an image by ST
 
 
 def _preprocess_like_encode(module: Any, inputs: Any, *args, **kwargs) -> Any:
