@@ -208,3 +208,30 @@ def test_a_callable_needs_a_model_id(tmp_path):
     assert status == "miss"
     _, status = _encode(encoder, tmp_path, model_id="ones-v1")
     assert status == "hit"
+
+
+def test_a_datasets_image_replaced_under_the_same_path_misses(model, tmp_path):
+    """Image cells that hold only a path (an ``imagefolder`` dataset) are keyed on the file's size and mtime too,
+    like image files: replacing the picture under the same name is a miss, never the old picture's vectors."""
+    pytest.importorskip("datasets")
+    import json
+
+    from slq_hf.evaluation import load_retrieval_dataset
+
+    folder = tmp_path / "imgs"
+    folder.mkdir()
+    scene(64, 64, (220, 30, 30)).save(folder / "a.png")
+    scene(64, 64, (30, 200, 30)).save(folder / "b.png")
+    (folder / "metadata.jsonl").write_text("".join(json.dumps({"file_name": f"{n}.png", "text": f"scene {n}"}) + "\n"
+                                                   for n in "ab"))
+
+    def images():
+        found = load_retrieval_dataset(folder, "hf", "train").images
+        assert found[0].raw().get("bytes") is None  # path-only cells: what this test is about
+        return found
+
+    first = _seed(model, tmp_path, images())
+    scene(80, 40, (30, 30, 220)).save(folder / "a.png")  # another picture, same name
+    out, status = _encode(model, tmp_path, images())
+    assert status == "miss" and not torch.equal(out[0], first[0])
+    torch.testing.assert_close(out, _uncached(model, images()), atol=0, rtol=0)

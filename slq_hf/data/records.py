@@ -38,9 +38,16 @@ class DatasetImage:
 
     @cached_property
     def key(self) -> str:
-        """Identifies the image's content (hash of its bytes, else its path): equal images share a key."""
+        """Identifies the image's content: hash of its bytes, else its path with the file's size and mtime (as for
+        image files: a file replaced under the same name gets a new key). Equal images share a key."""
         value = self.raw()
-        return f"sha1:{hashlib.sha1(value['bytes']).hexdigest()}" if value.get("bytes") else f"path:{value['path']}"
+        if value.get("bytes"):
+            return f"sha1:{hashlib.sha1(value['bytes']).hexdigest()}"
+        try:
+            stat = os.stat(value["path"])
+        except (OSError, TypeError, ValueError):
+            return f"path:{value.get('path')}"
+        return f"path:{value['path']}:{stat.st_size}:{stat.st_mtime_ns}"
 
     def load(self) -> Image.Image:
         value = self.raw()
