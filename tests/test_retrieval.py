@@ -322,7 +322,8 @@ def test_changed_data_refused(model, tmp_path, scenes):
 # ------------------------------------------------------------------------------------------------ precisions
 @pytest.mark.parametrize(("precision", "factory"), [
     ("float32", "HNSW16"), ("float16", "Flat"), ("int8", "Flat"), ("int8", "HNSW16"), ("ubinary", "Flat"),
-    ("ubinary", "HNSW16"), ("ubinary", "IVF4"), ("float32", "IVF4,PQ8x4"), ("float16", "IVF4")])
+    ("ubinary", "HNSW16"), ("ubinary", "IVF4"), ("float32", "IVF4,PQ8x4"), ("float16", "IVF4"),
+    ("float32", "PCA16,Flat"), ("float32", "L2norm,HNSW16")])  # a transform step is not exact storage
 def test_quantized_search_finds_the_exact_top1(model, image_folder, tmp_path, precision, factory, scenes):
     out = tmp_path / "index"
     build_index(model, image_folder, out, shard_size=16, precision=precision, faiss_factory=factory)

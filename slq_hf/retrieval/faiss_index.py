@@ -97,8 +97,10 @@ def is_exact_storage(factory: str, precision: str) -> bool:
     """True when the index returns exact float32 inner products (no rescoring needed)."""
     if precision != "float32":
         return False
-    storage = factory.replace(" ", "").split(",")[-1]
-    return storage == "Flat" or re.fullmatch(r"HNSW\d+", storage) is not None
+    steps = factory.replace(" ", "").split(",")
+    # Every step must keep the vectors as they are: a transform (PCA, OPQ, RR, ITQ...) or a code changes the scores.
+    keeps = all(re.fullmatch(r"Flat|HNSW\d+|IVF\d+(_HNSW\d+)?|L2norm|IDMap2?", step) for step in steps)
+    return keeps and (steps[-1] == "Flat" or re.fullmatch(r"HNSW\d+", steps[-1]) is not None)
 
 
 def encode_codes(vectors: np.ndarray, precision: str) -> np.ndarray:
