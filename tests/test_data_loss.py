@@ -140,7 +140,16 @@ def test_resave_over_an_slq_folder_replaces_it_and_keeps_foreign_entries(tmp_pat
     (target / "runs" / "events").write_text("tensorboard")
     (target / "README.md").write_text("my model card")
     (target / "notes.txt").write_text("user file")
+    (target / "locked").mkdir()
+    (target / "locked" / "data").write_text("kept")
+    (target / "locked").chmod(0o555)  # a read-only folder is carried over too
+    for age, entry in enumerate(("checkpoint-3", "runs", "locked")):  # carried folders keep their times
+        os.utime(target / entry, ns=(10**18 + age, 10**18 + age))
+    times = {e: (target / e).stat().st_mtime_ns for e in ("checkpoint-3", "runs", "locked")}
     b.save_pretrained(target)
+    assert {e: (target / e).stat().st_mtime_ns for e in times} == times  # (the Trainer rotates checkpoints by mtime)
+    assert (target / "locked" / "data").read_text() == "kept"
+    (target / "locked").chmod(0o755)
     assert not (target / "query_sets").exists()  # B has no extra set: A's "doc" set must not come back
     assert (target / "checkpoint-3" / "optimizer.pt").read_bytes() == b"optimizer state"
     assert (target / "runs" / "events").read_text() == "tensorboard"

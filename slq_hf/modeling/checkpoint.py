@@ -514,9 +514,11 @@ def _link_tree(source: Path, dest: Path) -> None:
         os.symlink(os.readlink(source), dest)
     elif source.is_dir():
         dest.mkdir()
-        shutil.copystat(source, dest)
         for child in source.iterdir():
             _link_tree(child, dest / child.name)
+        # After the children, which would set its mtime to now (the Trainer rotates checkpoints by mtime) and which a
+        # read-only mode would refuse.
+        shutil.copystat(source, dest)
     else:
         try:
             os.link(source, dest)
