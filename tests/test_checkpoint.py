@@ -436,6 +436,29 @@ def test_the_picked_placeholder_passes_on_every_family(tiny_backbone_path, famil
 
 
 # ------------------------------------------------------------------------------------------ save_tensors
+def test_save_tensors_from_threads_to_one_path_never_collide(tmp_path):
+    """Each writer has its own temporary file (they shared one per process): concurrent saves of a file all succeed
+    and readers only ever see a complete file."""
+    path, errors = tmp_path / "q.safetensors", []
+    states = [{"queries": torch.full((64, H), float(i))} for i in range(2)]
+
+    def write(state):
+        try:
+            for _ in range(40):
+                ck.save_tensors(state, path)
+                ck.read_tensors(path, {"queries": (64, H)})
+        except Exception as err:  # noqa: BLE001 - collected for the assertion below
+            errors.append(err)
+
+    threads = [threading.Thread(target=write, args=(state,)) for state in states]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert errors == []
+    assert list(tmp_path.iterdir()) == [path]
+
+
 def test_save_tensors_bytes_are_reproducible_across_processes(tmp_path):
     script = ("import sys, torch; from slq_hf.modeling.checkpoint import save_tensors; "
               "save_tensors({'queries': torch.arange(6.).reshape(2, 3), 'logit_scale': torch.tensor(2.0), "

@@ -24,6 +24,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import threading
 import time
 import warnings
 from collections.abc import Sequence
@@ -350,7 +351,7 @@ def _save_cached(path: Path, key: str, embeddings: torch.Tensor) -> None:
 
     path.parent.mkdir(parents=True, exist_ok=True)
     # Write then rename: an interrupted run never leaves a truncated cache file that looks valid.
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}-{threading.get_ident()}")
     save_file({"embeddings": embeddings.contiguous()}, str(tmp),
               metadata={"key": key, "count": str(embeddings.shape[0]), "slq_hf_cache": CACHE_VERSION})
     os.replace(tmp, path)

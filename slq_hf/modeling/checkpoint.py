@@ -28,6 +28,7 @@ import shutil
 import struct
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import contextmanager, suppress
@@ -378,7 +379,7 @@ def save_tensors(state: Mapping[str, torch.Tensor], path: str | os.PathLike,
     so the data block is unchanged.
     """
     path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}-{threading.get_ident()}")  # one per writer
     tensors = {k: v.detach().cpu().contiguous() for k, v in state.items()}
     blob = _save_safetensors_bytes(tensors, metadata=dict(metadata) if metadata is not None else None)
     (length,) = struct.unpack("<Q", blob[:8])

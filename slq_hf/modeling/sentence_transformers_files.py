@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import os
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -73,7 +74,7 @@ def read_json(path: Path) -> Any:
 
 def write_json(data: Any, path: Path) -> None:
     # Write next to the target, then rename: an interrupted save never leaves half a JSON file behind.
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}-{threading.get_ident()}")
     with open(tmp, "w", encoding="utf8") as handle:
         json.dump(data, handle, indent=2)
         handle.write("\n")
