@@ -516,3 +516,18 @@ def test_load_state_dict_reads_pre_0_2_key_names(models, caplog):
     assert "no entries" not in caplog.text
     for name, queries in new.items():
         assert torch.equal(model.get_query_set(name).detach(), queries), name
+
+
+def test_a_failed_load_state_dict_leaves_the_model_as_it_was(models):
+    """Every entry is checked before any is copied: a bad default set, a bad extra set or a bad name changes nothing."""
+    model = models("qwen3_vl")
+    before = {n: model.get_query_set(n).detach().clone() for n in model.query_sets}
+    fresh = {f"latent_queries.{n}": torch.randn_like(q) for n, q in before.items()}
+    for bad in ({"latent_queries.default": torch.zeros(1, 3)}, {"latent_queries.query": torch.zeros(2, 3)},
+                {"latent_queries.query": torch.full_like(before["query"], float("nan"))},
+                {"latent_queries.bad name": torch.zeros_like(before["query"])}):
+        with pytest.raises(ValueError):
+            model.load_state_dict({**fresh, "logit_scale": model.logit_scale.detach().clone(), **bad})
+        assert model.query_sets == list(before)
+        for name, queries in before.items():
+            assert torch.equal(model.get_query_set(name).detach(), queries), (bad, name)

@@ -45,6 +45,7 @@ from .checkpoint import (
     WEIGHTS_NAME,
     CheckpointError,
     check_config_for_backbone,
+    check_query_set_name,
     expected_tensors,
     max_queries,
     query_set_file,
@@ -311,19 +312,23 @@ class SLQModel(PreTrainedModel):
         """Accept full, queries-only or pre-0.2 state dicts (Trainer resume): backbone keys are never required."""
         own = {k.replace("extra_query_sets.", "latent_queries."): v  # pre-0.2 names of the extra sets
                for k, v in state_dict.items() if not k.startswith("backbone.")}
-        given: set[str] = set()
-        for key in [k for k in own if k.startswith("latent_queries.") and k != "latent_queries.default"]:
-            self.latent_queries.replace(key.split(".", 1)[1], own.pop(key), f"state dict entry {key!r}")
-            given.add(key)
-        kept = [n for n in self.query_sets[1:] if f"latent_queries.{n}" not in given]
+        sets = {k.split(".", 1)[1]: own.pop(k) for k in list(own)
+                if k.startswith("latent_queries.") and k != "latent_queries.default"}
+        for name, queries in sets.items():  # every entry is checked before anything changes
+            check_query_set_name(name)
+            rows = self.latent_queries.validate(queries, f"state dict entry {name!r}").shape[0]
+            self.latent_queries.check_fits(name, rows)
+        own[QUERY_SET_TENSOR] = own.pop("latent_queries.default", own.get(QUERY_SET_TENSOR))
+        self.load_trainable_state({k: v for k, v in own.items() if v is not None})  # checks, then copies
+        for name, queries in sets.items():
+            self.latent_queries.replace(name, queries, f"state dict entry {name!r}")
+        kept = [n for n in self.query_sets[1:] if n not in sets]
         if kept and any(self.get_query_set(n).requires_grad for n in kept):
             # The plain Trainer resumes (and loads its best checkpoint) from model.safetensors alone.
             logger.warning(f"load_state_dict: no entries for query sets {kept}; they keep their current values. A "
                            "checkpoint keeps them in query_sets/: SLQTrainer restores them on resume and for the best "
                            "checkpoint; with the plain Trainer call model.load_query_set(checkpoint, name=n, "
                            "query_set=n) for each.")
-        own[QUERY_SET_TENSOR] = own.pop("latent_queries.default", own.get(QUERY_SET_TENSOR))
-        self.load_trainable_state({k: v for k, v in own.items() if v is not None})
         return nn.modules.module._IncompatibleKeys([], [])
 
     def save_pretrained(self, save_directory: str | os.PathLike, *args, is_main_process: bool = True,
