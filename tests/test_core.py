@@ -386,9 +386,12 @@ def test_from_pretrained_keywords_override_the_config(model, tmp_path):
         out = reloaded(**batch)
     torch.testing.assert_close(out.pooler_output, out.query_states[:, -1].float())  # last query, not normalised
     assert abs(out.pooler_output.norm().item() - 1) > 1e-3
-    for key, value in [("num_queries", NUM_QUERIES + 1), ("hidden_size", 999), ("projection_dim", 8)]:
+    for key, value in [("num_queries", NUM_QUERIES + 1), ("hidden_size", 999), ("projection_dim", 8),
+                       ("projection_dim", model.config.hidden_size)]:  # the width is not a head
         with pytest.raises(ValueError, match=rf"{key}={value} cannot be changed"):
             SLQModel.from_pretrained(tmp_path / "slq", **{key: value})
+    # from_backbone's own values for a model without a head are accepted (no head is what it was trained with)
+    assert SLQModel.from_pretrained(tmp_path / "slq", projection_dim=None, projection_size=None).projection is None
     with pytest.raises(ValueError, match="`pooling`='max'"):
         SLQModel.from_pretrained(tmp_path / "slq", pooling="max")
     # Neither a config field nor a Hub argument: it reaches the backbone, and the error says so and names it.

@@ -519,7 +519,7 @@ def test_load_state_dict_reads_pre_0_2_key_names(models, caplog):
 
 
 def test_a_failed_load_state_dict_leaves_the_model_as_it_was(models):
-    """Every entry is checked before any is copied: a bad default set, a bad extra set or a bad name changes nothing."""
+    """Every entry is checked before any is copied: a bad default set, extra set or set name changes nothing."""
     model = models("qwen3_vl")
     before = {n: model.get_query_set(n).detach().clone() for n in model.query_sets}
     fresh = {f"latent_queries.{n}": torch.randn_like(q) for n, q in before.items()}

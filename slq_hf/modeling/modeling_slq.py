@@ -776,9 +776,11 @@ def _with_overrides(config: SLQConfig, overrides: dict[str, Any], path) -> SLQCo
     if not overrides:
         return config
     for key in _FIXED_FIELDS:
-        if key in overrides and overrides[key] != getattr(config, key):
+        # projection_dim: from_backbone's name for projection_size (the config's projection_dim is the output width)
+        saved = config.projection_size if key == "projection_dim" else getattr(config, key)
+        if key in overrides and overrides[key] != saved:
             raise ValueError(f"{path}: {key}={overrides[key]!r} cannot be changed when loading: the saved queries "
-                             f"were trained with {key}={getattr(config, key)!r}. Train a new model (from_backbone) "
+                             f"were trained with {key}={saved!r}. Train a new model (from_backbone) "
                              "for another value.")
     changed = {k: v for k, v in overrides.items() if k not in _FIXED_FIELDS}
     SLQConfig(**{**config.field_values(), **changed})  # validates the values
