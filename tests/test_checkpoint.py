@@ -694,6 +694,11 @@ def test_saving_into_the_working_directory(tmp_path, monkeypatch):
     monkeypatch.chdir(target)
     ck.write_folder(".", lambda out: _write_slq(out, 3))
     assert os.getcwd() == str(target) and json.loads(Path("config.json").read_text())["num_queries"] == 3
+    # Inside a subfolder that the new save no longer has: the save succeeds and the process lands in the folder
+    (target / "query_sets").mkdir()
+    monkeypatch.chdir(target / "query_sets")
+    assert ck.write_folder(target, lambda out: _write_slq(out, 4)) == target
+    assert os.getcwd() == str(target) and not (target / "query_sets").exists()
 
 
 _KILLED_SAVE = """

@@ -584,11 +584,16 @@ def write_folder(target: str | os.PathLike, write: Callable[[Path], None]) -> Pa
                     _link_tree(entry, staging / entry.name)
         _fsync_tree(staging)
         replace_folder(staging, target)
-        if cwd and (cwd == str(target) or cwd.startswith(str(target) + os.sep)):
-            os.chdir(cwd)  # the process's working directory was the old folder: move into the new one
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
+    if cwd and (cwd == str(target) or cwd.startswith(str(target) + os.sep)):
+        # The process's working directory was in the old folder: move to the same place in the new one, or to the
+        # folder itself when that place is gone (a removed query_sets/).
+        try:
+            os.chdir(cwd)
+        except OSError:
+            os.chdir(target)
     return target
 
 
