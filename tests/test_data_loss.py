@@ -19,6 +19,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import save_file
 from test_checkpoint import tree_digest
 
 from slq_hf import SLQConfig, SLQModel
@@ -63,6 +64,7 @@ import json, os, random, resource, signal, sys, time
 from pathlib import Path
 sys.path.insert(0, sys.argv[1])
 import torch
+from safetensors.torch import save_file
 from slq_hf import SLQModel
 from test_checkpoint import tree_digest
 from test_data_loss import build_models
@@ -98,11 +100,17 @@ def _foreign(kind: str, tmp_path: Path, tiny_backbone_path, models) -> Path:
         (out / "config.json").write_text(json.dumps({"model_type": "bert", "hidden_size": 8}))
         (out / "modules.json").write_text("[]")
         (out / "README.md").write_text("someone's card")
+    elif kind == "older sentence-transformers model":  # its config and weights live in 0_Transformer/
+        (out / "0_Transformer").mkdir(parents=True)
+        (out / "0_Transformer" / "config.json").write_text(json.dumps({"model_type": "bert"}))
+        save_file({"embeddings.weight": torch.zeros(4, 2)}, str(out / "0_Transformer" / "model.safetensors"))
+        (out / "modules.json").write_text(json.dumps([{"idx": 0, "name": "0", "path": "0_Transformer",
+                                                       "type": "sentence_transformers.models.Transformer"}]))
     return out
 
 
 FOREIGN = ["qwen3_vl backbone", "llava backbone", "sharded toy backbone", "backbone re-saved", "bare pickle weights",
-           "sentence-transformers model"]
+           "sentence-transformers model", "older sentence-transformers model"]
 
 
 @pytest.mark.parametrize("kind", FOREIGN)
@@ -161,6 +169,14 @@ def test_resave_over_an_slq_folder_replaces_it_and_keeps_foreign_entries(tmp_pat
     a.save_pretrained(target)
     loaded = SLQModel.from_pretrained(target, backbone=a.backbone)
     assert torch.equal(loaded.queries, a.queries) and torch.equal(loaded.get_query_set("doc"), a.get_query_set("doc"))
+
+
+def test_a_query_set_file_saved_into_an_slq_folder_does_not_block_its_resave(tmp_path, models):
+    a, _ = models
+    a.save_pretrained(tmp_path / "slq")
+    a.save_query_set("doc", tmp_path / "slq" / "doc.safetensors")  # a user file, and SLQ's own format
+    a.save_pretrained(tmp_path / "slq")
+    assert (tmp_path / "slq" / "doc.safetensors").is_file()
 
 
 def test_resave_of_the_same_model_is_byte_identical(tmp_path, models):

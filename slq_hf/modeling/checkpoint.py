@@ -39,7 +39,13 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save as _save_safetensors_bytes
 
-from .sentence_transformers_files import MODULES_NAME, NORMALIZE_DIR, SENTENCE_BERT_CONFIG_NAME, ST_CONFIG_NAME
+from .sentence_transformers_files import (
+    MODULES_NAME,
+    NORMALIZE_DIR,
+    SENTENCE_BERT_CONFIG_NAME,
+    ST_CONFIG_NAME,
+    read_json,
+)
 
 T = TypeVar("T")
 
@@ -420,18 +426,21 @@ def check_save_target(path: str | os.PathLike) -> None:
     is_slq = readable and model_type == "slq"
     if (path / CONFIG_NAME).exists() and not is_slq:
         found.append(f"{CONFIG_NAME} of a {model_type!r} model" if readable else f"{CONFIG_NAME} (not SLQ's JSON)")
+    first = (read_json(path / MODULES_NAME) or [{}])[0]  # SLQ's first module is a Transformer in the folder root
+    if not is_slq and isinstance(first, dict) and first.get("path"):
+        found.append(f"{MODULES_NAME} of a sentence-transformers model (its {first['path']}/)")
     for entry in sorted(path.iterdir()):
         if not entry.is_file() or any(fnmatch.fnmatch(entry.name, p) for p in TRAINER_FILES):
             continue
-        if entry.name == WEIGHTS_NAME:
+        if entry.suffix == ".safetensors":  # SLQ's own: model.safetensors, or a query-set file (save_query_set)
             try:
                 names = set(read_header(entry)[0])
             except CheckpointError:
-                if not is_slq:  # an SLQ folder's damaged weights may be replaced; anyone else's may not
-                    found.append(f"{WEIGHTS_NAME} (unreadable, not known to be SLQ's)")
+                if not (is_slq and entry.name == WEIGHTS_NAME):  # an SLQ folder's damaged weights may be replaced
+                    found.append(f"{entry.name} (unreadable, not known to be SLQ's)")
                 continue
             if not names <= SLQ_TENSOR_NAMES or "queries" not in names:
-                found.append(f"{WEIGHTS_NAME} holding {sorted(names - SLQ_TENSOR_NAMES)[:3] or sorted(names)[:3]}...")
+                found.append(f"{entry.name} holding {sorted(names - SLQ_TENSOR_NAMES)[:3] or sorted(names)[:3]}...")
         elif any(fnmatch.fnmatch(entry.name, pattern) for pattern in WEIGHT_FILE_PATTERNS):
             found.append(f"{entry.name} (weights)")
     if found:
