@@ -426,7 +426,8 @@ def check_save_target(path: str | os.PathLike) -> None:
     is_slq = readable and model_type == "slq"
     if (path / CONFIG_NAME).exists() and not is_slq:
         found.append(f"{CONFIG_NAME} of a {model_type!r} model" if readable else f"{CONFIG_NAME} (not SLQ's JSON)")
-    first = (read_json(path / MODULES_NAME) or [{}])[0]  # SLQ's first module is a Transformer in the folder root
+    modules = read_json(path / MODULES_NAME)  # SLQ's first module is a Transformer in the folder root
+    first = modules[0] if isinstance(modules, list) and modules else None
     if not is_slq and isinstance(first, dict) and first.get("path"):
         found.append(f"{MODULES_NAME} of a sentence-transformers model (its {first['path']}/)")
     for entry in sorted(path.iterdir()):
