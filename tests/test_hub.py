@@ -171,6 +171,13 @@ def test_export_refuses_existing_folder_unless_overwrite(trained, tmp_path):
     with pytest.raises(FileExistsError, match="overwrite"):
         _export(folder, out)
     _export(folder, out, overwrite=True)
+    # An earlier export used as a run folder since: --overwrite replaces it whole, nothing of it is carried along
+    (out / "checkpoint-1").mkdir()
+    (out / "checkpoint-1" / "optimizer.pt").write_bytes(b"state")
+    (out / "notes.txt").write_text("old")
+    files = _export(folder, out, overwrite=True)
+    assert not (out / "checkpoint-1").exists() and not (out / "notes.txt").exists()
+    assert not any("checkpoint-1" in str(f) for f in files)
     other = tmp_path / "not-slq"
     other.mkdir()
     (other / "notes.txt").write_text("keep me")

@@ -131,4 +131,6 @@ def export(model_dir: str | os.PathLike, out_dir: str | os.PathLike, *,
         write_sentence_transformers_files(staging)
         (staging / README_NAME).write_text(card, encoding="utf-8")
 
-    return collect_upload_files(ckpt.write_folder(out, write))  # the export must be pushable: the check push makes
+    # The export must be pushable (the check push makes); replace_all: files of an earlier export's folder that this
+    # export does not write (a Trainer's checkpoint-*/ ...) are not carried into it.
+    return collect_upload_files(ckpt.write_folder(out, write, replace_all=True))

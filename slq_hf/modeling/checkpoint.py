@@ -548,7 +548,7 @@ def _fsync_tree(root: Path) -> None:
         _fsync_dir(Path(folder))
 
 
-def write_folder(target: str | os.PathLike, write: Callable[[Path], None]) -> Path:
+def write_folder(target: str | os.PathLike, write: Callable[[Path], None], replace_all: bool = False) -> Path:
     """Save a whole SLQ folder atomically: ``write(staging)`` fills a fresh folder beside ``target``, then it is
     swapped in with one rename.
 
@@ -556,7 +556,8 @@ def write_folder(target: str | os.PathLike, write: Callable[[Path], None]) -> Pa
     ``SEEDED_FILES`` are copied from the old folder into the staging folder first (writers that update them see the old
     values). After ``write``, entries of the old folder that the save did not write and that SLQ does not own
     (``SLQ_OWNED``) are carried over as hard links: a Trainer's ``checkpoint-*/``, ``runs/``, README.md, user files.
-    A failure at any point (exception, disk full, the process killed) leaves the previous folder untouched.
+    ``replace_all=True`` (an export replacing an earlier export) seeds and carries over nothing. A failure at any
+    point (exception, disk full, the process killed) leaves the previous folder untouched.
 
     Returns:
         The resolved target path.
@@ -573,7 +574,7 @@ def write_folder(target: str | os.PathLike, write: Callable[[Path], None]) -> Pa
     except OSError as err:
         raise CheckpointError(f"{target}: cannot create a staging folder beside it ({err.strerror or err}); an atomic "
                               "save needs write access to the parent folder. Save somewhere writable.") from err
-    old = target if target.is_dir() else None
+    old = target if target.is_dir() and not replace_all else None
     try:
         cwd = os.getcwd()
     except OSError:
