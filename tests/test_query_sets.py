@@ -28,6 +28,7 @@ from transformers import AutoModelForImageTextToText, AutoProcessor, Trainer, Tr
 import slq_hf.modeling.prefix_cache as prefix_cache
 from slq_hf import SLQModel, SLQModelOutput
 from slq_hf.modeling.backbones import block_mask_allowed
+from slq_hf.modeling.checkpoint import read_header
 from slq_hf.testing import TINY_FAMILIES
 from slq_hf.training import SLQDataCollator
 
@@ -504,10 +505,10 @@ def test_plain_load_state_dict_without_the_other_sets_warns(models, caplog):
     assert "no entries" not in caplog.text
 
 
-def test_load_state_dict_reads_pre_0_2_key_names(models, caplog):
+def test_load_state_dict_reads_pre_0_2_key_names(tiny_backbone_path, caplog):
     """State dicts of releases before 0.2 hold the default set as ``queries`` and the others as
     ``extra_query_sets.<name>``: they load into the same sets, and count as carrying them (no warning)."""
-    model = models("qwen3_vl")
+    model = _new(tiny_backbone_path("qwen3_vl"))  # its own: the shared models stay unchanged
     new = {n: torch.randn_like(model.get_query_set(n)) for n in model.query_sets}
     state = {"queries": new["default"], "logit_scale": model.logit_scale.detach().clone(),
              **{f"extra_query_sets.{n}": new[n] for n in model.query_sets[1:]}}
@@ -516,6 +517,15 @@ def test_load_state_dict_reads_pre_0_2_key_names(models, caplog):
     assert "no entries" not in caplog.text
     for name, queries in new.items():
         assert torch.equal(model.get_query_set(name).detach(), queries), name
+
+
+def test_a_model_cast_to_bfloat16_still_saves_float32_queries(tiny_backbone_path, tmp_path):
+    model = _new(tiny_backbone_path("qwen3_vl")).to(torch.bfloat16)
+    model.save_pretrained(tmp_path / "slq")
+    header = {name: dtype for name, (dtype, _) in read_header(tmp_path / "slq" / "model.safetensors")[0].items()}
+    assert set(header.values()) == {"F32"}, header
+    sets = read_header(tmp_path / "slq" / "query_sets" / "query.safetensors")[0]
+    assert {dtype for dtype, _ in sets.values()} == {"F32"}
 
 
 def test_a_failed_load_state_dict_leaves_the_model_as_it_was(models):

@@ -350,7 +350,8 @@ class SLQModel(PreTrainedModel):
             self.config.architectures = [type(self).__name__]
             custom_object_save(self, out, config=self.config)  # modeling_slq.py + siblings, auto_map["AutoModel"]
             self.config.save_pretrained(out)  # + configuration_slq.py, auto_map["AutoConfig"]
-            save_tensors(self.trainable_state_dict(), out / WEIGHTS_NAME, WEIGHTS_METADATA)
+            state = {k: v.float() for k, v in self.trainable_state_dict().items()}  # float32 after model.to(bf16) too
+            save_tensors(state, out / WEIGHTS_NAME, WEIGHTS_METADATA)
             extra = self.query_sets[1:]
             active = self.latent_queries.model_active  # not a use_query_set block's temporary choice
             if extra or active != DEFAULT_QUERY_SET:
