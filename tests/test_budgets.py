@@ -195,6 +195,23 @@ def test_text_budget_keeps_the_chat_template_and_warns_once(model):
     assert not torch.allclose(model.encode([long], max_text_tokens=30), first, atol=1e-4)
 
 
+@pytest.mark.parametrize("text", ["😀" * 10, "😀" * 11, "日本語のテキスト" * 3, "a😀b" * 6, "e\u0301" * 12,
+                                  "word " * 3])
+def test_text_budget_cuts_the_text_at_a_token_boundary(model, text):
+    """Texts whose characters take several tokens (emoji in byte-level BPE): the budget holds, and the kept text is
+    the start of the original (never a split character decoded as U+FFFD)."""
+    from slq_hf.modeling.processing_slq import limit_text
+
+    tokenizer, budget = model.processor.tokenizer, 5
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        kept = limit_text(model.processor, to_item(text), budget).text
+    assert text.startswith(kept) and "\ufffd" not in kept
+    assert len(tokenizer(kept, add_special_tokens=False)["input_ids"]) <= budget
+    if len(tokenizer(text, add_special_tokens=False)["input_ids"]) <= budget:
+        assert kept == text
+
+
 # ------------------------------------------------------------------------------------------- batching
 def test_plan_batches_respects_count_and_padded_tokens():
     lengths = [5, 300, 7, 7, 50, 1000, 6, 49, 51, 8]

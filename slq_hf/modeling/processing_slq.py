@@ -279,9 +279,7 @@ def _truncate_text(processor, item: SLQItem, instruction: str | None, max_length
         raise SLQInputError(f"The prompt of this image input{where} has {length} tokens, more than the {max_length} "
                             "the model accepts before its queries; use a smaller image or lower the processor's "
                             "max_pixels.")
-    tokenizer = getattr(processor, "tokenizer", processor)
-    # Literal-text ids: control tokens in the text come back as the same characters when decoded.
-    ids = split_text_ids(processor, item.text)
+    ids = split_text_ids(processor, item.text)  # literal-text ids: control tokens in the text are plain text
     keep, current = len(ids), length
     # Tokens at the cut may merge differently once re-tokenised in context, so re-measure and repeat if needed.
     for _ in range(8):
@@ -290,7 +288,7 @@ def _truncate_text(processor, item: SLQItem, instruction: str | None, max_length
             raise SLQInputError(f"The prompt{where} exceeds the model's limit of {max_length} tokens even without its "
                                 "text (instruction, image and chat template alone are too long); shorten the "
                                 "instruction or use a smaller image.")
-        candidate = replace(item, text=tokenizer.decode(ids[:keep], skip_special_tokens=False))
+        candidate = replace(item, text=_text_prefix(processor, item.text, ids, keep))
         current = _row_lengths(_template(processor, [candidate], instruction))[0]
         if current <= max_length:
             warnings.warn(f"Text{where} is too long: its prompt has {length} tokens, more than the model's limit of "
@@ -301,21 +299,35 @@ def _truncate_text(processor, item: SLQItem, instruction: str | None, max_length
     raise SLQInputError(f"Could not truncate the text{where} to fit {max_length} tokens; shorten it.")
 
 
+def _text_prefix(processor, text: str, ids: list[int], keep: int) -> str:
+    """The start of ``text`` that its first ``keep`` tokens (``ids``, from :func:`split_text_ids`) cover, cut in the
+    original string before the first dropped token: decoding the ids instead would split a multi-byte character
+    into U+FFFD (byte-level BPE) or spell an unknown character as the unknown token's name."""
+    tokenizer = getattr(processor, "tokenizer", processor)
+    try:
+        offsets = tokenizer(text, add_special_tokens=False, split_special_tokens=True,
+                            return_offsets_mapping=True)["offset_mapping"]
+    except (NotImplementedError, ValueError, TypeError, KeyError):  # a slow tokenizer has no offsets
+        offsets = None
+    if offsets is not None and len(offsets) == len(ids):
+        return text[: offsets[keep][0]] if keep < len(offsets) else text
+    return tokenizer.decode(ids[:keep], skip_special_tokens=False)
+
+
 def limit_text(processor, item: SLQItem, max_text_tokens: int | None) -> SLQItem:
     """``item`` with its user text cut to its first ``max_text_tokens`` tokens (literal text ids, so control tokens
     stay text), warning the first time; itself when it fits or there is no limit. Only the text is cut, so the chat
     template (end of turn, generation prompt) around it is kept, as in training."""
-    if max_text_tokens is None or item.text is None or len(item.text) <= max_text_tokens:
-        return item  # a token is at least one character: short texts need no tokenizer call
+    if max_text_tokens is None or item.text is None or len(item.text.encode("utf-8")) < max_text_tokens:
+        return item  # a token covers at least one byte (plus at most one prefix token): no tokenizer call needed
     ids = split_text_ids(processor, item.text)
     if len(ids) <= max_text_tokens:
         return item
-    tokenizer = getattr(processor, "tokenizer", processor)
     where = f" ({item.source})" if item.source else ""
     warn_once("text budget", f"Text{where} has {len(ids)} tokens, more than the model's text budget of "
               f"{max_text_tokens}; kept the first {max_text_tokens} (shown once). Set max_text_tokens= (encode, "
               "from_backbone, from_pretrained) to change the budget.")
-    return replace(item, text=tokenizer.decode(ids[:max_text_tokens], skip_special_tokens=False))
+    return replace(item, text=_text_prefix(processor, item.text, ids, max_text_tokens))
 
 
 def estimate_tokens(processor, item: SLQItem) -> int:
