@@ -541,3 +541,18 @@ def test_a_failed_load_state_dict_leaves_the_model_as_it_was(models):
         assert model.query_sets == list(before)
         for name, queries in before.items():
             assert torch.equal(model.get_query_set(name).detach(), queries), (bad, name)
+    # strict=False (torch's meaning): unknown keys are ignored and a missing logit_scale keeps its value
+    scale = model.logit_scale.detach().clone()
+    model.load_state_dict({"latent_queries.default": fresh["latent_queries.default"], "unknown": torch.zeros(1)},
+                          strict=False)
+    assert torch.equal(model.queries.detach(), fresh["latent_queries.default"])
+    assert torch.equal(model.logit_scale.detach(), scale)
+    with pytest.raises(ValueError, match="unexpected"):
+        model.load_state_dict({**fresh, "logit_scale": scale, "unknown": torch.zeros(1)})
+    model.load_state_dict({"latent_queries.default": before["default"]}, strict=False)  # the shared model as it was
+
+
+def test_save_query_set_into_a_folder_says_so(models, tmp_path):
+    with pytest.raises(IsADirectoryError, match=r"is a folder; save_query_set writes one file, e.g. .*query\.safet"):
+        models("qwen3_vl").save_query_set("query", tmp_path)
+    assert list(tmp_path.iterdir()) == []

@@ -309,7 +309,8 @@ class SLQModel(PreTrainedModel):
                 param.copy_(state[name].to(dtype=param.dtype, device=param.device))
 
     def load_state_dict(self, state_dict: dict[str, torch.Tensor], strict: bool = True, assign: bool = False):
-        """Accept full, queries-only or pre-0.2 state dicts (Trainer resume): backbone keys are never required."""
+        """Accept full, queries-only or pre-0.2 state dicts (Trainer resume): backbone keys are never required.
+        ``strict=False`` ignores unknown keys and keeps the current value of missing trainable tensors."""
         own = {k.replace("extra_query_sets.", "latent_queries."): v  # pre-0.2 names of the extra sets
                for k, v in state_dict.items() if not k.startswith("backbone.")}
         sets = {k.split(".", 1)[1]: own.pop(k) for k in list(own)
@@ -319,7 +320,10 @@ class SLQModel(PreTrainedModel):
             rows = self.latent_queries.validate(queries, f"state dict entry {name!r}").shape[0]
             self.latent_queries.check_fits(name, rows)
         own[QUERY_SET_TENSOR] = own.pop("latent_queries.default", own.get(QUERY_SET_TENSOR))
-        self.load_trainable_state({k: v for k, v in own.items() if v is not None})  # checks, then copies
+        own = {k: v for k, v in own.items() if v is not None}
+        if not strict:  # torch's convention: unknown keys are ignored, missing ones keep their current values
+            own = {k: own[k] if k in own else v.detach() for k, v in self.trainable_state_dict().items()}
+        self.load_trainable_state(own)  # checks, then copies
         for name, queries in sets.items():
             self.latent_queries.replace(name, queries, f"state dict entry {name!r}")
         kept = [n for n in self.query_sets[1:] if n not in sets]
@@ -424,6 +428,9 @@ class SLQModel(PreTrainedModel):
         """Write set ``name`` alone to ``path``: ``"queries"`` (N_q, H) float32, metadata naming the set and the
         backbone (``load_query_set`` warns when it is loaded onto another backbone type). Returns the path."""
         queries, path = self.get_query_set(name), Path(path)
+        if path.is_dir():
+            raise IsADirectoryError(f"{path}: is a folder; save_query_set writes one file, e.g. "
+                                    f"{path / (name + '.safetensors')} (save_pretrained writes a whole folder).")
         path.parent.mkdir(parents=True, exist_ok=True)
         metadata = {**WEIGHTS_METADATA, "slq_query_set": name, "num_queries": str(queries.shape[0]),
                     "hidden_size": str(queries.shape[1]),
@@ -460,7 +467,7 @@ class SLQModel(PreTrainedModel):
         queries = _read_queries(file, self.config.hidden_size, whole_checkpoint=own_name == DEFAULT_QUERY_SET)
         own_name = metadata.get("slq_query_set") or own_name or Path(file).stem
         if name is None and own_name == DEFAULT_QUERY_SET:
-            raise ValueError(f"{source}: this is the folder's default set; give it a name on this model, e.g. "
+            raise ValueError(f"{source}: this is a model's default set; give it a name on this model, e.g. "
                              "load_query_set(path, name='document') (or name='default' to overwrite ours).")
         name = name or own_name
         theirs, ours = metadata.get("backbone_model_type"), self.config.backbone_model_type
