@@ -556,3 +556,14 @@ def test_save_query_set_into_a_folder_says_so(models, tmp_path):
     with pytest.raises(IsADirectoryError, match=r"is a folder; save_query_set writes one file, e.g. .*query\.safet"):
         models("qwen3_vl").save_query_set("query", tmp_path)
     assert list(tmp_path.iterdir()) == []
+
+
+def test_sets_json_num_queries_must_match_the_set_file(models, tmp_path):
+    """The index's count is checked against the file's header (before the tensor is read), not ignored."""
+    models("qwen3_vl").save_pretrained(tmp_path / "slq")
+    index_file = tmp_path / "slq" / "query_sets" / "sets.json"
+    index = json.loads(index_file.read_text())
+    index["sets"]["query"]["num_queries"] = 99
+    index_file.write_text(json.dumps(index))
+    with pytest.raises(ValueError, match=r"query\.safetensors: tensor 'queries' has shape \(4, \d+\), expected \(99,"):
+        SLQModel.from_pretrained(tmp_path / "slq")

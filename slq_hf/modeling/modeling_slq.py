@@ -734,10 +734,12 @@ SLQModel.register_for_auto_class("AutoModel")
 
 
 # ------------------------------------------------------------------------------------------------------- helpers
-def _read_queries(file: str | os.PathLike, hidden_size: int | None, whole_checkpoint: bool = False) -> torch.Tensor:
-    """(N_q, H) ``queries`` of a query-set file (or of an SLQ model.safetensors), validated before allocation."""
+def _read_queries(file: str | os.PathLike, hidden_size: int | None, whole_checkpoint: bool = False,
+                  num_queries: int | None = None) -> torch.Tensor:
+    """(N_q, H) ``queries`` of a query-set file (or of an SLQ model.safetensors), validated before allocation
+    (N_q against ``num_queries`` when the folder's index gives it)."""
     others = sorted(SLQ_TENSOR_NAMES - {QUERY_SET_TENSOR}) if whole_checkpoint else []
-    expected = {QUERY_SET_TENSOR: (None, hidden_size), **dict.fromkeys(others)}
+    expected = {QUERY_SET_TENSOR: (num_queries, hidden_size), **dict.fromkeys(others)}
     return read_tensors(file, expected, optional=others)[QUERY_SET_TENSOR]
 
 
@@ -753,7 +755,7 @@ def _read_query_sets(path, location: dict[str, Any], hidden_size: int | None) ->
         if file is None:
             raise CheckpointError(f"{path}: {QUERY_SETS_INDEX} lists query set {name!r} but {entry['file']} is "
                                   "missing; re-save the model or restore the file.")
-        sets[name] = _read_queries(file, hidden_size)
+        sets[name] = _read_queries(file, hidden_size, num_queries=entry["num_queries"])
     return {"active": index["active"], "sets": sets}
 
 
