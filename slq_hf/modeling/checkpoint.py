@@ -20,6 +20,7 @@ from __future__ import annotations
 import ctypes
 import errno
 import fnmatch
+import hashlib
 import json
 import math
 import os
@@ -456,6 +457,15 @@ _AT_FDCWD, _RENAME_EXCHANGE = -100, 2
 _STAGING, _ASIDE = "slq-staging", "slq-old"
 
 
+def _short(target: Path) -> str:
+    """The target's name as it starts the names of its staging and set-aside folders; a long one is cut (and told
+    apart by a hash), so that with their suffix they stay within the file systems' 255-byte limit for a name."""
+    raw = target.name.encode()
+    if len(raw) <= 150:
+        return target.name
+    return f"{raw[:140].decode(errors='ignore')}-{hashlib.sha1(raw).hexdigest()[:8]}"
+
+
 def _exchange(first: Path, second: Path) -> bool:
     """Atomically swap two existing paths; False when the system cannot (then nothing changed)."""
     libc = ctypes.CDLL(None, use_errno=True) if sys.platform.startswith("linux") else None
@@ -483,7 +493,7 @@ def replace_folder(new: str | os.PathLike, target: str | os.PathLike) -> None:
     if _exchange(new, target):
         old = new
     else:
-        old = target.with_name(f".{target.name}.{_ASIDE}-{os.getpid()}-{time.time_ns()}")
+        old = target.with_name(f".{_short(target)}.{_ASIDE}-{os.getpid()}-{time.time_ns()}")
         os.rename(target, old)
         try:
             os.rename(new, target)
@@ -507,7 +517,7 @@ def _process_alive(pid: int) -> bool:
 def _clean_leftovers(target: Path) -> None:
     """Remove what saves killed midway left beside ``target`` (their processes are gone), and put back a folder a
     killed two-rename swap moved aside."""
-    pattern = re.compile(rf"^\.{re.escape(target.name)}\.({_STAGING}|{_ASIDE})-(\d+)-")
+    pattern = re.compile(rf"^\.{re.escape(_short(target))}\.({_STAGING}|{_ASIDE})-(\d+)-")
     for entry in sorted(target.parent.iterdir()):
         match = pattern.match(entry.name)
         if not match or _process_alive(int(match.group(2))):
@@ -570,7 +580,7 @@ def write_folder(target: str | os.PathLike, write: Callable[[Path], None], repla
     target.parent.mkdir(parents=True, exist_ok=True)
     _clean_leftovers(target)
     try:
-        staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.{_STAGING}-{os.getpid()}-", dir=target.parent))
+        staging = Path(tempfile.mkdtemp(prefix=f".{_short(target)}.{_STAGING}-{os.getpid()}-", dir=target.parent))
     except OSError as err:
         raise CheckpointError(f"{target}: cannot create a staging folder beside it ({err.strerror or err}); an atomic "
                               "save needs write access to the parent folder. Save somewhere writable.") from err
