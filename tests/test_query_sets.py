@@ -323,6 +323,10 @@ def test_a_use_query_set_block_is_not_saved_and_its_set_cannot_be_removed(models
         with pytest.raises(ValueError, match="active set of the calling use_query_set block"):
             model.remove_query_set("document")
         assert model.active_query_set == "document" and "document" in model.query_sets
+    model.set_active_query_set("document")  # also when the block's set is the model-wide one
+    with model.use_query_set("document"), pytest.raises(ValueError, match="use_query_set block"):
+        model.remove_query_set("document")
+    model.set_active_query_set("default")
     assert json.loads((tmp_path / "inside" / "query_sets" / "sets.json").read_text())["active"] == "default"
     assert SLQModel.from_pretrained(tmp_path / "inside").active_query_set == "default"
 

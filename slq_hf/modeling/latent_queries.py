@@ -141,7 +141,7 @@ class LatentQueries(nn.ParameterDict):
             raise ValueError("The default query set holds config.num_queries queries (model.safetensors) and cannot "
                              "be removed.")
         self.lookup(name)
-        if name == self.active != self._active:
+        if (_SCOPED_ACTIVE.get() or {}).get(id(self)) == name:
             raise ValueError(f"Query set {name!r} is the active set of the calling use_query_set block; remove it "
                              "after the block.")
         del self[name]
