@@ -54,14 +54,18 @@ def prepare_inputs(inputs: SLQInput | list[SLQInput], processor: Any = None) -> 
     for large inputs.
     """
     budget = image_budget(processor) if processor is not None else None
-    prepared: list[Image.Image | dict] = []
-    for item in to_items(inputs, budget, lazy=False):
-        item = limit_text(processor, item, text_budget(processor)) if processor is not None else item
-        if item.image is not None:
-            prepared.append(item.image if item.text is None else {"image": item.image, "text": item.text})
-        else:  # a bare str naming an existing file would be opened as an image by sentence-transformers
-            prepared.append({"text": item.text})
-    return prepared
+    items = to_items(inputs, budget, lazy=False)
+    if processor is not None:
+        items = [limit_text(processor, item, text_budget(processor)) for item in items]
+    return [sentence_transformers_input(item) for item in items]
+
+
+def sentence_transformers_input(item: SLQItem) -> Image.Image | dict:
+    """A decoded item as sentence-transformers takes it: the PIL image, ``{"image", "text"}``, or ``{"text": str}``
+    (a bare str naming an existing file would be opened as an image by sentence-transformers)."""
+    if item.image is not None:
+        return item.image if item.text is None else {"image": item.image, "text": item.text}
+    return {"text": item.text}
 
 
 __all__ = [
@@ -89,6 +93,7 @@ __all__ = [
     "plan_batches",
     "prepare_inputs",
     "prompt_length_limit",
+    "sentence_transformers_input",
     "split_text_ids",
     "to_item",
     "to_items",

@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ..modeling.checkpoint import atomic_write
 from .readers import read_records
 from .records import DataFormatError, image_key
 
@@ -187,9 +188,8 @@ def build_karr(pairs: list[PairImage], out: str | os.PathLike, rewrite: Callable
                       "caption": pair.captions[0], "split": pair.split or default_split,
                       "id": pair.id if pair.id is not None else str(index)})
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
-    tmp.write_text("".join(json.dumps(line, ensure_ascii=False) + "\n" for line in lines), encoding="utf-8")
-    os.replace(tmp, out)
+    text = "".join(json.dumps(line, ensure_ascii=False) + "\n" for line in lines)
+    atomic_write(out, lambda tmp: tmp.write_text(text, encoding="utf-8"))
     return KarrBuildStats(written=len(lines), skipped=skipped)
 
 

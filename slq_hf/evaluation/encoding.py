@@ -24,7 +24,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import threading
 import time
 import warnings
 from collections.abc import Sequence
@@ -34,6 +33,7 @@ from typing import Any
 import torch
 from PIL import Image
 
+from ..modeling.checkpoint import atomic_write
 from ..processing import load_image
 from .data import DatasetImage, ImageSource
 
@@ -351,8 +351,6 @@ def _save_cached(path: Path, key: str, embeddings: torch.Tensor) -> None:
 
     path.parent.mkdir(parents=True, exist_ok=True)
     # Write then rename: an interrupted run never leaves a truncated cache file that looks valid.
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}-{threading.get_ident()}")
-    save_file({"embeddings": embeddings.contiguous()}, str(tmp),
-              metadata={"key": key, "count": str(embeddings.shape[0]), "slq_hf_cache": CACHE_VERSION})
-    os.replace(tmp, path)
+    metadata = {"key": key, "count": str(embeddings.shape[0]), "slq_hf_cache": CACHE_VERSION}
+    atomic_write(path, lambda tmp: save_file({"embeddings": embeddings.contiguous()}, str(tmp), metadata=metadata))
 

@@ -10,6 +10,8 @@ from typing import Any
 
 import torch
 
+from ..modeling.checkpoint import atomic_write
+
 # Metric block -> row label, in table order.
 DIRECTIONS: dict[str, str] = {
     "i2t": "image → text",
@@ -84,10 +86,8 @@ def save_results_json(results: Mapping[str, Any], path: str | os.PathLike) -> Pa
     """Write results as indented JSON (atomically); returns the path."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(results, indent=2, ensure_ascii=False, default=str) + "\n", encoding="utf-8")
-    os.replace(tmp, path)
-    return path
+    text = json.dumps(results, indent=2, ensure_ascii=False, default=str) + "\n"
+    return atomic_write(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))
 
 
 def pca_2d(points: torch.Tensor) -> torch.Tensor:

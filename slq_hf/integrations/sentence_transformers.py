@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING, Any
 from ..modeling.modeling_slq import SLQModel
 from ..modeling.processing_slq import SLQInputError, image_budget, limit_text, to_item
 from ..modeling.sentence_transformers_files import write_sentence_transformers_files
+from ..processing import sentence_transformers_input
 
 if TYPE_CHECKING:
     from sentence_transformers import SentenceTransformer
@@ -85,10 +86,7 @@ def _like_encode(value: Any, budget: Any, processor: Any = None, max_text_tokens
     image shrunk to the processor's budget, the text cut to the model's text budget."""
     if _is_message(value):
         return value
-    item = limit_text(processor, to_item(value, budget=budget), max_text_tokens)
-    if item.image is not None:
-        return item.image if item.text is None else {"image": item.image, "text": item.text}
-    return {"text": item.text}  # a bare str naming an existing file would be opened as an image by ST
+    return sentence_transformers_input(limit_text(processor, to_item(value, budget=budget), max_text_tokens))
 
 
 def _preprocess_like_encode(module: Any, inputs: Any, *args, **kwargs) -> Any:

@@ -373,6 +373,20 @@ def _fsync_dir(path: Path) -> None:
             os.close(fd)
 
 
+def atomic_write(path: str | os.PathLike, write: Callable[[Path], None]) -> Path:
+    """``write(tmp)`` fills a temporary file beside ``path`` (one per process and thread, so concurrent writers never
+    share one), which is then renamed over ``path``: a reader sees the old file or the new one, never part of one,
+    and a failed write leaves the old file untouched. The temporary file never outlives the call. Returns ``path``."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}-{threading.get_ident()}")
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return path
+
+
 def save_tensors(state: Mapping[str, torch.Tensor], path: str | os.PathLike,
                  metadata: Mapping[str, str] | None = None) -> None:
     """Write ``state`` as a byte-reproducible safetensors file, atomically (temporary file, fsync, rename).
@@ -386,21 +400,20 @@ def save_tensors(state: Mapping[str, torch.Tensor], path: str | os.PathLike,
     so the data block is unchanged.
     """
     path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}-{threading.get_ident()}")  # one per writer
     tensors = {k: v.detach().cpu().contiguous() for k, v in state.items()}
     blob = _save_safetensors_bytes(tensors, metadata=dict(metadata) if metadata is not None else None)
     (length,) = struct.unpack("<Q", blob[:8])
     header = json.dumps(json.loads(blob[8 : 8 + length]), sort_keys=True, separators=(",", ":")).encode()
     header += b" " * (-len(header) % 8)  # the format pads the header to 8-byte alignment
-    try:
+
+    def write(tmp: Path) -> None:
         with open(tmp, "wb") as handle:
             handle.write(struct.pack("<Q", len(header)) + header + blob[8 + length :])
             handle.flush()
             # On disk before the rename, so even a power loss cannot leave the new name on partial data.
             os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+
+    atomic_write(path, write)
     _fsync_dir(path.parent)
 
 
@@ -408,8 +421,8 @@ def check_save_target(path: str | os.PathLike) -> None:
     """Refuse, before anything is written, to save an SLQ model into a folder that holds another model.
 
     Fine: a new or empty folder, an SLQ folder (re-save), a folder of unrelated files (a Trainer's ``checkpoint-*``
-    dirs). Refused: a file, a folder with a ``config.json`` of another model type, or weight files that are not SLQ's
-    (a backbone, any other model).
+    dirs, SLQ query-set files). Refused: a file, a folder with a ``config.json`` of another model type or with the
+    ``modules.json`` of another sentence-transformers model, or weight files that are not SLQ's (a backbone, ...).
 
     Raises:
         CheckpointError naming the folder, what in it belongs to another model and what to do.

@@ -21,6 +21,8 @@ from typing import Any
 
 import torch
 
+from ..modeling.checkpoint import atomic_write
+
 MANIFEST = "manifest.json"
 FORMAT_VERSION = 1
 # Config keys that say where or how a model was loaded, not what it computes.
@@ -155,8 +157,5 @@ def read_manifest(index_dir: str | os.PathLike) -> dict | None:
 
 def write_manifest(index_dir: str | os.PathLike, manifest: dict) -> Path:
     """Write atomically (temp file + rename): a crash never leaves a half-written manifest."""
-    path = Path(index_dir) / MANIFEST
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n", encoding="utf-8")
-    os.replace(tmp, path)
-    return path
+    text = json.dumps(manifest, indent=2, sort_keys=True) + "\n"
+    return atomic_write(Path(index_dir) / MANIFEST, lambda tmp: tmp.write_text(text, encoding="utf-8"))

@@ -21,6 +21,8 @@ from pathlib import Path
 
 import numpy as np
 
+from ..modeling.checkpoint import atomic_write
+
 SHARDS = "shards"
 COLUMNS = ("position", "id", "image", "text", "metadata")
 
@@ -33,12 +35,6 @@ def shard_paths(index_dir: str | os.PathLike, number: int) -> dict[str, Path]:
     base = Path(index_dir) / SHARDS / shard_name(number)
     return {"embeddings": base.with_suffix(".safetensors"), "rows": base.with_suffix(".parquet"),
             "bad": base.with_suffix(".bad.json")}
-
-
-def _atomic(path: Path, write) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    write(tmp)
-    os.replace(tmp, path)
 
 
 def write_shard(index_dir: str | os.PathLike, number: int, embeddings: np.ndarray, rows: list[dict],
@@ -59,12 +55,12 @@ def write_shard(index_dir: str | os.PathLike, number: int, embeddings: np.ndarra
         "text": pa.array([r["text"] for r in rows], pa.string()),
         "metadata": pa.array([json.dumps(r["metadata"], sort_keys=True, default=str) for r in rows], pa.string()),
     })
-    _atomic(paths["bad"], lambda p: p.write_text(json.dumps(bad, indent=1, default=str), encoding="utf-8"))
-    _atomic(paths["rows"], lambda p: pq.write_table(table, str(p)))
+    atomic_write(paths["bad"], lambda p: p.write_text(json.dumps(bad, indent=1, default=str), encoding="utf-8"))
+    atomic_write(paths["rows"], lambda p: pq.write_table(table, str(p)))
     array = np.ascontiguousarray(embeddings, dtype=np.float32)
     if array.ndim != 2:
         raise RuntimeError(f"shard {number}: embeddings must be (n, D), got shape {array.shape}")
-    _atomic(paths["embeddings"], lambda p: save_file({"embeddings": array}, str(p),
+    atomic_write(paths["embeddings"], lambda p: save_file({"embeddings": array}, str(p),
                                                      metadata={"items_digest": items_digest,
                                                                "count": str(len(rows))}))
 

@@ -13,6 +13,7 @@ from typing import Any
 from transformers import TrainerCallback
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoint
 
+from ..modeling.checkpoint import atomic_write
 from ..modeling.processing_slq import SLQInputError
 from .collator import SLQDataCollator, example_roles
 from .trainer import STAGING_DIR
@@ -26,9 +27,8 @@ def write_json(path: str | os.PathLike, data: Any) -> None:
     """Write JSON atomically (a temporary file renamed over the target)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(data, indent=2, default=str) + "\n", encoding="utf-8")
-    os.replace(tmp, path)
+    text = json.dumps(data, indent=2, default=str) + "\n"
+    atomic_write(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))
 
 
 def _checkpoints(folder: Path) -> list[Path]:
