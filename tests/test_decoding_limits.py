@@ -252,6 +252,20 @@ def test_high_bit_depth_rescale_equals_the_whole_image_formula(mode, dtype):
     assert np.abs(got.astype(int) - expected.astype("uint8").astype(int)).max() == 0
 
 
+@pytest.mark.parametrize("finite_values, expected_finite", [
+    ([10.0, 20.0, 30.0], [0, 127, 255]),  # stretched over the finite pixels
+    ([5.0, 5.0, 5.0], [0, 0, 0]),  # a flat image: nothing to stretch
+    ([], []),  # no finite pixel at all
+])
+def test_float_image_infinities_are_white_and_black_not_all_black(finite_values, expected_finite):
+    """+Inf is brighter than every finite pixel (white), -Inf darker (black), NaN black; the finite pixels keep
+    their stretch, so one +Inf pixel neither darkens itself nor the rest of the image."""
+    values = np.array([*finite_values, np.inf, -np.inf, np.nan, np.inf], dtype="<f4")
+    image = Image.frombytes("F", (values.size, 1), values.tobytes())
+    got = np.asarray(load_image(image))[0, :, 0].tolist()
+    assert got == [*expected_finite, 255, 0, 0, 255]
+
+
 @pytest.mark.parametrize("size", [(0, 5), (5, 0)])
 def test_zero_size_pil_images_refused_naming_the_input(model, size):
     with pytest.raises(SLQInputError, match=r"zero size.*input 1"):

@@ -397,8 +397,8 @@ def _finish(image: Image.Image, budget: ImageBudget | None, target: tuple[int, i
 
 
 def _rescale_to_8bit(image: Image.Image) -> Image.Image:
-    """16/32-bit grey (I;16*, I, F) -> L, min-max stretched over the image (NaN/Inf -> 0), a few rows at a time so
-    the float copy stays small whatever the image size."""
+    """16/32-bit grey (I;16*, I, F) -> L, min-max stretched over the finite pixels (+Inf white, -Inf and NaN black),
+    a few rows at a time so the float copy stays small whatever the image size."""
     import numpy as np
 
     array = np.asarray(image)  # (H, W), the image's own dtype
@@ -409,8 +409,9 @@ def _rescale_to_8bit(image: Image.Image) -> Image.Image:
     out = np.empty(array.shape, dtype=np.uint8)
     for start in range(0, array.shape[0], _RESCALE_ROWS):
         rows = array[start : start + _RESCALE_ROWS].astype(np.float64)
-        rows = np.nan_to_num((rows - low) * scale, nan=0.0, posinf=0.0, neginf=0.0)
-        out[start : start + _RESCALE_ROWS] = np.clip(rows, 0, 255).astype(np.uint8)
+        scaled = np.nan_to_num((np.clip(rows, low, high) - low) * scale, nan=0.0)
+        scaled[np.isposinf(rows)] = 255.0  # brighter than every finite pixel, also in a flat image
+        out[start : start + _RESCALE_ROWS] = np.clip(scaled, 0, 255).astype(np.uint8)
     return Image.fromarray(out)  # uint8 (H, W) -> mode L
 
 
