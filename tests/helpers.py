@@ -85,3 +85,24 @@ def sparse_query_file(path: Path, num_queries: int, hidden: int = 64) -> Path:
         handle.write(struct.pack("<Q", len(header)) + header.encode())
         handle.truncate(8 + len(header) + nbytes)
     return path
+
+
+class SwitchRecorder:
+    """Stands in for a fast tokenizer's Rust backend: delegates everything, records each value the process-wide
+    ``encode_special_tokens`` switch is set to (a setting every thread using the tokenizer sees)."""
+
+    def __init__(self, backend):
+        object.__setattr__(self, "_backend", backend)
+        object.__setattr__(self, "values", [])
+        object.__setattr__(self, "used", set())
+
+    def __getattr__(self, name):
+        if name in ("_backend", "used"):  # not set yet (copy.deepcopy builds the copy without __init__)
+            raise AttributeError(name)
+        self.used.add(name)
+        return getattr(self._backend, name)
+
+    def __setattr__(self, name, value):
+        if name == "encode_special_tokens":
+            self.values.append(value)
+        setattr(self._backend, name, value)

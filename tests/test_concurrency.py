@@ -20,7 +20,7 @@ from slq_hf import SLQModel
 from slq_hf.processing import collate, to_item
 from slq_hf.training import SLQDataCollator
 
-from helpers import scene, sharpen_attention
+from helpers import SwitchRecorder, scene, sharpen_attention
 
 THREADS = 8
 ROUNDS = 3
@@ -193,3 +193,23 @@ def test_two_models_sharing_one_backbone_in_threads(tiny_backbone_path):
     for i in range(THREADS):
         assert torch.equal(got[i], expected[i % 2][i]), i
     assert (expected[0][0] - expected[1][0]).abs().max() > 1e-3
+
+
+def test_literal_text_never_switches_the_shared_tokenizer(tiny_backbone_path, monkeypatch):
+    """Control strings and long texts are tokenised as literal text (``split_special_tokens``), which on a fast
+    tokenizer sets a switch on the Rust backend that every thread shares: a prompt tokenised meanwhile in another
+    thread would get ``<|im_start|>`` as the pieces ``<``, ``|``, ... . encode, prepare_inputs and the collator (text
+    budgets, control strings, batch planning) must tokenise literal text without setting it."""
+    model = _model(tiny_backbone_path("qwen3_vl"), max_text_tokens=6)
+    tokenizer = model.processor.tokenizer
+    recorder = SwitchRecorder(tokenizer._tokenizer)
+    monkeypatch.setattr(tokenizer, "_tokenizer", recorder)
+    texts = ["a caption that says <|im_end|> in the middle", "a caption far longer than the six token text budget",
+             {"image": scene(64, 64, (255, 0, 0)), "text": "<|image_pad|> and <|vision_start|> as plain text"}]
+    with pytest.warns(UserWarning):  # the text budget cuts the long caption
+        model.encode(texts, batch_size=2)
+    collate(model.processor, [to_item(t) for t in texts[:2]])
+    SLQDataCollator(model.processor)([{"query": texts[0], "positive": texts[1]}, {"query": "b", "positive": "c"}])
+    assert {"encode", "encode_batch"} & recorder.used  # the recorder sat on the tokenizing path
+    assert True not in recorder.values
+

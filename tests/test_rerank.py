@@ -13,7 +13,7 @@ from slq_hf.modeling.reranking import YES_NO_DEFAULTS, YesNoPrompt, rerank
 from slq_hf.processing import SLQInputError, prepare_inputs
 from slq_hf.testing import toy_scenes
 
-from helpers import scene, sharpen_attention
+from helpers import SwitchRecorder, scene, sharpen_attention
 
 TOY = Path(__file__).resolve().parents[1] / "examples" / "toy" / "backbone"
 # Words that are one token each in the tiny byte-level BPE vocabularies (which have no "yes").
@@ -483,3 +483,98 @@ def test_cache_argument_name_old_and_new():
     assert cache_kwarg(type(model)) == expected
     assert _output_cache(SimpleNamespace(past_key_values="old")) == "old"
     assert _output_cache(SimpleNamespace(cache="new", past_key_values=None)) == "new"
+
+
+# ------------------------------------------------------------------------------------------- review regressions
+def test_rerank_never_switches_the_shared_tokenizer_to_split_special_tokens(scenes, monkeypatch):
+    """``tokenizer(..., split_special_tokens=True)`` flips a switch on the shared Rust tokenizer; a chat template
+    tokenised meanwhile in another thread (encode, generate, another rerank) then gets ``<|im_start|>`` as the
+    literal pieces ``<``, ``|``, ... . The reranker must tokenise its literal answers without touching it."""
+    model, processor = _load("toy", None)
+    tokenizer = processor.tokenizer
+    recorder = SwitchRecorder(tokenizer._tokenizer)
+    monkeypatch.setattr(tokenizer, "_tokenizer", recorder)
+    captions = [s.caption for s in scenes]
+    tricky = captions[0] + " <|im_end|>"  # a literal control string still reads as text (see the test above)
+    scores = rerank(model, processor, scenes[0].image, [tricky, captions[0]]).scores
+    rerank(model, processor, captions[1], [s.image for s in scenes[:2]])
+    assert {"encode", "encode_batch"} & recorder.used  # the recorder sat on the reranker's path
+    assert True not in recorder.values
+    assert scores[0] < scores[1] - 1.0
+
+
+def test_rerank_in_a_thread_leaves_another_threads_chat_template_intact(scenes):
+    """The user-visible side of the test above: prompts tokenised while another thread reranks are unchanged."""
+    import threading
+
+    model, processor = _load("toy", None)
+    messages = [{"role": "user", "content": [{"type": "text", "text": "a red circle"}]}]
+
+    def prompt_ids() -> list[int]:
+        return processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=True,
+                                             return_dict=True)["input_ids"][0]
+
+    expected = prompt_ids()
+    assert expected[0] == processor.tokenizer.convert_tokens_to_ids("<|im_start|>")  # one token, as a template has
+    done = threading.Event()
+
+    def reranking() -> None:
+        while not done.is_set():
+            rerank(model, processor, scenes[0].image, ["a red circle in the top left", "a blue square"])
+
+    worker = threading.Thread(target=reranking)
+    worker.start()
+    try:
+        seen = [prompt_ids() for _ in range(1500)]
+    finally:
+        done.set()
+        worker.join()
+    assert all(ids == expected for ids in seen)
+
+
+@pytest.mark.parametrize("share_prefix", [True, False])
+def test_a_pair_longer_than_the_backbone_positions_is_refused_on_every_path(scenes, share_prefix):
+    """The toy backbone has 256 positions: a 300-token caption cannot be scored, with or without the shared prefix
+    (which builds its rows without the processor and once skipped the check)."""
+    model, processor = _load("toy", None)
+    assert model.config.text_config.max_position_embeddings == 256
+    long = " ".join(["a red circle"] * 100)  # 300 word tokens in the toy's word-level vocabulary
+    with pytest.raises(SLQInputError, match="candidate 1 has .* more than the backbone's 256 positions"):
+        rerank(model, processor, scenes[0].image, [scenes[0].caption, long], share_prefix=share_prefix)
+
+
+def test_likelihood_on_a_template_whose_answer_header_differs_in_whitespace(tiny_backbone_path, scenes):
+    """LLaVA-OneVision's template writes an assistant turn as ``<|im_start|>assistant \\n{text}<|im_end|>`` but its
+    generation prompt as ``<|im_start|>assistant\\n``: the answer follows the generation prompt directly."""
+    model, processor = _load("llava_onevision", tiny_backbone_path)
+    user = [{"role": "user", "content": [{"type": "text", "text": "q"}]}]
+    assert processor.apply_chat_template(user, add_generation_prompt=True, tokenize=False).endswith("assistant\n")
+    captions = [s.caption for s in scenes[:3]]
+    tokenizer = processor.tokenizer
+    end = tokenizer.convert_tokens_to_ids("<|im_end|>")
+    expected = []
+    for text in captions:
+        answer = tokenizer(text, add_special_tokens=False).input_ids + [end]
+        batch, start = _reference_inputs(processor, scenes[1].image, None, answer)
+        logprobs = torch.log_softmax(model(**batch).logits[0].float(), dim=-1)
+        expected.append(logprobs[start - 1 : -1].gather(1, batch["input_ids"][0, start:, None]).mean().item())
+    shared = rerank(model, processor, scenes[1].image, captions, batch_size=2)
+    torch.testing.assert_close(shared.scores, torch.tensor(expected), atol=1e-5, rtol=0)
+    full = rerank(model, processor, captions[0], [s.image for s in scenes[:3]], batch_size=2)
+    assert abs(full.scores[1].item() - expected[0]) < 1e-5
+
+
+def test_integer_likes_are_accepted_for_top_k_and_batch_size(scenes):
+    """``top_k=np.int64(2)`` (numpy arithmetic, e.g. ``np.minimum(k, n)``) means 2, as it does for slicing; floats,
+    bools and non-positive values stay refused."""
+    import numpy as np
+
+    model, processor = _load("toy", None)
+    captions = [s.caption for s in scenes]
+    plain = rerank(model, processor, scenes[3].image, captions, top_k=2, batch_size=2)
+    for top_k, batch_size in ((np.int64(2), np.int32(2)), (torch.tensor(2), 2)):
+        result = rerank(model, processor, scenes[3].image, captions, top_k=top_k, batch_size=batch_size)
+        assert result.order.tolist() == plain.order.tolist() and torch.equal(result.scores, plain.scores)
+    for bad in (2.0, np.float64(2.0), False, np.int64(0), -3):
+        with pytest.raises(ValueError, match="top_k"):
+            rerank(model, processor, scenes[3].image, captions, top_k=bad)

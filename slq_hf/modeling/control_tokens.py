@@ -15,6 +15,7 @@ tokenised in context exactly as before, so texts without control strings give th
 
 from __future__ import annotations
 
+import copy
 import re
 import weakref
 from collections.abc import Callable
@@ -91,13 +92,34 @@ def _structural_ids(processor: Any) -> set[int]:
     return ids
 
 
+def literal_tokenizer(processor: Any) -> Any:
+    """A private copy of the processor's tokenizer that is always in ``split_special_tokens`` mode (one per tokenizer).
+
+    ``tokenizer(text, split_special_tokens=True)`` on a fast tokenizer sets ``encode_special_tokens`` on its Rust
+    backend, which every thread shares, until a later call sets it back: a chat template tokenised meanwhile in
+    another thread (encode, rerank, generate) would get ``<|im_start|>`` as the pieces ``<``, ``|``, ... . Literal
+    text is tokenised by this copy instead, so the processor's own tokenizer never changes mode.
+    """
+    tokenizer = _tokenizer(processor)
+
+    def build() -> Any:
+        literal = copy.deepcopy(tokenizer)
+        literal.split_special_tokens = True
+        backend = getattr(literal, "_tokenizer", None)
+        if backend is not None and hasattr(backend, "encode_special_tokens"):
+            backend.encode_special_tokens = True
+        return literal
+
+    return _cached(tokenizer, "literal tokenizer", build)  # keyed on the tokenizer: budgeted processor copies share it
+
+
 def split_text_ids(processor: Any, text: str) -> list[int]:
     """Token ids of ``text`` as literal text: control strings become plain pieces, never their special token.
 
-    Uses the tokenizer's ``split_special_tokens=True``; a control string the tokenizer still matches (an image token
-    that is not flagged special) is tokenised character by character instead.
+    Uses the tokenizer's ``split_special_tokens=True`` (on :func:`literal_tokenizer`); a control string the tokenizer
+    still matches (an image token that is not flagged special) is tokenised character by character instead.
     """
-    tokenizer = _tokenizer(processor)
+    tokenizer = literal_tokenizer(processor)
     ids = list(tokenizer(text, add_special_tokens=False, split_special_tokens=True)["input_ids"])
     structural = _cached(processor, "structural", lambda: _structural_ids(processor))
     if not structural.intersection(ids):

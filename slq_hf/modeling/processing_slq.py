@@ -18,7 +18,7 @@ from PIL import Image
 
 from .budgets import image_tokens, text_budget, warn_once
 from .checkpoint import position_budget
-from .control_tokens import split_text_ids, template_with_literal_texts
+from .control_tokens import literal_tokenizer, split_text_ids, template_with_literal_texts
 from .image_files import (
     IMAGE_EXTENSIONS,
     ImageBudget,
@@ -303,7 +303,7 @@ def _text_prefix(processor, text: str, ids: list[int], keep: int) -> str:
     """The start of ``text`` that its first ``keep`` tokens (``ids``, from :func:`split_text_ids`) cover, cut in the
     original string before the first dropped token: decoding the ids instead would split a multi-byte character
     into U+FFFD (byte-level BPE) or spell an unknown character as the unknown token's name."""
-    tokenizer = getattr(processor, "tokenizer", processor)
+    tokenizer = literal_tokenizer(processor)
     try:
         offsets = tokenizer(text, add_special_tokens=False, split_special_tokens=True,
                             return_offsets_mapping=True)["offset_mapping"]

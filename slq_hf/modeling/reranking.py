@@ -23,6 +23,8 @@ from __future__ import annotations
 
 import copy
 import inspect
+import operator
+import os
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, replace
 from typing import Any
@@ -30,6 +32,7 @@ from typing import Any
 import torch
 
 from .backbones import backbone_spec
+from .control_tokens import literal_tokenizer
 from .positions import query_position_ids, sequence_position_ids
 from .prefix_cache import cache_kwarg
 from .processing_slq import SLQInput, SLQInputError, SLQItem, collate, image_budget, prompt_length_limit, to_item
@@ -172,10 +175,7 @@ def answer_template(processor: Any) -> tuple[str, int | None]:
     prompt = processor.apply_chat_template(user, add_generation_prompt=True, tokenize=False)
     full = processor.apply_chat_template(user + answer, tokenize=False)
     prompt, full = (p[0] if isinstance(p, list) else p for p in (prompt, full))
-    if not full.startswith(prompt) or _SENTINEL not in full:
-        raise ValueError("The backbone's chat template does not write an assistant answer right after its generation "
-                         "prompt, so the likelihood scorer cannot tell where the answer starts.")
-    lead, _, tail = full[len(prompt):].partition(_SENTINEL)
+    lead, tail = _answer_lead(prompt, full)
     tail = tail.strip()
     end_id = None
     if tail:
@@ -184,17 +184,35 @@ def answer_template(processor: Any) -> tuple[str, int | None]:
     return lead, end_id
 
 
+def _answer_lead(prompt: str, full: str) -> tuple[str, str]:
+    """(lead, tail): what the rendered answer turn ``full`` puts between the generation ``prompt`` and the sentinel
+    answer, and what follows it.
+
+    Some templates render an assistant turn's header with other whitespace than their generation prompt
+    (LLaVA-OneVision: ``<|im_start|>assistant \\n`` vs ``<|im_start|>assistant\\n``). The model answers after the
+    generation prompt, so when the two differ only in whitespace the answer follows that prompt directly (lead "").
+    """
+    head, found, tail = full.partition(_SENTINEL)
+    if found and head.startswith(prompt):
+        return head[len(prompt):], tail
+    common = len(os.path.commonprefix([prompt, head]))
+    if found and not prompt[common:].strip() and not head[common:].strip():
+        return "", tail
+    raise ValueError("The backbone's chat template does not write an assistant answer right after its generation "
+                     "prompt, so the likelihood scorer cannot tell where the answer starts.")
+
+
 def answer_ids(processor: Any, text: str, lead: str = "", end_id: int | None = None) -> list[int]:
     """Token ids of ``text`` as the assistant's answer: ``lead`` + text, then ``end_id`` when given.
 
     Control tokens inside ``text`` (``<|im_end|>``, ...) are tokenised as the literal text they are.
     """
-    tokenizer = _tokenizer(processor)
+    tokenizer, literal = _tokenizer(processor), literal_tokenizer(processor)
     if any(s in lead for s in _special_strings(tokenizer)):
         ids = list(tokenizer(lead, add_special_tokens=False)["input_ids"])
-        ids += tokenizer(text, add_special_tokens=False, split_special_tokens=True)["input_ids"]
+        ids += literal(text, add_special_tokens=False, split_special_tokens=True)["input_ids"]
     else:  # lead and text together: byte-level BPE writes " a" as one token after "ASSISTANT:"
-        ids = list(tokenizer(lead + text, add_special_tokens=False, split_special_tokens=True)["input_ids"])
+        ids = list(literal(lead + text, add_special_tokens=False, split_special_tokens=True)["input_ids"])
     return ids + ([end_id] if end_id is not None else [])
 
 
@@ -243,6 +261,17 @@ def _rows(batch: Any, answers: list[list[int]], token_keys: Sequence[str]) -> li
         full = torch.cat([prompt, torch.tensor(answer, dtype=prompt.dtype)])
         rows.append(_Row(full, extras, prompt.shape[0]))
     return rows
+
+
+def _check_lengths(pairs: Sequence[_Pair], rows: Sequence[_Row], limit: int | None) -> None:
+    """Refuse a pair whose full sequence (prompt + answer) exceeds the backbone's positions, naming its candidate.
+
+    Every path checks the rows it runs, however they were built (the shared prefix appends answers by hand).
+    """
+    for pair, row in zip(pairs, rows, strict=True):
+        if limit is not None and row.ids.shape[0] > limit:
+            raise SLQInputError(f"The pair with {pair.source} has {row.ids.shape[0]} tokens, more than the "
+                                f"backbone's {limit} positions; shorten the text.")
 
 
 def _pad(tensors: list[torch.Tensor], side: str, value: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
@@ -434,12 +463,22 @@ def _pairs(query: SLQItem, candidates: list[SLQItem]) -> tuple[list[_Pair], bool
     return pairs, query_has_image
 
 
-def _check_positive_int(name: str, value: Any, allow_none: bool = False) -> None:
+def _positive_int(name: str, value: Any, allow_none: bool = False) -> int | None:
+    """``value`` as a plain int, refusing anything but a positive integer (or None with ``allow_none``).
+
+    Integer-likes count (``np.int64(5)`` from numpy arithmetic, a 0-d integer tensor): ``operator.index`` accepts
+    exactly what can index, so floats stay refused; bool is refused although it is an int.
+    """
     if allow_none and value is None:
-        return
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        return None
+    try:
+        number = None if isinstance(value, bool) else operator.index(value)
+    except TypeError:
+        number = None
+    if number is None or number < 1:
         raise ValueError(f"{name}={value!r} is invalid; expected a positive integer" +
                          (" or None." if allow_none else "."))
+    return number
 
 
 def _batches(count: int, batch_size: int, show: bool | None, desc: str) -> Iterator[range]:
@@ -502,8 +541,8 @@ def rerank(
     """
     if scorer not in SCORERS:
         raise ValueError(f"scorer={scorer!r} is unknown; choose one of {sorted(SCORERS)}.")
-    _check_positive_int("batch_size", batch_size)
-    _check_positive_int("top_k", top_k, allow_none=True)
+    batch_size = _positive_int("batch_size", batch_size)
+    top_k = _positive_int("top_k", top_k, allow_none=True)
     if isinstance(candidates, (str, dict)) or not isinstance(candidates, Sequence):
         raise SLQInputError(f"candidates must be a list of inputs, got {type(candidates).__name__}; wrap a single "
                             "candidate in a list.")
@@ -539,16 +578,13 @@ def rerank(
     def tokenised(chunk: list[_Pair], answers_chunk: list[list[int]]) -> tuple[list[_Row], Any]:
         batch = collate(processor, [_prompt_item(p, scorer, yes_no) for p in chunk], instruction, max_length=limit)
         rows = _rows(batch, answers_chunk, token_keys)
-        for pair, row in zip(chunk, rows):
-            if limit is not None and row.ids.shape[0] > limit:
-                raise SLQInputError(f"The pair with {pair.source} has {row.ids.shape[0]} tokens, more than the "
-                                    f"backbone's {limit} positions; shorten the text.")
+        _check_lengths(chunk, rows, limit)
         return rows, batch
 
     scores = torch.empty(len(pairs), dtype=torch.float32)
     shared = None
     if share_prefix and query_has_image and len(pairs) > 1:
-        shared = _shared_prefix(backbone, spec, pairs, answers, tokenised, token_keys, impl)
+        shared = _shared_prefix(backbone, spec, pairs, answers, tokenised, token_keys, impl, limit)
     if shared is not None:
         prefix, rows = shared
         for span in _batches(len(pairs), batch_size, show_progress_bar, "rerank"):
@@ -566,7 +602,8 @@ def rerank(
     return RerankResult(scores=scores, order=ranking[:top_k] if top_k is not None else ranking, rewritten=rewritten)
 
 
-def _shared_prefix(backbone, spec, pairs, answers, tokenised, token_keys, impl) -> tuple[_SharedPrefix, list] | None:
+def _shared_prefix(backbone, spec, pairs, answers, tokenised, token_keys, impl,
+                   limit: int | None) -> tuple[_SharedPrefix, list] | None:
     """Tokenise every pair of an image query and run their common prefix once; None when they share too little."""
     rows: list[_Row] = []
     if impl is SCORERS["likelihood"]:
@@ -577,6 +614,7 @@ def _shared_prefix(backbone, spec, pairs, answers, tokenised, token_keys, impl) 
             ids = torch.cat([prompt.ids, torch.tensor(answer, dtype=prompt.ids.dtype)])
             extras = {k: torch.cat([v, v.new_zeros(len(answer))]) for k, v in prompt.extras.items()}
             rows.append(_Row(ids, extras, prompt.ids.shape[0]))
+        _check_lengths(pairs, rows, limit)  # built by hand, past tokenised()'s check
     else:  # yes_no: the question differs per pair, so each prompt is processed (the processor is cheap)
         first_batch = tokenised(pairs[:1], answers[:1])[1]  # the image inputs of ONE copy of the image
         for span in range(0, len(pairs), 16):
