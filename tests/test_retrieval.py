@@ -512,3 +512,199 @@ def test_demo_search_writes_a_grid(slq_dir, tmp_path):
     grid = Image.open(result["grid"])
     assert grid.width > 5 * 64 and len(result["queries"]) == 2
     assert all(len(q["hits"]) == 5 for q in result["queries"])
+
+
+# ------------------------------------------------------------------------------- review: inputs and rebuilds
+def _small_folder(tmp_path: Path, scenes, count: int = 6) -> Path:
+    folder = tmp_path / "small"
+    folder.mkdir()
+    for n, scene in enumerate(scenes[:count]):
+        scene.image.save(folder / f"{n}.png")
+    return folder
+
+
+def test_overwrite_replaces_an_unreadable_manifest(model, tmp_path, scenes):
+    """The error for a corrupt manifest says "rebuild with --overwrite"; --overwrite itself used to raise it."""
+    folder, out = _small_folder(tmp_path, scenes), tmp_path / "index"
+    build_index(model, folder, out, shard_size=4)
+    (out / "manifest.json").write_text("{half a manifest")
+    with pytest.raises(ValueError, match="unreadable index manifest.*--overwrite"):
+        build_index(model, folder, out, shard_size=4)
+    assert build_index(model, folder, out, shard_size=4, overwrite=True)["num_vectors"] == 6
+    assert len(CorpusIndex.load(out)) == 6
+
+
+def test_unusable_factory_refused_before_encoding_or_overwriting(model, tmp_path, scenes):
+    """A factory FAISS cannot parse failed only after every shard was encoded (and after --overwrite wiped)."""
+    folder, out = _small_folder(tmp_path, scenes), tmp_path / "index"
+    build_index(model, folder, out, shard_size=4)
+    before = _all_embeddings(out, 2)
+    for factory in ("Nonsense12", "flat"):
+        with pytest.raises(ValueError, match="could not parse"):
+            build_index(model, folder, tmp_path / "fresh", shard_size=4, faiss_factory=factory)
+        assert not list((tmp_path / "fresh").glob("shards/*.safetensors"))
+        with pytest.raises(ValueError, match="could not parse"):
+            build_index(model, folder, out, shard_size=4, faiss_factory=factory, overwrite=True)
+    np.testing.assert_array_equal(_all_embeddings(out, 2), before)
+    assert len(CorpusIndex.load(out)) == 6
+
+
+def test_failed_overwrite_keeps_the_previous_index(model, tmp_path, scenes):
+    """--overwrite deleted the old index first: a new build that then failed left nothing usable."""
+    folder, out = _small_folder(tmp_path, scenes), tmp_path / "index"
+    build_index(model, folder, out, shard_size=4)
+    query = _all_embeddings(out, 2)[:2]
+    expected = CorpusIndex.load(out).search_embeddings(query, k=3)
+    (folder / "zz_broken.png").write_bytes(b"not a png")
+    with pytest.raises(BadItemError, match="zz_broken.png"):
+        build_index(model, folder, out, shard_size=4, overwrite=True, strict=True)
+    index = CorpusIndex.load(out)  # the earlier build, whole
+    assert len(index) == 6 and index.manifest["data"]["num_items"] == 6
+    for got, want in zip(index.search_embeddings(query, k=3), expected):
+        np.testing.assert_array_equal(got, want)
+    assert sorted(p.name for p in out.iterdir()) == ["bad_items.jsonl", "index.faiss", "manifest.json", "shards"]
+    # A successful --overwrite replaces it and leaves nothing of the old build behind.
+    manifest = build_index(model, folder, out, shard_size=4, overwrite=True)
+    assert manifest["num_vectors"] == 6 and manifest["bad_items"] == 1 and manifest["data"]["num_items"] == 7
+    assert sorted(p.name for p in out.iterdir()) == ["bad_items.jsonl", "index.faiss", "manifest.json", "shards"]
+
+
+def test_failed_or_interrupted_index_rebuild_never_leaves_a_wrong_manifest(model, tmp_path, scenes, monkeypatch):
+    """Re-running a finished build dropped num_vectors from the manifest until the end (a failed rebuild left an
+    index that raised KeyError), and the new index file replaced the old one before the manifest said so."""
+    from slq_hf.retrieval import build as build_module
+
+    folder, out = _small_folder(tmp_path, scenes), tmp_path / "index"
+    build_index(model, folder, out, shard_size=4)
+    with pytest.raises(ValueError, match="could not train"):
+        build_index(model, folder, out, shard_size=4, faiss_factory="IVF64,PQ16")
+    index = CorpusIndex.load(out)
+    assert len(index) == 6 and index.manifest["index"]["precision"] == "float32"
+
+    write = build_module.write_manifest
+
+    def crash_before_the_final_manifest(index_dir, manifest):
+        if (manifest.get("index") or {}).get("precision") == "ubinary":
+            raise KeyboardInterrupt  # killed between the index file's rename and the manifest's
+        return write(index_dir, manifest)
+
+    monkeypatch.setattr(build_module, "write_manifest", crash_before_the_final_manifest)
+    with pytest.raises(KeyboardInterrupt):
+        build_index(model, folder, out, shard_size=4, precision="ubinary")
+    monkeypatch.setattr(build_module, "write_manifest", write)
+    with pytest.raises(FileNotFoundError, match="has not finished.*resume"):
+        CorpusIndex.load(out)
+    assert build_index(model, folder, out, shard_size=4, precision="ubinary")["run"]["encoded_shards"] == 0
+    assert CorpusIndex.load(out).manifest["index"]["precision"] == "ubinary"
+
+
+def test_jsonl_byte_order_mark_and_non_utf8_lines(model, tmp_path, scenes):
+    """A BOM made the first line invalid JSON (the item silently became a bad item); a Latin-1 line raised a bare
+    UnicodeDecodeError naming neither file nor line."""
+    lines = [json.dumps({"id": f"t{n}", "text": scene.caption}).encode() for n, scene in enumerate(scenes[:3])]
+    data = tmp_path / "bom.jsonl"
+    data.write_bytes(b"\xef\xbb\xbf" + b"\n".join(lines + [b'{"id": "latin", "text": "caf\xe9"}']) + b"\n")
+    corpus = read_corpus(data)
+    assert [item.id for item in corpus.items] == ["t0", "t1", "t2", "line-4"]
+    assert corpus.items[0].error is None and corpus.items[0].text == scenes[0].caption
+    assert "not UTF-8" in corpus.items[3].error and corpus.items[3].where == "bom.jsonl:4"
+    manifest = build_index(model, data, tmp_path / "index", shard_size=4)
+    assert manifest["num_vectors"] == 3 and manifest["bad_items"] == 1
+
+
+@pytest.mark.skipif(sys.platform in ("darwin", "win32"), reason="needs a file system that stores raw name bytes")
+def test_names_and_texts_that_are_not_unicode_are_bad_items(model, tmp_path, scenes):
+    """A Latin-1 file name (or a "\\udce9" escape in JSON) crashed the whole build with UnicodeEncodeError."""
+    folder = _small_folder(tmp_path, scenes, 3)
+    raw = os.fsencode(folder) + b"/caf\xe9.png"
+    scenes[3].image.save(os.fsdecode(raw))
+    manifest = build_index(model, folder, tmp_path / "index", shard_size=2)
+    index = CorpusIndex.load(tmp_path / "index")
+    assert manifest["num_vectors"] == 3 and [r["id"] for r in index.rows.to_pylist()] == ["0.png", "1.png", "2.png"]
+    (bad,) = index.bad_items
+    assert bad["id"] == "caf\ufffd.png" and "not valid UTF-8" in bad["reason"]
+
+    data = tmp_path / "items.jsonl"
+    data.write_text('{"id": "ok", "text": "a red circle"}\n{"id": "s", "text": "caf\\udce9"}\n')
+    manifest = build_index(model, data, tmp_path / "items_index", shard_size=4)
+    (bad,) = CorpusIndex.load(tmp_path / "items_index").bad_items
+    assert manifest["num_vectors"] == 1 and bad["where"] == "items.jsonl:2" and "surrogate" in bad["reason"]
+
+
+def test_duplicate_ids_are_refused_or_made_unique(model, tmp_path, scenes):
+    """A Corpus given in Python, or a Karpathy file with one file name in two folders, was indexed with two
+    items under one id."""
+    from slq_hf.retrieval import Corpus, CorpusItem
+
+    twice = Corpus([CorpusItem("a", text="red"), CorpusItem("b", text="green"), CorpusItem("a", text="blue")],
+                   "memory", "items")
+    with pytest.raises(ValueError, match="corpus item 2: id 'a' is also the id of corpus item 0"):
+        build_index(model, twice, tmp_path / "index")
+    assert not (tmp_path / "index").exists()
+
+    for sub, scene in zip(("a", "b"), scenes):
+        (tmp_path / sub).mkdir()
+        scene.image.save(tmp_path / sub / "0.png")
+    karpathy = {"images": [{"filepath": sub, "filename": "0.png", "split": "test", "sentences": [{"raw": s.caption}]}
+                           for sub, s in zip(("a", "b"), scenes)]}
+    (tmp_path / "karpathy.json").write_text(json.dumps(karpathy))
+    corpus = read_corpus(tmp_path / "karpathy.json", "karpathy", image_root=tmp_path)
+    assert [item.id for item in corpus.items] == ["a/0.png", "b/0.png"]
+
+
+def test_home_relative_image_paths_resolve_in_hits(model, tmp_path, scenes, monkeypatch):
+    """An item image "~/x.png" was read from the home folder but its hit.path was ROOT/~/x.png."""
+    home = tmp_path / "home"
+    home.mkdir()
+    monkeypatch.setenv("HOME", str(home))
+    scenes[0].image.save(home / "mine.png")
+    data = tmp_path / "items.jsonl"
+    data.write_text('{"id": "mine", "image": "~/mine.png"}\n{"id": "t", "text": "a red circle"}\n')
+    build_index(model, data, tmp_path / "index", shard_size=4)
+    hit = CorpusIndex.load(tmp_path / "index").search(model, scenes[0].image, k=1)[0][0]
+    assert hit.id == "mine" and hit.image == "~/mine.png" and hit.path == str(home / "mine.png")
+
+
+def test_qdrant_export_refuses_batch_size_below_one(model, tmp_path, scenes):
+    """batch_size=-1 exported no point and reported them all; 0 raised range()'s own error."""
+    pytest.importorskip("qdrant_client")
+    folder = _small_folder(tmp_path, scenes, 3)
+    build_index(model, folder, tmp_path / "index", shard_size=4)
+    for size in (-1, 0, True):
+        with pytest.raises(ValueError, match=f"batch_size={size!r} is invalid"):
+            export_qdrant(tmp_path / "index", "c", path=tmp_path / "db", batch_size=size)
+
+
+def test_eval_only_options_refused_for_folder_and_items(tmp_path, scenes, slq_dir, capsys):
+    """--split / --image-root were silently ignored for a folder or items JSONL: the whole corpus was indexed."""
+    from slq_hf.cli import main
+
+    folder = _small_folder(tmp_path, scenes, 2)
+    with pytest.raises(ValueError, match=r"split \(--split\) only apply to the evaluation layouts"):
+        read_corpus(folder, split="test")
+    data = tmp_path / "items.jsonl"
+    data.write_text('{"id": "t", "text": "a red circle"}\n')
+    with pytest.raises(ValueError, match="image_root.*'items'"):
+        read_corpus(data, image_root=tmp_path)
+    assert main(["index", "build", "--model", str(slq_dir), "--data", str(folder), "--out", str(tmp_path / "i"),
+                 "--split", "test", "--no-progress"]) == 2
+    assert "only apply to the evaluation layouts" in capsys.readouterr().err
+
+
+def test_killed_overwrite_then_rerun_still_keeps_the_previous_index(model, tmp_path, scenes, monkeypatch):
+    """After a killed --overwrite build (nothing put back), re-running it must keep the build before that one."""
+    from slq_hf.retrieval import build as build_module
+
+    folder, out = _small_folder(tmp_path, scenes), tmp_path / "index"
+    build_index(model, folder, out, shard_size=4)
+    before = _all_embeddings(out, 2)
+    (folder / "zz_broken.png").write_bytes(b"not a png")
+    with monkeypatch.context() as patch:
+        patch.setattr(build_module, "_restore", lambda index_dir: None)  # a SIGKILL runs no clean-up
+        with pytest.raises(BadItemError):
+            build_index(model, folder, out, shard_size=4, overwrite=True, strict=True)
+    assert (out / "manifest.json").is_file() and (out / ".replaced" / "index.faiss").is_file()
+    with pytest.raises(BadItemError):
+        build_index(model, folder, out, shard_size=4, overwrite=True, strict=True)
+    np.testing.assert_array_equal(_all_embeddings(out, 2), before)
+    assert len(CorpusIndex.load(out)) == 6 and not (out / ".replaced").exists()

@@ -65,7 +65,9 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                             "vectors, else HNSW32)")
     build.add_argument("--query-set", metavar="NAME", help="embed with this query set (default: the active one)")
     build.add_argument("--overwrite", action="store_true",
-                       help="start over when INDEX_DIR holds an index of another model or data")
+                       help="start over when INDEX_DIR holds an index of another model or data (the earlier "
+                            "build is kept in INDEX_DIR/.replaced until the new one is complete, and put back if it "
+                            "fails)")
     build.add_argument("--strict", action="store_true", help="stop at the first bad item instead of skipping it")
     build.add_argument("--no-progress", action="store_true", help="hide progress bars")
     build.set_defaults(func=run_build)

@@ -40,7 +40,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                         help="rerank the top K embedding hits with the backbone's likelihood, then keep -k")
     parser.add_argument("--rescore-multiplier", type=int, default=None, metavar="M",
                         help="lossy indexes: rescore k x M candidates in float32 (default: 4)")
-    parser.add_argument("--nprobe", type=int, default=None, help="IVF indexes: lists to visit (default: nlist/16)")
+    parser.add_argument("--nprobe", type=int, default=None,
+                        help="IVF indexes: lists to visit (default: nlist/16, at least 16)")
     add_model_options(parser, what="SLQ folder (or Hub id) to embed queries with (default: the one that built the "
                                    "index)")
     parser._option_string_actions["--model"].required = False

@@ -6,6 +6,7 @@ INDEX_DIR layout::
     shards/              shard-00000.safetensors / .parquet / .bad.json ... (see shards.py)
     bad_items.jsonl      every skipped item: position, id, where, image, reason
     index.faiss          the FAISS index over all embedded rows, in shard order
+    .replaced/           during an --overwrite build only: the build it replaces, put back if the new one fails
 """
 
 from __future__ import annotations
@@ -15,13 +16,14 @@ import os
 import shutil
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from . import faiss_index as fi
-from .corpus import Corpus, read_corpus
+from .corpus import Corpus, CorpusItem, printable, read_corpus
 from .distributed import distributed_context
 from .encode import encode_corpus, shard_ranges
 from .manifest import (
@@ -42,9 +44,30 @@ BAD_ITEMS = "bad_items.jsonl"
 DEFAULT_SHARD_SIZE = 10_000
 
 
-def _check_or_start(index_dir: Path, manifest: dict, overwrite: bool) -> None:
-    """Refuse a folder built from another model/data (unless ``overwrite``: then wipe it); write the manifest."""
-    existing = read_manifest(index_dir) if index_dir.exists() else None
+# Files one build writes; an --overwrite build moves its predecessor's into REPLACED and deletes them only once the
+# new index is complete, so a failed or interrupted rebuild never costs the index that was there.
+_BUILD_FILES = (SHARDS, INDEX_FILE, BAD_ITEMS, MANIFEST)
+REPLACED = ".replaced"
+# Manifest fields describing a finished build; a re-run keeps them until it finishes, so the index stays loadable.
+_FINISHED_FIELDS = ("index", "num_vectors", "bad_items")
+
+
+def _read_existing(index_dir: Path, overwrite: bool) -> dict | None:
+    """The folder's manifest; with ``overwrite`` an unreadable one is simply replaced (its error says to do that)."""
+    if not index_dir.exists():
+        return None
+    try:
+        return read_manifest(index_dir)
+    except ValueError:
+        if overwrite:
+            return None
+        raise
+
+
+def _check_or_start(index_dir: Path, manifest: dict, overwrite: bool) -> bool:
+    """Refuse a folder built from another model/data (unless ``overwrite``: then set its build aside); write the
+    manifest. Returns True when an earlier build was set aside in ``REPLACED`` (see :func:`_set_aside`)."""
+    existing = _read_existing(index_dir, overwrite)
     if existing is None and index_dir.exists() and any(index_dir.iterdir()) and not overwrite:
         if not (index_dir / SHARDS).exists():
             raise IndexMismatchError(f"{index_dir} exists, is not empty and is not an slq_hf index; choose another "
@@ -64,15 +87,53 @@ def _check_or_start(index_dir: Path, manifest: dict, overwrite: bool) -> None:
             raise IndexMismatchError(f"{index_dir} holds an index built from something else: "
                                      f"{'; '.join(problems)}. Its shards are never mixed with new ones: pass "
                                      "--overwrite (overwrite=True) to start over, or choose another --out.")
-        manifest["index"] = existing.get("index")
-    if overwrite and index_dir.exists():
-        for name in (SHARDS, INDEX_FILE, BAD_ITEMS, MANIFEST):
-            path = index_dir / name
-            shutil.rmtree(path) if path.is_dir() else path.unlink(missing_ok=True)
-    (index_dir / SHARDS).mkdir(parents=True, exist_ok=True)
-    for stale in (index_dir / SHARDS).glob(".*.tmp-*"):  # a killed run's half-written files
-        stale.unlink(missing_ok=True)
-    write_manifest(index_dir, manifest)
+        manifest.update({key: existing[key] for key in _FINISHED_FIELDS if key in existing})
+    aside = _set_aside(index_dir) if overwrite and index_dir.exists() else (index_dir / REPLACED).is_dir()
+    try:
+        (index_dir / SHARDS).mkdir(parents=True, exist_ok=True)
+        for stale in (index_dir / SHARDS).glob(".*.tmp-*"):  # a killed run's half-written files
+            stale.unlink(missing_ok=True)
+        write_manifest(index_dir, manifest)
+    except BaseException:
+        if aside:
+            _restore(index_dir)
+        raise
+    return aside
+
+
+def _remove_build(index_dir: Path) -> None:
+    """Delete one build's files (and the temporary files a failed index or bad-items write may leave)."""
+    for name in (*_BUILD_FILES, f".{INDEX_FILE}.tmp", f".{BAD_ITEMS}.tmp"):
+        path = index_dir / name
+        shutil.rmtree(path) if path.is_dir() else path.unlink(missing_ok=True)
+
+
+def _set_aside(index_dir: Path) -> bool:
+    """Move the build in ``index_dir`` into ``index_dir/REPLACED`` (renames: instant, nothing copied).
+
+    If REPLACED is already there, an earlier --overwrite build was interrupted: REPLACED still holds the last build
+    that was there before it, and what is in the folder is that interrupted build's partial output, dropped."""
+    backup = index_dir / REPLACED
+    if backup.is_dir():
+        _remove_build(index_dir)
+        return True
+    present = [name for name in _BUILD_FILES if (index_dir / name).exists()]
+    if not present:
+        return False
+    backup.mkdir()
+    for name in present:
+        os.replace(index_dir / name, backup / name)
+    return True
+
+
+def _restore(index_dir: Path) -> None:
+    """Undo :func:`_set_aside` after a failed build: its partial output goes, the earlier build comes back."""
+    backup = index_dir / REPLACED
+    _remove_build(index_dir)
+    for name in _BUILD_FILES:
+        if (backup / name).exists():
+            os.replace(backup / name, index_dir / name)
+    shutil.rmtree(backup)
 
 
 def _collect_bad(index_dir: Path, num_shards: int) -> int:
@@ -90,8 +151,12 @@ def _training_sample(vectors: ShardVectors, count: int) -> np.ndarray:
     return vectors.take(np.unique(rows))
 
 
-def build_faiss(index_dir: Path, num_shards: int, factory: str, precision: str, show_progress_bar: bool | None = None):
-    """Build and save the FAISS index over the shards' embeddings (streamed shard by shard). Returns the index."""
+def build_faiss(index_dir: Path, num_shards: int, factory: str, precision: str, show_progress_bar: bool | None = None,
+                before_replace: Callable[[], None] | None = None):
+    """Build and save the FAISS index over the shards' embeddings (streamed shard by shard). Returns the index.
+
+    ``before_replace`` runs once the new index is written to a temporary file, just before it replaces the old one
+    (the manifest is marked "index not ready" there, so the old manifest never describes the new file)."""
     from tqdm.auto import tqdm
 
     faiss = fi.faiss()
@@ -111,6 +176,8 @@ def build_faiss(index_dir: Path, num_shards: int, factory: str, precision: str, 
         faiss.write_index_binary(index, str(tmp))
     else:
         faiss.write_index(index, str(tmp))
+    if before_replace is not None:
+        before_replace()
     os.replace(tmp, index_dir / INDEX_FILE)
     return index
 
@@ -136,7 +203,8 @@ def build_index(
     """Encode ``data`` with ``model`` into shards under ``out`` and build its FAISS index.
 
     Safe to re-run: finished shards are kept (a finished build only re-checks fingerprints), a changed model or
-    data is refused unless ``overwrite``. Under ``torchrun`` every rank encodes its share of the shards; rank 0
+    data is refused unless ``overwrite`` (which keeps the earlier build aside until the new one is complete, and
+    puts it back if the new build fails). Under ``torchrun`` every rank encodes its share of the shards; rank 0
     then builds the index. Changing only ``precision``/``faiss_factory`` rebuilds the index from the shards.
 
     Args:
@@ -152,11 +220,12 @@ def build_index(
     """
     started = time.perf_counter()
     fi.check_precision(precision)
-    if faiss_factory is not None:
-        fi.resolve_factory(faiss_factory, precision)  # a bad factory fails now, not after hours of encoding
+    if faiss_factory is not None:  # a bad factory fails now, not after hours of encoding (or after --overwrite)
+        fi.new_index(int(model.config.embedding_dim), faiss_factory, precision)
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"batch_size={batch_size!r} is invalid; expected a positive integer.")
     corpus = data if isinstance(data, Corpus) else read_corpus(data, format, split=split, **read_kwargs)
+    check_unique_ids(corpus)
     ranges = shard_ranges(len(corpus), shard_size)
     index_dir = Path(out)
     with distributed_context() as context, using_query_set(model, query_set):
@@ -172,28 +241,50 @@ def build_index(
             "num_shards": len(ranges),
             "index": None,
         }
-        error = None
+        error, aside = None, False
         if context.is_main:
             try:
-                _check_or_start(index_dir, manifest, overwrite)
+                aside = _check_or_start(index_dir, manifest, overwrite)
             except (IndexMismatchError, ValueError, OSError) as err:
                 error = err
         error = context.broadcast(None if error is None else str(error)) if context.world_size > 1 else error
         if error is not None:
             raise error if isinstance(error, Exception) else IndexMismatchError(error)
         context.barrier()
-        summary = encode_corpus(model, corpus, index_dir, shard_size=shard_size, batch_size=batch_size,
-                                strict=strict, context=context, item_keys=keys, show_progress_bar=show_progress_bar,
-                                model_id=fingerprint["fingerprint"])
-        context.barrier()
-        if not context.is_main:
-            return manifest
-        manifest = _finish(index_dir, manifest, len(ranges), precision, faiss_factory, show_progress_bar,
-                           shards_changed=summary.encoded > 0)
+        try:
+            summary = encode_corpus(model, corpus, index_dir, shard_size=shard_size, batch_size=batch_size,
+                                    strict=strict, context=context, item_keys=keys,
+                                    show_progress_bar=show_progress_bar, model_id=fingerprint["fingerprint"])
+            context.barrier()
+            if not context.is_main:
+                return manifest
+            manifest = _finish(index_dir, manifest, len(ranges), precision, faiss_factory, show_progress_bar,
+                               shards_changed=summary.encoded > 0)
+        except BaseException:  # Ctrl-C too: the build that was there before --overwrite comes back
+            if aside:
+                _restore(index_dir)
+            raise
+        if aside:
+            shutil.rmtree(index_dir / REPLACED)
     manifest["run"] = {"skipped_shards": summary.skipped, "encoded_shards": summary.encoded,
                        "bad_items": manifest["bad_items"], "seconds": time.perf_counter() - started,
                        "world_size": context.world_size}
     return manifest
+
+
+def check_unique_ids(corpus: Corpus) -> None:
+    """Search results name items by id: two items with one id would be told apart by nothing. Raise naming both."""
+    seen: dict[str, int] = {}
+    for position, item in enumerate(corpus.items):
+        first = seen.setdefault(item.id, position)
+        if first != position:
+            raise ValueError(f"{_location(item, position)}: id {printable(item.id)!r} is also the id of "
+                             f"{_location(corpus.items[first], first)}; ids must be unique within the corpus (give "
+                             "each item its own id).")
+
+
+def _location(item: CorpusItem, position: int) -> str:
+    return printable(item.where) if item.where else f"corpus item {position}"
 
 
 def _source(model: Any, given: str | os.PathLike | None) -> str | None:
@@ -214,7 +305,10 @@ def _finish(index_dir: Path, manifest: dict, num_shards: int, precision: str, fa
     reuse = (not shards_changed and (index_dir / INDEX_FILE).is_file()
              and all(previous.get(k) == v for k, v in wanted.items()))
     if not reuse:
-        build_faiss(index_dir, num_shards, factory, precision, show_progress_bar)
+        # Until the new index file is in place, the manifest says "not ready" rather than describing the old one.
+        pending = {k: v for k, v in manifest.items() if k not in _FINISHED_FIELDS}
+        build_faiss(index_dir, num_shards, factory, precision, show_progress_bar,
+                    before_replace=lambda: write_manifest(index_dir, {**pending, "index": None}))
     elif show_progress_bar is not False:
         print(f"Index {INDEX_FILE} ({factory}, {precision}) is up to date; not rebuilt.", file=sys.stderr)
     manifest["index"] = {**wanted, "resolved_factory": fi.resolve_factory(factory, precision),

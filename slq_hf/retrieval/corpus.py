@@ -62,7 +62,8 @@ class CorpusItem:
             else:
                 image = [self.image_ref, getattr(self.image, "key", None)]
         payload = json.dumps([self.id, image, self.text, self.metadata, self.error], sort_keys=True, default=str)
-        return hashlib.sha256(payload.encode()).hexdigest()
+        # surrogatepass: a bad item's undecodable file name still has a key (it is listed, never stored as text)
+        return hashlib.sha256(payload.encode("utf-8", "surrogatepass")).hexdigest()
 
 
 @dataclass
@@ -79,6 +80,20 @@ class Corpus:
 
     def __repr__(self) -> str:
         return f"Corpus({self.source!r}, format={self.format!r}, items={len(self.items)})"
+
+
+def printable(text: str) -> str:
+    """``text`` with lone surrogates (undecodable file-name bytes, ``"\\udce9"`` in JSON) shown as U+FFFD."""
+    return text if _is_utf8(text) else text.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
+
+
+def _is_utf8(text: str) -> bool:
+    """False for strings Parquet, JSON files and terminals cannot hold: lone surrogates."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def _image_extensions() -> tuple[str, ...]:
@@ -101,8 +116,18 @@ def read_image_folder(folder: str | os.PathLike) -> Corpus:
                 found.append(Path(dirpath, name).relative_to(folder).as_posix())
     if not found:
         raise ValueError(f"{folder}: no image files found (looked for {', '.join(extensions)}, recursively).")
-    items = [CorpusItem(id=rel, image=str(folder / rel), image_ref=rel, where=rel) for rel in sorted(found)]
-    return Corpus(items, str(folder), "folder", root=str(folder.resolve()))
+    return Corpus([_folder_item(folder, rel) for rel in sorted(found)], str(folder), "folder",
+                  root=str(folder.resolve()))
+
+
+def _folder_item(folder: Path, rel: str) -> CorpusItem:
+    """One image file; a name that is not valid UTF-8 (e.g. Latin-1 bytes) becomes a bad item, since ids and paths
+    are stored as UTF-8 text."""
+    if _is_utf8(rel):
+        return CorpusItem(id=rel, image=str(folder / rel), image_ref=rel, where=rel)
+    shown = printable(rel)
+    return CorpusItem(id=shown, where=shown, error="the file name is not valid UTF-8; rename the file (e.g. with "
+                      "`convmv -f latin1 -t utf8`) to index it")
 
 
 def _item_from_record(record: Any, base: Path, where: str, line: int) -> CorpusItem:
@@ -111,6 +136,11 @@ def _item_from_record(record: Any, base: Path, where: str, line: int) -> CorpusI
         return CorpusItem(fallback_id, error=f"expected a JSON object, got {type(record).__name__}", where=where)
     raw_id = record.get("id", None)
     item_id = str(raw_id) if raw_id is not None else None
+    broken = [key for key in _RESERVED if isinstance(record.get(key), str) and not _is_utf8(record[key])]
+    if broken:  # a JSON "\udc.." escape: not text Parquet can store
+        return CorpusItem(fallback_id if "id" in broken else item_id or fallback_id, where=where,
+                          error=f"{', '.join(map(repr, broken))} holds a lone surrogate escape (\\udXXX), which is "
+                                "not valid Unicode text")
     image, text = record.get("image"), record.get("text")
     metadata = {k: v for k, v in record.items() if k not in _RESERVED}
     if image is None and text is None:
@@ -136,11 +166,15 @@ def read_items_jsonl(path: str | os.PathLike) -> Corpus:
     if not path.is_file():
         raise FileNotFoundError(f"{path}: data file not found.")
     items, seen = [], {}
-    with path.open(encoding="utf-8") as handle:
-        for number, raw in enumerate(handle, start=1):
+    with path.open("rb") as handle:  # bytes: one line that is not UTF-8 is a bad item, not a crash of the whole read
+        for number, data in enumerate(handle, start=1):
+            where = f"{path.name}:{number}"
+            raw, problem = _decode_line(data, first=number == 1)
+            if problem is not None:
+                items.append(CorpusItem(f"line-{number}", error=problem, where=where))
+                continue
             if not raw.strip():
                 continue
-            where = f"{path.name}:{number}"
             try:
                 record = json.loads(raw)
             except json.JSONDecodeError as err:
@@ -158,15 +192,39 @@ def read_items_jsonl(path: str | os.PathLike) -> Corpus:
     return Corpus(items, str(path), "items", root=str(path.parent.resolve()))
 
 
+def _decode_line(data: bytes, first: bool) -> tuple[str, str | None]:
+    """(text of a JSONL line, None) or ("", why it is not UTF-8). A UTF-8 byte-order mark (Windows editors write
+    one) opening the file is dropped: json.loads refuses it, which lost the first item."""
+    if first and data.startswith(b"\xef\xbb\xbf"):
+        data = data[3:]
+    try:
+        return data.decode("utf-8"), None
+    except UnicodeDecodeError as err:
+        return "", (f"the line is not UTF-8 text (byte 0x{data[err.start]:02x} at byte {err.start + 1}); save the "
+                    "file as UTF-8")
+
+
+def _unique_ids(ids: list[str], refs: list[str]) -> list[str]:
+    """Display names as ids, except names shared by several images (``0.png`` in two Karpathy folders): those
+    take their reference (relative path or row), so every id names one item."""
+    counts: dict[str, int] = {}
+    for name in ids:
+        counts[name] = counts.get(name, 0) + 1
+    return [name if counts[name] == 1 else ref for name, ref in zip(ids, refs)]
+
+
 def _from_dataset(dataset, source: str, format: str, root: str | None) -> Corpus:
     captions: list[list[str]] = [[] for _ in dataset.images]
     for text, owner in zip(dataset.texts, dataset.text_to_image):
         captions[owner].append(text)
-    items = []
-    for image, image_id, texts in zip(dataset.images, dataset.image_ids, captions):
+    refs, ids = [], [str(image_id) for image_id in dataset.image_ids]
+    for image, image_id in zip(dataset.images, ids):
         is_path = isinstance(image, (str, os.PathLike))
-        ref = os.path.relpath(image, root) if is_path and root else (str(image) if is_path else image_id)
-        items.append(CorpusItem(str(image_id), image=str(image) if is_path else image, image_ref=ref,
+        refs.append(os.path.relpath(image, root) if is_path and root else (str(image) if is_path else image_id))
+    items = []
+    for image, item_id, ref, texts in zip(dataset.images, _unique_ids(ids, refs), refs, captions):
+        is_path = isinstance(image, (str, os.PathLike))
+        items.append(CorpusItem(item_id, image=str(image) if is_path else image, image_ref=ref,
                                 metadata={"captions": texts} if texts else {}, where=ref))
     return Corpus(items, source, format, root=root)
 
@@ -198,6 +256,12 @@ def read_corpus(path: str | os.PathLike, format: str | None = None, *, split: st
         **eval_kwargs: forwarded to ``load_retrieval_dataset`` (``text_field``, ``image_column``, ...).
     """
     format = detect_corpus_format(path) if format in (None, "auto") else format
+    ignored = [name for name, value in (("split", split), ("image_root", image_root), *eval_kwargs.items())
+               if value is not None]
+    if format in ("folder", "items") and ignored:  # silently indexing everything would hide the mistake
+        raise ValueError(f"{', '.join(ignored)} (--{ignored[0].replace('_', '-')}) only apply to the evaluation "
+                         f"layouts {list(EVAL_FORMATS)}; {path} is read as {format!r}, which has none. Drop the "
+                         "option, or pass --format.")
     if format == "folder":
         return read_image_folder(path)
     if format == "items":

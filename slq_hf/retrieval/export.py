@@ -45,6 +45,9 @@ def export_qdrant(index: CorpusIndex | str | os.PathLike, collection: str, *, pa
     from qdrant_client.http.exceptions import ApiException
     from tqdm.auto import tqdm
 
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        # range(0, N, -1) is empty: the export would report N points and write none
+        raise ValueError(f"batch_size={batch_size!r} is invalid; expected a positive integer.")
     index = index if isinstance(index, CorpusIndex) else CorpusIndex.load(index)
     own_client = client is None
     client = client if client is not None else qdrant_client(path, url, api_key)

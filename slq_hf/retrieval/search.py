@@ -176,7 +176,7 @@ class CorpusIndex:
                     continue
                 record = records[int(row)]
                 image = record["image"]
-                path = str(Path(root) / image) if image and root and has_paths else None
+                path = _item_path(root, image) if image and root and has_paths else None
                 hits.append(SearchHit(rank=rank, score=float(score), id=record["id"], row=int(row),
                                       position=int(record["position"]), image=image, path=path, text=record["text"],
                                       metadata=json.loads(record["metadata"])))
@@ -224,6 +224,12 @@ def rerank_hits(model: Any, query: Any, hits: list[SearchHit], *, scorer: str = 
         hit = hits[position]
         out.append(SearchHit(**{**hit.to_dict(), "rank": rank, "rerank_score": float(result.scores[position])}))
     return out
+
+
+def _item_path(root: str, image: str) -> str:
+    """The file an item's stored image reference names, resolved as the corpus reader did: ``~`` expanded, an
+    absolute path kept, a relative one under the corpus root."""
+    return str(Path(root) / Path(image).expanduser())
 
 
 def _ivf(index: Any) -> Any:
