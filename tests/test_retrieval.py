@@ -440,8 +440,60 @@ def test_qdrant_local_export_round_trips(model, tmp_path, scenes):
     finally:
         client.close()
     # A server that cannot be reached is one clear error (the CLI prints it as one line), not qdrant's own exception.
-    with pytest.raises(ConnectionError, match=r"Qdrant at http://127.0.0.1:9: .*--overwrite"):
+    with pytest.raises(ConnectionError, match=r"Qdrant at http://127.0.0.1:9: .*left as it was"):
         export_qdrant(index, "scenes", url="http://127.0.0.1:9")
+
+
+def _qdrant_ids(client, name: str) -> list[str]:
+    points, _ = client.scroll(name, limit=100, with_payload=True)
+    return sorted(p.payload["id"] for p in points)
+
+
+def test_qdrant_overwrite_keeps_the_old_collection_until_the_new_one_is_complete(model, tmp_path, scenes,
+                                                                                 monkeypatch):
+    """--overwrite deleted the collection first: an export failing midway (disk full, server gone) left a partial
+    one under the name. The name now keeps the old points until the new ones are all written, and a failed fresh
+    export leaves no partial collection."""
+    qdrant_client = pytest.importorskip("qdrant_client")
+    indexes = {}
+    for name, part in (("a", scenes[:6]), ("b", scenes[6:10])):
+        root = tmp_path / name
+        root.mkdir()
+        build_index(model, _small_folder(root, part, len(part)), root / "index", shard_size=4)
+        indexes[name] = CorpusIndex.load(root / "index")
+    ids = {name: sorted(index.rows.column("id").to_pylist()) for name, index in indexes.items()}
+    client = qdrant_client.QdrantClient(path=str(tmp_path / "db"))
+    try:
+        export_qdrant(indexes["a"], "scenes", client=client)
+        upsert, calls = client.upsert, []
+
+        def fail_on_second_batch(*args, **kwargs):
+            calls.append(1)
+            if len(calls) == 2:
+                raise RuntimeError("disk full")
+            return upsert(*args, **kwargs)
+
+        monkeypatch.setattr(client, "upsert", fail_on_second_batch)
+        with pytest.raises(RuntimeError, match="disk full"):
+            export_qdrant(indexes["b"], "scenes", client=client, overwrite=True, batch_size=2)
+        assert _qdrant_ids(client, "scenes") == ids["a"]
+        assert [c.name for c in client.get_collections().collections] == ["scenes"]  # the partial one is gone
+        calls.clear()
+        with pytest.raises(RuntimeError, match="disk full"):  # a fresh name: nothing partial is left under it
+            export_qdrant(indexes["b"], "fresh", client=client, batch_size=2)
+        assert not client.collection_exists("fresh")
+        monkeypatch.undo()
+
+        for name in ("b", "a"):  # a plain collection replaced, then an alias switched
+            assert export_qdrant(indexes[name], "scenes", client=client, overwrite=True)["points"] == len(ids[name])
+            assert _qdrant_ids(client, "scenes") == ids[name]
+            assert len(client.get_collections().collections) == 1  # the replaced collection was deleted
+            found = client.query_points("scenes", query=indexes[name].embeddings(np.array([0]))[0].tolist(), limit=1)
+            assert found.points[0].id == 0
+        with pytest.raises(ValueError, match="already exists"):  # an alias counts as an existing name
+            export_qdrant(indexes["a"], "scenes", client=client)
+    finally:
+        client.close()
 
 
 # --------------------------------------------------------------------------------------------------------- CLI

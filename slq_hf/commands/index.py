@@ -81,7 +81,9 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     where.add_argument("--qdrant-url", metavar="URL", help="Qdrant server, e.g. http://localhost:6333")
     export.add_argument("--api-key", help="Qdrant API key (servers / Qdrant Cloud); also read from QDRANT_API_KEY")
     export.add_argument("--collection", required=True, help="collection name")
-    export.add_argument("--overwrite", action="store_true", help="replace an existing collection of that name")
+    export.add_argument("--overwrite", action="store_true",
+                        help="replace an existing collection of that name (the old one goes only once the new one is "
+                             "complete; the name then becomes an alias of the new collection)")
     export.add_argument("--no-progress", action="store_true", help="hide progress bars")
     export.set_defaults(func=run_export)
 
