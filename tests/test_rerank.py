@@ -127,7 +127,7 @@ def test_shared_prefix_equals_full_forwards(family, scorer, tiny_backbone_path, 
 
     model, processor = _load(family, tiny_backbone_path)
     texts = [s.caption for s in scenes] + [s.knowledge_caption for s in scenes] + ["a", "red"]
-    kwargs = {"yes_no": TINY_YES_NO} if family != "toy" else {}
+    kwargs = {"yes_no": TINY_YES_NO} if scorer == "yes_no" else {}
     prefix_passes = []
     original = reranking._SharedPrefix.__init__
     monkeypatch.setattr(reranking._SharedPrefix, "__init__",
@@ -578,3 +578,14 @@ def test_integer_likes_are_accepted_for_top_k_and_batch_size(scenes):
     for bad in (2.0, np.float64(2.0), False, np.int64(0), -3):
         with pytest.raises(ValueError, match="top_k"):
             rerank(model, processor, scenes[3].image, captions, top_k=bad)
+
+
+@pytest.mark.parametrize("scorer, option", [("likelihood", {"yes_no": YES_NO_DEFAULTS["qwen3_vl"]}),
+                                            ("yes_no", {"prompt": "Describe the image."}),
+                                            ("yes_no", {"end_of_turn": False})])
+def test_an_option_of_the_other_scorer_is_refused(scenes, scorer, option):
+    """yes_no= with likelihood (or prompt= / end_of_turn= with yes_no) was accepted and silently ignored."""
+    model, processor = _load("toy", None)
+    with pytest.raises(ValueError, match=f"{next(iter(option))}= only applies to the other scorer"):
+        rerank(model, processor, scenes[0].image, [scenes[0].caption], scorer, **option)
+

@@ -543,6 +543,12 @@ def rerank(
         raise ValueError(f"scorer={scorer!r} is unknown; choose one of {sorted(SCORERS)}.")
     batch_size = _positive_int("batch_size", batch_size)
     top_k = _positive_int("top_k", top_k, allow_none=True)
+    ignored = {"likelihood": [("yes_no", yes_no is not None)],
+               "yes_no": [("prompt", prompt is not None), ("end_of_turn", end_of_turn is not True)]}[scorer]
+    if any(given for _, given in ignored):  # accepted and then ignored, the option would look as if it had an effect
+        names = [name for name, given in ignored if given]
+        raise ValueError(f"{', '.join(names)}= only applies to the other scorer, not scorer={scorer!r}; drop it or "
+                         "choose that scorer.")
     if isinstance(candidates, (str, dict)) or not isinstance(candidates, Sequence):
         raise SLQInputError(f"candidates must be a list of inputs, got {type(candidates).__name__}; wrap a single "
                             "candidate in a list.")
