@@ -170,11 +170,77 @@ def test_gradcache_step_equals_a_plain_trainer_step(backbone, tmp_path, accumula
     assert _relative(cached - start, plain - start) <= 1e-4
 
 
-def test_micro_batch_size_is_validated(backbone):
+def test_micro_batch_size_is_validated(backbone, tmp_path):
+    """Checked when the collator is built and when SLQTrainer sets it (0 used to fail in the dataloader with
+    "range() arg 3 must not be zero", -1 in gradcache_backward with a bare StopIteration)."""
     model = SLQModel.from_backbone(backbone, num_queries=NUM_QUERIES)
+    args = TrainingArguments(str(tmp_path), per_device_train_batch_size=4, max_steps=1, remove_unused_columns=False,
+                             use_cpu=True, report_to="none", disable_tqdm=True, save_strategy="no")
     for bad in (0, -1, 1.5, True):
         with pytest.raises(ValueError, match="micro_batch_size"):
             SLQDataCollator(model.processor, micro_batch_size=bad)
+        with pytest.raises(ValueError, match="micro_batch_size"):
+            SLQTrainer(model=model, args=args, train_dataset=_pairs(4), data_collator=SLQDataCollator(model.processor),
+                       micro_batch_size=bad)
+
+
+def test_gradcache_evaluation_reports_the_recalls_and_loss_of_the_plain_path(backbone, tmp_path):
+    """Evaluating with micro-batches gives the recalls (and the loss) of the plain evaluation. Text -> same text
+    pairs embed identically, so rows 0-5 are hits; rows 6-9 have their positives shifted by one (each query's own
+    text is another row's positive), so they are misses both ways: R@1 = 60 exactly, whatever the random queries.
+    Before the fix, the micro-batched eval step returned no labels and the Trainer dropped every recall."""
+    texts = [f"a square of colour {name}" for name in
+             ("red", "green", "blue", "yellow", "purple", "cyan", "white", "black", "orange", "teal")]
+    pairs = [{"query": t, "positive": t} for t in texts[:6]]
+    pairs += [{"query": texts[i], "positive": texts[6 + (i - 5) % 4]} for i in range(6, 10)]
+
+    def evaluate(micro: int | None) -> dict[str, float]:
+        model = SLQModel.from_backbone(backbone, num_queries=NUM_QUERIES)
+        args = TrainingArguments(str(tmp_path / str(micro)), per_device_train_batch_size=4,
+                                 per_device_eval_batch_size=5, remove_unused_columns=False, use_cpu=True,
+                                 report_to="none", disable_tqdm=True)
+        trainer = SLQTrainer(model=model, args=args, eval_dataset=pairs,
+                             data_collator=SLQDataCollator(model.processor), micro_batch_size=micro)
+        return trainer.evaluate()
+
+    plain, cached = evaluate(None), evaluate(2)
+    for metrics in (plain, cached):
+        assert metrics["eval_query2positive_R@1"] == pytest.approx(60.0)
+        assert metrics["eval_positive2query_R@1"] == pytest.approx(60.0)
+        assert metrics["eval_mean_R@1"] == pytest.approx(60.0)
+    assert cached["eval_loss"] == pytest.approx(plain["eval_loss"], rel=1e-5)
+
+
+def test_gradcache_step_puts_a_schedule_free_optimizer_back_in_train_mode(backbone, tmp_path):
+    """Schedule-free optimizers are switched to eval mode by evaluate() and must be switched back before a step, as
+    the Trainer's own training_step does (schedulefree refuses to step in eval mode). The stand-in below has the
+    same contract."""
+    class ModalSGD(torch.optim.SGD):
+        def __init__(self, params, lr):
+            super().__init__(params, lr=lr)
+            self.train_mode = False  # schedulefree starts in eval mode too
+
+        def train(self):
+            self.train_mode = True
+
+        def eval(self):
+            self.train_mode = False
+
+        def step(self, closure=None):
+            if not self.train_mode:
+                raise RuntimeError("step() in eval mode")
+            return super().step(closure)
+
+    model = SLQModel.from_backbone(backbone, num_queries=NUM_QUERIES)
+    optimizer = ModalSGD([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    args = TrainingArguments(str(tmp_path), per_device_train_batch_size=4, per_device_eval_batch_size=4, max_steps=2,
+                             eval_strategy="steps", eval_steps=1, remove_unused_columns=False, use_cpu=True,
+                             report_to="none", disable_tqdm=True, save_strategy="no")
+    trainer = SLQTrainer(model=model, args=args, train_dataset=_pairs(8), eval_dataset=_pairs(4),
+                         data_collator=SLQDataCollator(model.processor), micro_batch_size=2,
+                         optimizers=(optimizer, None))
+    trainer.train()  # step 2 follows an evaluation, which put the optimizer in eval mode
+    assert trainer.state.global_step == 2
 
 
 @pytest.mark.distributed

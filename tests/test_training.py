@@ -516,6 +516,10 @@ def test_cli_errors_are_one_line(backbone, tmp_path, capsys):
         "eval steps alone": (["--eval-steps", "5"], "--eval-steps only apply with --eval-data"),
         "metric alone": (["--metric-for-best-model", "t2i_R@1"], "--metric-for-best-model only apply with"),
         "column of a file": (["--image-column", "img"], "--image-column name columns of a datasets folder"),
+        # Options that contradict each other: resume a run and delete it; GradCache that splits nothing.
+        "resume and overwrite": (["--resume-from-checkpoint", "latest", "--overwrite-output-dir", ""],
+                                 "pass one of them"),
+        "micro of the whole batch": (["--micro-batch-size", "2"], "--micro-batch-size 2 is not smaller than"),
     }
     for name, (extra, needle) in cases.items():
         argv = _cli(backbone, data, tmp_path / name.replace(" ", "_"), "--max-steps", "1")
@@ -523,7 +527,7 @@ def test_cli_errors_are_one_line(backbone, tmp_path, capsys):
             if flag in argv:
                 argv[argv.index(flag) + 1] = value
             else:
-                argv += [flag, value]
+                argv += [flag, value] if value else [flag]  # "" marks a switch
         assert main(argv) == 2, name
         lines = _error_lines(capsys)
         assert len(lines) == 1 and needle in lines[0], (name, lines)
@@ -532,6 +536,15 @@ def test_cli_errors_are_one_line(backbone, tmp_path, capsys):
             main([*_cli(backbone, data, tmp_path / "negative", "--max-steps", "1"), flag, "-1"])
         assert exit_info.value.code == 2
         assert f"argument {flag}: expected a number >= 0, got -1" in capsys.readouterr().err
+    # --max-steps 0 used to save untrained queries with exit status 0, and a negative count to run --epochs.
+    for flag, value, needle in (("--max-steps", "0", "expected a positive integer, got 0"),
+                                ("--max-steps", "-3", "expected a positive integer, got -3"),
+                                ("--dataloader-num-workers", "-1", "expected an integer >= 0, got -1")):
+        with pytest.raises(SystemExit) as exit_info:
+            main([*_cli(backbone, data, tmp_path / "bad_count"), flag, value])
+        assert exit_info.value.code == 2
+        assert f"argument {flag}: {needle}" in capsys.readouterr().err
+        assert not (tmp_path / "bad_count").exists()
 
 
 def test_batch_size_one_is_refused(model, tmp_path):
@@ -612,3 +625,58 @@ def test_plan_notes_weight_decay_when_a_run_repeats_its_data(tmp_path, capsys, s
     plan = capsys.readouterr().out
     assert f"= {steps * 4 / 8:.2f} epochs" in plan
     assert ("--weight-decay 1.0" in plan) == noted
+
+
+def _summary(out: Path) -> dict:
+    return json.loads((out / "training_summary.json").read_text())
+
+
+def test_cli_gradcache_with_eval_data_equals_the_plain_run(backbone, tmp_path, capsys):
+    """`--micro-batch-size` with `--eval-data` trains and evaluates like the plain run: the same final queries, the
+    same eval recalls and the same eval loss (evaluation uses --batch-size batches either way: the eval loss of a
+    contrastive batch depends on its size). The micro-batch size is memory, not a setting of the run, so a resume
+    may change it. Before the fix the first evaluation ended in a KeyError (no recall to pick the best checkpoint
+    by), and the eval batch was the micro-batch."""
+    from slq_hf.cli import main
+
+    train, val = _write_jsonl(tmp_path / "train", 8), _write_jsonl(tmp_path / "val", 4)
+
+    def cli(out: Path, *extra: str) -> list[str]:
+        argv = _cli(backbone, train, out, "--max-steps", "2", "--eval-data", str(val), "--keep-last", *extra)
+        argv[argv.index("--batch-size") + 1] = "4"
+        return argv
+
+    plain, cached = tmp_path / "plain", tmp_path / "cached"
+    assert main(cli(plain)) == 0
+    assert main(cli(cached, "--micro-batch-size", "2")) == 0
+    capsys.readouterr()
+    # Step 2 again from checkpoint-1, with another micro-batch size.
+    assert main(cli(cached, "--micro-batch-size", "3", "--resume-from-checkpoint", str(cached / "checkpoint-1"))) == 0
+    assert "Resuming from" in capsys.readouterr().out
+    expected, got = _summary(plain)["final_eval"], _summary(cached)["final_eval"]
+    assert {"eval_t2i_R@1", "eval_i2t_R@1", "eval_mean_R@1"} <= set(got)
+    for key in ("eval_t2i_R@1", "eval_i2t_R@1", "eval_mean_R@1"):
+        assert got[key] == pytest.approx(expected[key], abs=1e-9), key
+    assert got["eval_loss"] == pytest.approx(expected["eval_loss"], rel=1e-5)
+    queries = [load_file(out / "model.safetensors")["queries"] for out in (plain, cached)]
+    assert torch.allclose(queries[1], queries[0], rtol=0, atol=1e-6)
+
+
+def test_cli_metric_loss_keeps_the_checkpoint_with_the_lowest_eval_loss(backbone, tmp_path):
+    """`--metric-for-best-model loss`: lower is better. It used to be compared with greater_is_better=True, which
+    kept the checkpoint with the HIGHEST eval loss as the final model."""
+    from slq_hf.cli import main
+
+    data = _write_jsonl(tmp_path / "data", 4)
+    out = tmp_path / "run"
+    assert main(_cli(backbone, data, out, "--max-steps", "3", "--lr", "5e-2", "--eval-data", str(data),
+                     "--metric-for-best-model", "loss")) == 0
+    history = json.loads((out / "checkpoint-3" / "trainer_state.json").read_text())["log_history"]
+    losses = {entry["step"]: entry["eval_loss"] for entry in history if "eval_loss" in entry}
+    assert sorted(losses) == [1, 2, 3] and len(set(losses.values())) == 3
+    lowest = min(losses, key=losses.get)
+    summary = _summary(out)
+    assert summary["best_metric"]["checkpoint"] == f"checkpoint-{lowest}"
+    assert summary["best_metric"]["value"] == pytest.approx(losses[lowest])
+    assert torch.equal(load_file(out / "model.safetensors")["queries"],
+                       load_file(out / f"checkpoint-{lowest}" / "model.safetensors")["queries"])

@@ -50,6 +50,13 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _non_negative_int(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text}")
+    return value
+
+
 def _positive_float(text: str) -> float:
     value = float(text)
     if not value > 0:
@@ -91,7 +98,10 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                        help="prefix_cache (default: prompt without grad, only the queries with grad) or full")
     train = parser.add_argument_group("training")
     train.add_argument("--epochs", type=_positive_float, default=1.0, help="epochs over --train-data (default: 1)")
-    train.add_argument("--max-steps", type=int, default=-1, help="stop after this many steps (overrides --epochs)")
+    # -1 (the default, also what earlier runs recorded in slq_run.json) means "run --epochs"; 0 or another negative
+    # number would silently save untrained queries or fall back to --epochs.
+    train.add_argument("--max-steps", type=_positive_int, default=-1,
+                       help="stop after this many steps (overrides --epochs; default: run --epochs)")
     train.add_argument("--lr", type=_positive_float, default=5e-4, help="learning rate (default: 5e-4)")
     train.add_argument("--batch-size", type=_positive_int, default=32,
                        help="contrastive batch per device: pairs per step, each a negative for the others; under "
@@ -119,7 +129,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     train.add_argument("--resume-from-checkpoint", metavar="DIR", default=None,
                        help="continue the run in --output-dir from one of its checkpoint-* folders ('latest': the "
                        "newest); the settings must be the run's own")
-    train.add_argument("--dataloader-num-workers", type=int, default=0,
+    train.add_argument("--dataloader-num-workers", type=_non_negative_int, default=0,
                        help="processes that load images (default: 0 = in the training process)")
     train.add_argument("--use-cpu", action="store_true", help="train on the CPU even when a GPU is available")
     data = parser.add_argument_group("data")
@@ -129,8 +139,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     data.add_argument("--eval-steps", type=_positive_int, default=None, metavar="N",
                       help="evaluate (and checkpoint) every N steps (default: --save-steps)")
     data.add_argument("--metric-for-best-model", default=DEFAULT_METRIC, metavar="NAME",
-                      help="eval metric that picks the final model, higher is better (default: mean_R@1, the mean of "
-                      "both directions; e.g. t2i_R@1)")
+                      help="eval metric that picks the final model: a recall, higher is better (default: mean_R@1, "
+                      "the mean of both directions; e.g. t2i_R@1), or loss, lower is better")
     data.add_argument("--keep-last", action="store_true",
                       help="with --eval-data: keep the last step's queries instead of the best checkpoint's")
     data.add_argument("--strict", action="store_true",
@@ -212,7 +222,9 @@ def train(args: argparse.Namespace) -> dict:
         lr_scheduler_type=args.lr_scheduler,
         weight_decay=args.weight_decay,
         per_device_train_batch_size=args.batch_size,
-        per_device_eval_batch_size=args.micro_batch_size or args.batch_size,
+        # The eval loss of a contrastive batch depends on its size, so evaluation uses --batch-size with or without
+        # GradCache (the collator splits eval batches into micro-batches too: the memory stays that of one).
+        per_device_eval_batch_size=args.batch_size,
         warmup_steps=args.warmup,
         seed=args.seed,
         # Best-checkpoint selection needs a checkpoint at every evaluation.
@@ -222,7 +234,7 @@ def train(args: argparse.Namespace) -> dict:
         eval_steps=eval_steps if evaluating else None,
         load_best_model_at_end=evaluating and not args.keep_last,
         metric_for_best_model=f"eval_{args.metric_for_best_model.removeprefix('eval_')}" if evaluating else None,
-        greater_is_better=True if evaluating else None,
+        greater_is_better=_greater_is_better(args.metric_for_best_model) if evaluating else None,
         logging_steps=args.logging_steps,
         dataloader_num_workers=args.dataloader_num_workers,
         remove_unused_columns=False,
@@ -281,14 +293,22 @@ def train(args: argparse.Namespace) -> dict:
 
 
 def check_options_apply(args: argparse.Namespace) -> None:
-    """Refuse options that would be silently ignored: evaluation settings without --eval-data, column names without
-    a datasets folder to read them from."""
+    """Refuse options that would be silently ignored or contradict each other: evaluation settings without
+    --eval-data, column names without a datasets folder to read them from, resuming and overwriting the same run, a
+    GradCache micro-batch that is the whole batch."""
     eval_only = (("--eval-steps", args.eval_steps, None), ("--keep-last", args.keep_last, False),
                  ("--metric-for-best-model", args.metric_for_best_model, DEFAULT_METRIC))
     unused = [flag for flag, value, default in eval_only if value != default and not args.eval_data]
     if unused:
         raise ValueError(f"{', '.join(unused)} only apply with --eval-data (held-out pairs to evaluate on); add "
                          "--eval-data PATH or drop them.")
+    if args.resume_from_checkpoint is not None and args.overwrite_output_dir:
+        raise ValueError("--resume-from-checkpoint continues the run in --output-dir, --overwrite-output-dir deletes "
+                         "it to start over: pass one of them.")
+    if args.micro_batch_size is not None and args.micro_batch_size >= args.batch_size:
+        raise ValueError(f"--micro-batch-size {args.micro_batch_size} is not smaller than --batch-size "
+                         f"{args.batch_size}: GradCache would embed the whole batch at once, twice (no memory saved, "
+                         "double the compute). Use a smaller --micro-batch-size, or drop it.")
     columns = [flag for flag, value in (("--image-column", args.image_column), ("--text-column", args.text_column))
                if value is not None]
     if columns and not any(path and os.path.isdir(path) for path in (args.train_data, args.eval_data)):
@@ -296,10 +316,19 @@ def check_options_apply(args: argparse.Namespace) -> None:
                          "--eval-data are files, whose keys are fixed (see `slq-hf train --help`).")
 
 
+def _greater_is_better(metric: str) -> bool:
+    """Recalls are better high, the eval loss low (transformers' own rule for ``metric_for_best_model``)."""
+    return not metric.endswith("loss")
+
+
 def run_settings(args: argparse.Namespace) -> dict:
-    """What defines a run: a resumed run must have the same (data, model and optimisation settings)."""
+    """What defines a run: a resumed run must have the same (data, model and optimisation settings).
+
+    Not ``micro_batch_size``: GradCache gives the whole batch's gradient at any micro-batch size, so a run that ran out
+    of memory may resume with a smaller one (earlier runs' slq_run.json still records it; only keys named here are
+    compared)."""
     keys = ("backbone", "train_data", "num_queries", "pooling", "query_init", "projection_dim", "training_path",
-            "batch_size", "micro_batch_size", "lr", "lr_scheduler", "warmup", "weight_decay", "epochs", "max_steps",
+            "batch_size", "lr", "lr_scheduler", "warmup", "weight_decay", "epochs", "max_steps",
             "seed", "temperature", "eval_data")
     return {key: str(getattr(args, key)) if key in ("backbone", "train_data", "eval_data") else getattr(args, key)
             for key in keys}

@@ -151,17 +151,27 @@ class SLQDataCollator:
         self.strict = strict
         self.max_warnings = max_warnings
         self.max_length = max_length
-        if micro_batch_size is not None and (isinstance(micro_batch_size, bool) or not isinstance(
-                micro_batch_size, int) or micro_batch_size < 1):
-            raise ValueError(f"SLQDataCollator: micro_batch_size={micro_batch_size!r} is invalid; expected a "
-                             "positive integer or None.")
-        self.micro_batch_size = micro_batch_size
+        self.micro_batch_size = micro_batch_size  # checked by the property's setter
         # Huge images are shrunk to the processor's budget while they are decoded (JPEG: at reduced scale).
         self.image_budget = image_budget(processor)
         self.skipped: list[SkippedExample] = []
         # SLQTrainer sets this: with dataloader workers the collator runs in other processes, so the skipped
         # examples travel with the batch instead of living in this object.
         self.report_skips_in_batch = False
+
+    @property
+    def micro_batch_size(self) -> int | None:
+        """GradCache micro-batch size (None: one pair batch)."""
+        return self._micro_batch_size
+
+    @micro_batch_size.setter
+    def micro_batch_size(self, value: int | None) -> None:
+        # A property, so SLQTrainer(micro_batch_size=...) setting it later is checked too: 0 or a negative size
+        # would otherwise fail inside the dataloader (range() step 0) or give a step with no micro-batch at all.
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+            raise ValueError(f"SLQDataCollator: micro_batch_size={value!r} is invalid; expected a positive integer "
+                             "or None.")
+        self._micro_batch_size = value
 
     def __call__(self, examples: list[dict]) -> dict[str, Any]:
         if not isinstance(examples, (list, tuple)) or not examples:

@@ -161,6 +161,10 @@ class SLQTrainer(Trainer):
         if MICRO_BATCHES_KEY not in inputs:
             return super().training_step(model, inputs, num_items_in_batch)
         model.train()
+        if callable(getattr(self.optimizer, "train", None)):
+            # As the Trainer's own step does: schedule-free optimizers are switched to eval mode by evaluate() and
+            # must be switched back (they refuse to step, or step from the wrong point, otherwise).
+            self.optimizer.train()
         inputs = self._prepare_inputs(inputs)
         scale = 1.0 / getattr(self, "current_gradient_accumulation_steps", self.args.gradient_accumulation_steps)
         with self.compute_loss_context_manager():
@@ -239,7 +243,12 @@ class SLQTrainer(Trainer):
         return super().prediction_step(model, inputs, prediction_loss_only, ignore_keys=ignore_keys)
 
     def _micro_batched_prediction_step(self, model, inputs, prediction_loss_only: bool):
-        """Evaluation of a GradCache batch: the micro-batches' embeddings, one loss over the whole batch."""
+        """Evaluation of a GradCache batch: the micro-batches' embeddings, one loss over the whole batch.
+
+        Returns what the plain path returns for a pair batch: (loss (), (query (B, D), positive (B, D)) of the set
+        ``forward`` reports as ``pooler_output`` (the active set, else the first joint set), labels ``()``). The
+        Trainer calls ``compute_metrics`` only when labels are not None; the plain path's label-free loss gives an
+        empty tuple, so None here would silently drop every recall (and fail the best-checkpoint selection)."""
         inputs = self._prepare_inputs(inputs)
         model = self.accelerator.unwrap_model(model)
         query_sets = list(getattr(model, "joint_query_sets", None) or []) or None
@@ -255,8 +264,10 @@ class SLQTrainer(Trainer):
             loss, _ = contrastive_loss(whole, model.logit_scale)
         if prediction_loss_only:
             return loss, None, None
-        first = next(iter(whole["query"]))
-        return loss, (whole["query"][first], whole["positive"][first]), None
+        names = list(whole["query"])
+        active = getattr(model, "active_query_set", None)
+        main = active if active in names else names[0]  # SLQModel.forward's choice of pooler_output
+        return loss, (whole["query"][main], whole["positive"][main]), ()
 
     def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
         # One atomic folder save (model, processor files, training_args.bin): a failed or killed save leaves the
