@@ -483,6 +483,49 @@ def test_cli_refuses_an_earlier_run_unless_resuming_or_overwriting(backbone, tmp
     assert summary["steps"] == 1
 
 
+def test_cli_overwrite_keeps_the_earlier_run_until_the_new_one_is_saved(backbone, tmp_path, capsys, monkeypatch):
+    """--overwrite-output-dir deleted the earlier run before step 1: a new run that failed (Ctrl-C, a crash, a full
+    disk) lost both. The earlier run now waits aside and comes back byte-identical when the new one does not
+    finish, also after an overwrite that was killed (its aside folder is kept, its partial output dropped)."""
+    from slq_hf.cli import main
+    from slq_hf.training import SLQTrainer
+    from slq_hf.training.run import EARLIER_RUN_DIR, set_aside_earlier_run
+
+    data = _write_jsonl(tmp_path / "data", 4)
+    out = tmp_path / "run"
+    assert main(_cli(backbone, data, out, "--max-steps", "2")) == 0
+    earlier = _tree(out)
+    step = SLQTrainer.training_step
+    calls = []
+
+    def interrupted_at_step_2(self, *args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:  # after the new run's checkpoint-1 is on disk
+            raise KeyboardInterrupt
+        return step(self, *args, **kwargs)
+
+    monkeypatch.setattr(SLQTrainer, "training_step", interrupted_at_step_2)
+    with pytest.raises(KeyboardInterrupt):
+        main(_cli(backbone, data, out, "--max-steps", "3", "--lr", "5e-3", "--overwrite-output-dir"))
+    assert _tree(out) == earlier
+
+    # A killed overwrite: the earlier run aside, the killed run's partial output in the folder.
+    set_aside_earlier_run(out)
+    (out / "checkpoint-1").mkdir()
+    (out / "checkpoint-1" / "trainer_state.json").write_text("{}")
+    (out / "slq_run.json").write_text("{}")
+    calls.clear()
+    with pytest.raises(KeyboardInterrupt):
+        main(_cli(backbone, data, out, "--max-steps", "3", "--overwrite-output-dir"))
+    assert _tree(out) == earlier
+    monkeypatch.undo()
+
+    assert main(_cli(backbone, data, out, "--max-steps", "1", "--overwrite-output-dir")) == 0
+    assert not (out / EARLIER_RUN_DIR).exists()
+    assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-1"]
+    assert json.loads((out / "training_summary.json").read_text())["steps"] == 1
+
+
 def test_cli_refuses_the_backbone_folder_and_keeps_save_total_limit(backbone, tmp_path, capsys):
     from slq_hf.cli import main
 

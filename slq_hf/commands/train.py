@@ -124,7 +124,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                        help="keep only the N newest checkpoints (and the best one); default: keep all")
     train.add_argument("--overwrite-output-dir", action="store_true",
                        help="start a new run in an --output-dir that holds an earlier run: its checkpoints and model "
-                       "are deleted first (without this, such a folder is refused unless resuming)")
+                       "wait in .slq-earlier-run/ and are deleted once the new run is saved, or come back if it fails "
+                       "(without this, such a folder is refused unless resuming)")
     train.add_argument("--logging-steps", type=_positive_int, default=10, help="log every N steps (default: 10)")
     train.add_argument("--resume-from-checkpoint", metavar="DIR", default=None,
                        help="continue the run in --output-dir from one of its checkpoint-* folders ('latest': the "
@@ -172,8 +173,10 @@ def train(args: argparse.Namespace) -> dict:
         PlanPrinter,
         check_output_dir,
         check_strict,
-        clear_earlier_run,
+        drop_earlier_run,
+        restore_earlier_run,
         resume_checkpoint,
+        set_aside_earlier_run,
         write_run_file,
     )
 
@@ -253,12 +256,20 @@ def train(args: argparse.Namespace) -> dict:
         if training_args.metric_for_best_model.removeprefix("eval_") not in reported:
             raise ValueError(f"--metric-for-best-model {args.metric_for_best_model}: this eval data reports "
                              f"{sorted(reported)}.")
-    if trainer.is_world_process_zero() and resume is None:
-        if args.overwrite_output_dir:  # only now: every check above passed
-            clear_earlier_run(args.output_dir)
-        write_run_file(args.output_dir, run_settings(args))
-    result = trainer.train(resume_from_checkpoint=resume)
-    trainer.save_model()
+    main_process = trainer.is_world_process_zero()
+    try:
+        if main_process and resume is None:
+            if args.overwrite_output_dir:  # only now: every check above passed
+                set_aside_earlier_run(args.output_dir)
+            write_run_file(args.output_dir, run_settings(args))
+        result = trainer.train(resume_from_checkpoint=resume)
+        trainer.save_model()
+    except BaseException:  # Ctrl-C too: an overwritten run comes back when the new one does not finish
+        if main_process and args.overwrite_output_dir:
+            restore_earlier_run(args.output_dir)
+        raise
+    if main_process:
+        drop_earlier_run(args.output_dir)
     summary = {
         "output_dir": args.output_dir, "backbone": args.backbone, "steps": result.global_step,
         "epochs": round(trainer.state.epoch or 0.0, 4), "train_loss": result.training_loss,

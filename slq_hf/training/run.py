@@ -21,6 +21,8 @@ from .trainer import STAGING_DIR
 RUN_FILE = "slq_run.json"
 # Files `save_model` writes into the output folder; their presence means a finished earlier run.
 MODEL_FILES = ("model.safetensors", "config.json", "training_summary.json")
+# Where --overwrite-output-dir keeps the earlier run until the new one is saved (hidden: not a checkpoint-* folder).
+EARLIER_RUN_DIR = ".slq-earlier-run"
 
 
 def write_json(path: str | os.PathLike, data: Any) -> None:
@@ -51,8 +53,8 @@ def check_output_dir(output_dir: str | os.PathLike, backbone: str, resuming: boo
     """Refuse, before anything is written, an output folder that would lose or mix data.
 
     Refused: the backbone's own folder or another model's folder (always); a folder holding an earlier run unless
-    resuming it or ``overwrite``. Nothing is deleted here: :func:`clear_earlier_run` does that once every other
-    check of the command has passed, so a mistyped option never costs the earlier run.
+    resuming it or ``overwrite``. Nothing is moved here: :func:`set_aside_earlier_run` does that once every other
+    check of the command has passed, so a mistyped option never touches the earlier run.
     """
     from ..modeling.checkpoint import check_save_target
 
@@ -69,15 +71,52 @@ def check_output_dir(output_dir: str | os.PathLike, backbone: str, resuming: boo
                          "or pick a new folder.")
 
 
-def clear_earlier_run(output_dir: str | os.PathLike) -> None:
-    """Delete an earlier run's checkpoints and model files (``--overwrite-output-dir``, after every check passed), so
-    the folder never holds checkpoints of two runs."""
+def _run_entries(folder: Path) -> list[Path]:
+    """The entries of ``folder`` that make up a run: checkpoints, the staging folder, model files, the run file."""
+    entries = [*(_checkpoints(folder) if folder.is_dir() else []), folder / STAGING_DIR,
+               *(folder / name for name in (*MODEL_FILES, RUN_FILE))]
+    return [path for path in entries if os.path.lexists(path)]
+
+
+def _remove(paths: list[Path]) -> None:
+    for path in paths:
+        shutil.rmtree(path) if path.is_dir() and not path.is_symlink() else path.unlink(missing_ok=True)
+
+
+def set_aside_earlier_run(output_dir: str | os.PathLike) -> None:
+    """``--overwrite-output-dir``, once every check passed: move the earlier run into ``EARLIER_RUN_DIR`` (renames,
+    nothing copied), so the folder never mixes two runs, and the earlier run comes back if the new one fails
+    (:func:`restore_earlier_run`) and goes only once the new one is saved (:func:`drop_earlier_run`).
+
+    When ``EARLIER_RUN_DIR`` is already there, an overwrite was killed: it still holds the last run that finished or
+    was given up on knowingly, and the folder holds the killed run's partial output, which goes."""
     folder = Path(output_dir)
-    for checkpoint in _checkpoints(folder) if folder.is_dir() else []:
-        shutil.rmtree(checkpoint)
-    shutil.rmtree(folder / STAGING_DIR, ignore_errors=True)
-    for name in (*MODEL_FILES, RUN_FILE):
-        (folder / name).unlink(missing_ok=True)
+    aside = folder / EARLIER_RUN_DIR
+    if aside.is_dir():
+        _remove(_run_entries(folder))
+        return
+    entries = _run_entries(folder)
+    if entries:
+        aside.mkdir()
+        for path in entries:
+            os.replace(path, aside / path.name)
+
+
+def restore_earlier_run(output_dir: str | os.PathLike) -> None:
+    """Undo :func:`set_aside_earlier_run` when the new run failed: its partial output goes, the earlier run is back."""
+    folder = Path(output_dir)
+    aside = folder / EARLIER_RUN_DIR
+    if not aside.is_dir():
+        return
+    _remove(_run_entries(folder))
+    for path in aside.iterdir():
+        os.replace(path, folder / path.name)
+    aside.rmdir()
+
+
+def drop_earlier_run(output_dir: str | os.PathLike) -> None:
+    """Delete the run :func:`set_aside_earlier_run` kept, now that the new run is saved."""
+    shutil.rmtree(Path(output_dir) / EARLIER_RUN_DIR, ignore_errors=True)
 
 
 def write_run_file(output_dir: str | os.PathLike, settings: dict[str, Any]) -> None:
