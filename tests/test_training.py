@@ -590,6 +590,32 @@ def test_cli_errors_are_one_line(backbone, tmp_path, capsys):
         assert not (tmp_path / "bad_count").exists()
 
 
+@pytest.mark.parametrize("micro_batch_size", [None, 1])
+def test_a_last_batch_of_one_pair_is_skipped_not_stepped(backbone, tmp_path, micro_batch_size):
+    """5 pairs in batches of 2: the last batch is one pair, whose loss and gradient are 0, yet AdamW's step moved the
+    queries by its momentum (and weight decay). That step is now skipped: the queries equal a run on the first 4
+    pairs alone."""
+    from torch.utils.data import SequentialSampler
+
+    class InOrder(SLQTrainer):  # the same first 4 pairs in both runs
+        def _get_train_sampler(self, train_dataset=None):
+            return SequentialSampler(self.train_dataset)
+
+    def run(count: int) -> tuple[SLQModel, SLQTrainer]:
+        model = SLQModel.from_backbone(backbone, num_queries=NUM_QUERIES)
+        trainer = InOrder(model=model, args=_args(tmp_path / str(count), num_train_epochs=1, learning_rate=0.05,
+                                                  lr_scheduler_type="constant", weight_decay=0.1),
+                          train_dataset=_pairs(count), data_collator=SLQDataCollator(model.processor),
+                          micro_batch_size=micro_batch_size)
+        trainer.train()
+        return model, trainer
+
+    (five, trainer), (four, _) = run(5), run(4)
+    assert trainer.skipped_steps == 1
+    assert torch.equal(five.queries, four.queries)
+    assert not torch.equal(four.queries, SLQModel.from_backbone(backbone, num_queries=NUM_QUERIES).queries)
+
+
 def test_batch_size_one_is_refused(model, tmp_path):
     with pytest.raises(ValueError, match="contrastive batch is 1"):
         SLQTrainer(model=model, args=_args(tmp_path, per_device_train_batch_size=1), train_dataset=_pairs(4),

@@ -107,9 +107,9 @@ class SLQTrainer(Trainer):
     - ``micro_batch_size=`` turns on GradCache (:mod:`slq_hf.training.gradcache`): the contrastive batch is
       ``per_device_train_batch_size`` (times the number of processes), embedded ``micro_batch_size`` examples at a
       time, with the exact gradient of the whole batch;
-    - a contrastive batch of 1 is refused (no negatives: the loss is 0 and nothing is learned), and a batch in which
-      every example is unloadable (``strict=False``) is skipped and counted (:attr:`skipped_steps`), on every rank
-      at once under torchrun;
+    - a contrastive batch of 1 is refused (no negatives: the loss is 0 and nothing is learned); a batch in which
+      every example is unloadable (``strict=False``), or that is one pair without hard negatives (a last partial
+      batch), is skipped and counted (:attr:`skipped_steps`), on every rank at once under torchrun;
     - checkpoints are atomic: ``checkpoint-N`` is written in a staging folder and renamed once complete (queries,
       optimizer, scheduler, RNG and trainer state), so a run killed at any moment leaves only complete checkpoints
       and ``resume_from_checkpoint=True`` (``slq-hf train --resume-from-checkpoint latest``) continues exactly.
@@ -213,24 +213,33 @@ class SLQTrainer(Trainer):
         return [name for name in names if name.split(".")[-1] != "logit_scale"]
 
     def _skip_step(self, inputs: dict[str, Any]) -> bool:
-        """True when this batch (or, under torchrun, any rank's batch) lost every example: all ranks skip it, so
-        the collectives of the loss and of DDP stay in step."""
-        empty = "input_ids" not in inputs and MICRO_BATCHES_KEY not in inputs
+        """True when this batch (or, under torchrun, any rank's batch) lost every example, or when the whole
+        contrastive batch is one pair without hard negatives (a last batch of ``N % batch == 1``): nothing to contrast
+        it with, so its loss and gradient are 0, yet an optimizer step would still move the queries (momentum, weight
+        decay). All ranks skip together, so the collectives of the loss and of DDP stay in step."""
+        batches = inputs.get(MICRO_BATCHES_KEY) or ([inputs] if "input_ids" in inputs else [])
+        pairs = sum(int(batch["input_ids"].shape[0]) for batch in batches)
+        negatives = any("negative_input_ids" in batch for batch in batches)
+        empty = pairs == 0
         if self.args.world_size > 1:
             import torch.distributed as dist
 
-            flag = torch.tensor([int(empty)], device=self.args.device)
-            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-            skip = bool(flag.item())
+            flags = torch.tensor([int(empty), int(negatives)], device=self.args.device)
+            total = torch.tensor([pairs], device=self.args.device)
+            dist.all_reduce(flags, op=dist.ReduceOp.MAX)
+            dist.all_reduce(total, op=dist.ReduceOp.SUM)
+            any_empty, negatives, pairs = bool(flags[0].item()), bool(flags[1].item()), int(total.item())
         else:
-            skip = empty
-        if skip:
+            any_empty = empty
+        alone = pairs == 1 and not negatives
+        if any_empty or alone:
             self.skipped_examples["train"].extend(inputs.pop(SKIPPED_KEY, None) or [])
             self.skipped_steps += 1
-            logger.warning("Step %d skipped: %s", self.state.global_step + 1,
-                           "every example of the batch could not be loaded" if empty else
-                           "another process's batch lost every example")
-        return skip
+            reason = ("every example of the batch could not be loaded" if empty else
+                      "another process's batch lost every example" if any_empty else
+                      "the batch holds one pair and no hard negative, so there is nothing to contrast it with")
+            logger.warning("Step %d skipped: %s", self.state.global_step + 1, reason)
+        return any_empty or alone
 
     def prediction_step(self, model, inputs, prediction_loss_only: bool, ignore_keys: list[str] | None = None):
         if MICRO_BATCHES_KEY in inputs:
@@ -325,7 +334,7 @@ class SLQTrainer(Trainer):
         result = super().train(*args, **kwargs)
         self._report_skipped("train")
         if self.skipped_steps:
-            logger.warning("%d training step(s) were skipped because a batch lost every example.",
+            logger.warning("%d training step(s) were skipped: a batch lost every example, or held one pair only.",
                            self.skipped_steps)
         return result
 
