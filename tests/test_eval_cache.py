@@ -4,8 +4,11 @@ cannot change an embedding (temperature, a query set that is not active) must no
 
 from __future__ import annotations
 
+import io
+
 import pytest
 import torch
+from PIL import Image
 
 from slq_hf import SLQModel
 from slq_hf.evaluation import RetrievalDataset, encode_inputs, evaluate_retrieval
@@ -235,3 +238,39 @@ def test_a_datasets_image_replaced_under_the_same_path_misses(model, tmp_path):
     out, status = _encode(model, tmp_path, images())
     assert status == "miss" and not torch.equal(out[0], first[0])
     torch.testing.assert_close(out, _uncached(model, images()), atol=0, rtol=0)
+
+
+def _palette_image(colour: tuple[int, int, int]) -> Image.Image:
+    """A "P" image: pixel indices 0 (grey) and 1 (``colour``); only the palette says what colour index 1 is."""
+    image = Image.new("P", (48, 48), 0)
+    image.putpalette([128, 128, 128, *colour] + [0] * (256 * 3 - 6))
+    image.paste(1, (12, 12, 36, 36))
+    return image
+
+
+def _jpeg(orientation: int | None) -> Image.Image:
+    picture = Image.new("RGB", (64, 32), (220, 30, 30))
+    picture.paste((30, 30, 220), (0, 0, 32, 32))
+    exif = Image.Exif()
+    if orientation is not None:
+        exif[0x0112] = orientation  # EXIF Orientation: 6 = rotate 90 degrees to display
+    buffer = io.BytesIO()
+    picture.save(buffer, "JPEG", exif=exif)
+    buffer.seek(0)
+    image = Image.open(buffer)
+    image.load()
+    return image
+
+
+@pytest.mark.parametrize("pair", ["palette", "exif orientation"])
+def test_in_memory_images_key_on_the_pixels_the_model_sees(model, tmp_path, pair):
+    """Two PIL images with the same stored pixel bytes but another palette (or EXIF orientation) look different to
+    the model: the second must miss, not get the first one's vectors."""
+    first, second = ((_palette_image((220, 30, 30)), _palette_image((30, 30, 220))) if pair == "palette"
+                     else (_jpeg(None), _jpeg(6)))
+    assert first.tobytes() == second.tobytes()  # what the old key hashed
+    seeded = _seed(model, tmp_path, [first])
+    out, status = _encode(model, tmp_path, [second])
+    assert status == "miss"
+    torch.testing.assert_close(out, _uncached(model, [second]), atol=0, rtol=0)
+    assert not torch.allclose(out, seeded, atol=1e-6)

@@ -12,6 +12,7 @@ import torch
 from PIL import Image
 
 from slq_hf.evaluation import (
+    ComposedQuery,
     DataFormatError,
     RetrievalDataset,
     composed_retrieval_metrics,
@@ -486,3 +487,32 @@ def test_sentence_transformer_evaluates_like_slq_model(slq_dir, tmp_path):
     for part in ("image", "text", "composed"):
         torch.testing.assert_close(theirs["embeddings"][part], ours["embeddings"][part], atol=1e-5, rtol=1e-4)
     assert theirs["metrics"] == ours["metrics"]
+
+
+# ------------------------------------------------------------------------------------ review: options never ignored
+def test_rerank_that_cannot_happen_is_an_error_before_encoding(tmp_path):
+    """rerank_top_k on data without captions (composed only), or with a model that has no backbone, used to return
+    a result without its "rerank" part (or fail only after the encoding)."""
+    _png(tmp_path / "red.png", "red")
+    _png(tmp_path / "blue.png", "blue")
+    composed_only = RetrievalDataset([tmp_path / "red.png", tmp_path / "blue.png"], [], [],
+                                     composed=[ComposedQuery(0, "make it blue", 1)], name="cir")
+    encoder = ColourEncoder()
+    with pytest.raises(ValueError, match="has no captions"):
+        evaluate_retrieval(encoder, composed_only, rerank_top_k=5)
+    with pytest.raises(ValueError, match="no .backbone/.processor"):
+        evaluate_retrieval(encoder, _colour_set(tmp_path), rerank_top_k=5)
+    assert encoder.calls == 0  # refused before any encoding
+
+
+@pytest.mark.parametrize("flags", [["--rerank-scorer", "yes_no"], ["--rerank-rewrite", "{text}"]])
+def test_cli_eval_rerank_options_without_reranking_are_refused(tmp_path, capsys, flags):
+    """--rerank-scorer / --rerank-rewrite only act with --rerank-top-k; accepted without it they did nothing."""
+    from slq_hf.cli import main
+
+    _png(tmp_path / "r.png")
+    data = _write_jsonl(tmp_path / "d.jsonl", ['{"image": "r.png", "text": "ok"}'])
+    # The model folder does not exist: the options are checked first, so no model is loaded for a refused call.
+    assert main(["eval", "--model", str(tmp_path / "no_model"), "--data", str(data), *flags]) == 2
+    err = capsys.readouterr().err
+    assert "slq-hf eval: error: --rerank-" in err and "cannot load the SLQ model" not in err

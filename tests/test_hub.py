@@ -18,6 +18,7 @@ import torch
 from huggingface_hub import HfApi, ModelCard, RepoUrl
 from huggingface_hub.errors import EntryNotFoundError
 from safetensors import safe_open
+from safetensors.torch import save_file
 from transformers import AutoModel
 
 import slq_hf
@@ -604,3 +605,102 @@ def test_export_cli(trained, tmp_path, capsys):
     assert cli_main(["export", str(folder), "--out", str(out)]) == 2  # exists, no --overwrite
     assert "overwrite" in capsys.readouterr().err
     assert cli_main(["export", str(tmp_path / "missing"), "--out", str(tmp_path / "x")]) == 2
+
+
+# ------------------------------------------------------------------------------------ review: provenance and safety
+@pytest.mark.parametrize("disguise", ["backup-name", "data-name", "pickle-renamed"])
+def test_push_refuses_weights_under_another_name(exported, tmp_path, hub_calls, tiny_backbone_path, disguise):
+    """The guard reads what a file holds, not only its name: a backbone shard kept as a backup or renamed goes up
+    under no name."""
+    out, _ = exported
+    folder = tmp_path / "hub"
+    shutil.copytree(out, folder)
+    backbone_weights = next(Path(tiny_backbone_path("qwen3_vl")).glob("*.safetensors"))
+    if disguise == "backup-name":
+        shutil.copy(backbone_weights, folder / "model.safetensors.bak")
+    elif disguise == "data-name":
+        shutil.copy(backbone_weights, folder / "extra_data.json")
+    else:
+        torch.save({"w": torch.zeros(3)}, folder / "weights.dat")  # torch.save's zip format
+    with pytest.raises(ValueError, match="refusing to upload"):
+        push(folder, REPO_ID)
+    assert not hub_calls["create_repo"] and not hub_calls["create_commit"]
+
+
+def test_export_refuses_an_out_folder_that_holds_the_source(trained, tmp_path):
+    """`export run/checkpoint-5 --out run --overwrite` used to swap `run` out and delete it, checkpoint included."""
+    _, folder = trained
+    run = tmp_path / "run"
+    shutil.copytree(folder, run)
+    shutil.copytree(folder, run / "checkpoint-5")
+    before = (run / "checkpoint-5" / "model.safetensors").read_bytes()
+    with pytest.raises(ValueError, match="would delete the source"):
+        _export(run / "checkpoint-5", run, overwrite=True)
+    assert (run / "checkpoint-5" / "model.safetensors").read_bytes() == before
+
+
+def _card_rows(path: Path) -> list[str]:
+    return [line for line in path.read_text().splitlines() if line.startswith("| ok ")]
+
+
+def test_eval_results_given_twice_or_repeated_in_one_file_are_refused(tmp_path):
+    """A comparison file {"baseline": ..., "slq": ...} on one dataset would put two R@1 values for one thing on the
+    card, one of them another model's."""
+    result = {"dataset": {"name": "ok"}, "metrics": {"t2i": {"R@1": 0.5}}}
+    baseline = {"dataset": {"name": "ok"}, "metrics": {"t2i": {"R@1": 0.1}}}
+    both = tmp_path / "both.json"
+    both.write_text(json.dumps({"baseline": baseline, "slq": result}))
+    with pytest.raises(ValueError, match="ok/t2i .* also earlier in the same file"):
+        load_eval_results(both)
+    once = tmp_path / "once.json"
+    once.write_text(json.dumps(result))
+    with pytest.raises(ValueError, match="ok/t2i .* also earlier in the same file"):
+        load_eval_results([once, once])
+
+
+def test_cli_eval_results_reach_the_card_with_the_data_split_only(trained, tmp_path):
+    """`slq-hf eval` on a file without splits must not make the card claim a "test" split; a file with splits
+    keeps its split."""
+    _, folder = trained
+    for name, colour in (("a", (255, 0, 0)), ("b", (0, 0, 255))):
+        scene(64, 64, colour).save(tmp_path / f"{name}.png")
+    plain = tmp_path / "ok.jsonl"
+    plain.write_text('{"image": "a.png", "text": "red"}\n{"image": "b.png", "text": "blue"}\n')
+    tagged = tmp_path / "tagged.jsonl"
+    tagged.write_text('{"image": "a.png", "text": "red", "split": "test"}\n'
+                      '{"image": "b.png", "text": "blue", "split": "test"}\n')
+    for data in (plain, tagged):
+        assert cli_main(["eval", "--model", str(folder), "--data", str(data), "--output",
+                         str(tmp_path / f"{data.stem}.json"), "--no-progress"]) == 0
+    plain_result = json.loads((tmp_path / "ok.json").read_text())
+    assert plain_result["data"]["split"] is None and plain_result["data"]["format"] == "jsonl"
+    assert json.loads((tmp_path / "tagged.json").read_text())["data"]["split"] == "test"
+    _export(folder, tmp_path / "hub", eval_results=[tmp_path / "ok.json", tmp_path / "tagged.json"])
+    card = ModelCard.load(tmp_path / "hub" / "README.md")
+    splits = {r.dataset_name: r.dataset_split for r in card.data.eval_results}
+    assert splits == {"ok": None, "tagged:test": "test"}
+    assert all(row.startswith("| ok | – |") for row in _card_rows(tmp_path / "hub" / "README.md"))
+
+
+def test_export_refuses_results_of_other_queries(trained, tmp_path):
+    """`slq-hf eval` records which queries it ran; exporting another model with that file would put numbers on its
+    card that it never produced."""
+    model, folder = trained
+    scene(64, 64, (255, 0, 0)).save(tmp_path / "a.png")
+    scene(64, 64, (0, 0, 255)).save(tmp_path / "b.png")
+    data = tmp_path / "ok.jsonl"
+    data.write_text('{"image": "a.png", "text": "red"}\n{"image": "b.png", "text": "blue"}\n')
+    results = tmp_path / "ok.json"
+    assert cli_main(["eval", "--model", str(folder), "--data", str(data), "--output", str(results),
+                     "--no-progress"]) == 0
+    _export(folder, tmp_path / "hub", eval_results=[results])  # its own results: accepted
+    # Another model: the same folder, other queries.
+    other = tmp_path / "other"
+    shutil.copytree(folder, other)
+    state = {name: tensor.detach().clone() for name, tensor in model.trainable_state_dict().items()}
+    state["queries"] += 0.25
+    save_file({name: tensor.contiguous() for name, tensor in state.items()}, str(other / "model.safetensors"),
+              metadata={"format": "pt"})
+    with pytest.raises(ValueError, match="computed with other queries"):
+        _export(other, tmp_path / "hub-other", eval_results=[results])
+    assert not (tmp_path / "hub-other").exists()

@@ -47,7 +47,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     parser.add_argument("--rerank-top-k", type=int, metavar="K",
                         help="also rerank each query's top K with the model's own frozen backbone and report recall "
                              "before and after, both directions (cost: K backbone forwards per text query)")
-    parser.add_argument("--rerank-scorer", choices=["likelihood", "yes_no"], default="likelihood",
+    parser.add_argument("--rerank-scorer", choices=["likelihood", "yes_no"], default=None,
                         help="likelihood: log-probability of the caption as the backbone's answer to the image (any "
                              "captioning backbone); yes_no: logit('yes') - logit('no') after asking whether they "
                              "match (instruction-tuned backbones) (default: likelihood)")
@@ -60,14 +60,25 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     return parser
 
 
+def _check_rerank_options(args: argparse.Namespace) -> None:
+    """The rerank options only act with --rerank-top-k: without it they would be accepted and silently ignored."""
+    options = (("--rerank-scorer", args.rerank_scorer), ("--rerank-rewrite", args.rerank_rewrite))
+    given = [flag for flag, value in options if value is not None]
+    if args.rerank_top_k is None and given:
+        raise ValueError(f"{', '.join(given)} only apply when reranking; add --rerank-top-k K (e.g. 10) or drop them.")
+    if args.rerank_top_k is not None and args.rerank_top_k < 1:
+        raise ValueError(f"--rerank-top-k must be positive, got {args.rerank_top_k}.")
+
+
 def run(args: argparse.Namespace) -> int:
+    from ..data import detect_format
     from ..evaluation import evaluate_retrieval, format_results_table, load_retrieval_dataset, save_results_json
+    from ..hub.card import queries_digest
 
     def evaluate() -> dict:
         if args.batch_size < 1:
             raise ValueError(f"--batch-size must be positive, got {args.batch_size}.")
-        if args.rerank_top_k is not None and args.rerank_top_k < 1:
-            raise ValueError(f"--rerank-top-k must be positive, got {args.rerank_top_k}.")
+        _check_rerank_options(args)
         check_output_file(args.output, "--output")
         check_output_file(args.gap_plot, "--gap-plot")
         dataset = load_retrieval_dataset(args.data, args.format, args.split, image_root=args.image_root,
@@ -77,11 +88,16 @@ def run(args: argparse.Namespace) -> int:
         print(f"Evaluating {args.model} on {dataset!r}", file=sys.stderr)
         result = evaluate_retrieval(model, dataset, batch_size=args.batch_size, cache_dir=args.cache_dir,
                                     gap_plot=args.gap_plot, show_progress_bar=False if args.no_progress else None,
-                                    rerank_top_k=args.rerank_top_k, rerank_scorer=args.rerank_scorer,
+                                    rerank_top_k=args.rerank_top_k, rerank_scorer=args.rerank_scorer or "likelihood",
                                     rerank_kwargs={"rewrite": args.rerank_rewrite})
+        # queries_sha256: which queries produced these numbers; `slq-hf export` refuses to put them on another model's
+        # card. The split is the one the data has (None for a file without splits), as the dataset name says.
         result["model"] = {"path": str(args.model), "backbone": model.config.backbone_name_or_path,
-                           "num_queries": model.config.num_queries}
-        result["data"] = {"path": str(args.data), "format": args.format, "split": args.split}
+                           "num_queries": model.config.num_queries,
+                           "queries_sha256": queries_digest(model.trainable_state_dict())}
+        result["data"] = {"path": str(args.data),
+                          "format": detect_format(args.data) if args.format == "auto" else args.format,
+                          "split": dataset.split}
         return result
 
     def done(result: dict) -> None:

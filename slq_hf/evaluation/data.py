@@ -36,6 +36,8 @@ class RetrievalDataset:
         composed: composed queries; their reference and target index into ``images``.
         name: shown in reports.
         image_ids: (I) display names (file names, ids); defaults to the index.
+        split: the split of the data file these records come from; None when the file has no splits (then no report
+            or model card may claim one).
     """
 
     images: list[ImageSource]
@@ -44,6 +46,7 @@ class RetrievalDataset:
     composed: list[ComposedQuery] = field(default_factory=list)
     name: str = "dataset"
     image_ids: list[str] | None = None
+    split: str | None = None
 
     def __post_init__(self) -> None:
         self.images, self.texts, self.text_to_image = list(self.images), list(self.texts), list(self.text_to_image)
@@ -97,7 +100,7 @@ class RetrievalDataset:
                 f"composed={len(self.composed)})")
 
 
-def from_records(records: Iterable[Record], name: str) -> RetrievalDataset:
+def from_records(records: Iterable[Record], name: str, split: str | None = None) -> RetrievalDataset:
     """Images merged by identity (resolved file or content key), captions and composed queries, in file order."""
     index: dict[Any, int] = {}
     images, ids, texts, owners, composed = [], [], [], [], []
@@ -130,7 +133,7 @@ def from_records(records: Iterable[Record], name: str) -> RetrievalDataset:
         else:
             raise DataFormatError(record.source, "retrieval evaluation needs an image with captions, a text with an "
                                   "image, or a composed (image + text -> image) query; this record is none of them.")
-    return RetrievalDataset(images, texts, owners, composed, name=name, image_ids=ids)
+    return RetrievalDataset(images, texts, owners, composed, name=name, image_ids=ids, split=split)
 
 
 def load_retrieval_dataset(path: str | os.PathLike | Any, format: str | None = None, split: str | None = "test",
@@ -151,7 +154,8 @@ def load_retrieval_dataset(path: str | os.PathLike | Any, format: str | None = N
     # Only name a split the data actually has: a file without split fields is not "the test split".
     has_split = split is not None and (format in ("karpathy", "hf") or any(r.split for r in records))
     name = f"{label}:{split}" if has_split else label
-    return from_records(records, f"{name}:{text_field or 'knowledge'}" if format == "karr" else name)
+    return from_records(records, f"{name}:{text_field or 'knowledge'}" if format == "karr" else name,
+                        split if has_split else None)
 
 
 # One reader per format, as before the shared table existed; options are those of the format's reader.

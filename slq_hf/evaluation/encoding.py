@@ -187,7 +187,10 @@ def _source_key(source: ImageSource) -> str:
     if isinstance(source, DatasetImage):
         return source.key
     if isinstance(source, Image.Image):
-        return "pixels:" + hashlib.sha1(f"{source.mode}{source.size}".encode() + source.tobytes()).hexdigest()
+        # The pixels the model is given (EXIF orientation applied, palette and transparency resolved, RGB), not the
+        # stored ones: two images with the same stored bytes but another palette or orientation embed differently.
+        seen = load_image(source)
+        return "pixels:" + hashlib.sha1(f"{seen.mode}{seen.size}".encode() + seen.tobytes()).hexdigest()
     path = Path(source).expanduser()
     try:
         stat = path.stat()

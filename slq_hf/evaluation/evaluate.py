@@ -101,11 +101,21 @@ def evaluate_embeddings(
             composed_embeddings, image_embeddings, [q.target for q in dataset.composed],
             [q.reference for q in dataset.composed], ks)
     return {
-        "dataset": {"name": dataset.name, "num_images": dataset.num_images, "num_texts": len(dataset.texts),
-                    "num_composed": len(dataset.composed)},
+        "dataset": {"name": dataset.name, "split": dataset.split, "num_images": dataset.num_images,
+                    "num_texts": len(dataset.texts), "num_composed": len(dataset.composed)},
         "metrics": metrics,
         "modality_gap": gap,
     }
+
+
+def _check_rerank_request(model: Encoder, dataset: RetrievalDataset) -> None:
+    """Before any encoding: reranking that cannot happen is an error, not a result without its "rerank" part."""
+    if not dataset.texts:
+        raise ValueError(f"rerank_top_k (--rerank-top-k) reranks image-text retrieval, but {dataset.name} has no "
+                         "captions (composed queries are not reranked); drop the option.")
+    if getattr(model, "backbone", None) is None or getattr(model, "processor", None) is None:
+        raise ValueError(f"rerank_top_k (--rerank-top-k) needs the embedding model's own backbone and processor; a "
+                         f"{type(model).__name__} has no .backbone/.processor. Evaluate an SLQModel.")
 
 
 def evaluate_retrieval(
@@ -155,6 +165,8 @@ def evaluate_retrieval(
     if not isinstance(dataset, RetrievalDataset):
         raise TypeError(f"dataset is a {type(dataset).__name__}; expected a RetrievalDataset from "
                         "load_retrieval_dataset(path) or RetrievalDataset.from_pairs(pairs).")
+    if rerank_top_k is not None:
+        _check_rerank_request(model, dataset)
     started = time.perf_counter()
     stats: dict = {}
     embeddings = encode_dataset(model, dataset, batch_size=batch_size, cache_dir=cache_dir, model_id=model_id,
@@ -167,7 +179,7 @@ def evaluate_retrieval(
     if gap_plot is not None and "text" in embeddings:
         result["gap_plot"] = str(plot_modality_gap(embeddings["image"], embeddings["text"], Path(gap_plot),
                                                    title=dataset.name))
-    if rerank_top_k is not None and "text" in embeddings:
+    if rerank_top_k is not None:
         from .reranking import rerank_retrieval_metrics
 
         similarity = cosine_similarity_matrix(embeddings["image"], embeddings["text"])  # (I, T), as the metrics use

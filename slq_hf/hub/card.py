@@ -3,6 +3,7 @@ the ``MODEL_CARD.md`` template shipped in this package, rendered (:func:`render_
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
@@ -52,6 +53,25 @@ class EvalBlock:
     mean_rank: float | None = None
     median_rank: float | None = None
     num_queries: int | None = None
+    source: str | None = None  # the results file, for messages
+    queries_sha256: str | None = None  # :func:`queries_digest` of the model `slq-hf eval` ran (None: not recorded)
+
+
+def queries_digest(state: Mapping[str, torch.Tensor]) -> str:
+    """sha256 of the SLQ tensors that shape the embeddings (``queries``, the optional head), as float32.
+
+    ``slq-hf eval`` records it with its results and ``export`` compares it with the folder's ``model.safetensors``,
+    so a card never shows another model's numbers. ``logit_scale`` (the training temperature) is left out: it changes
+    no embedding, and a re-save with another temperature keeps its results.
+    """
+    hasher = hashlib.sha256()
+    for name in sorted(state):
+        if name == "logit_scale":
+            continue
+        tensor = state[name].detach().to("cpu", torch.float32).contiguous()
+        hasher.update(f"{name}|{tuple(tensor.shape)}|".encode())
+        hasher.update(tensor.numpy().tobytes())
+    return hasher.hexdigest()
 
 
 def _result_list(data: Any, source: str) -> list[tuple[str | None, Mapping[str, Any]]]:
@@ -83,6 +103,8 @@ def parse_eval_results(data: Any, source: str = "evaluation results") -> list[Ev
     """Validate parsed results JSON (see :func:`load_eval_results`) and flatten it to blocks, in file order."""
     blocks = []
     for name, result in _result_list(data, source):
+        model = result.get("model")
+        digest = model.get("queries_sha256") if isinstance(model, Mapping) else None
         info = result.get("dataset") or {}
         info = {"name": info} if isinstance(info, str) else info
         dataset = str(info.get("name") or name or "")
@@ -105,7 +127,8 @@ def parse_eval_results(data: Any, source: str = "evaluation results") -> list[Ev
                 split=info.get("split") or (result.get("data") or {}).get("split") or result.get("split"),
                 dataset_id=info.get("id") or info.get("hub_id") or info.get("path_or_id"),
                 mean_rank=block.get("mean_rank"), median_rank=block.get("median_rank"),
-                num_queries=block.get("num_queries"),
+                num_queries=block.get("num_queries"), source=source,
+                queries_sha256=digest if isinstance(digest, str) else None,
             ))
     if not blocks:
         raise ValueError(f"{source}: no recall values (keys \"R@k\") found in any result.")
@@ -119,17 +142,19 @@ def load_eval_results(paths: str | os.PathLike | Iterable[str | os.PathLike]) ->
     "metrics": {"t2i": {"R@1": 0.764, "R@5": ..., "mean_rank": ..., "num_queries": ...}, "i2t": {...}}}``, or a
     list of such results, or ``{"results": [...]}``, or ``{"<dataset name>": result, ...}``. Recall values are
     fractions in [0, 1]; the card shows percentages. Direction keys: ``i2t``, ``t2i``, ``i2t_dedup``, ``t2i_dedup``,
-    ``composed`` (others are shown under their own name). The same dataset, split and direction in two files is an
-    error (the card would show two different numbers for one thing).
+    ``composed`` (others are shown under their own name). The same dataset, split and direction twice (in two files,
+    in one file, or one file given twice) is an error: the card would show two different numbers for one thing.
     """
     paths = [paths] if isinstance(paths, (str, os.PathLike)) else list(paths)
     blocks, seen = [], {}
     for path in map(Path, paths):
         for block in parse_eval_results(read_json(path, "evaluation results", object_only=False), str(path)):
             key = (block.dataset, block.split, block.direction)
-            if key in seen and seen[key] != path:
-                raise ValueError(f"{path}: {block.dataset}/{block.direction} (split {block.split}) is also in "
-                                 f"{seen[key]}; give each evaluation once.")
+            if key in seen:
+                where = "earlier in the same file" if seen[key] == path else f"in {seen[key]}"
+                raise ValueError(f"{path}: {block.dataset}/{block.direction} (split {block.split}) is also {where}; "
+                                 "give each evaluation once (a file comparing several models is not one model's "
+                                 "results).")
             seen[key] = path
             blocks.append(block)
     return blocks

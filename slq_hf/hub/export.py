@@ -12,7 +12,15 @@ from typing import Any
 
 from ..modeling import checkpoint as ckpt
 from ..modeling.configuration_slq import SLQConfig
-from .card import EvalBlock, _is_local_path, load_eval_results, read_json, read_training_info, render_model_card
+from .card import (
+    EvalBlock,
+    _is_local_path,
+    load_eval_results,
+    queries_digest,
+    read_json,
+    read_training_info,
+    render_model_card,
+)
 from .publish import README_NAME, check_repo_id, collect_upload_files
 
 
@@ -51,6 +59,35 @@ def _pinned_config(src: Path, backbone: str | None, backbone_revision: str | Non
     return config
 
 
+def _check_results_are_this_models(blocks: list[EvalBlock], state: Mapping[str, Any], src: Path) -> None:
+    """Refuse results that `slq-hf eval` recorded for other queries: the card would show another model's numbers.
+    Results without a recorded digest (hand-written files, older versions) cannot be checked and are taken as given."""
+    own = queries_digest(state)
+    foreign = sorted({b.source or b.dataset for b in blocks if b.queries_sha256 and b.queries_sha256 != own})
+    if foreign:
+        raise ValueError(f"{', '.join(foreign)}: these results were computed with other queries than the ones in "
+                         f"{src / ckpt.WEIGHTS_NAME} (another model or checkpoint); the card would show numbers this "
+                         f"model did not produce. Evaluate it (slq-hf eval --model {src}) and pass that file.")
+
+
+def _check_target(src: Path, out: Path, overwrite: bool) -> None:
+    """``out`` may be a new or empty folder, or (``overwrite``) an earlier SLQ export that does not hold ``src``."""
+    source, target = Path(os.path.realpath(src)), Path(os.path.realpath(out))
+    if target == source:
+        raise ValueError(f"--out {out} is the model folder itself; export writes a new folder.")
+    if target in source.parents:
+        # Replacing it would delete the folder being exported (and whatever else the run left there).
+        raise ValueError(f"--out {out} holds the model folder {src}; replacing it would delete the source. Export "
+                         "to a folder outside it.")
+    if out.exists() and any(out.iterdir()):
+        if not overwrite:
+            raise FileExistsError(f"{out} exists and is not empty; pass --overwrite (overwrite=True) to replace a "
+                                  "previous export.")
+        if _model_type(out / ckpt.CONFIG_NAME) != "slq":
+            raise FileExistsError(f"{out} is not empty and is not an SLQ folder; refusing to delete it. Choose an "
+                                  "empty or new folder.")
+
+
 def export(model_dir: str | os.PathLike, out_dir: str | os.PathLike, *,
            eval_results: str | os.PathLike | list[str | os.PathLike] | list[EvalBlock] | None = None,
            training_info: str | os.PathLike | Mapping[str, Any] | None = None, backbone: str | None = None,
@@ -85,6 +122,7 @@ def export(model_dir: str | os.PathLike, out_dir: str | os.PathLike, *,
     if eval_results is not None and not (isinstance(eval_results, list) and eval_results
                                          and isinstance(eval_results[0], EvalBlock)):
         eval_results = load_eval_results(eval_results)
+    _check_results_are_this_models(eval_results or [], state, src)
     if isinstance(training_info, (str, os.PathLike)):
         training_info = read_json(training_info, "training info")
     elif training_info is None:
@@ -94,15 +132,7 @@ def export(model_dir: str | os.PathLike, out_dir: str | os.PathLike, *,
         training_info=training_info, learned_temperature=math.exp(-state["logit_scale"].item()), license=license,
         template=template,
     )
-    if out.resolve() == src.resolve():
-        raise ValueError(f"--out {out} is the model folder itself; export writes a new folder.")
-    if out.exists() and any(out.iterdir()):
-        if not overwrite:
-            raise FileExistsError(f"{out} exists and is not empty; pass --overwrite (overwrite=True) to replace a "
-                                  "previous export.")
-        if _model_type(out / ckpt.CONFIG_NAME) != "slq":
-            raise FileExistsError(f"{out} is not empty and is not an SLQ folder; refusing to delete it. Choose an "
-                                  "empty or new folder.")
+    _check_target(src, out, overwrite)
 
     def write(staging: Path) -> None:
         config.auto_map = {"AutoConfig": "configuration_slq.SLQConfig", "AutoModel": "modeling_slq.SLQModel"}

@@ -19,6 +19,27 @@ from ..modeling import checkpoint as ckpt
 README_NAME = "README.md"
 # An SLQ folder is megabytes (the largest part is usually tokenizer.json); anything this big is not ours.
 MAX_FILE_BYTES = 256 * 2**20
+# Leading bytes of the files weights are stored in, whatever the file is called (a renamed or backed-up shard, e.g.
+# "model.safetensors.bak" or "weights.dat"): pickle protocols 2-5 (torch.save's old format, .bin), zip (torch.save,
+# .npz, .keras), GGUF, HDF5 (.h5), NumPy arrays. safetensors has no magic; _is_safetensors reads its header.
+WEIGHT_MAGICS = (b"\x80\x02", b"\x80\x03", b"\x80\x04", b"\x80\x05", b"PK\x03\x04", b"GGUF", b"\x89HDF\r\n\x1a\n",
+                 b"\x93NUMPY")
+
+
+def _is_safetensors(head: bytes, size: int) -> bool:
+    """True when ``head`` (a file's first bytes) starts like a safetensors file: an 8-byte little-endian header length
+    that fits the file, then a JSON object."""
+    if len(head) < 9:
+        return False
+    header_bytes = int.from_bytes(head[:8], "little")
+    return 2 <= header_bytes <= size - 8 and head[8:9] == b"{"
+
+
+def _looks_like_weights(path: Path, size: int) -> bool:
+    """Whether the file's content is in a weights format (by its leading bytes, not its name)."""
+    with open(path, "rb") as handle:
+        head = handle.read(16)
+    return head.startswith(WEIGHT_MAGICS) or _is_safetensors(head, size)
 
 
 def _refusal(root: Path, name: str, size: int) -> str | None:
@@ -33,6 +54,8 @@ def _refusal(root: Path, name: str, size: int) -> str | None:
             return f"{name} (holds tensors {keys[:3]}..., not SLQ queries)"
     elif any(fnmatch.fnmatch(Path(name).name, pattern) for pattern in ckpt.WEIGHT_FILE_PATTERNS):
         return f"{name} (a weights file)"
+    elif _looks_like_weights(root / name, size):
+        return f"{name} (holds weights in a safetensors/pickle/zip/GGUF/HDF5/NumPy format under another name)"
     if size > MAX_FILE_BYTES:
         return f"{name} ({size / 2**20:.0f} MiB)"
     return None
@@ -42,7 +65,8 @@ def collect_upload_files(folder: str | os.PathLike) -> list[str]:
     """The files of an SLQ folder that would be uploaded, as sorted POSIX paths relative to ``folder``.
 
     Hidden files and folders (``.git``, ``.cache``) are skipped. Raises ``ValueError`` listing every file that looks
-    like backbone weights: any weight-format file other than ``model.safetensors``, a ``model.safetensors`` holding
+    like backbone weights: any weight-format file other than ``model.safetensors`` (by name, or by content under
+    another name: a renamed or backed-up shard), a ``model.safetensors`` holding
     tensors that are not SLQ's (``queries``, ``logit_scale``, ``projection.*``), a query set holding more than
     ``queries``, or any file over 256 MiB.
     """
