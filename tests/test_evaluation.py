@@ -288,6 +288,12 @@ def test_hf_reader(tmp_path):
         read_hf(tmp_path / "ds", split="val")
     with pytest.raises(ValueError, match="cannot tell which column holds the text"):
         read_hf(table.rename_column("caption", "label"), split=None)
+    assert (data.name, data.split) == ("ds:test", "test")
+    # A single Dataset has no splits: evaluated with the default split="test" it claimed one ("one:test").
+    table.save_to_disk(str(tmp_path / "one"))
+    for source in (tmp_path / "one", table):
+        single = load_retrieval_dataset(source)
+        assert single.split is None and not single.name.endswith(":test"), source
 
 
 # --------------------------------------------------------------------------------------------- encoding + cache

@@ -180,6 +180,11 @@ def _pick_column(columns: list[str], given: str | None, candidates: tuple[str, .
 
 def load_hf(source: Any, split: str | None = None) -> tuple[Any, str]:
     """(``datasets.Dataset``, label) from a Dataset, a DatasetDict (``split`` picks one) or a local folder."""
+    return _load_hf(source, split)[:2]
+
+
+def _load_hf(source: Any, split: str | None) -> tuple[Any, str, str | None]:
+    """:func:`load_hf` plus the split it picked (None for a single Dataset, which has none)."""
     try:
         import datasets
     except ImportError as err:
@@ -203,10 +208,12 @@ def load_hf(source: Any, split: str | None = None) -> tuple[Any, str]:
                              "or point at one split's folder.")
         if split not in source:
             raise ValueError(f"{label}: no split {split!r}; splits are {sorted(source)}.")
-        source = source[split]
+        source, picked = source[split], split
+    else:
+        picked = None
     if not isinstance(source, datasets.Dataset):
         raise ValueError(f"{label}: expected a datasets.Dataset or DatasetDict, got {type(source).__name__}.")
-    return source, label
+    return source, label, picked
 
 
 def read_hf(source: Any, split: str | None = None, image_column: str | None = None, text_column: str | None = None,
@@ -219,7 +226,9 @@ def read_hf(source: Any, split: str | None = None, image_column: str | None = No
     import datasets
 
     folder = Path(source) if isinstance(source, (str, os.PathLike)) else None
-    table, label = load_hf(source, split)
+    # A single Dataset has no splits: ``split`` picks nothing there, so its records claim none (a report or model
+    # card would otherwise name "name:test" for data that has no test split).
+    table, label, split = _load_hf(source, split)
     columns = list(table.column_names)
     image_column = _pick_column(columns, image_column, _HF_IMAGE_COLUMNS, "image", label)
     text_column = _pick_column(columns, text_column, _HF_TEXT_COLUMNS, "text", label)

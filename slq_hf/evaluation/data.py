@@ -152,7 +152,7 @@ def load_retrieval_dataset(path: str | os.PathLike | Any, format: str | None = N
     label = Path(path).stem if isinstance(path, (str, os.PathLike)) else str(
         getattr(getattr(path, "info", None), "dataset_name", None) or "dataset")
     # Only name a split the data actually has: a file without split fields is not "the test split".
-    has_split = split is not None and (format in ("karpathy", "hf") or any(r.split for r in records))
+    has_split = split is not None and (format == "karpathy" or any(r.split for r in records))
     name = f"{label}:{split}" if has_split else label
     return from_records(records, f"{name}:{text_field or 'knowledge'}" if format == "karr" else name,
                         split if has_split else None)
