@@ -368,6 +368,7 @@ def test_query_set_index_round_trip(tmp_path):
     ('{"sets": {"a": {"num_queries": 2.5}}}', "num_queries=2.5"),
     ('{"active": "b", "sets": {"a": {}}}', "active set 'b' is not one of"),
     ('{"active": 3, "sets": {}}', "active set 3"),
+    ('{"active": ["default"], "sets": {}}', "active set \\['default'\\]"),
 ])
 def test_bad_query_set_index_names_the_file(tmp_path, content, message):
     path = _index(tmp_path, content)

@@ -447,3 +447,57 @@ def test_placeholder_and_vocab_init_use_only_plain_trained_ids(tiny_backbone_pat
     assert model.queries.abs().max() < 1e2  # no reserved or special row among the 200 sampled rows
     normal = SLQModel.from_backbone(backbone, num_queries=200, processor=processor)
     assert normal.queries.std() < 1  # the init scale comes from plain rows only (reserved rows would give ~1e3)
+
+
+def test_automodel_keywords_are_checked_and_applied_like_from_pretrained(model, tmp_path):
+    """AutoModel.from_pretrained hands SLQConfig keywords to AutoConfig, which set them unchecked (pooling='max'
+    loaded and pooled like 'last') and consumed attn_implementation (the backbone never got it)."""
+    model.save_pretrained(tmp_path / "slq")
+    for load in (SLQModel.from_pretrained, AutoModel.from_pretrained):
+        with pytest.raises(ValueError, match="`pooling`='max' is not supported"):
+            load(tmp_path / "slq", pooling="max")
+        with pytest.raises(ValueError, match="`normalize`='no' is invalid"):
+            load(tmp_path / "slq", normalize="no")
+        for key, value in [("num_queries", NUM_QUERIES + 1), ("projection_dim", 8), ("temperature", 0.5)]:
+            with pytest.raises(ValueError, match=rf"{key}={value} cannot be changed"):
+                load(tmp_path / "slq", **{key: value})
+        eager = load(tmp_path / "slq", attn_implementation="eager", pooling="last")
+        assert eager.backbone.config._attn_implementation == "eager" and eager.config.pooling == "last"
+
+
+def test_backbone_override_pins_the_revision_it_loaded(model, tmp_path, monkeypatch):
+    """backbone_name_or_path= with the revision of the original pin: SLQModel loaded no revision but kept the old one
+    in the config (a re-save pinned mirror@old), ignored backbone_revision=, and AutoModel loaded the old one."""
+    import slq_hf.modeling.modeling_slq as modeling
+
+    model.save_pretrained(tmp_path / "slq")
+    config = json.loads((tmp_path / "slq" / "config.json").read_text())
+    (tmp_path / "slq" / "config.json").write_text(json.dumps({**config, "backbone_revision": "0123abc"}))
+    loaded, real = [], modeling._load_backbone
+
+    def spy(name, revision=None, folder=None, **kwargs):
+        loaded.append((name, revision))
+        return real(model.config.backbone_name_or_path, None, folder, **kwargs)
+
+    monkeypatch.setattr(modeling, "_load_backbone", spy)
+    for load in (SLQModel.from_pretrained, AutoModel.from_pretrained):
+        for given, revision in [({}, None), ({"backbone_revision": "fff"}, "fff")]:
+            loaded.clear()
+            reloaded = load(tmp_path / "slq", backbone_name_or_path="org/mirror", **given)
+            assert loaded == [("org/mirror", revision)]
+            assert (reloaded.config.backbone_name_or_path, reloaded.config.backbone_revision) == ("org/mirror",
+                                                                                                  revision)
+    loaded.clear()
+    SLQModel.from_pretrained(tmp_path / "slq")  # the pinned backbone keeps its pinned revision
+    assert loaded == [(config["backbone_name_or_path"], "0123abc")]
+
+
+def test_queries_loaded_onto_another_backbone_type_warn(model, tmp_path, tiny_backbone_path, caplog):
+    model.save_pretrained(tmp_path / "slq")
+    with caplog.at_level("WARNING"):
+        SLQModel.from_pretrained(tmp_path / "slq")
+    assert "trained on a" not in caplog.text
+    with caplog.at_level("WARNING"):
+        SLQModel.from_pretrained(tmp_path / "slq", backbone_name_or_path=tiny_backbone_path("llava"))
+    assert "trained on a 'qwen3_vl' backbone but the backbone loaded is a 'llava' one" in caplog.text
+    assert str(tmp_path / "slq") in caplog.text

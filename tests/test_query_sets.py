@@ -571,3 +571,18 @@ def test_sets_json_num_queries_must_match_the_set_file(models, tmp_path):
     index_file.write_text(json.dumps(index))
     with pytest.raises(ValueError, match=r"query\.safetensors: tensor 'queries' has shape \(4, \d+\), expected \(99,"):
         SLQModel.from_pretrained(tmp_path / "slq")
+
+
+def test_save_query_set_never_overwrites_a_file_that_is_not_a_query_set(models, tmp_path):
+    """save_query_set onto an SLQ folder's model.safetensors or config.json used to replace them (a broken folder)."""
+    model = models("qwen3_vl")
+    model.save_pretrained(tmp_path / "slq")
+    for name in ("model.safetensors", "config.json"):
+        before = (tmp_path / "slq" / name).read_bytes()
+        with pytest.raises(ValueError, match=rf"{name}: exists and is .*Nothing was written"):
+            model.save_query_set("document", tmp_path / "slq" / name)
+        assert (tmp_path / "slq" / name).read_bytes() == before
+    # A query-set file (also one inside the folder) is replaced, as before.
+    target = tmp_path / "slq" / "query_sets" / "query.safetensors"
+    model.save_query_set("document", target)
+    assert read_header(target)[0]["queries"][1] == (DOC_QUERIES, model.config.hidden_size)

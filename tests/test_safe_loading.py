@@ -424,3 +424,22 @@ def test_bad_sets_json_names_the_file(saved, content):
     with pytest.raises(ValueError) as info:
         AutoModel.from_pretrained(saved)
     assert "sets.json" in str(info.value)
+
+
+@pytest.mark.parametrize("edit, message", [
+    (lambda config: None, "no config.json found"),
+    (lambda config: [config], "holds a list, not a JSON object"),
+    (lambda config: {**config, "model_type": "llava"}, "of a 'llava' model, not an SLQ one"),
+    (lambda config: {**config, "backbone_revision": 123}, "`backbone_revision`=123 is invalid"),
+    (lambda config: {**config, "pooling": "max"}, "`pooling`='max' is not supported"),
+])
+def test_malformed_config_json_is_refused_naming_the_file(saved, edit, message):
+    """A folder without config.json loaded as a default config (40 queries, no backbone), a list or another model's
+    config.json got a TypeError or a warning, a bad value an error that did not say which file holds it."""
+    config = json.loads((saved / "config.json").read_text())
+    (saved / "config.json").unlink()
+    if edit(config) is not None:
+        (saved / "config.json").write_text(json.dumps(edit(config)))
+    with pytest.raises((OSError, ValueError), match=message) as info:
+        SLQModel.from_pretrained(saved)
+    assert str(saved) in str(info.value) and "config.json" in str(info.value)

@@ -283,7 +283,7 @@ def read_query_set_index(path: str | os.PathLike) -> dict[str, Any]:
             raise bad(f"set {name!r} has num_queries={count!r}; expected a positive integer")
         sets[name] = {"file": file, "num_queries": count}
     active = index.get("active", DEFAULT_QUERY_SET)
-    if active != DEFAULT_QUERY_SET and active not in sets:
+    if not isinstance(active, str) or (active != DEFAULT_QUERY_SET and active not in sets):
         raise bad(f"the active set {active!r} is not one of {[DEFAULT_QUERY_SET, *sets]}")
     return {"active": active, "sets": sets}
 
@@ -415,6 +415,26 @@ def save_tensors(state: Mapping[str, torch.Tensor], path: str | os.PathLike,
 
     atomic_write(path, write)
     _fsync_dir(path.parent)
+
+
+def check_query_set_target(path: str | os.PathLike) -> None:
+    """Refuse, before anything is written, to write a query-set file over a file that is not one (an SLQ folder's
+    model.safetensors or config.json, a backbone's weights...): the write would destroy it.
+
+    Raises:
+        CheckpointError naming the file and what to do.
+    """
+    path = Path(path)
+    if not path.is_file() or path.stat().st_size == 0:
+        return
+    try:
+        names = set(read_header(path)[0])
+    except CheckpointError:
+        names = set()
+    if names != {QUERY_SET_TENSOR}:
+        what = f"a safetensors file holding {sorted(names)[:3]}" if names else "not a query-set file"
+        raise CheckpointError(f"{path}: exists and is {what}; writing a query set there would destroy it. Nothing "
+                              "was written. Save the set under another file name (e.g. <name>.safetensors).")
 
 
 def check_save_target(path: str | os.PathLike) -> None:

@@ -53,9 +53,13 @@ def _version_tuple(version: str) -> tuple[int, ...]:
 
 
 # What SLQConfig.from_dict was built from, per config object (by id; the entry goes with the object): the
-# config.json content, the load keywords naming SLQConfig fields, and the field values right after loading. Kept off
-# the config's attributes so that it is never saved and never makes two equal configs compare unequal.
-_READ_FROM: dict[int, tuple[dict[str, Any], dict[str, Any], dict[str, Any]]] = {}
+# config.json content, the load keywords naming SLQConfig fields, the field values right after loading and the load
+# keywords meant for the backbone. Kept off the config's attributes so that it is never saved and never makes two
+# equal configs compare unequal.
+_READ_FROM: dict[int, tuple[dict[str, Any], dict[str, Any], dict[str, Any], dict[str, Any]]] = {}
+# Load keywords that transformers' from_dict consumes into the config (so AutoModel never passes them on) but that
+# SLQ forwards to the backbone's from_pretrained: the SLQ model itself has no attention.
+BACKBONE_CONFIG_KEYWORDS = ("attn_implementation",)
 
 
 def _check_positive_int(name: str, value: Any, allow_none: bool = False) -> None:
@@ -152,11 +156,10 @@ class SLQConfig(PretrainedConfig):
         if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or not 0 < temperature <= 1:
             raise ValueError(f"SLQConfig: `temperature`={temperature!r} is invalid; expected a number in (0, 1].")
         self.temperature = float(temperature)
-        if self.backbone_name_or_path is not None and not isinstance(self.backbone_name_or_path, str):
-            raise ValueError(
-                f"SLQConfig: `backbone_name_or_path`={self.backbone_name_or_path!r} is invalid; expected a Hub id or "
-                "a local path (str)."
-            )
+        for name in ("backbone_name_or_path", "backbone_revision", "backbone_model_type"):
+            if getattr(self, name) is not None and not isinstance(getattr(self, name), str):
+                raise ValueError(f"SLQConfig: `{name}`={getattr(self, name)!r} is invalid; expected a string (a Hub "
+                                 "id or local path, a revision, a model type) or None.")
         super().__post_init__(**kwargs)
 
     def _drop_unknown_keys(self, kwargs: dict[str, Any]) -> dict[str, Any]:
@@ -183,11 +186,20 @@ class SLQConfig(PretrainedConfig):
     def from_dict(cls, config_dict: dict[str, Any], **kwargs):
         """transformers' ``from_dict`` (AutoConfig and ``from_pretrained`` build through it), remembering what the
         config was read from, for :func:`changes_since_read`."""
+        if not isinstance(config_dict, dict):
+            raise ValueError(f"SLQConfig: config.json holds a {type(config_dict).__name__}, not a JSON object of "
+                             "settings; re-save the model.")
+        if config_dict.get("model_type", cls.model_type) != cls.model_type:
+            raise ValueError(f"SLQConfig: config.json is of a {config_dict['model_type']!r} model, not an SLQ one "
+                             "(model_type 'slq'); load it with its own class, or pick the SLQ folder.")
         read = copy.deepcopy(config_dict)
-        result = super().from_dict(config_dict, **kwargs)
+        # Field keywords (AutoModel.from_pretrained(dir, pooling=...) lands here) go in at construction, so they are
+        # validated like config.json's own values; transformers would setattr them unchecked.
+        overrides = {k: kwargs.pop(k) for k in list(kwargs) if k in SLQ_FIELDS or k == "projection_dim"}
+        backbone = {k: kwargs[k] for k in BACKBONE_CONFIG_KEYWORDS if k in kwargs}
+        result = super().from_dict({**config_dict, **overrides}, **kwargs)
         config = result[0] if isinstance(result, tuple) else result
-        overrides = {k: v for k, v in kwargs.items() if k in SLQ_FIELDS}
-        _READ_FROM[id(config)] = (read, overrides, config.field_values())
+        _READ_FROM[id(config)] = (read, overrides, config.field_values(), backbone)
         weakref.finalize(config, _READ_FROM.pop, id(config), None)
         return result
 
@@ -217,16 +229,22 @@ class SLQConfig(PretrainedConfig):
 SLQ_FIELDS = tuple(SLQConfig.__annotations__)
 
 
-def changes_since_read(config: SLQConfig, read_config_dict: Callable[[], dict[str, Any]]) -> dict[str, Any] | None:
-    """None when ``config`` was built in code, or read from exactly what ``read_config_dict()`` returns now (the
-    content of the config.json being loaded; only called for a config that was read from one).
-
-    Otherwise (it was read from another content: the folder was re-saved since) the changes made to it on top of
-    what it read - the load keywords (``pooling=``...) and later edits of its fields - to re-apply to a config built
-    from the current content.
+def changes_since_read(config: SLQConfig, read_config_dict: Callable[[], dict[str, Any]]
+                       ) -> tuple[bool, dict[str, Any]] | None:
+    """None when ``config`` was built in code. Otherwise (read from a config.json): whether it was read from exactly
+    what ``read_config_dict()`` returns now (the content of the config.json being loaded; it differs when the folder
+    was re-saved since), and the changes made to it on top of what it read - the load keywords (``pooling=``...) and
+    later edits of its fields - to check, and to re-apply to a config built from the current content.
     """
     record = _READ_FROM.get(id(config))
-    if record is None or record[0] == read_config_dict():
+    if record is None:
         return None
-    _, overrides, at_read = record
-    return {**overrides, **{k: v for k, v in config.field_values().items() if v != at_read[k]}}
+    read, overrides, at_read, _ = record
+    return read == read_config_dict(), {**overrides, **{k: v for k, v in config.field_values().items()
+                                                        if v != at_read[k]}}
+
+
+def backbone_keywords(config: SLQConfig | None) -> dict[str, Any]:
+    """Load keywords of ``config``'s from_dict that are meant for the backbone (``BACKBONE_CONFIG_KEYWORDS``)."""
+    record = _READ_FROM.get(id(config))
+    return dict(record[3]) if record else {}

@@ -11,6 +11,7 @@ sibling modules.
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 import os
@@ -35,6 +36,7 @@ from transformers.utils import logging as hf_logging
 from .backbones import backbone_spec, block_mask_allowed, embedding_rows, usable_token_ids
 from .budgets import AUTO, DEFAULT_MAX_TEXT_TOKENS, processor_with_budgets, resolve_image_budget, with_overrides
 from .checkpoint import (
+    CONFIG_NAME,
     DEFAULT_QUERY_SET,
     MAX_LOGIT_SCALE,
     QUERY_SET_TENSOR,
@@ -46,6 +48,7 @@ from .checkpoint import (
     CheckpointError,
     check_config_for_backbone,
     check_query_set_name,
+    check_query_set_target,
     expected_tensors,
     max_queries,
     query_set_file,
@@ -56,7 +59,7 @@ from .checkpoint import (
     save_tensors,
     write_folder,
 )
-from .configuration_slq import SLQ_FIELDS, SLQConfig, changes_since_read
+from .configuration_slq import SLQ_FIELDS, SLQConfig, backbone_keywords, changes_since_read
 from .latent_queries import LatentQueries
 from .losses import symmetric_infonce
 from .pickling import register_output_recorders, without_capture_hooks
@@ -74,7 +77,10 @@ _AUTO_CLASS_KWARGS = ("_from_auto", "_from_pipeline", "trust_remote_code", "adap
 _SHARED_HUB_KWARGS = ("cache_dir", "force_download", "local_files_only", "proxies", "token")
 # from_pretrained keywords naming SLQConfig fields override the saved config; these cannot change after training.
 _CONFIG_FIELDS = frozenset(SLQ_FIELDS) | {"projection_dim"}
-_FIXED_FIELDS = ("num_queries", "hidden_size", "projection_size", "projection_dim", "backbone_model_type")
+_FIXED_FIELDS = ("num_queries", "hidden_size", "projection_size", "projection_dim", "backbone_model_type",
+                 "temperature")
+_FIXED_HINTS = {"temperature": " The learned temperature is logit_scale in model.safetensors; to change it, set "
+                               "model.logit_scale after loading."}
 PAIR_SIDES = ("positive", "negative")
 
 
@@ -242,10 +248,12 @@ class SLQModel(PreTrainedModel):
 
         Args:
             pretrained_model_name_or_path: folder or Hub id written by :meth:`save_pretrained`.
-            backbone_name_or_path: load the backbone from here instead of the one pinned in config.json.
+            backbone_name_or_path: load the backbone from here instead of the one pinned in config.json, at
+                ``backbone_revision=`` (default: none; the pinned revision belongs to the pinned id).
             backbone: an already loaded backbone to reuse (no second copy of the weights).
             **kwargs: SLQConfig fields override the saved config (``pooling=``, ``normalize=``, ``training_path=``;
-                ``num_queries`` / ``hidden_size`` / ``projection_dim`` are fixed by training and raise); hub
+                ``num_queries`` / ``hidden_size`` / ``projection_dim`` / ``temperature`` are fixed by training and
+                raise; the same through ``AutoModel``); hub
                 arguments for the SLQ folder (``revision``, ``subfolder``, ``token``...); the rest goes to the
                 backbone's ``from_pretrained`` (``dtype``, ``device_map``, ``quantization_config``...).
         """
@@ -255,24 +263,33 @@ class SLQModel(PreTrainedModel):
         shared = {k: kwargs.pop(k) for k in _SHARED_HUB_KWARGS if k in kwargs}
         location = {"revision": kwargs.pop("revision", None), "subfolder": kwargs.pop("subfolder", ""), **shared}
         overrides = {k: kwargs.pop(k) for k in list(kwargs) if k in _CONFIG_FIELDS}
+        kwargs = {**backbone_keywords(config), **kwargs}  # AutoModel's config read took them from the keywords
 
-        def read() -> tuple[SLQConfig, dict[str, Any], dict[str, torch.Tensor], dict[str, Any], Any]:
-            saved, changes = _config_of_this_save(config, path, location)
+        def read() -> tuple[SLQConfig, SLQConfig, dict[str, Any], dict[str, torch.Tensor], dict[str, Any], Any]:
+            base, saved, changes = _config_of_this_save(config, path, location)
             state = read_tensors(_resolve_weights(path, location),
                                  expected_tensors(saved.num_queries, saved.hidden_size, saved.projection_size))
             found = None if processor is not None else try_processor(path, quiet=True, **location)
-            return saved, changes, state, _read_query_sets(path, location, saved.hidden_size), found
+            return base, saved, changes, state, _read_query_sets(path, location, saved.hidden_size), found
 
-        saved, changes, state, sets, found = read_folder(path, read)  # one save of the folder, never a mix of two
-        saved = _with_overrides(saved, {**changes, **overrides}, path)
+        # One save of the folder, never a mix of two.
+        base, saved, changes, state, sets, found = read_folder(path, read)
+        load = {**changes, **overrides}
+        backbone_name_or_path = backbone_name_or_path or load.get("backbone_name_or_path")
+        if backbone_name_or_path:  # another copy of the backbone: the saved revision is the pinned one's, not its
+            load.update(backbone_name_or_path=_pin(str(backbone_name_or_path)),
+                        backbone_revision=load.get("backbone_revision"))
+        saved = _with_overrides(base, load, path, saved)
         if backbone is None:
-            source = str(backbone_name_or_path or saved.backbone_name_or_path or "")
-            revision = None if backbone_name_or_path else saved.backbone_revision
-            backbone = _load_backbone(source, revision, folder=path, **shared, **kwargs)
-            if backbone_name_or_path:
-                saved.backbone_name_or_path = _pin(str(backbone_name_or_path))
+            backbone = _load_backbone(saved.backbone_name_or_path, saved.backbone_revision,
+                                      folder=None if backbone_name_or_path else path, **shared, **kwargs)
         elif kwargs:
             raise ValueError(f"Backbone arguments {sorted(kwargs)} were given with an already loaded backbone.")
+        trained_on, running = saved.backbone_model_type, backbone.config.model_type
+        if trained_on and trained_on != running:  # only the width is a hard fact (checked in __init__)
+            logger.warning(f"{path}: these queries were trained on a {trained_on!r} backbone but the backbone loaded "
+                           f"is a {running!r} one; its embeddings will be meaningless. Load the backbone they were "
+                           "trained on (backbone_name_or_path=).")
         processor = processor or found or try_processor(saved.backbone_name_or_path, saved.backbone_revision,
                                                          **shared)
         model = cls(saved, backbone=backbone, processor=processor)
@@ -431,6 +448,7 @@ class SLQModel(PreTrainedModel):
         if path.is_dir():
             raise IsADirectoryError(f"{path}: is a folder; save_query_set writes one file, e.g. "
                                     f"{path / (name + '.safetensors')} (save_pretrained writes a whole folder).")
+        check_query_set_target(path)
         path.parent.mkdir(parents=True, exist_ok=True)
         metadata = {**WEIGHTS_METADATA, "slq_query_set": name, "num_queries": str(queries.shape[0]),
                     "hidden_size": str(queries.shape[1]),
@@ -760,38 +778,53 @@ def _read_query_sets(path, location: dict[str, Any], hidden_size: int | None) ->
 
 
 def _config_of_this_save(config: SLQConfig | None, path, location: dict[str, Any]
-                         ) -> tuple[SLQConfig, dict[str, Any]]:
-    """The config of the save being read (call inside the read window) and the load-time changes to apply to it.
+                         ) -> tuple[SLQConfig, SLQConfig, dict[str, Any]]:
+    """The config to build the model from, the config that save wrote (what fixed fields and tensor shapes are
+    checked against) and the load-time changes to apply to the first (call inside the read window).
 
     ``AutoModel.from_pretrained`` (and sentence-transformers through it) reads config.json, applying keywords such
     as ``pooling=``, before this class's ``from_pretrained`` runs, i.e. outside ``read_folder``: a re-save in between
     would pair that config with the next save's weights. So a ``config=`` read from a config.json is compared with
     the folder's config.json here; when they differ, the folder's is used with the passed config's changes (load
-    keywords, edits of its fields) on top. A config built in code is used as given.
+    keywords, edits of its fields) on top; either way those changes are checked like from_pretrained's own keywords
+    (AutoConfig applied them unchecked against the saved queries). A config built in code is used as given.
     """
-    if config is None:
-        return SLQConfig.from_pretrained(path, **location), {}
-    current: dict[str, Any] = {}
+    contents: list[Any] = []
 
-    def read_config_dict() -> dict[str, Any]:
-        current.update(SLQConfig.get_config_dict(str(path), **location)[0])
-        return current
+    def read_config_dict() -> Any:
+        if _optional_file(path, CONFIG_NAME, location) is None:
+            raise OSError(f"{path}: no {CONFIG_NAME} found; an SLQ folder written by save_pretrained has one. Is "
+                          "this the right folder?")
+        contents.append(SLQConfig.get_config_dict(str(path), **location)[0])
+        return contents[-1]
 
-    changes = changes_since_read(config, read_config_dict)
-    return (config, {}) if changes is None else (SLQConfig.from_dict(current), changes)
+    record = None if config is None else changes_since_read(config, read_config_dict)
+    if config is not None and record is None:
+        return config, config, {}
+    try:
+        saved = SLQConfig.from_dict(copy.deepcopy(contents[-1] if contents else read_config_dict()))
+    except (TypeError, ValueError) as err:  # not a JSON object, or a bad value: name the file
+        raise CheckpointError(f"{path}/{CONFIG_NAME}: {err}") from None
+    if record is None:
+        return saved, saved, {}
+    unchanged, changes = record
+    return (config if unchanged else saved), saved, changes
 
 
-def _with_overrides(config: SLQConfig, overrides: dict[str, Any], path) -> SLQConfig:
-    """``config`` with from_pretrained keywords that name SLQConfig fields applied (and validated)."""
+def _with_overrides(config: SLQConfig, overrides: dict[str, Any], path, saved: SLQConfig | None = None
+                    ) -> SLQConfig:
+    """``config`` with from_pretrained keywords that name SLQConfig fields applied (and validated); fields fixed by
+    training must keep their value in ``saved`` (default ``config``)."""
     if not overrides:
         return config
+    saved = config if saved is None else saved
     for key in _FIXED_FIELDS:
         # projection_dim: from_backbone's name for projection_size (the config's projection_dim is the output width)
-        saved = config.projection_size if key == "projection_dim" else getattr(config, key)
-        if key in overrides and overrides[key] != saved:
+        value = saved.projection_size if key == "projection_dim" else getattr(saved, key)
+        if key in overrides and overrides[key] != value:
             raise ValueError(f"{path}: {key}={overrides[key]!r} cannot be changed when loading: the saved queries "
-                             f"were trained with {key}={saved!r}. Train a new model (from_backbone) "
-                             "for another value.")
+                             f"were trained with {key}={value!r}. Train a new model (from_backbone) "
+                             f"for another value.{_FIXED_HINTS.get(key, '')}")
     changed = {k: v for k, v in overrides.items() if k not in _FIXED_FIELDS}
     SLQConfig(**{**config.field_values(), **changed})  # validates the values
     for key, value in changed.items():
