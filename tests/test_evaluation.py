@@ -495,7 +495,7 @@ def test_sentence_transformer_evaluates_like_slq_model(slq_dir, tmp_path):
     assert theirs["metrics"] == ours["metrics"]
 
 
-# ------------------------------------------------------------------------------------ review: options never ignored
+# ----------------------------------------------------------------------------------------------- options never ignored
 def test_rerank_that_cannot_happen_is_an_error_before_encoding(tmp_path):
     """rerank_top_k on data without captions (composed only), or with a model that has no backbone, used to return
     a result without its "rerank" part (or fail only after the encoding)."""

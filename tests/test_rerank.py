@@ -485,7 +485,7 @@ def test_cache_argument_name_old_and_new():
     assert _output_cache(SimpleNamespace(cache="new", past_key_values=None)) == "new"
 
 
-# ------------------------------------------------------------------------------------------- review regressions
+# ------------------------------------------------------------------------------ threads, lengths, templates, arguments
 def test_rerank_never_switches_the_shared_tokenizer_to_split_special_tokens(scenes, monkeypatch):
     """``tokenizer(..., split_special_tokens=True)`` flips a switch on the shared Rust tokenizer; a chat template
     tokenised meanwhile in another thread (encode, generate, another rerank) then gets ``<|im_start|>`` as the

@@ -566,7 +566,7 @@ def test_demo_search_writes_a_grid(slq_dir, tmp_path):
     assert all(len(q["hits"]) == 5 for q in result["queries"])
 
 
-# ------------------------------------------------------------------------------- review: inputs and rebuilds
+# ------------------------------------------------------------------------------------------------- inputs and rebuilds
 def _small_folder(tmp_path: Path, scenes, count: int = 6) -> Path:
     folder = tmp_path / "small"
     folder.mkdir()
