@@ -664,6 +664,26 @@ def test_jsonl_byte_order_mark_and_non_utf8_lines(model, tmp_path, scenes):
     assert manifest["num_vectors"] == 3 and manifest["bad_items"] == 1
 
 
+def test_nan_and_infinity_in_a_jsonl_line_are_bad_items(model, slq_dir, tmp_path, scenes, capsys):
+    """Python's JSON reader takes NaN / Infinity (json.dumps writes them for float NaN / inf); stored as metadata they
+    came out of `slq-hf search --json` as invalid JSON. Such a line is a bad item naming the line."""
+    from slq_hf.cli import main
+
+    data = tmp_path / "items.jsonl"
+    data.write_text("\n".join([json.dumps({"id": "ok", "text": scenes[0].caption, "score": 0.5}),
+                               '{"id": "nan", "text": "a red circle", "score": NaN}',
+                               '{"id": "inf", "text": "a blue square", "weight": -Infinity}']) + "\n")
+    corpus = read_corpus(data)
+    assert [item.where for item in corpus.items if item.error] == ["items.jsonl:2", "items.jsonl:3"]
+    assert "NaN is not valid JSON" in corpus.items[1].error and "-Infinity" in corpus.items[2].error
+    build_index(model, data, tmp_path / "index", shard_size=4, model_source=slq_dir)
+    capsys.readouterr()
+    assert main(["search", str(tmp_path / "index"), "--text", "a red circle", "-k", "1", "--json"]) == 0, \
+        capsys.readouterr().err
+    for line in capsys.readouterr().out.splitlines():
+        json.loads(line, parse_constant=lambda name: pytest.fail(f"{name} in --json output"))
+
+
 @pytest.mark.skipif(sys.platform in ("darwin", "win32"), reason="needs a file system that stores raw name bytes")
 def test_names_and_texts_that_are_not_unicode_are_bad_items(model, tmp_path, scenes):
     """A Latin-1 file name (or a "\\udce9" escape in JSON) crashed the whole build with UnicodeEncodeError."""

@@ -176,10 +176,13 @@ def read_items_jsonl(path: str | os.PathLike) -> Corpus:
             if not raw.strip():
                 continue
             try:
-                record = json.loads(raw)
+                record = json.loads(raw, parse_constant=_refuse_constant)
             except json.JSONDecodeError as err:
                 items.append(CorpusItem(f"line-{number}", error=f"invalid JSON ({err.msg}, column {err.colno})",
                                         where=where))
+                continue
+            except ValueError as err:  # NaN / Infinity
+                items.append(CorpusItem(f"line-{number}", error=str(err), where=where))
                 continue
             item = _item_from_record(record, path.parent, where, number)
             if item.id in seen:
@@ -190,6 +193,12 @@ def read_items_jsonl(path: str | os.PathLike) -> Corpus:
     if not items:
         raise ValueError(f"{path}: the file holds no items.")
     return Corpus(items, str(path), "items", root=str(path.parent.resolve()))
+
+
+def _refuse_constant(name: str) -> Any:
+    """Python's JSON reader accepts NaN and Infinity, which JSON does not: stored as metadata they would come out of
+    ``slq-hf search --json`` (and go to a Qdrant server) as invalid JSON."""
+    raise ValueError(f"{name} is not valid JSON (Python wrote it for a float NaN/inf); write null or a string instead")
 
 
 def _decode_line(data: bytes, first: bool) -> tuple[str, str | None]:
