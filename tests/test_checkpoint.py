@@ -369,6 +369,7 @@ def test_query_set_index_round_trip(tmp_path):
     ('{"active": "b", "sets": {"a": {}}}', "active set 'b' is not one of"),
     ('{"active": 3, "sets": {}}', "active set 3"),
     ('{"active": ["default"], "sets": {}}', "active set \\['default'\\]"),
+    ('{"sets": {"query": {}, "Query": {}}}', "sets 'query' and 'Query' differ only in case"),
 ])
 def test_bad_query_set_index_names_the_file(tmp_path, content, message):
     path = _index(tmp_path, content)

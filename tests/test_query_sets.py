@@ -586,3 +586,14 @@ def test_save_query_set_never_overwrites_a_file_that_is_not_a_query_set(models, 
     target = tmp_path / "slq" / "query_sets" / "query.safetensors"
     model.save_query_set("document", target)
     assert read_header(target)[0]["queries"][1] == (DOC_QUERIES, model.config.hidden_size)
+
+
+def test_set_names_that_differ_only_in_case_are_refused(qwen):
+    """"Query" and "query" are two files on Linux but one on macOS and Windows, where a same-sized set would then
+    silently reload with the other's queries."""
+    before = list(qwen.query_sets)
+    for name in ("Query", "DOCUMENT", "Default"):
+        with pytest.raises(ValueError, match="only in case"):
+            qwen.add_query_set(name)
+    assert qwen.query_sets == before
+

@@ -274,6 +274,8 @@ def read_query_set_index(path: str | os.PathLike) -> dict[str, Any]:
         if not QUERY_SET_NAME_PATTERN.match(name) or name == DEFAULT_QUERY_SET:  # JSON keys are str
             raise bad(f"set name {name!r} is invalid (1-64 letters, digits, '_' or '-'; 'default' is the set in "
                       f"{WEIGHTS_NAME})")
+        if same := [n for n in sets if n.casefold() == name.casefold()]:  # one file on macOS / Windows
+            raise bad(f"sets {same[0]!r} and {name!r} differ only in case")
         entry = entry if isinstance(entry, dict) else {}
         file = entry.get("file", expected := query_set_file(name))
         if file != expected:

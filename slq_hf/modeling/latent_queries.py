@@ -100,6 +100,9 @@ class LatentQueries(nn.ParameterDict):
         if name in self:
             raise ValueError(f"A query set named {name!r} already exists ({self.names}); pick another name or "
                              "load_query_set(...) to replace it.")
+        if same := [n for n in self.names if n.casefold() == name.casefold()]:
+            raise ValueError(f"Query set name {name!r} differs from the set {same[0]!r} only in case: on macOS and "
+                             "Windows their files would be one file. Pick another name.")
         if queries is not None:
             queries = self.validate(queries, f"queries= for set {name!r}")
             if num_queries is not None and num_queries != queries.shape[0]:
