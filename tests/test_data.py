@@ -206,3 +206,104 @@ def test_other_errors_name_what_to_do(files):
     composed = _jsonl(files / "c.jsonl", [{"reference": "img/a.png", "text": "same", "target": "img/a.png"}])
     with pytest.raises(DataFormatError, match=re.escape(f"{composed}:1: reference and target are the same image")):
         read_jsonl(composed)
+
+
+# ------------------------------------------------------------------------------- encodings, line ends, detection
+def test_jsonl_and_karpathy_files_with_a_byte_order_mark_read(files):
+    line = json.dumps({"image": "img/a.png", "text": "a red square"}).encode()
+    jsonl = files / "bom.jsonl"
+    jsonl.write_bytes(b"\xef\xbb\xbf" + line + b"\n")
+    assert [p.text for p in read_records(jsonl)[0].positives] == ["a red square"]
+    karpathy = files / "dataset_bom.json"
+    karpathy.write_bytes(b"\xef\xbb\xbf" + json.dumps({"images": [{"filename": "a.png", "filepath": "img",
+                                                                   "split": "test", "sentences": [{"raw": "r"}]}]}
+                                                      ).encode())
+    assert read_records(karpathy)[0].query.image == files / "img" / "a.png"
+
+
+def test_jsonl_strings_may_hold_unicode_line_separators(files):
+    """JSON allows U+2028, U+0085 and form feeds unescaped in strings (json.dumps(ensure_ascii=False) writes them,
+    as karr-build does); only "\\n" ends a JSONL line."""
+    texts = ["a\u2028b", "c\x85d", "e\x0cf"]
+    path = files / "seps.jsonl"
+    path.write_text("".join(json.dumps({"image": "img/a.png", "text": t}, ensure_ascii=False) + "\r\n"
+                            for t in texts), encoding="utf-8")
+    records = read_records(path)
+    assert [r.positives[0].text for r in records] == texts and [r.line for r in records] == [1, 2, 3]
+
+
+def test_non_utf8_and_empty_files_name_the_line_and_what_to_do(files):
+    path = files / "latin1.jsonl"
+    path.write_bytes(b'{"image": "img/a.png", "text": "ok"}\n{"image": "img/a.png", "text": "caf\xe9"}\n')
+    with pytest.raises(DataFormatError, match=re.escape(f"{path}:2: not UTF-8 text") + ".*save the file as UTF-8"):
+        read_records(path)
+    empty = files / "dataset_empty.json"
+    empty.write_text("")
+    with pytest.raises(DataFormatError, match=re.escape(f"{empty}: the file is empty")):
+        read_records(empty)
+
+
+def test_an_image_that_is_a_folder_is_named_as_one(files):
+    (files / "img" / "dir.png").mkdir()
+    path = _jsonl(files / "d.jsonl", [{"image": "img/dir.png", "text": "x"}])
+    with pytest.raises(DataFormatError, match=re.escape(f"{path}:1: image file 'img/dir.png' is a folder")):
+        read_records(path)
+    karpathy = files / "dataset_dir.json"
+    karpathy.write_text(json.dumps({"images": [{"filename": "dir.png", "filepath": "img", "split": "test",
+                                                "sentences": [{"raw": "r"}]}]}))
+    with pytest.raises(DataFormatError, match=r"images\[0\] \('dir.png'\): image file is a folder"):
+        read_records(karpathy)
+
+
+def test_format_detection_json_lines_named_json_and_upper_case_suffixes(files):
+    from slq_hf.data import detect_format
+
+    lines = [{"image": "img/a.png", "text": "red"}, {"image": "img/b.png", "text": "blue"}]
+    assert detect_format(_jsonl(files / "pairs.json", lines)) == "jsonl"
+    assert [r.positives[0].text for r in read_records(files / "pairs.json")] == ["red", "blue"]
+    assert detect_format(_jsonl(files / "k.json", [{"image": "img/a.png", "knowledge": "k"},
+                                                   {"image": "img/b.png", "knowledge": "l"}])) == "karr"
+    assert detect_format(_jsonl(files / "UPPER.JSONL", lines)) == "jsonl"
+    karpathy = files / "dataset_toy.json"
+    karpathy.write_text(json.dumps({"images": [{"filename": "a.png", "filepath": "img", "split": "test",
+                                                "sentences": [{"raw": "r"}]}]}, indent=1))
+    assert detect_format(karpathy) == "karpathy"
+    one = _jsonl(files / "one.json", lines[:1])  # one line: cannot tell, but the error says what to do
+    with pytest.raises(DataFormatError, match=r"pass --format jsonl"):
+        read_records(one)
+
+
+def test_karpathy_images_resolve_like_the_other_readers(files, monkeypatch):
+    """Default root: the JSON's own folder, through a symbolic link to it as for jsonl; "~" in image_root works."""
+    real = files / "real"
+    _png(real / "img" / "a.png")
+    doc = {"images": [{"filename": "a.png", "filepath": "img", "split": "test", "sentences": [{"raw": "r"}]}]}
+    (real / "dataset_r.json").write_text(json.dumps(doc))
+    _jsonl(real / "p.jsonl", [{"image": "img/a.png", "text": "r"}])
+    (files / "links").mkdir()
+    for name in ("dataset_r.json", "p.jsonl"):
+        (files / "links" / name).symlink_to(real / name)
+    assert read_records(files / "links" / "p.jsonl")[0].query.image == real / "img" / "a.png"
+    assert read_records(files / "links" / "dataset_r.json")[0].query.image == real / "img" / "a.png"
+    monkeypatch.setenv("HOME", str(real))
+    (files / "elsewhere").mkdir()
+    (files / "elsewhere" / "dataset_r.json").write_text(json.dumps(doc))
+    assert read_records(files / "elsewhere" / "dataset_r.json", image_root="~")[0].query.image == (
+        real / "img" / "a.png")
+
+
+def test_hf_captions_as_lists_of_dicts_and_sequence_features(files):
+    datasets = pytest.importorskip("datasets")
+    images = [str(files / "img" / "a.png"), str(files / "img" / "b.png")]
+    as_list = datasets.Dataset.from_dict({"image": images, "sentences": [[{"raw": "r1"}, {"raw": "r2"}],
+                                                                          [{"raw": "b1"}]]})
+    features = datasets.Features({"image": datasets.Value("string"),
+                                  "sentences": datasets.Sequence({"raw": datasets.Value("string")})})
+    as_sequence = datasets.Dataset.from_dict({"image": images, "sentences": [{"raw": ["r1", "r2"]},
+                                                                              {"raw": ["b1"]}]}, features=features)
+    other_key = datasets.Dataset.from_dict({"image": images, "captions": [[{"caption": "r1"}, {"caption": "r2"}],
+                                                                           [{"caption": "b1"}]]})
+    for table in (as_list, as_sequence, other_key):
+        records = read_records(table, "hf")
+        assert [[p.text for p in r.positives] for r in records] == [["r1", "r2"], ["b1"]]
+        assert [r.query.image for r in records] == [Path(images[0]), Path(images[1])]

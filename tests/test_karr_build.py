@@ -158,3 +158,28 @@ def test_cli_errors_name_the_problem(slq_folder, tmp_path, capsys):
     assert main(["karr-build", "--data", data, "--model", folder, "--out", str(tmp_path / "k.jsonl"), "--template",
                  str(template)]) == 2
     assert "no {caption} placeholder" in capsys.readouterr().err
+
+
+def test_one_file_for_two_roles_is_refused_and_skipped_is_written_like_out(tmp_path, monkeypatch, capsys):
+    data = _pairs_file(tmp_path, LINES)
+    monkeypatch.setattr(karr_build, "load_generator", lambda *args, **kwargs: (None, None))
+    monkeypatch.setattr(karr_build, "rewrite_captions", lambda backbone, processor, prompts, images, **kw: [
+        "a pet animal", "an orange root", "two dogs", "a shape"][:len(prompts)])
+    out = tmp_path / "karr.jsonl"
+    out.write_text("previous result\n")
+    assert main(["karr-build", "--data", data, "--model", "m", "--out", str(out), "--skipped", str(out)]) == 2
+    assert "--skipped" in capsys.readouterr().err and out.read_text() == "previous result\n"
+    assert main(["karr-build", "--data", data, "--model", "m", "--out", data]) == 2
+    assert json.loads(open(data).readline()) == LINES[0]  # the input is left alone
+    skipped = tmp_path / "new" / "folder" / "skipped.jsonl"  # created like --out's folder, after all the work
+    assert main(["karr-build", "--data", data, "--model", "m", "--out", str(out), "--skipped", str(skipped)]) == 0
+    assert [json.loads(line)["rewrite"] for line in skipped.read_text().splitlines()] == ["two dogs"]
+    assert len(out.read_text().splitlines()) == 3
+
+
+def test_captions_with_unicode_line_separators_survive_the_round_trip(tmp_path):
+    data = _pairs_file(tmp_path, [{"image": "img/0.png", "text": "a cat\u2028on a mat"}])
+    out = tmp_path / "karr.jsonl"
+    build_karr(read_pairs(data), out, lambda prompts, images: ["a pet"])
+    assert read_karr(out, split="test").texts == ["a pet"]
+    assert read_karr(out, split="test", text_field="caption").texts == ["a cat\u2028on a mat"]

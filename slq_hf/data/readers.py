@@ -24,7 +24,17 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-from .records import DataFormatError, DatasetImage, Item, Record, captions, json_lines, read_text, resolve_image
+from .records import (
+    DataFormatError,
+    DatasetImage,
+    Item,
+    Record,
+    captions,
+    image_file_problem,
+    json_lines,
+    read_text,
+    resolve_image,
+)
 
 TEXT_KEYS = ("text", "texts", "caption", "captions")
 PAIR_KEYS = ("query", "positive", "negative")
@@ -120,14 +130,22 @@ def read_karpathy(path: str | os.PathLike, split: str | None = None, image_root:
         raise ValueError(f"max_captions={max_captions!r} (--max-captions) is invalid; expected a positive integer.")
     path = Path(path)
     text = read_text(path)
+    if not text.strip():
+        raise DataFormatError(path, "the file is empty; expected a Karpathy-split JSON object.")
+    lines_hint = (" If it holds one JSON object a line, pass --format jsonl (format=\"jsonl\") or karr."
+                  if _first_line_object(text) is not None else "")
     try:
         document = json.loads(text)
     except json.JSONDecodeError as err:
-        raise DataFormatError(path, f"invalid JSON at column {err.colno}: {err.msg}.", err.lineno) from err
+        raise DataFormatError(path, f"invalid JSON at column {err.colno}: {err.msg}.{lines_hint}", err.lineno) from err
     if not isinstance(document, dict) or not isinstance(document.get("images"), list):
+        if isinstance(document, dict) and "images" not in document and not lines_hint:
+            lines_hint = " If it is one JSON line, pass --format jsonl (format=\"jsonl\") or karr."
         raise DataFormatError(path, "expected a Karpathy-split JSON object with an \"images\" list "
-                              "({\"images\": [{\"filename\", \"split\", \"sentences\": [{\"raw\"}]}]}).")
-    root = Path(image_root) if image_root is not None else path.parent
+                              "({\"images\": [{\"filename\", \"split\", \"sentences\": [{\"raw\"}]}]})."
+                              + lines_hint)
+    # Like the jsonl/karr readers: relative to the file itself (a symlinked JSON finds the images beside its target).
+    root = Path(image_root).expanduser() if image_root is not None else path.resolve().parent
     wanted = None if split in (None, "all") else ({"train", "restval"} if split == "train" else {split})
     splits_seen, found = set(), False
     for n, entry in enumerate(document["images"]):
@@ -155,9 +173,10 @@ def read_karpathy(path: str | os.PathLike, split: str | None = None, image_root:
         if not isinstance(filepath, str):
             raise fail(f"\"filepath\" must be a string, got {filepath!r}.")
         image = root / filepath / filename
-        if check_files and not image.is_file():
-            raise fail(f"image file not found at {image}; pass image_root= (--image-root) pointing at the folder "
-                       "the images live in.")
+        problem = image_file_problem(image) if check_files else None
+        if problem is not None:
+            raise fail(f"image file {problem}; pass image_root= (--image-root) pointing at the folder the images "
+                       "live in.")
         found = True
         name = str(entry.get("cocoid", entry.get("imgid", filename)))
         yield Record(Item(image, name=name), tuple(Item(text=r) for r in raws[:max_captions]),
@@ -176,6 +195,28 @@ def _pick_column(columns: list[str], given: str | None, candidates: tuple[str, .
         return found
     raise ValueError(f"{source}: cannot tell which column holds the {what}; columns are {columns}. Pass "
                      f"{what}_column= (--{what}-column).")
+
+
+_CAPTION_KEYS = ("raw", "caption", "text", "sentence")
+
+
+def _hf_captions(value: Any) -> Any:
+    """A text cell as a caption or a list of them: a string, a list of strings, a list of ``{"raw": ...}``-style
+    dicts (Karpathy's sentences), or the dict of lists ``datasets`` stores a ``Sequence({"raw": ...})`` feature as.
+    Anything else is returned as is (``captions`` then names it)."""
+    def text_of(entry: Any) -> Any:
+        if not isinstance(entry, dict):
+            return entry
+        if len(entry) == 1:
+            return next(iter(entry.values()))
+        return next((entry[k] for k in _CAPTION_KEYS if k in entry), entry)
+
+    if isinstance(value, dict):
+        listed = text_of(value)
+        return listed if isinstance(listed, (list, str)) else value
+    if isinstance(value, list) and any(isinstance(v, dict) for v in value):
+        return [text_of(v) for v in value]
+    return value
 
 
 def load_hf(source: Any, split: str | None = None) -> tuple[Any, str]:
@@ -251,8 +292,7 @@ def read_hf(source: Any, split: str | None = None, image_column: str | None = No
                 image, name = resolve_image(value, root, where, None, check_files), value
             else:
                 raise ValueError(f"{where}: column {image_column!r} holds {type(value).__name__}, not an image.")
-            values = [v.get("raw") if isinstance(v, dict) else v for v in text] if isinstance(text, list) else text
-            values = captions(values, text_column, where, None)
+            values = captions(_hf_captions(text), text_column, where, None)
             yield Record(Item(image, name=name), tuple(Item(text=v) for v in values), source=where, split=split)
             row += 1
     if not row:
@@ -266,19 +306,40 @@ FORMATS = tuple(READERS)
 
 
 def detect_format(path: str | os.PathLike | Any) -> str:
-    """Guess the reader: a ``datasets`` object or a folder -> hf; .json -> karpathy; .jsonl -> karr if its first
+    """Guess the reader: a ``datasets`` object or a folder -> hf; .json -> karpathy (unless it is JSON Lines: a
+    first line that is a whole object without "images", more lines after it); .jsonl (any case) -> karr if its first
     record has "knowledge", else jsonl."""
     if not isinstance(path, (str, os.PathLike)) or Path(path).is_dir():
         return "hf"
     path = Path(path)
-    if path.suffix == ".json":
+    suffix = path.suffix.lower()
+    if suffix == ".json":
+        if path.is_file():  # JSON Lines are often named .json: one object a line, no "images" list, is not Karpathy
+            with path.open("rb") as handle:  # the head only: COCO's Karpathy JSON is 150 MB on one line
+                first = _first_line_object(handle.read(1 << 16).decode("utf-8-sig", errors="replace"))
+            if first is not None and "images" not in first:
+                return "karr" if "knowledge" in first else "jsonl"
         return "karpathy"
-    if path.suffix == ".jsonl":
+    if suffix == ".jsonl":
         return "karr" if "knowledge" in json_lines(path)[0][1] else "jsonl"
     if not path.exists():
         raise DataFormatError(path, "data file not found.")
     raise DataFormatError(path, f"cannot tell the format from the suffix {path.suffix!r}; pass format= (--format) "
                           f"as one of {list(FORMATS)}.")
+
+
+def _first_line_object(text: str, limit: int = 1 << 16) -> dict | None:
+    """The first non-blank line of ``text`` as a JSON object when the text has more lines after it (JSON Lines), else
+    None. Only the first ``limit`` characters are looked at, so a 150 MB one-line Karpathy file costs nothing."""
+    head = text[:limit].lstrip()
+    end = head.find("\n")
+    if end < 0 or not head[end:].strip():
+        return None
+    try:
+        first = json.loads(head[:end])
+    except json.JSONDecodeError:
+        return None
+    return first if isinstance(first, dict) else None
 
 
 def read_records(source: str | os.PathLike | Any, format: str | None = None, split: str | None = None,

@@ -84,21 +84,34 @@ class Record:
 
 # ---------------------------------------------------------------------------------------------- file helpers
 def read_text(path: Path) -> str:
+    """The file's text: UTF-8, with or without a byte-order mark (Windows editors write one)."""
     if not path.exists():
         raise DataFormatError(path, "data file not found.")
     if path.is_dir():
         raise DataFormatError(path, "is a directory; expected a data file (use --format hf for a datasets folder).")
+    data = path.read_bytes()
     try:
-        return path.read_text(encoding="utf-8")
+        return data.decode("utf-8-sig")
     except UnicodeDecodeError as err:
-        raise DataFormatError(path, f"not UTF-8 text ({err}); is this really a JSON/JSONL file?") from err
+        line, column = data.count(b"\n", 0, err.start) + 1, err.start - data.rfind(b"\n", 0, err.start)
+        raise DataFormatError(path, f"not UTF-8 text (byte {data[err.start:err.start + 1]!r} at column {column}); "
+                              "save the file as UTF-8 (is this really a JSON/JSONL file?).", line) from err
+
+
+def text_lines(text: str) -> list[str]:
+    """The lines of a JSONL text: split at "\\n" only (a "\\r" before it is dropped), never at the other characters
+    ``str.splitlines`` breaks at (U+2028, U+0085, form feed...), which JSON strings may hold unescaped."""
+    lines = text.split("\n")
+    if lines and lines[-1] == "":
+        lines.pop()
+    return [line[:-1] if line.endswith("\r") else line for line in lines]
 
 
 def json_lines(path: Path, split: str | None = None) -> list[tuple[int, dict]]:
     """(line number, object) for every non-blank line (each must be one JSON object); with ``split``, only the
     lines of that split when the file has a "split" field (a file without one is a single split)."""
     records = []
-    for number, raw in enumerate(read_text(path).splitlines(), start=1):
+    for number, raw in enumerate(text_lines(read_text(path)), start=1):
         try:
             record = json.loads(raw) if raw.strip() else None
         except json.JSONDecodeError as err:
@@ -129,9 +142,29 @@ def resolve_image(raw: Any, base: Path, path: Path, line: int | None, check: boo
                               f"got {raw!r}.", line)
     resolved = Path(raw).expanduser()
     resolved = resolved if resolved.is_absolute() else base / resolved
-    if check and not resolved.is_file():
-        raise DataFormatError(path, f"{what} file {raw!r} not found (looked at {resolved}).", line)
+    if check:
+        check_image_file(resolved, path, line, f"{what} file {raw!r}")
     return resolved
+
+
+def check_image_file(resolved: Path, path: Any, line: int | None, what: str) -> None:
+    """Refuse an image path that is not a file, saying which of the usual reasons it is."""
+    problem = image_file_problem(resolved)
+    if problem is not None:
+        raise DataFormatError(path, f"{what} {problem}.", line)
+
+
+def image_file_problem(resolved: Path) -> str | None:
+    """None for an image path that is a file, else why not: missing, a folder, a broken link, not a regular file."""
+    if resolved.is_file():
+        return None
+    if resolved.is_dir():
+        return f"is a folder, not an image file (at {resolved})"
+    if resolved.is_symlink():
+        return f"is a broken symbolic link (at {resolved}, pointing to {os.readlink(resolved)})"
+    if resolved.exists():
+        return f"is not a regular file (at {resolved})"
+    return f"not found (looked at {resolved})"
 
 
 def captions(value: Any, key: str, path: Path, line: int | None) -> list[str]:
