@@ -11,7 +11,7 @@ from typing import Any
 
 from PIL import Image
 
-from .modeling.budgets import text_budget
+from .modeling.budgets import image_rule, text_budget
 from .modeling.control_tokens import control_strings, split_text_ids
 from .modeling.image_files import (
     IMAGE_EXTENSIONS,
@@ -38,6 +38,7 @@ from .modeling.processing_slq import (
     looks_like_path,
     plan_batches,
     prompt_length_limit,
+    template_overhead,
     to_item,
     to_items,
 )
@@ -57,6 +58,14 @@ def prepare_inputs(inputs: SLQInput | list[SLQInput], processor: Any = None) -> 
     items = to_items(inputs, budget, lazy=False)
     if processor is not None:
         items = [limit_text(processor, item, text_budget(processor)) for item in items]
+        rule = image_rule(processor)
+        for item in [i for i in items if i.image is not None and rule is not None]:
+            try:  # what encode's processor would refuse (Qwen-VL: aspect ratio > 200)
+                rule.tokens(processor.image_processor, *item.image.size)
+            except ValueError as err:
+                raise SLQInputError(f"The backbone's processor cannot handle this image input ({item.source}) (image "
+                                    f"{item.image.width}x{item.image.height}): {err}. Fix the input (e.g. crop or "
+                                    "pad an image with an extreme aspect ratio) or drop it.") from err
     return [sentence_transformers_input(item) for item in items]
 
 
@@ -95,6 +104,7 @@ __all__ = [
     "prompt_length_limit",
     "sentence_transformers_input",
     "split_text_ids",
+    "template_overhead",
     "to_item",
     "to_items",
 ]

@@ -319,3 +319,40 @@ def test_a_max_pixels_attribute_set_by_hand_moves_the_pre_shrink_with_the_proces
     # a budget applied over it replaces the hand-set value
     budgeted = processor_with_budgets(processor, 100, 4, None)
     assert budgeted.image_processor.max_pixels is None and image_budget(budgeted).max_pixels == 100 * 1024
+
+
+def test_token_budget_counts_the_chat_template_too(model):
+    """The padded prompt of every batch of several inputs stays within max_batch_tokens: the chat template's tokens
+    (about 11 around a text here) count, not only the text's. Measured on the real collated batches."""
+    from slq_hf.processing import encode_batches, to_items
+
+    items = to_items(["word " * 3] * 10 + ["a red circle", "x"])
+    instruction = "Represent this caption for retrieving the photo it describes"
+    for budget, instruct in ((40, None), (64, None), (150, instruction), (256, instruction)):  # ~60 a prompt
+        batches = encode_batches(model.processor, items, 32, budget, instruct)
+        assert sorted(i for b in batches for i in b) == list(range(len(items)))
+        for b in batches:
+            padded = collate(model.processor, [items[i] for i in b], instruct)["input_ids"].numel()
+            assert len(b) == 1 or padded <= budget, (budget, instruct, b, padded)
+    # encode plans with its instruction too: it gives the same rows as the planner, for every batch
+    planned = encode_batches(model.processor, items, 32, 256, instruction)
+    sizes = []
+    original = model.forward
+    model.forward = lambda *args, **kwargs: sizes.append(kwargs["input_ids"].shape[0]) or original(*args, **kwargs)
+    try:
+        model.encode([i.text for i in items], batch_size=32, max_batch_tokens=256, instruction=instruction)
+    finally:
+        del model.forward
+    assert sorted(sizes) == sorted(len(b) for b in planned)
+
+
+def test_encode_max_text_tokens_none_means_no_limit_like_from_pretrained(model, tmp_path):
+    long = " ".join(["word"] * 40)
+    model.save_pretrained(tmp_path / "m")
+    unlimited = SLQModel.from_pretrained(tmp_path / "m", max_text_tokens=None).eval()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        _close(model.encode([long], max_text_tokens=None), unlimited.encode([long]))
+        assert not torch.allclose(model.encode([long], max_text_tokens=None), model.encode([long]), atol=1e-4)
+    with pytest.raises(ValueError, match="max_image_tokens`=None cannot be applied per call"):
+        model.encode(["x"], max_image_tokens=None)

@@ -706,3 +706,32 @@ def test_sentence_transformers_helpers_take_inputs_like_encode(model, tmp_path):
         for encode in (st.encode, st.encode_query, st.encode_document, copy.encode):
             with pytest.raises(SLQInputError, match=rf"{message}.*input 2\b|input 2\b.*{message}"):
                 encode(["ok", "a much longer text than the first one", value, "z"], batch_size=2)
+
+
+@pytest.mark.parametrize("text", ["ab\ud800cd", "\udfff"])
+def test_text_that_is_not_valid_unicode_names_the_input(model, text):
+    """A lone surrogate (json.loads lets "\\ud800" through) is refused naming the input, not a tokenizer TypeError."""
+    from slq_hf.processing import prepare_inputs
+
+    for call in (lambda: model.encode(["ok", text]), lambda: prepare_inputs(["ok", text], model.processor),
+                 lambda: model.encode(["ok"], instruction=text)):
+        with pytest.raises(SLQInputError, match="not valid Unicode"):
+            call()
+    with pytest.raises(SLQInputError, match=r"Text \(input 1\) is not valid Unicode"):
+        model.encode(["ok", {"text": text}])
+    from slq_hf.training import SLQDataCollator
+
+    collator = SLQDataCollator(model.processor)  # training skips and counts it, like other bad examples
+    batch = collator([{"query": text, "positive": "x"}, {"query": "a", "positive": "b"},
+                      {"query": "c", "positive": "d"}])
+    assert batch["input_ids"].shape[0] == 2 and "not valid Unicode" in collator.skipped[0].reason
+
+
+def test_prepare_inputs_refuses_what_encode_refuses(model):
+    from slq_hf.processing import prepare_inputs
+
+    for size in [(1, 300), (3000, 2)]:
+        with pytest.raises(SLQInputError, match=r"input 1\).*aspect ratio"):
+            model.encode(["ok", _scene(*size)])
+        with pytest.raises(SLQInputError, match=r"input 1\).*aspect ratio"):
+            prepare_inputs(["ok", _scene(*size)], model.processor)

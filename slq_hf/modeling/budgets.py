@@ -189,11 +189,17 @@ def processor_with_budgets(processor: Any, max_image_tokens: int | None, min_ima
 
 def with_overrides(processor: Any, config: Any, **overrides: int | None) -> Any:
     """``processor`` (already budgeted by the model's ``config``) with per-call budgets (``encode(...,
-    max_image_tokens=...)``); None values keep the model's."""
-    given = {k: v for k, v in overrides.items() if v is not None}
-    unknown = set(given) - set(BUDGET_FIELDS)
+    max_image_tokens=...)``). ``max_text_tokens=None`` means no text limit, as in ``from_pretrained``; an image
+    budget of None is refused (the backbone's own setting is chosen when loading)."""
+    unknown = set(overrides) - set(BUDGET_FIELDS)
     if unknown:
         raise TypeError(f"Unknown budget option(s) {sorted(unknown)}; budgets are {list(BUDGET_FIELDS)}.")
+    for name in ("max_image_tokens", "min_image_tokens"):
+        if name in overrides and overrides[name] is None and getattr(config, name, None) is not None:
+            raise ValueError(f"encode: `{name}`=None cannot be applied per call (this model's processor is already "
+                             f"budgeted); load the model with from_pretrained(..., {name}=None) for the backbone's "
+                             "own setting, or pass a positive integer.")
+    given = dict(overrides)
     if not given or processor is None:
         return processor
     budgets = {k: getattr(config, k, None) for k in BUDGET_FIELDS}

@@ -693,7 +693,7 @@ class SLQModel(PreTrainedModel):
         out = {name: torch.empty(len(items), self.config.embedding_dim, dtype=torch.float32) for name in names}
         max_batch_tokens = self.max_batch_tokens if max_batch_tokens is None else max_batch_tokens
         with _PROCESSOR_LOCK:  # it tokenizes to plan the batches
-            batches = encode_batches(processor, items, batch_size, max_batch_tokens)
+            batches = encode_batches(processor, items, batch_size, max_batch_tokens, instruction)
         from tqdm.auto import tqdm
 
         show = len(batches) > 8 if show_progress_bar is None else show_progress_bar

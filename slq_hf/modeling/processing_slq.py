@@ -121,6 +121,15 @@ def _check_text(text: Any, index: int | None) -> str:
     if not text.strip():
         raise SLQInputError(f"Text is empty or whitespace only{_where(index)}; an empty prompt has nothing to embed. "
                             "Remove the input or give it content.")
+    return _valid_unicode(text, f"Text{_where(index)}")
+
+
+def _valid_unicode(text: str, what: str) -> str:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as err:  # a lone surrogate (json.loads lets "\ud800" through): tokenizers refuse it
+        raise SLQInputError(f"{what} is not valid Unicode: {err.reason} at character {err.start}. Fix the text "
+                            "(e.g. decode it with errors='replace') or drop it.") from err
     return text
 
 
@@ -331,8 +340,9 @@ def limit_text(processor, item: SLQItem, max_text_tokens: int | None) -> SLQItem
 
 
 def estimate_tokens(processor, item: SLQItem) -> int:
-    """Prompt tokens ``item`` will take, without decoding or templating it: text tokens (capped by the text budget)
-    plus the image tokens the processor's own grid rule gives for the header size. Images of processors without
+    """Tokens of ``item``'s own content, without decoding or templating it: text tokens (capped by the text budget)
+    plus the image tokens the processor's own grid rule gives for the header size (the chat template around them:
+    :func:`template_overhead`). Images of processors without
     such a rule count as one token per 28x28 pixels up to their budget (only the order and grouping use this)."""
     total = 0
     if item.text is not None:
@@ -345,6 +355,21 @@ def estimate_tokens(processor, item: SLQItem) -> int:
         tokens = image_tokens(processor, item.image.width, item.image.height)
         total += tokens if tokens is not None else min(item.image.width * item.image.height // 784, 4096)
     return total
+
+
+def template_overhead(processor, kinds: set[str], instruction: str | None = None) -> dict[str, int]:
+    """Prompt tokens that are not the item's content (chat template, instruction, image markers) per item kind,
+    measured once on a minimal input of each kind; a kind the processor refuses counts 0."""
+    overhead = {}
+    for kind in kinds:
+        probe = SLQItem(image=None if kind == "text" else Image.new("RGB", (32, 32), "white"),
+                        text=None if kind == "image" else "x")
+        try:
+            length = _row_lengths(_template(processor, [probe], instruction))[0]
+        except _PROCESSOR_ERRORS:
+            continue
+        overhead[kind] = max(0, length - estimate_tokens(processor, probe))
+    return overhead
 
 
 def plan_batches(lengths: list[int], batch_size: int, max_batch_tokens: int | None = None) -> list[list[int]]:
@@ -366,17 +391,20 @@ def plan_batches(lengths: list[int], batch_size: int, max_batch_tokens: int | No
     return batches
 
 
-def encode_batches(processor, items: list[SLQItem], batch_size: int, max_batch_tokens: int | None = None
-                   ) -> list[list[int]]:
-    """Batches of indices into ``items`` for encoding: similar estimated lengths together (:func:`estimate_tokens`),
-    at most ``batch_size`` items and ``max_batch_tokens`` padded prompt tokens each (:func:`plan_batches`)."""
+def encode_batches(processor, items: list[SLQItem], batch_size: int, max_batch_tokens: int | None = None,
+                   instruction: str | None = None) -> list[list[int]]:
+    """Batches of indices into ``items`` for encoding: similar estimated lengths together (:func:`estimate_tokens`,
+    plus the chat template's :func:`template_overhead` when ``max_batch_tokens`` is given), at most ``batch_size``
+    items and ``max_batch_tokens`` padded prompt tokens each (:func:`plan_batches`)."""
     for name, value in (("batch_size", batch_size), ("max_batch_tokens", max_batch_tokens)):
         if value is None and name == "max_batch_tokens":
             continue
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise ValueError(f"{name}={value!r} is invalid; expected a positive integer"
                              + (" or None (batches by count only)." if name == "max_batch_tokens" else "."))
-    return plan_batches([estimate_tokens(processor, item) for item in items], batch_size, max_batch_tokens)
+    overhead = {} if max_batch_tokens is None else template_overhead(processor, {i.kind for i in items}, instruction)
+    return plan_batches([estimate_tokens(processor, item) + overhead.get(item.kind, 0) for item in items], batch_size,
+                        max_batch_tokens)
 
 
 def collate(processor, items: list[SLQItem], instruction: str | None = None, max_length: int | None = None):
@@ -396,6 +424,8 @@ def collate(processor, items: list[SLQItem], instruction: str | None = None, max
         raise SLQInputError("Cannot collate an empty batch.")
     if instruction is not None and not isinstance(instruction, str):
         raise SLQInputError(f"instruction= must be a str (or None), got {type(instruction).__name__}.")
+    if instruction is not None:
+        _valid_unicode(instruction, "instruction=")
     budget = image_budget(processor)
     max_text_tokens = text_budget(processor)
     items = [limit_text(processor, item.decoded(budget), max_text_tokens) for item in items]
