@@ -772,7 +772,7 @@ def test_killed_overwrite_then_rerun_still_keeps_the_previous_index(model, tmp_p
     before = _all_embeddings(out, 2)
     (folder / "zz_broken.png").write_bytes(b"not a png")
     with monkeypatch.context() as patch:
-        patch.setattr(build_module, "_restore", lambda index_dir: None)  # a SIGKILL runs no clean-up
+        patch.setattr(build_module, "put_back", lambda entries, backup: None)  # a SIGKILL runs no clean-up
         with pytest.raises(BadItemError):
             build_index(model, folder, out, shard_size=4, overwrite=True, strict=True)
     assert (out / "manifest.json").is_file() and (out / ".replaced" / "index.faiss").is_file()

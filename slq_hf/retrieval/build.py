@@ -22,6 +22,7 @@ from typing import Any
 
 import numpy as np
 
+from ..set_aside import put_back, set_aside
 from . import faiss_index as fi
 from .corpus import Corpus, CorpusItem, printable, read_corpus
 from .distributed import distributed_context
@@ -66,7 +67,7 @@ def _read_existing(index_dir: Path, overwrite: bool) -> dict | None:
 
 def _check_or_start(index_dir: Path, manifest: dict, overwrite: bool) -> bool:
     """Refuse a folder built from another model/data (unless ``overwrite``: then set its build aside); write the
-    manifest. Returns True when an earlier build was set aside in ``REPLACED`` (see :func:`_set_aside`)."""
+    manifest. Returns True when an earlier build waits in ``REPLACED`` (:func:`slq_hf.set_aside.set_aside`)."""
     existing = _read_existing(index_dir, overwrite)
     if existing is None and index_dir.exists() and any(index_dir.iterdir()) and not overwrite:
         if not (index_dir / SHARDS).exists():
@@ -88,7 +89,8 @@ def _check_or_start(index_dir: Path, manifest: dict, overwrite: bool) -> bool:
                                      f"{'; '.join(problems)}. Its shards are never mixed with new ones: pass "
                                      "--overwrite (overwrite=True) to start over, or choose another --out.")
         manifest.update({key: existing[key] for key in _FINISHED_FIELDS if key in existing})
-    aside = _set_aside(index_dir) if overwrite and index_dir.exists() else (index_dir / REPLACED).is_dir()
+    aside = (set_aside(_build_entries(index_dir), index_dir / REPLACED) if overwrite and index_dir.exists()
+             else (index_dir / REPLACED).is_dir())
     try:
         (index_dir / SHARDS).mkdir(parents=True, exist_ok=True)
         for stale in (index_dir / SHARDS).glob(".*.tmp-*"):  # a killed run's half-written files
@@ -96,44 +98,15 @@ def _check_or_start(index_dir: Path, manifest: dict, overwrite: bool) -> bool:
         write_manifest(index_dir, manifest)
     except BaseException:
         if aside:
-            _restore(index_dir)
+            put_back(_build_entries(index_dir), index_dir / REPLACED)
         raise
     return aside
 
 
-def _remove_build(index_dir: Path) -> None:
-    """Delete one build's files (and the temporary files a failed index or bad-items write may leave)."""
-    for name in (*_BUILD_FILES, f".{INDEX_FILE}.tmp", f".{BAD_ITEMS}.tmp"):
-        path = index_dir / name
-        shutil.rmtree(path) if path.is_dir() else path.unlink(missing_ok=True)
-
-
-def _set_aside(index_dir: Path) -> bool:
-    """Move the build in ``index_dir`` into ``index_dir/REPLACED`` (renames: instant, nothing copied).
-
-    If REPLACED is already there, an earlier --overwrite build was interrupted: REPLACED still holds the last build
-    that was there before it, and what is in the folder is that interrupted build's partial output, dropped."""
-    backup = index_dir / REPLACED
-    if backup.is_dir():
-        _remove_build(index_dir)
-        return True
-    present = [name for name in _BUILD_FILES if (index_dir / name).exists()]
-    if not present:
-        return False
-    backup.mkdir()
-    for name in present:
-        os.replace(index_dir / name, backup / name)
-    return True
-
-
-def _restore(index_dir: Path) -> None:
-    """Undo :func:`_set_aside` after a failed build: its partial output goes, the earlier build comes back."""
-    backup = index_dir / REPLACED
-    _remove_build(index_dir)
-    for name in _BUILD_FILES:
-        if (backup / name).exists():
-            os.replace(backup / name, index_dir / name)
-    shutil.rmtree(backup)
+def _build_entries(index_dir: Path) -> list[Path]:
+    """One build's files in ``index_dir`` (and the temporary files a failed index or bad-items write may leave)."""
+    names = (*_BUILD_FILES, f".{INDEX_FILE}.tmp", f".{BAD_ITEMS}.tmp")
+    return [index_dir / name for name in names if os.path.lexists(index_dir / name)]
 
 
 def _collect_bad(index_dir: Path, num_shards: int) -> int:
@@ -262,7 +235,7 @@ def build_index(
                                shards_changed=summary.encoded > 0)
         except BaseException:  # Ctrl-C too: the build that was there before --overwrite comes back
             if aside:
-                _restore(index_dir)
+                put_back(_build_entries(index_dir), index_dir / REPLACED)
             raise
         if aside:
             shutil.rmtree(index_dir / REPLACED)

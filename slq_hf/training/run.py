@@ -15,6 +15,7 @@ from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoin
 
 from ..modeling.checkpoint import atomic_write
 from ..modeling.processing_slq import SLQInputError
+from ..set_aside import put_back, set_aside
 from .collator import SLQDataCollator, example_roles
 from .trainer import STAGING_DIR
 
@@ -78,40 +79,18 @@ def _run_entries(folder: Path) -> list[Path]:
     return [path for path in entries if os.path.lexists(path)]
 
 
-def _remove(paths: list[Path]) -> None:
-    for path in paths:
-        shutil.rmtree(path) if path.is_dir() and not path.is_symlink() else path.unlink(missing_ok=True)
-
-
 def set_aside_earlier_run(output_dir: str | os.PathLike) -> None:
-    """``--overwrite-output-dir``, once every check passed: move the earlier run into ``EARLIER_RUN_DIR`` (renames,
-    nothing copied), so the folder never mixes two runs, and the earlier run comes back if the new one fails
-    (:func:`restore_earlier_run`) and goes only once the new one is saved (:func:`drop_earlier_run`).
-
-    When ``EARLIER_RUN_DIR`` is already there, an overwrite was killed: it still holds the last run that finished or
-    was given up on knowingly, and the folder holds the killed run's partial output, which goes."""
+    """``--overwrite-output-dir``, once every check passed: move the earlier run into ``EARLIER_RUN_DIR``, so the
+    folder never mixes two runs, and the earlier run comes back if the new one fails (:func:`restore_earlier_run`)
+    and goes only once the new one is saved (:func:`drop_earlier_run`). A killed overwrite's partial output goes."""
     folder = Path(output_dir)
-    aside = folder / EARLIER_RUN_DIR
-    if aside.is_dir():
-        _remove(_run_entries(folder))
-        return
-    entries = _run_entries(folder)
-    if entries:
-        aside.mkdir()
-        for path in entries:
-            os.replace(path, aside / path.name)
+    set_aside(_run_entries(folder), folder / EARLIER_RUN_DIR)
 
 
 def restore_earlier_run(output_dir: str | os.PathLike) -> None:
     """Undo :func:`set_aside_earlier_run` when the new run failed: its partial output goes, the earlier run is back."""
     folder = Path(output_dir)
-    aside = folder / EARLIER_RUN_DIR
-    if not aside.is_dir():
-        return
-    _remove(_run_entries(folder))
-    for path in aside.iterdir():
-        os.replace(path, folder / path.name)
-    aside.rmdir()
+    put_back(_run_entries(folder), folder / EARLIER_RUN_DIR)
 
 
 def drop_earlier_run(output_dir: str | os.PathLike) -> None:
