@@ -185,7 +185,7 @@ def test_training_step_after_an_exception_mid_forward_equals_a_clean_step(tiny_b
 
 
 def test_two_models_sharing_one_backbone_in_threads(tiny_backbone_path):
-    """Both models hook the same embedding layer: each call injects only its own model's queries."""
+    """Both models use the same embedding layer's hook: each call injects only its own model's queries."""
     first = _model(tiny_backbone_path("qwen3_vl"))
     second = SLQModel.from_backbone(first.backbone, num_queries=NUM_QUERIES + 2, processor=first.processor)
     models = [first, second]
@@ -194,6 +194,24 @@ def test_two_models_sharing_one_backbone_in_threads(tiny_backbone_path):
     for i in range(THREADS):
         assert torch.equal(got[i], expected[i % 2][i]), i
     assert (expected[0][0] - expected[1][0]).abs().max() > 1e-3
+
+
+def test_a_discarded_model_sharing_a_backbone_is_freed(tiny_backbone_path):
+    """The embedding layer's hook holds no model: a second SLQModel built on a backbone and dropped is freed (it was
+    kept alive by its hook, forever, and ran on every backbone call), and the first still embeds as before."""
+    import gc
+    import weakref
+
+    first = _model(tiny_backbone_path("qwen3_vl"))
+    before = first.encode(_inputs(0))
+    second = SLQModel.from_backbone(first.backbone, num_queries=NUM_QUERIES + 2, processor=first.processor)
+    second.encode(_inputs(1))
+    gone = weakref.ref(second)
+    del second
+    gc.collect()
+    assert gone() is None
+    assert len(first.backbone.get_input_embeddings()._forward_hooks) == 1
+    assert torch.equal(first.encode(_inputs(0)), before)
 
 
 def test_literal_text_never_switches_the_shared_tokenizer(tiny_backbone_path, monkeypatch):

@@ -597,3 +597,72 @@ def test_set_names_that_differ_only_in_case_are_refused(qwen):
             qwen.add_query_set(name)
     assert qwen.query_sets == before
 
+
+
+def test_a_set_with_more_queries_than_the_backbone_has_positions_is_refused_from_its_header(models, tmp_path):
+    """The tiny backbones have 2048 positions, so at most 2047 queries fit after a prompt. A 3000-query set file (far
+    under the 1 GiB cap) is refused from its header when the backbone is known: its NaN values are never read (a
+    full read reported them)."""
+    model = models("qwen3_vl")
+    big = tmp_path / "big.safetensors"
+    save_file({"queries": torch.full((3000, model.config.hidden_size), float("nan"))}, str(big))
+    too_many = r"big\.safetensors: query set 'big' would have 3000 queries, but at most 2047 fit"
+    with pytest.raises(ValueError, match=too_many):
+        model.load_query_set(big, name="big")
+    assert model.query_sets == SETS
+    folder = tmp_path / "slq"
+    model.save_pretrained(folder)
+    os.replace(big, folder / "query_sets" / "big.safetensors")
+    index = json.loads((folder / "query_sets" / "sets.json").read_text())
+    for count in (None, 3000):  # sets.json without and with the count
+        index["sets"]["big"] = {"file": "query_sets/big.safetensors", "num_queries": count}
+        (folder / "query_sets" / "sets.json").write_text(json.dumps(index))
+        with pytest.raises(ValueError, match=too_many):  # a given backbone bounds the set from its header
+            SLQModel.from_pretrained(folder, backbone=model.backbone)
+    # The backbone the folder pins is loaded after the read (the 1 GiB cap bounds it meanwhile): a finite oversized
+    # set is refused by name once the backbone's positions are known.
+    save_file({"queries": torch.zeros(3000, model.config.hidden_size)}, str(folder / "query_sets" / "big.safetensors"))
+    with pytest.raises(ValueError, match=r"'big' would have 3000 queries, but at most 2047 fit"):
+        SLQModel.from_pretrained(folder)
+
+
+def test_a_replaced_set_keeps_its_place_and_whether_it_trains(qwen, tmp_path):
+    """load_query_set / load_state_dict with another N_q used to move the set to the end of query_sets (and so of
+    sets.json). A frozen set stays frozen on the model; a save holds values only, so it reloads trainable."""
+    model = qwen
+    model.add_query_set("frozen", num_queries=2, trainable=False)
+    model.add_query_set("last")
+    order = [*SETS, "frozen", "last"]
+    hidden = model.config.hidden_size
+    five = torch.randn(5, hidden)
+    save_file({"queries": five}, str(tmp_path / "five.safetensors"))
+    model.load_query_set(tmp_path / "five.safetensors", name="query")
+    model.load_query_set(tmp_path / "five.safetensors", name="frozen")
+    six = torch.randn(6, hidden)
+    model.load_state_dict({f"latent_queries.{n}": model.get_query_set(n).detach().clone() for n in order}
+                          | {"latent_queries.document": six, "logit_scale": model.logit_scale.detach().clone()})
+    assert model.query_sets == order
+    query, frozen = model.get_query_set("query"), model.get_query_set("frozen")
+    assert torch.equal(query.detach(), five) and query.requires_grad
+    assert torch.equal(frozen.detach(), five) and not frozen.requires_grad
+    assert torch.equal(model.get_query_set("document").detach(), six)
+
+    model.save_pretrained(tmp_path / "slq")
+    assert list(json.loads((tmp_path / "slq" / "query_sets" / "sets.json").read_text())["sets"]) == order[1:]
+    reloaded = SLQModel.from_pretrained(tmp_path / "slq")
+    assert reloaded.query_sets == order
+    assert torch.equal(reloaded.get_query_set("frozen"), five) and reloaded.get_query_set("frozen").requires_grad
+
+
+def test_an_outer_use_query_set_block_keeps_its_set(qwen):
+    """Inside a nested block, remove_query_set used to accept the outer block's set: the outer block then named a set
+    that no longer existed (KeyError at its next encode)."""
+    model = qwen
+    with model.use_query_set("document"):
+        with model.use_query_set("query"), pytest.raises(ValueError, match="block or of one around it"):
+            model.remove_query_set("document")
+        assert model.active_query_set == "document" and "document" in model.query_sets
+        assert model.encode(ITEMS[:1]).shape == (1, model.config.embedding_dim)
+    assert model.active_query_set == "default"
+    model.remove_query_set("document")  # after the blocks
+    assert model.query_sets == ["default", "query"]

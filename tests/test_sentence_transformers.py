@@ -142,6 +142,40 @@ def test_every_input_kind_matches_slq_encode_at_every_batch_size(slq, family, tm
     assert _max_diff(st.encode(IMAGES, batch_size=len(IMAGES)), st.encode(IMAGES, batch_size=1)) <= TOL
 
 
+def test_bad_input_error_names_its_position_in_any_batch_type(slq):
+    """sentence-transformers embeds a tuple, a datasets Column or a string array as a batch; an error must name the
+    bad input's position in it, not call the batch itself "Nested tuple (input 0)" / "Unsupported input type"."""
+    import numpy as np
+    from datasets import Dataset
+
+    from slq_hf.integrations.sentence_transformers import load_sentence_transformer
+    from slq_hf.processing import SLQInputError
+
+    _, folder, _ = slq("qwen3_vl")
+    st = load_sentence_transformer(folder, device="cpu")
+    texts = ["hello", "a cat", "   "]
+    batches = {"tuple": tuple(texts), "Column": Dataset.from_dict({"text": texts})["text"],
+               "ndarray": np.array(texts, dtype=object)}
+    for kind, batch in batches.items():
+        with pytest.raises(SLQInputError, match=r"empty or whitespace only \(input 2\)"):
+            st.encode(batch)
+        assert st.encode(batch[:2]).shape == (2, st[0].model.config.embedding_dim), kind
+
+
+@pytest.mark.filterwarnings("ignore:Image of .* is above the model's image budget")
+def test_image_budget_given_at_load_time_reaches_preprocessing(slq):
+    """``model_kwargs={"max_image_tokens": ...}`` budgets SLQModel's processor; the Transformer module preprocesses
+    with its own processor from the folder's files, which must get the same budget (it silently kept the folder's)."""
+    from slq_hf.integrations.sentence_transformers import load_sentence_transformer
+
+    _, folder, _ = slq("qwen3_vl")
+    photo = [scene(200, 160, COLOURS["red"])]  # above a 4-token budget
+    budgeted = SLQModel.from_pretrained(folder, max_image_tokens=4).encode(photo)
+    assert _max_diff(budgeted, SLQModel.from_pretrained(folder).encode(photo)) > 1e-3  # the budget matters here
+    st = load_sentence_transformer(folder, device="cpu", model_kwargs={"max_image_tokens": 4})
+    assert _max_diff(st.encode(photo), budgeted) <= TOL
+
+
 @pytest.mark.parametrize("family", FAMILIES)
 def test_query_and_document_prompts_reach_forward_as_task(slq, family, monkeypatch):
     model, folder, st = slq(family)
@@ -280,6 +314,24 @@ def test_pickled_model_drops_capture_hooks_and_still_records(slq):
     assert _capture_hooked(copy) == []
     assert _max_diff(copy.encode(IMAGES), model.encode(IMAGES)) <= TOL  # the copy records hidden states again
     assert _capture_hooked(model) == hooked  # the original is untouched
+
+
+def test_model_sharing_its_backbone_pickles_for_the_pool(tiny_backbone_path, tmp_path):
+    """``to_sentence_transformer`` shares the backbone with the SLQModel it wraps. The multi-process pool pickles the
+    SentenceTransformer: the copy must come back and embed like the original. (When each model's query hook held its
+    model, the shared embedding layer dragged the other model into the pickle and unpickling raised AttributeError
+    "... object has no attribute '_modules'".)"""
+    import pickle
+
+    from slq_hf.integrations.sentence_transformers import to_sentence_transformer
+
+    model = SLQModel.from_backbone(tiny_backbone_path("qwen3_vl"), num_queries=NUM_QUERIES)
+    st = to_sentence_transformer(model, tmp_path / "st")
+    with torch.no_grad():
+        st[0].model.queries.mul_(2)  # the two models now embed differently
+    copy = pickle.loads(pickle.dumps(st))
+    inputs = [TEXTS[0], IMAGES[0]]
+    assert _max_diff(copy.encode(inputs), st.encode(inputs)) <= TOL
 
 
 # ------------------------------------------------------------------------------------------------------ training

@@ -19,6 +19,7 @@ import os
 import tempfile
 from typing import TYPE_CHECKING, Any
 
+from ..modeling.budgets import BUDGET_FIELDS, processor_with_budgets
 from ..modeling.modeling_slq import SLQModel
 from ..modeling.processing_slq import SLQInputError, image_budget, limit_text, to_item
 from ..modeling.sentence_transformers_files import write_sentence_transformers_files
@@ -105,7 +106,12 @@ def _encode_naming_the_input(model: Any, inputs: Any, *args, **kwargs) -> Any:
     try:
         return type(model).encode(model, inputs, *args, **kwargs)
     except SLQInputError:
-        values = inputs if isinstance(inputs, list) else [inputs]
+        # sentence-transformers' own rule for one input vs a batch: tuples, datasets Columns and string arrays are
+        # batches too, and indexing them as one input would blame the batch itself ("Nested tuple (input 0)").
+        if model.is_singular_input(inputs):
+            values = [inputs]
+        else:
+            values = inputs.tolist() if hasattr(inputs, "tolist") else list(inputs)
         budget = image_budget(model[0].processor)
         for index, value in enumerate(values):
             if not _is_message(value):
@@ -121,10 +127,16 @@ def use_encode_input_handling(model: SentenceTransformer) -> SentenceTransformer
     (ZeroDivisionError), embeds empty strings and missing paths as text, and does not bound decoding cost. After this
     call every input goes through slq_hf's validation and conversion first: SLQInputError for bad inputs, RGB images
     (first frame, EXIF-transposed, shrunk to the processor's budget), texts cut to the model's ``max_text_tokens``,
-    the same path rule as ``encode``; errors name the input's position. Chat-message
+    images sized by the model's image budget (also one given at load time through ``model_kwargs``), the same path
+    rule as ``encode``; errors name the input's position. Chat-message
     inputs are passed through unchanged. Returns ``model`` (changed in place; the change is not saved with it).
     """
     module = model[0]
+    config = getattr(module.model, "config", None)
+    if all(hasattr(config, name) for name in BUDGET_FIELDS):
+        # The module loads its own processor from the folder's files, so budgets given at load time
+        # (model_kwargs={"max_image_tokens": ...}) reach only the model's processor: size images like encode.
+        module.processor = processor_with_budgets(module.processor, *(getattr(config, n) for n in BUDGET_FIELDS))
     if not isinstance(module.__dict__.get("preprocess"), functools.partial):
         # A partial of a module-level function (not a closure) so the model still pickles for multi-process pools.
         module.preprocess = functools.partial(_preprocess_like_encode, module)

@@ -25,8 +25,9 @@ from torch import nn
 from .checkpoint import DEFAULT_QUERY_SET, check_query_set_name
 from .configuration_slq import QUERY_INIT_CHOICES
 
-# use_query_set blocks, per thread / task: {id(LatentQueries): name}. Never mutated, only replaced and reset.
-_SCOPED_ACTIVE: ContextVar[dict[int, str] | None] = ContextVar("slq_scoped_query_set", default=None)
+# use_query_set blocks, per thread / task: {id(LatentQueries): names of the open blocks, innermost last}. Never
+# mutated, only replaced and reset.
+_SCOPED_ACTIVE: ContextVar[dict[int, tuple[str, ...]] | None] = ContextVar("slq_scoped_query_set", default=None)
 
 
 class LatentQueries(nn.ParameterDict):
@@ -65,7 +66,7 @@ class LatentQueries(nn.ParameterDict):
     @property
     def active(self) -> str:
         """The set used when none is named: the calling thread's :meth:`use` block, else :meth:`set_active`'s."""
-        return (_SCOPED_ACTIVE.get() or {}).get(id(self), self._active)
+        return (_SCOPED_ACTIVE.get() or {}).get(id(self), (self._active,))[-1]
 
     @property
     def model_active(self) -> str:
@@ -119,18 +120,24 @@ class LatentQueries(nn.ParameterDict):
         return self[name]
 
     def replace(self, name: str, queries: torch.Tensor, source: str) -> None:
-        """Put ``queries`` into set ``name`` (created when new; the default set keeps its size)."""
+        """Put ``queries`` into set ``name``: a new set is added last; an existing one keeps its place in
+        :attr:`names` and whether it is trainable (the default set also keeps its size)."""
         queries = self.validate(queries, source)
-        if name == DEFAULT_QUERY_SET and queries.shape != self[name].shape:
-            raise ValueError(f"{source}: {queries.shape[0]} queries cannot replace the default set, which has "
-                             f"{self[name].shape[0]} (config.num_queries); load it under another name.")
-        if name in self and self[name].shape == queries.shape:
-            with torch.no_grad():
-                self[name].copy_(queries.to(self[name]))
+        if name not in self:
+            self.add(name, queries=queries)
             return
-        self.check_fits(name, queries.shape[0])  # before the old set goes
-        trainable = self.pop(name).requires_grad if name in self else True
-        self.add(name, queries=queries, trainable=trainable)
+        old = self[name]
+        if name == DEFAULT_QUERY_SET and queries.shape != old.shape:
+            raise ValueError(f"{source}: {queries.shape[0]} queries cannot replace the default set, which has "
+                             f"{old.shape[0]} (config.num_queries); load it under another name.")
+        if old.shape == queries.shape:
+            with torch.no_grad():
+                old.copy_(queries.to(old))
+            return
+        self.check_fits(name, queries.shape[0])
+        # Assigning to an existing key keeps its position in the dict (pop + add would move the set last).
+        self[name] = nn.Parameter(queries.detach().to(device=old.device, dtype=torch.float32).clone(),
+                                  requires_grad=old.requires_grad)
 
     def check_fits(self, name: str, count: int) -> None:
         """Refuse a set of ``count`` queries that cannot fit after a prompt (called before anything is allocated)."""
@@ -139,14 +146,15 @@ class LatentQueries(nn.ParameterDict):
                              f"after a prompt within the positions of {self.source}.")
 
     def remove(self, name: str) -> None:
-        """Drop set ``name`` (not the default set); the active set falls back to ``"default"``."""
+        """Drop set ``name`` (not the default set, nor one an open :meth:`use` block of the calling thread names); the
+        active set falls back to ``"default"``."""
         if name == DEFAULT_QUERY_SET:
             raise ValueError("The default query set holds config.num_queries queries (model.safetensors) and cannot "
                              "be removed.")
         self.lookup(name)
-        if (_SCOPED_ACTIVE.get() or {}).get(id(self)) == name:
-            raise ValueError(f"Query set {name!r} is the active set of the calling use_query_set block; remove it "
-                             "after the block.")
+        if name in (_SCOPED_ACTIVE.get() or {}).get(id(self), ()):  # also an outer block's: it resumes after this
+            raise ValueError(f"Query set {name!r} is the active set of the calling use_query_set block or of one "
+                             "around it; remove it after the block.")
         del self[name]
         if self._active == name:
             self._active = DEFAULT_QUERY_SET
@@ -160,7 +168,8 @@ class LatentQueries(nn.ParameterDict):
     def use(self, name: str) -> Iterator[None]:
         """``name`` is the active set inside the block, for the calling thread / task only."""
         self.lookup(name)
-        token = _SCOPED_ACTIVE.set({**(_SCOPED_ACTIVE.get() or {}), id(self): name})
+        scoped = _SCOPED_ACTIVE.get() or {}
+        token = _SCOPED_ACTIVE.set({**scoped, id(self): (*scoped.get(id(self), ()), name)})
         try:
             yield
         finally:

@@ -115,9 +115,25 @@ class _Injection:
     queries: torch.Tensor  # (N_q, H)
 
 
-# Queries to inject, per thread / asyncio task and per model: {id(SLQModel): _Injection}. Set and reset around one
-# backbone call, so a concurrent call, a later generate or a call after an exception never sees another call's.
+# Queries to inject, per thread / asyncio task and per embedding layer: {id(layer): _Injection}. Set and reset around
+# one backbone call, so a concurrent call, a later generate or a call after an exception never sees another call's.
 _INJECTIONS: ContextVar[dict[int, _Injection] | None] = ContextVar("slq_injections", default=None)
+
+
+def _inject_queries(module: nn.Module, args: tuple, kwargs: dict, output: torch.Tensor) -> torch.Tensor | None:
+    """Forward hook on the backbone's input-embedding layer: swap the query slots' rows for the queries of the SLQ
+    call in progress in this thread. A plain function, registered once per layer, so several SLQModels can share a
+    backbone (its layer holds no reference to any of them: a discarded one is freed, pickling one carries no other)."""
+    injection = (_INJECTIONS.get() or {}).get(id(module))
+    if injection is None:
+        return None  # inert outside an SLQ call (backbone.generate, other threads)
+    ids = args[0] if args else kwargs.get("input_ids", kwargs.get("input"))
+    # Some backbones embed other ids internally (Qwen3-VL embeds a scalar id): only touch the prompt itself.
+    if ids is None or tuple(ids.shape) != injection.shape:
+        return None
+    num = injection.queries.shape[0]
+    queries = injection.queries.to(output.dtype).unsqueeze(0).expand(output.shape[0], -1, -1)  # (B, N_q, H)
+    return torch.cat([output[:, :-num], queries], dim=1)  # (B, L + N_q, H)
 # A fast tokenizer sets its padding/truncation state on the shared object at every call, so two threads tokenizing
 # at once (one model, or two sharing a processor) can get each other's settings: processor calls take turns.
 _PROCESSOR_LOCK = threading.Lock()
@@ -170,7 +186,8 @@ class SLQModel(PreTrainedModel):
         # The budgets the queries are trained/used with, applied to the processor once (budgets.py).
         self.spec, self.processor = spec, processor_with_budgets(
             processor, config.max_image_tokens, config.min_image_tokens, config.max_text_tokens)
-        self._hook = embedding.register_forward_hook(self._embedding_hook, with_kwargs=True)
+        if not any(hook is _inject_queries for hook in embedding._forward_hooks.values()):  # one per backbone
+            embedding.register_forward_hook(_inject_queries, with_kwargs=True)
 
     def _init_weights(self, module: nn.Module) -> None:
         # Queries are drawn by LatentQueries from the backbone's embeddings; the head is the only other module.
@@ -265,12 +282,16 @@ class SLQModel(PreTrainedModel):
         overrides = {k: kwargs.pop(k) for k in list(kwargs) if k in _CONFIG_FIELDS}
         kwargs = {**backbone_keywords(config), **kwargs}  # AutoModel's config read took them from the keywords
 
+        # A given backbone bounds the query sets' sizes from their headers (one pinned by the folder is loaded after
+        # the read, which every file's 1 GiB cap bounds meanwhile; LatentQueries then checks the positions).
+        limit = None if backbone is None else max_queries(backbone.config)
+
         def read() -> tuple[SLQConfig, SLQConfig, dict[str, Any], dict[str, torch.Tensor], dict[str, Any], Any]:
             base, saved, changes = _config_of_this_save(config, path, location)
             state = read_tensors(_resolve_weights(path, location),
                                  expected_tensors(saved.num_queries, saved.hidden_size, saved.projection_size))
             found = None if processor is not None else try_processor(path, quiet=True, **location)
-            return base, saved, changes, state, _read_query_sets(path, location, saved.hidden_size), found
+            return base, saved, changes, state, _read_query_sets(path, location, saved.hidden_size, limit), found
 
         # One save of the folder, never a mix of two.
         base, saved, changes, state, sets, found = read_folder(path, read)
@@ -416,7 +437,12 @@ class SLQModel(PreTrainedModel):
     def add_query_set(self, name: str, num_queries: int | None = None, *, queries: torch.Tensor | None = None,
                       trainable: bool = True) -> nn.Parameter:
         """Add set ``name``: ``num_queries`` (default ``config.num_queries``) queries drawn like the default set
-        (seeded by the name: distinct sets, reproducible per name), or a copy of ``queries`` (N_q, H)."""
+        (seeded by the name: distinct sets, reproducible per name), or a copy of ``queries`` (N_q, H).
+
+        ``trainable=False`` freezes the set on this model (``requires_grad``); replacing its values
+        (``load_query_set``, ``load_state_dict``) keeps that and its place in :attr:`query_sets`. Files hold values
+        only, as for any torch parameter: ``from_pretrained`` gives trainable sets (freeze one again with
+        ``model.get_query_set(name).requires_grad_(False)``)."""
         if num_queries is None and queries is None:
             num_queries = self.config.num_queries
         return self.latent_queries.add(name, num_queries, queries=queries, trainable=trainable)
@@ -481,13 +507,13 @@ class SLQModel(PreTrainedModel):
             if file is None:
                 raise OSError(f"{source}: no {filename} found; it is neither a query-set file nor an SLQ folder "
                               f"with a query set {own_name!r}.")
-        metadata = read_header(file)[1]
-        queries = _read_queries(file, self.config.hidden_size, whole_checkpoint=own_name == DEFAULT_QUERY_SET)
+        whole, metadata = own_name == DEFAULT_QUERY_SET, read_header(file)[1]
         own_name = metadata.get("slq_query_set") or own_name or Path(file).stem
         if name is None and own_name == DEFAULT_QUERY_SET:
             raise ValueError(f"{source}: this is a model's default set; give it a name on this model, e.g. "
                              "load_query_set(path, name='document') (or name='default' to overwrite ours).")
         name = name or own_name
+        queries = _read_queries(file, self.config.hidden_size, whole, limit=self.latent_queries.max_queries, name=name)
         theirs, ours = metadata.get("backbone_model_type"), self.config.backbone_model_type
         if theirs and ours and theirs != ours:  # only the width is a hard fact; another id may be a mirror of ours
             logger.warning(f"{file}: this query set was trained on a {theirs!r} backbone but this model runs a "
@@ -496,21 +522,10 @@ class SLQModel(PreTrainedModel):
         return name
 
     # ------------------------------------------------------------------------------------------------ forward
-    def _embedding_hook(self, module: nn.Module, args: tuple, kwargs: dict, output: torch.Tensor):
-        injection = (_INJECTIONS.get() or {}).get(id(self))
-        if injection is None:
-            return None  # inert outside this model's own calls (backbone.generate, another SLQModel, other threads)
-        ids = args[0] if args else kwargs.get("input_ids", kwargs.get("input"))
-        # Some backbones embed other ids internally (Qwen3-VL embeds a scalar id): only touch the prompt itself.
-        if ids is None or tuple(ids.shape) != injection.shape:
-            return None
-        num = injection.queries.shape[0]
-        queries = injection.queries.to(output.dtype).unsqueeze(0).expand(output.shape[0], -1, -1)  # (B, N_q, H)
-        return torch.cat([output[:, :-num], queries], dim=1)  # (B, L + N_q, H)
-
     @contextmanager
     def _inject(self, shape: tuple[int, int], queries: torch.Tensor) -> Iterator[None]:
-        token = _INJECTIONS.set({**(_INJECTIONS.get() or {}), id(self): _Injection(tuple(shape), queries)})
+        key = id(self.backbone.get_input_embeddings())
+        token = _INJECTIONS.set({**(_INJECTIONS.get() or {}), key: _Injection(tuple(shape), queries)})
         try:
             yield
         finally:
@@ -753,17 +768,22 @@ SLQModel.register_for_auto_class("AutoModel")
 
 # ------------------------------------------------------------------------------------------------------- helpers
 def _read_queries(file: str | os.PathLike, hidden_size: int | None, whole_checkpoint: bool = False,
-                  num_queries: int | None = None) -> torch.Tensor:
-    """(N_q, H) ``queries`` of a query-set file (or of an SLQ model.safetensors), validated before allocation
-    (N_q against ``num_queries`` when the folder's index gives it)."""
+                  num_queries: int | None = None, limit: int | None = None, name: str = "") -> torch.Tensor:
+    """(N_q, H) ``queries`` of a query-set file (or of an SLQ model.safetensors), validated before allocation: N_q
+    against ``num_queries`` when the folder's index gives it, and against ``limit`` (the most queries that fit the
+    backbone's positions) from the header, so an oversized set ``name`` is refused without reading it."""
+    shape = read_header(file)[0].get(QUERY_SET_TENSOR, ("", ()))[1]
+    if limit is not None and len(shape) == 2 and shape[0] > limit:
+        raise CheckpointError(f"{file}: query set {name!r} would have {shape[0]} queries, but at most {limit} fit "
+                              "after a prompt within the backbone's positions; it was made for another backbone.")
     others = sorted(SLQ_TENSOR_NAMES - {QUERY_SET_TENSOR}) if whole_checkpoint else []
     expected = {QUERY_SET_TENSOR: (num_queries, hidden_size), **dict.fromkeys(others)}
     return read_tensors(file, expected, optional=others)[QUERY_SET_TENSOR]
 
 
-def _read_query_sets(path, location: dict[str, Any], hidden_size: int | None) -> dict[str, Any]:
-    """{"active": name, "sets": {name: (N_q, H) queries}} from ``query_sets/`` of an SLQ folder; a folder without
-    the index (one saved with the default set only) gives no extra sets."""
+def _read_query_sets(path, location: dict[str, Any], hidden_size: int | None, limit: int | None) -> dict[str, Any]:
+    """{"active": name, "sets": {name: (N_q, H) queries}} from ``query_sets/`` of an SLQ folder, at most ``limit``
+    queries each; a folder without the index (one saved with the default set only) gives no extra sets."""
     index_file = _optional_file(path, QUERY_SETS_INDEX, location)
     if index_file is None:
         return {"active": DEFAULT_QUERY_SET, "sets": {}}
@@ -773,7 +793,7 @@ def _read_query_sets(path, location: dict[str, Any], hidden_size: int | None) ->
         if file is None:
             raise CheckpointError(f"{path}: {QUERY_SETS_INDEX} lists query set {name!r} but {entry['file']} is "
                                   "missing; re-save the model or restore the file.")
-        sets[name] = _read_queries(file, hidden_size, num_queries=entry["num_queries"])
+        sets[name] = _read_queries(file, hidden_size, num_queries=entry["num_queries"], limit=limit, name=name)
     return {"active": index["active"], "sets": sets}
 
 
