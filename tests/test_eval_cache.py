@@ -274,3 +274,56 @@ def test_in_memory_images_key_on_the_pixels_the_model_sees(model, tmp_path, pair
     assert status == "miss"
     torch.testing.assert_close(out, _uncached(model, [second]), atol=0, rtol=0)
     assert not torch.allclose(out, seeded, atol=1e-6)
+
+
+def _replace_keeping_size_and_mtime(path, picture: Image.Image) -> None:
+    """What ``cp -p other.bmp path`` does: another picture of the same byte size, the old mtime kept."""
+    import os
+
+    before = os.stat(path)
+    picture.save(path)
+    assert os.stat(path).st_size == before.st_size
+    os.utime(path, ns=(before.st_atime_ns, before.st_mtime_ns))
+
+
+def test_an_image_file_replaced_with_the_same_size_and_mtime_misses(model, tmp_path):
+    """Image files are keyed on their bytes: the old path + size + mtime key served the replaced picture's vectors
+    after ``cp -p`` / ``touch -r`` / rsync -t (same size, same mtime)."""
+    from pathlib import Path
+
+    path = Path(tmp_path / "a.bmp")
+    scene(64, 64, (220, 30, 30)).save(path)
+    first = _seed(model, tmp_path, [path])
+    _replace_keeping_size_and_mtime(path, scene(64, 64, (30, 30, 220)))
+    out, status = _encode(model, tmp_path, [path])
+    assert status == "miss"
+    torch.testing.assert_close(out, _uncached(model, [path]), atol=0, rtol=0)
+    assert not torch.allclose(out, first, atol=1e-6)
+    # The same bytes under another name are the same picture: a hit.
+    copy = tmp_path / "copy.bmp"
+    copy.write_bytes(path.read_bytes())
+    again, status = _encode(model, tmp_path, [copy])
+    assert status == "hit" and torch.equal(again, out)
+
+
+def test_a_datasets_path_only_image_replaced_with_the_same_size_and_mtime_misses(model, tmp_path):
+    pytest.importorskip("datasets")
+    import json
+
+    from slq_hf.evaluation import load_retrieval_dataset
+
+    folder = tmp_path / "imgs"
+    folder.mkdir()
+    scene(64, 64, (220, 30, 30)).save(folder / "a.bmp")
+    (folder / "metadata.jsonl").write_text(json.dumps({"file_name": "a.bmp", "text": "scene a"}) + "\n")
+
+    def images():
+        found = load_retrieval_dataset(folder, "hf", "train").images
+        assert found[0].raw().get("bytes") is None
+        return found
+
+    first = _seed(model, tmp_path, images())
+    _replace_keeping_size_and_mtime(folder / "a.bmp", scene(64, 64, (30, 30, 220)))
+    out, status = _encode(model, tmp_path, images())
+    assert status == "miss" and not torch.allclose(out, first, atol=1e-6)
+    torch.testing.assert_close(out, _uncached(model, images()), atol=0, rtol=0)

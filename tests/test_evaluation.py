@@ -81,6 +81,42 @@ def test_ties_count_against_the_query():
     assert m["i2t"]["R@1"] == 0.0 and m["i2t"]["mean_rank"] == 2.0
 
 
+def _brute_force_recall(sim: list[list[float]], correct, num_texts: int, ks) -> dict[str, dict[str, float]]:
+    """Both directions by counting, query by query: ``correct(i, t)`` says whether text t answers image i; a query's
+    rank is the number of wrong candidates scoring at least its best right one (ties count against it)."""
+    ranks: dict[str, list[int]] = {"i2t": [], "t2i": []}
+    images = range(len(sim))
+    for i in images:
+        right = [sim[i][t] for t in range(num_texts) if correct(i, t)]
+        if right:  # an image without captions is no image->text query
+            ranks["i2t"].append(sum(sim[i][t] >= max(right) for t in range(num_texts) if not correct(i, t)))
+    for t in range(num_texts):
+        best = max(sim[i][t] for i in images if correct(i, t))
+        ranks["t2i"].append(sum(sim[i][t] >= best for i in images if not correct(i, t)))
+    return {d: {**{f"R@{k}": sum(r < k for r in rs) / len(rs) for k in ks},
+                "mean_rank": sum(r + 1 for r in rs) / len(rs)} for d, rs in ranks.items()}
+
+
+def test_recall_equals_a_brute_force_count_with_ties_several_captions_and_k_beyond_the_gallery():
+    import random
+
+    rng = random.Random(0)
+    ks = (1, 2, 5, 50)  # 50: more than every gallery here (recall 1)
+    for _ in range(200):
+        num_images, num_texts = rng.randint(1, 6), rng.randint(1, 12)
+        owner = [rng.randrange(num_images) for _ in range(num_texts)]
+        texts = [rng.choice(["a", "b", "c", "d"]) for _ in range(num_texts)]  # exact duplicates across images
+        sim = [[rng.choice([0.0, 0.5, 1.0, rng.random()]) for _ in range(num_texts)] for _ in range(num_images)]
+        got = image_text_retrieval_metrics(torch.tensor(sim, dtype=torch.float64), owner, ks, texts=texts)
+        strict = _brute_force_recall(sim, lambda i, t: owner[t] == i, num_texts, ks)
+        dedup = _brute_force_recall(sim, lambda i, t: any(owner[u] == i and texts[u] == texts[t]
+                                                          for u in range(num_texts)), num_texts, ks)
+        for direction in ("i2t", "t2i"):
+            for name, expected in ((direction, strict[direction]), (f"{direction}_dedup", dedup[direction])):
+                for key, value in expected.items():
+                    assert got[name][key] == pytest.approx(value, abs=1e-12), (name, key, sim, owner, texts)
+
+
 def test_duplicate_captions_count_as_hits():
     texts = ["a red square", "A red  square.", "a blue circle"]  # t0 and t1 are the same caption
     sim = torch.tensor([
@@ -345,6 +381,22 @@ def test_evaluate_retrieval_with_a_callable_and_cache_reuse(tmp_path):
     assert fourth["encode"]["image"]["cache"] == "miss"
 
 
+def test_image_paths_given_as_str_are_embedded_as_images(tmp_path):
+    """from_pairs(["a.png", ...]) (README: "PIL images or paths"): the encoders read every str as a text, so str
+    image paths were embedded as the texts of their file names."""
+    paths = [str(_png(tmp_path / f"img{n}.png", colour)) for n, colour in enumerate(COLOURS)]
+    seen: list = []
+
+    def encoder(inputs):
+        seen.extend(inputs)
+        return ColourEncoder()(inputs)
+
+    data = RetrievalDataset.from_pairs(paths, [f"a {c} square" for c in COLOURS])
+    result = evaluate_retrieval(encoder, data, cache_dir=tmp_path / "cache", model_id="colour")
+    assert not any(isinstance(item, str) and item in paths for item in seen)
+    assert result["metrics"]["t2i"]["R@1"] == 1.0 and result["metrics"]["i2t"]["R@1"] == 1.0
+
+
 def test_cache_needs_an_identity_for_plain_callables(tmp_path):
     with pytest.raises(ValueError, match="pass model_id="):
         encode_inputs(ColourEncoder(), ["red"], cache_dir=tmp_path)
@@ -522,3 +574,23 @@ def test_cli_eval_rerank_options_without_reranking_are_refused(tmp_path, capsys,
     assert main(["eval", "--model", str(tmp_path / "no_model"), "--data", str(data), *flags]) == 2
     err = capsys.readouterr().err
     assert "slq-hf eval: error: --rerank-" in err and "cannot load the SLQ model" not in err
+
+
+def test_rerank_cannot_change_recall_at_top_k_when_the_first_stage_ties():
+    """Reranking the top k only re-orders them, so R@k is the first stage's, ties counted against the query. With
+    every first-stage score equal (a collapsed model: R@3 = 0), torch.topk picked the tied "top 3" by index, so the
+    captions of those images were reranked with their own image and R@3 rose to 3/8."""
+    from slq_hf import SLQModel
+    from slq_hf.evaluation.reranking import rerank_retrieval_metrics
+    from slq_hf.testing.toy_scenes import heldout_scenes
+
+    model = SLQModel.from_backbone(str(Path(__file__).resolve().parents[1] / "examples" / "toy" / "backbone"),
+                                   num_queries=4)
+    scenes = heldout_scenes()[:8]
+    captions = [s.caption for s in scenes]
+    captions[1] = captions[0]  # a duplicate caption: the dedup blocks have positives beyond the owner
+    data = RetrievalDataset.from_pairs([s.image for s in scenes], captions)
+    collapsed = torch.zeros(len(scenes), len(captions))  # (I, T)
+    result = rerank_retrieval_metrics(model, data, collapsed, top_k=3, ks=(1, 3), show_progress_bar=False)
+    for block in ("t2i", "i2t", "t2i_dedup", "i2t_dedup"):
+        assert result["metrics"][block]["R@3"] == 0.0, block

@@ -49,7 +49,10 @@ class RetrievalDataset:
     split: str | None = None
 
     def __post_init__(self) -> None:
-        self.images, self.texts, self.text_to_image = list(self.images), list(self.texts), list(self.text_to_image)
+        # A str here is an image file's path (as in from_pairs(["a.jpg", ...])); as a Path it stays one, where the
+        # encoders read every str as a text and would embed the file's name.
+        self.images = [Path(image) if isinstance(image, str) else image for image in self.images]
+        self.texts, self.text_to_image = list(self.texts), list(self.text_to_image)
         num_images = len(self.images)
         if len(self.texts) != len(self.text_to_image):
             raise ValueError(f"{self.name}: {len(self.texts)} texts but {len(self.text_to_image)} text_to_image "

@@ -13,7 +13,7 @@ at a time, so a 5k-image test set never sits decoded in memory.
 Cache: with ``cache_dir`` the embeddings of each input list are stored as safetensors under a key derived from
 everything that changes an embedding: the model (:func:`model_fingerprint`: weights, active query set, config,
 processor and chat template, truncation, normalisation, prompts, dtype, image limits), the instruction and any
-``encode_kwargs``, and the inputs' content (texts, image file path + size + mtime, or image pixels). Re-running an
+``encode_kwargs``, and the inputs' content (texts, the bytes of image files, or image pixels). Re-running an
 evaluation, or evaluating another caption set on the same images, skips the image encoding; changing any of those
 settings encodes again. Things that cannot change an embedding (the temperature, query sets that are not active)
 are left out of the key, so they never cost a re-encode.
@@ -33,6 +33,7 @@ from typing import Any
 import torch
 from PIL import Image
 
+from ..data.records import file_digest
 from ..modeling.checkpoint import atomic_write
 from ..processing import load_image
 from .data import DatasetImage, ImageSource
@@ -184,20 +185,18 @@ def model_fingerprint(model: Encoder) -> str:
 
 
 def _source_key(source: ImageSource) -> str:
+    # Image files are keyed on their bytes, not on path + size + mtime: a picture replaced by another of the same
+    # size with the mtime kept (`cp -p`, `touch -r`, rsync -t) would otherwise get the old picture's vectors.
     if isinstance(source, DatasetImage):
-        return source.key
+        key = source.key  # cached on the object: a hash of the cell's bytes, or "path:..." for a path-only cell
+        path = source.raw().get("path") if key.startswith("path:") else None  # (an imagefolder dataset)
+        return "file:" + file_digest(Path(path)) if path and os.path.isfile(path) else key
     if isinstance(source, Image.Image):
         # The pixels the model is given (EXIF orientation applied, palette and transparency resolved, RGB), not the
         # stored ones: two images with the same stored bytes but another palette or orientation embed differently.
         seen = load_image(source)
         return "pixels:" + hashlib.sha1(f"{seen.mode}{seen.size}".encode() + seen.tobytes()).hexdigest()
-    path = Path(source).expanduser()
-    try:
-        stat = path.stat()
-    except OSError as err:
-        raise FileNotFoundError(f"Image file not found: {path}") from err
-    # Path + size + mtime, as make does: re-hashing thousands of JPEGs on every run would cost more than encoding.
-    return f"file:{path.resolve()}:{stat.st_size}:{stat.st_mtime_ns}"
+    return "file:" + file_digest(Path(source).expanduser())
 
 
 def inputs_fingerprint(inputs: Sequence[Any]) -> str:

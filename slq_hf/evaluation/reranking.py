@@ -17,14 +17,14 @@ import torch
 
 from ..modeling.reranking import rerank
 from .data import RetrievalDataset
-from .metrics import DEFAULT_KS, image_text_retrieval_metrics
+from .metrics import DEFAULT_KS, _positives_from_assignment, duplicate_positives, image_text_retrieval_metrics
 
 DIRECTIONS = ("t2i", "i2t")
 
 
 def rerank_similarity(similarity: torch.Tensor, top_k: int, score: Callable[[int, list[int]], torch.Tensor],
                       rows: Sequence[int] | None = None, desc: str = "rerank",
-                      show_progress_bar: bool | None = None) -> torch.Tensor:
+                      show_progress_bar: bool | None = None, positives: torch.Tensor | None = None) -> torch.Tensor:
     """Re-order each row's top ``top_k`` candidates by ``score(row, candidate_indices) -> (k,) scores``.
 
     Args:
@@ -32,6 +32,9 @@ def rerank_similarity(similarity: torch.Tensor, top_k: int, score: Callable[[int
         top_k: candidates reranked per row (capped at C).
         score: the second-stage scorer for one query row and its candidates.
         rows: the rows to rerank (default all); the others are returned unchanged.
+        positives: optional (Q, C) bool or int, > 0 where the candidate is a correct answer (higher: correct under
+            more of the metrics). Of the candidates tied at the k-th score, the correct ones enter the top k last,
+            so ties count against the query as in the metrics; without it, torch.topk picks among them.
 
     Returns:
         (Q, C) float64: reranked rows hold their top k above every other candidate, in rerank-score order (equal
@@ -44,7 +47,11 @@ def rerank_similarity(similarity: torch.Tensor, top_k: int, score: Callable[[int
     rows = range(out.shape[0]) if rows is None else rows
     disable = None if show_progress_bar is None else not show_progress_bar
     for row in tqdm(rows, desc=desc, unit="query", disable=disable):
-        top = torch.topk(out[row], k).indices  # (k,)
+        if positives is None:
+            top = torch.topk(out[row], k).indices  # (k,)
+        else:  # stable sorts: by correctness, then by score, so a tie keeps wrong answers first
+            by_level = torch.argsort(torch.as_tensor(positives[row]).to(torch.int64), stable=True)  # (C,)
+            top = by_level[torch.argsort(out[row][by_level], descending=True, stable=True)[:k]]
         scores = torch.as_tensor(score(row, top.tolist()), dtype=torch.float64)  # (k,)
         # Lift the top k above the row's best first-stage score; their order is the rerank scores' order.
         out[row, top] = out[row].max() + 1.0 + (scores - scores.min())
@@ -111,6 +118,9 @@ def rerank_retrieval_metrics(
     sim = torch.as_tensor(similarity).double()  # (I, T)
     texts, owner = dataset.texts, torch.as_tensor(dataset.text_to_image)
     image = _image_loader(dataset)
+    # (T, I): 2 where the image owns the caption, 1 where it owns only an equal caption (the dedup metrics' hit).
+    levels = (_positives_from_assignment(owner, sim.shape[0]).to(torch.uint8)  # uint8: COCO's is 25k x 5k
+              + duplicate_positives(owner, texts, sim.shape[0]).to(torch.uint8))
     options = dict(scorer=scorer, batch_size=batch_size, show_progress_bar=False, **rerank_kwargs)
     if options.get("rewrite") is not None:
         options.setdefault("rewrite_cache", {})  # each caption is rewritten once for the whole evaluation
@@ -124,7 +134,7 @@ def rerank_retrieval_metrics(
                 return rerank(backbone, processor, {"text": texts[row]}, [image(i) for i in top], **options).scores
 
             reranked = rerank_similarity(sim.T, top_k, score, desc="rerank text->image",
-                                         show_progress_bar=show_progress_bar).T
+                                         show_progress_bar=show_progress_bar, positives=levels).T
             rows = len(texts)
         else:
             def score(row: int, top: list[int]) -> torch.Tensor:
@@ -132,7 +142,7 @@ def rerank_retrieval_metrics(
 
             captioned = sorted(set(owner.tolist()))  # images without captions are no image->text queries
             reranked = rerank_similarity(sim, top_k, score, rows=captioned, desc="rerank image->text",
-                                         show_progress_bar=show_progress_bar)
+                                         show_progress_bar=show_progress_bar, positives=levels.T)
             rows = len(captioned)
         seconds = time.perf_counter() - started
         result = image_text_retrieval_metrics(reranked, owner, ks, texts=texts)
