@@ -319,6 +319,25 @@ def test_changed_data_refused(model, tmp_path, scenes):
     assert build_index(model, data, out, shard_size=4, overwrite=True)["run"]["encoded_shards"] == 2
 
 
+
+def test_an_image_replaced_with_the_same_size_and_mtime_is_changed_data(model, tmp_path, scenes):
+    """A picture replaced by another of the same byte size with its mtime kept (``cp -p``, rsync -t) is new data: the
+    rebuild is refused as "files changed" instead of finding the index complete and keeping the old vectors."""
+    data = _items_file(tmp_path, scenes[:2])
+    picture = tmp_path / "items_images" / "1.png"
+    for name, scene in (("1.png", scenes[1]), ("other.bmp", scenes[2])):  # BMPs of one size have one byte size
+        scene.image.convert("RGB").save(tmp_path / "items_images" / name, format="BMP")
+    other = tmp_path / "items_images" / "other.bmp"
+    assert picture.stat().st_size == other.stat().st_size and picture.read_bytes() != other.read_bytes()
+    out = tmp_path / "index"
+    build_index(model, data, out, shard_size=4)
+    kept = picture.stat()
+    picture.write_bytes(other.read_bytes())
+    os.utime(picture, ns=(kept.st_atime_ns, kept.st_mtime_ns))
+    assert picture.stat().st_size == kept.st_size and picture.stat().st_mtime_ns == kept.st_mtime_ns
+    with pytest.raises(IndexMismatchError, match="files changed"):
+        build_index(model, data, out, shard_size=4)
+
 # ------------------------------------------------------------------------------------------------ precisions
 @pytest.mark.parametrize(("precision", "factory"), [
     ("float32", "HNSW16"), ("float16", "Flat"), ("int8", "Flat"), ("int8", "HNSW16"), ("ubinary", "Flat"),
@@ -780,3 +799,137 @@ def test_killed_overwrite_then_rerun_still_keeps_the_previous_index(model, tmp_p
         build_index(model, folder, out, shard_size=4, overwrite=True, strict=True)
     np.testing.assert_array_equal(_all_embeddings(out, 2), before)
     assert len(CorpusIndex.load(out)) == 6 and not (out / ".replaced").exists()
+
+
+# ---------------------------------------------------------------------------------------- search settings and scores
+def test_a_torch_upgrade_keeps_the_index_usable(model, tmp_path, scenes, monkeypatch, capsys):
+    """SLQConfig.to_dict stamps the running torch version; it was part of the model fingerprint, so upgrading torch
+    made every index refuse search ("another model") and refuse resume (a full re-encode with --overwrite)."""
+    folder, out = _small_folder(tmp_path, scenes), tmp_path / "index"
+    build_index(model, folder, out, shard_size=4)
+    monkeypatch.setattr(torch, "__version__", "99.0.0")  # the same weights and config, read by a newer torch
+    assert CorpusIndex.load(out).search(model, folder / "0.png", k=1)[0][0].id == "0.png"
+    capsys.readouterr()
+    assert build_index(model, folder, out, shard_size=4)["run"]["skipped_shards"] == 2
+
+
+@pytest.mark.parametrize("factory", ["L2norm,HNSW8", "IVF2_HNSW4,Flat", "IDMap,HNSW8"])
+def test_ef_search_reaches_an_hnsw_inside_a_wrapper(model, tmp_path, scenes, factory):
+    """FAISS returns the HNSW behind a transform, an IDMap or an IVF's quantizer as a plain Index: ef_search (and
+    the default 128) never reached it, so it searched with FAISS's efSearch=16 whatever was asked."""
+    import faiss
+
+    out = tmp_path / "index"
+    build_index(model, _small_folder(tmp_path, scenes), out, shard_size=4, faiss_factory=factory)
+    index = CorpusIndex.load(out, ef_search=77).index
+    if hasattr(index, "index"):  # IndexPreTransform / IndexIDMap
+        hnsw_index = faiss.downcast_index(index.index)
+    else:
+        hnsw_index = faiss.downcast_index(faiss.extract_index_ivf(index).quantizer)
+    assert hnsw_index.hnsw.efSearch == 77
+
+
+def test_binary_ivf_keeps_its_hnsw_quantizer(model, tmp_path, scenes):
+    """IVFn_HNSWm at ubinary was written as FAISS "BIVFn_BHNSWm", which FAISS reads as a flat quantizer."""
+    import faiss
+
+    out = tmp_path / "index"
+    build_index(model, _small_folder(tmp_path, scenes), out, shard_size=4, precision="ubinary",
+                faiss_factory="IVF2_HNSW4")
+    index = CorpusIndex.load(out, ef_search=55).index
+    quantizer = faiss.downcast_IndexBinary(index.quantizer)
+    assert isinstance(quantizer, faiss.IndexBinaryHNSW) and quantizer.hnsw.efSearch == 55
+
+
+def test_idmap_factory_builds_and_searches_exactly(model, tmp_path, scenes):
+    """FAISS IDMap indexes refuse add(); the build failed with a raw RuntimeError after encoding the whole corpus."""
+    out = tmp_path / "index"
+    build_index(model, _small_folder(tmp_path, scenes), out, shard_size=4, faiss_factory="IDMap,Flat")
+    index = CorpusIndex.load(out)
+    vectors = _all_embeddings(out, 2)
+    queries = model.encode([{"text": s.caption} for s in scenes[:4]]).numpy()
+    scores, rows = index.search_embeddings(queries, k=6)
+    exact = queries @ vectors.T
+    np.testing.assert_array_equal(rows, np.argsort(-exact, axis=1, kind="stable"))
+    np.testing.assert_allclose(scores, np.sort(exact, axis=1)[:, ::-1], atol=1e-5)
+
+
+@pytest.mark.parametrize(("precision", "factory"), [("float32", "Flat"), ("ubinary", "Flat"), ("int8", "HNSW8")])
+def test_a_model_without_normalize_is_searched_by_cosine(tmp_path, scenes, precision, factory):
+    """With normalize=False the index ranked by raw inner products (scores ~80) while slq-hf eval, the Qdrant
+    export and SearchHit's documentation use cosine: another order than theirs."""
+    model = SLQModel.from_backbone(str(TOY), num_queries=8, normalize=False)
+    out = tmp_path / "index"
+    build_index(model, _small_folder(tmp_path, scenes), out, shard_size=4, precision=precision, faiss_factory=factory)
+    vectors = _all_embeddings(out, 2)
+    queries = model.encode([{"text": s.caption} for s in scenes[:6]]).numpy()
+    cosine = (queries / np.linalg.norm(queries, axis=1, keepdims=True)) @ (
+        vectors / np.linalg.norm(vectors, axis=1, keepdims=True)).T
+    assert not np.allclose(np.linalg.norm(vectors, axis=1), 1.0)  # the model really does not normalise
+    scores, rows = CorpusIndex.load(out).search_embeddings(queries, k=6, rescore_multiplier=2)
+    np.testing.assert_array_equal(rows, np.argsort(-cosine, axis=1, kind="stable"))
+    np.testing.assert_allclose(scores, np.take_along_axis(cosine, rows, 1), atol=1e-5)
+
+
+def test_rerank_reads_stored_images_whose_path_looks_like_a_text(model, tmp_path, scenes):
+    """Reranking passed each item's image as a str: "my pics/photo 1" (a space, no extension) is a text by the
+    input rules, so a text query was refused ("two texts") and an image query scored the paths as captions."""
+    from slq_hf.modeling.reranking import rerank
+    from slq_hf.retrieval.search import rerank_hits
+
+    (tmp_path / "my pics").mkdir()
+    lines = []
+    for n, scene in enumerate(scenes[:4]):
+        scene.image.save(tmp_path / "my pics" / f"photo {n}", format="PNG")
+        lines.append(json.dumps({"id": f"p{n}", "image": f"my pics/photo {n}"}))
+    (tmp_path / "items.jsonl").write_text("\n".join(lines) + "\n")
+    build_index(model, tmp_path / "items.jsonl", tmp_path / "index")
+    index, query = CorpusIndex.load(tmp_path / "index"), scenes[0].caption
+    reranked = rerank_hits(model, query, index.search(model, query, k=4)[0])
+    expected = rerank(model.backbone, model.processor, query, [s.image for s in scenes[:4]]).scores
+    assert sorted(hit.id for hit in reranked) == ["p0", "p1", "p2", "p3"]
+    for hit in reranked:
+        assert hit.rerank_score == pytest.approx(float(expected[int(hit.id[1:])]), abs=1e-4)
+    with pytest.raises(ValueError, match="every candidate must be a text"):  # image vs images: refused, not guessed
+        rerank_hits(model, scenes[0].image, index.search(model, scenes[0].image, k=2)[0])
+
+
+def test_cli_search_with_another_query_set(tmp_path, scenes, capsys):
+    """A model with "query" and "document" sets: the corpus is embedded with one, the queries need the other;
+    `slq-hf search` had no way to ask for it (queries always went through the corpus's set)."""
+    from slq_hf.cli import main
+
+    model = SLQModel.from_backbone(str(TOY), num_queries=8)
+    if not hasattr(model, "add_query_set"):
+        pytest.skip("this model has no named query sets")
+    model.add_query_set("query")
+    model.add_query_set("document")
+    with torch.no_grad():
+        query_set_tensor(model, "query").mul_(1.5)
+    model.save_pretrained(tmp_path / "slq")
+    folder, out = _small_folder(tmp_path, scenes), tmp_path / "index"
+    assert main(["index", "build", "--model", str(tmp_path / "slq"), "--data", str(folder), "--out", str(out),
+                 "--query-set", "document", "--no-progress"]) == 0
+    text, seen = scenes[0].caption, []
+    for query_set in ("query", "document"):
+        assert main(["search", str(out), "--text", text, "-k", "6", "--json", "--query-set", query_set]) == 0
+        hits = json.loads(capsys.readouterr().out)["results"]
+        with model.use_query_set(query_set):
+            query = model.encode([{"text": text}]).numpy()[0]
+        vectors = _all_embeddings(out, 1)
+        expected = {f"{n}.png": float(vectors[n] @ query) for n in range(6)}  # rows in file order 0..5
+        assert [hit["score"] for hit in hits] == pytest.approx([expected[hit["id"]] for hit in hits], abs=1e-5)
+        seen.append(query)
+    assert np.abs(seen[0] - seen[1]).max() > 1e-3  # the two sets really embed the query differently
+
+
+def test_numpy_integers_are_integers_for_search_settings(model, tmp_path, scenes):
+    """k=np.int64(3) (from an array's length or argmax) was refused as "k=np.int64(3) is invalid"."""
+    out = tmp_path / "index"
+    build_index(model, _small_folder(tmp_path, scenes), out, shard_size=4, precision="ubinary", faiss_factory="IVF2")
+    index = CorpusIndex.load(out, nprobe=np.int64(2), ef_search=np.int32(64))
+    queries = model.encode(["a red circle"]).numpy()
+    scores, rows = index.search_embeddings(queries, k=np.int64(3), rescore_multiplier=np.int64(2))
+    exact = queries @ _all_embeddings(out, 2).T
+    np.testing.assert_array_equal(rows[0], np.argsort(-exact[0], kind="stable")[:3])
+    assert len(index.search(model, "a red circle", k=np.arange(4)[-1])[0]) == 3

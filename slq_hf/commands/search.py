@@ -14,8 +14,10 @@ Search INDEX_DIR with one or more text or image queries; prints the ranked items
 
 The query is embedded with the model that built the index: by default the SLQ folder recorded in the index's
 manifest; --model overrides it, and a model with other weights, config or query set is refused (its embeddings
-would not be comparable). Results come for the --text queries first, then the --image ones. --json prints one
-{"query", "results": [{"rank", "score", "id", "path", "text", "metadata", ...}]} object per line, for scripts.
+would not be comparable). The queries use the query set that embedded the corpus, or --query-set NAME (a model
+trained with separate "query" and "document" sets). Results come for the --text queries first, then the --image
+ones. --json prints one {"query", "results": [{"rank", "score", "id", "path", "text", "metadata", ...}]} object
+per line, for scripts.
 --rerank K re-orders the top K with the frozen backbone's own likelihood of each (query, item) pair
 (slq_hf.modeling.reranking), then keeps -k.
 """
@@ -42,6 +44,9 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                         help="lossy indexes: rescore k x M candidates in float32 (default: 4)")
     parser.add_argument("--nprobe", type=int, default=None,
                         help="IVF indexes: lists to visit (default: nlist/16, at least 16)")
+    parser.add_argument("--query-set", metavar="NAME", default=None,
+                        help="embed the queries with this query set of the model, e.g. 'query' for an index built "
+                             "with --query-set document (default: the set that embedded the corpus)")
     add_model_options(parser, what="SLQ folder (or Hub id) to embed queries with (default: the one that built the "
                                    "index)")
     parser._option_string_actions["--model"].required = False
@@ -82,7 +87,7 @@ def run(args: argparse.Namespace) -> int:
                                  "model_source=); pass --model SLQ_DIR.")
         model = load_model(args)
         depth = args.rerank or args.k
-        results = index.search(model, [value for _, value in queries], k=depth,
+        results = index.search(model, [value for _, value in queries], k=depth, query_set=args.query_set,
                                rescore_multiplier=args.rescore_multiplier)
         if args.rerank:
             results = [rerank_hits(model, value, hits)[: args.k] for (_, value), hits in zip(queries, results)]

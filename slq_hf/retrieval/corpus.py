@@ -21,6 +21,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ..data.records import file_digest
+
 EVAL_FORMATS = ("karpathy", "jsonl", "karr", "hf")
 CORPUS_FORMATS = ("folder", "items", *EVAL_FORMATS)
 _DATASETS_MARKERS = ("dataset_info.json", "state.json", "dataset_dict.json")
@@ -50,15 +52,15 @@ class CorpusItem:
     where: str = ""
 
     def key(self) -> str:
-        """Digest of what the item is: id, text, metadata and the image file's path, size and mtime."""
+        """Digest of what the item is: id, text, metadata and the image file's path and bytes (a picture replaced by
+        another of the same size with the mtime kept, as ``cp -p`` does, is another item: a resume re-encodes it)."""
         image = None
         if self.image is not None:
             if isinstance(self.image, (str, os.PathLike)):
                 try:
-                    stat = os.stat(self.image)
-                    image = [self.image_ref, stat.st_size, stat.st_mtime_ns]
+                    image = [self.image_ref, file_digest(self.image)]
                 except OSError:
-                    image = [self.image_ref, None, None]
+                    image = [self.image_ref, None]
             else:
                 image = [self.image_ref, getattr(self.image, "key", None)]
         payload = json.dumps([self.id, image, self.text, self.metadata, self.error], sort_keys=True, default=str)

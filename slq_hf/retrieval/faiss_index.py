@@ -14,7 +14,7 @@ ubinary       a binary index (Hamming)    D / 8 (the sign bit of each dimension,
 
 Lossy codes (all but float32 ``Flat``/``HNSW``/``IVF..,Flat``) are searched for ``k x rescore_multiplier``
 candidates, whose float32 vectors are then scored exactly against the float query, as sentence-transformers'
-``semantic_search_faiss(..., rescore_multiplier=)`` does. Scores returned are then exact inner products.
+``semantic_search_faiss(..., rescore_multiplier=)`` does. Scores returned are then exact cosines.
 
 faiss is imported on use, so a bare install can import this module.
 """
@@ -22,6 +22,7 @@ faiss is imported on use, so a bare install can import this module.
 from __future__ import annotations
 
 import math
+import numbers
 import re
 from collections.abc import Callable
 from typing import Any
@@ -89,7 +90,8 @@ def resolve_factory(factory: str, precision: str) -> str:
     if precision == "ubinary":
         if not structure:
             return "BFlat"
-        return "B" + structure[0].replace("_HNSW", "_BHNSW")
+        # FAISS spells a binary IVF with an HNSW quantizer "BIVFn_HNSWm"; "BIVFn_BHNSWm" parses as a flat quantizer.
+        return "B" + structure[0]
     return ",".join(structure + [_SQ_CODES[precision]])
 
 
@@ -101,6 +103,16 @@ def is_exact_storage(factory: str, precision: str) -> bool:
     # Every step must keep the vectors as they are: a transform (PCA, OPQ, RR, ITQ...) or a code changes the scores.
     keeps = all(re.fullmatch(r"Flat|HNSW\d+|IVF\d+(_HNSW\d+)?|L2norm|IDMap2?", step) for step in steps)
     return keeps and (steps[-1] == "Flat" or re.fullmatch(r"HNSW\d+", steps[-1]) is not None)
+
+
+def unit_rows(vectors: np.ndarray) -> np.ndarray:
+    """(n, D) rows scaled to unit L2 norm (zero rows stay zero), as float32.
+
+    Everything the index stores or is asked is a unit row, so its inner products are cosines (what
+    ``slq-hf eval``, sentence-transformers and the Qdrant export rank by) also for a model with ``normalize=False``.
+    """
+    vectors = np.asarray(vectors, dtype=np.float32)
+    return vectors / np.maximum(np.linalg.norm(vectors, axis=-1, keepdims=True), np.float32(1e-12))
 
 
 def encode_codes(vectors: np.ndarray, precision: str) -> np.ndarray:
@@ -143,7 +155,7 @@ def train(index: Any, sample: np.ndarray, precision: str) -> None:
     if index.is_trained:
         return
     try:
-        index.train(encode_codes(sample, precision))
+        index.train(encode_codes(unit_rows(sample), precision))
     except RuntimeError as err:
         reason = str(err).strip().splitlines()[-1].rsplit(": ", 1)[-1]
         raise ValueError(f"FAISS could not train the index on {len(sample)} vectors ({reason}); it wants about "
@@ -152,8 +164,12 @@ def train(index: Any, sample: np.ndarray, precision: str) -> None:
 
 
 def add(index: Any, vectors: np.ndarray, precision: str) -> None:
-    """Append (n, D) float32 rows; their FAISS ids continue from ``index.ntotal``."""
-    index.add(encode_codes(vectors, precision))
+    """Append (n, D) float32 rows (stored as unit rows); their FAISS ids continue from ``index.ntotal``."""
+    codes = encode_codes(unit_rows(vectors), precision)
+    if isinstance(index, faiss().IndexIDMap):  # IDMap/IDMap2 refuse add(): give them the same consecutive row ids
+        index.add_with_ids(codes, np.arange(index.ntotal, index.ntotal + len(codes), dtype=np.int64))
+    else:
+        index.add(codes)
 
 
 def configure_search(index: Any, nprobe: int | None = None, ef_search: int | None = None) -> None:
@@ -166,9 +182,15 @@ def configure_search(index: Any, nprobe: int | None = None, ef_search: int | Non
         ivf = index if hasattr(index, "nprobe") else None
     if ivf is not None and nprobe is not None:
         ivf.nprobe = min(int(nprobe), ivf.nlist)
-    hnsw = getattr(index, "hnsw", None)
-    if hnsw is None and ivf is not None:
-        hnsw = getattr(getattr(ivf, "quantizer", None), "hnsw", None)
+    # FAISS hands wrapped indexes (behind a PCA/OPQ/L2norm pre-transform or an IDMap, an IVF's quantizer) back as
+    # the base class, which has no ``hnsw``: downcast them, or efSearch silently stays at FAISS's 16.
+    inner = index
+    while getattr(inner, "hnsw", None) is None and isinstance(inner, (module.IndexPreTransform, module.IndexIDMap)):
+        inner = module.downcast_index(inner.index)
+    if getattr(inner, "hnsw", None) is None and ivf is not None:
+        binary = isinstance(ivf, module.IndexBinary)
+        inner = (module.downcast_IndexBinary if binary else module.downcast_index)(ivf.quantizer)
+    hnsw = getattr(inner, "hnsw", None)
     if hnsw is not None and ef_search is not None:
         hnsw.efSearch = int(ef_search)
 
@@ -187,20 +209,23 @@ def search(index: Any, queries: np.ndarray, k: int, *, precision: str, exact_sco
     """Top-``k`` rows of ``index`` for each query.
 
     Args:
-        queries: (Q, D) float32, L2-normalised like the corpus.
+        queries: (Q, D) float32; scaled to unit norm here, as the corpus rows were (:func:`unit_rows`).
         exact_scores: the index itself returns exact float inner products (:func:`is_exact_storage`).
         rescore_multiplier: for lossy indexes, fetch ``k * rescore_multiplier`` candidates and rescore them with
             the float32 vectors from ``vectors``.
         vectors: row ids -> float32 vectors (the shards on disk); required unless ``exact_scores``.
 
     Returns:
-        scores (Q, k) float32 (inner products, descending), ids (Q, k) int64; -1 / -inf pad short results.
+        scores (Q, k) float32 (cosines, descending), ids (Q, k) int64; -1 / -inf pad short results.
     """
-    if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+    # numbers.Integral: a numpy integer (k from an array's length or argmax) is an integer too
+    if isinstance(k, bool) or not isinstance(k, numbers.Integral) or k < 1:
         raise ValueError(f"k={k!r} is invalid; expected a positive integer.")
-    if isinstance(rescore_multiplier, bool) or not isinstance(rescore_multiplier, int) or rescore_multiplier < 1:
+    if (isinstance(rescore_multiplier, bool) or not isinstance(rescore_multiplier, numbers.Integral)
+            or rescore_multiplier < 1):
         raise ValueError(f"rescore_multiplier={rescore_multiplier!r} is invalid; expected an integer >= 1.")
-    queries = np.ascontiguousarray(queries, dtype=np.float32)
+    k, rescore_multiplier = int(k), int(rescore_multiplier)
+    queries = np.ascontiguousarray(unit_rows(queries))
     ntotal = int(index.ntotal)
     if exact_scores:
         scores, ids = index.search(queries, min(k, max(ntotal, 1)))
@@ -213,7 +238,7 @@ def search(index: Any, queries: np.ndarray, k: int, *, precision: str, exact_sco
     valid = candidates >= 0
     flat = np.where(valid, candidates, 0).reshape(-1)
     unique, inverse = np.unique(flat, return_inverse=True)  # one disk read per distinct row
-    rows = vectors(unique)[inverse].reshape(*candidates.shape, -1)  # (Q, fetch, D)
+    rows = unit_rows(vectors(unique))[inverse].reshape(*candidates.shape, -1)  # (Q, fetch, D)
     rescored = np.einsum("qd,qcd->qc", queries, rows, dtype=np.float32)
     rescored[~valid] = -np.inf
     order = np.argsort(-rescored, axis=1, kind="stable")[:, :k]

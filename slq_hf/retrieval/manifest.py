@@ -29,7 +29,7 @@ FORMAT_VERSION = 1
 _VOLATILE = {"_name_or_path", "name_or_path", "transformers_version", "dtype", "torch_dtype", "_commit_hash",
              "backbone_name_or_path", "backbone_revision", "architectures", "auto_map", "_attn_implementation",
              "attn_implementation", "_attn_implementation_autoset", "use_cache", "quantization_config",
-             "slq_hf_version"}
+             "slq_hf_version", "torch_version"}
 
 
 class IndexMismatchError(ValueError):

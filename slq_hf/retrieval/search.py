@@ -15,6 +15,7 @@ Queries are texts (``str``: always text, never a file name), PIL images, :class:
 from __future__ import annotations
 
 import json
+import numbers
 import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -86,7 +87,7 @@ class CorpusIndex:
     def configure(self, nprobe: int | None = None, ef_search: int | None = None) -> None:
         """IVF lists probed / HNSW candidate list size (defaults: 1/16 of the lists, at least 16; 128)."""
         for name, value in (("nprobe", nprobe), ("ef_search", ef_search)):
-            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+            if value is not None and (isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1):
                 flag = " (--nprobe)" if name == "nprobe" else ""
                 raise ValueError(f"{name}={value!r}{flag} is invalid; expected a positive integer.")
         nlist = getattr(_ivf(self.index), "nlist", None)
@@ -212,9 +213,11 @@ def rerank_hits(model: Any, query: Any, hits: list[SearchHit], *, scorer: str = 
         return []
     candidates = []
     for hit in hits:
-        image = hit.path
-        if image is None and hit.image is not None:
+        if hit.path is None and hit.image is not None:
             raise ValueError(f"Item {hit.id!r} has no image file on disk to rerank with (hf datasets corpora).")
+        # A Path is always an image; a str is one only if it looks like a path ("my pics/photo 1", with a space and
+        # no extension, would be scored as a caption).
+        image = None if hit.path is None else Path(hit.path)
         # {"text": ...}: a stored text is a text even when it looks like a file name ("IMG_0042.JPG")
         candidates.append(image if hit.text is None else {"text": hit.text, **({"image": image} if image else {})})
     result = rerank(model.backbone, model.processor, _query_input(query, 0), candidates, scorer,
