@@ -16,9 +16,11 @@ import ast
 import importlib
 import importlib.util
 import logging
+import runpy
 import sys
 from collections.abc import Iterable, Sequence
 from functools import cache, partial
+from pathlib import Path
 
 # name -> module. Order = order in `slq-hf --help`.
 COMMANDS: dict[str, str] = {
@@ -40,8 +42,10 @@ QUIET_LOGGERS: dict[str, int] = {
     "bitsandbytes.backends.cpu.ops": logging.ERROR,
 }
 
+INTERRUPTED = 130  # exit status after Ctrl-C: 128 + SIGINT, as a shell reports a command that SIGINT ended
+
 DESCRIPTION = ("SLQ (Shared Latent Queries): embedding models on frozen Hugging Face vision-language backbones. "
-               "Run `slq-hf COMMAND --help` for the options of a command.")
+               "Run `slq-hf COMMAND --help` for the options of a command, `slq-hf --version` for the release.")
 
 
 @cache
@@ -73,6 +77,8 @@ def build_parser(commands: Iterable[str] | None = None) -> argparse.ArgumentPars
     module; the others are listed with their summary only (nothing imported)."""
     full = set(COMMANDS if commands is None else commands)
     parser = argparse.ArgumentParser(prog="slq-hf", description=DESCRIPTION)
+    # Named in DESCRIPTION rather than in the usage line, which stays `slq-hf [-h] COMMAND ...`.
+    parser.add_argument("--version", action="version", version=f"slq-hf {_version()}", help=argparse.SUPPRESS)
     # A command's description and epilog are laid out by hand (format tables, examples): printed as written.
     command_parser = partial(argparse.ArgumentParser, formatter_class=argparse.RawDescriptionHelpFormatter)
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=command_parser)
@@ -84,6 +90,11 @@ def build_parser(commands: Iterable[str] | None = None) -> argparse.ArgumentPars
     return parser
 
 
+def _version() -> str:
+    """slq_hf's release, read from ``slq_hf/modeling/version.py`` without importing ``slq_hf.modeling`` (torch)."""
+    return str(runpy.run_path(str(Path(__file__).parent / "modeling" / "version.py"))["SLQ_HF_VERSION"])
+
+
 def _command_in(argv: Sequence[str]) -> str | None:
     """The subcommand ``argv`` names: its first argument that is not an option (the top level takes only -h)."""
     first = next((arg for arg in argv if not arg.startswith("-")), None)
@@ -91,7 +102,21 @@ def _command_in(argv: Sequence[str]) -> str | None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else list(argv)
+    """Run ``slq-hf`` on ``argv``; returns the exit status.
+
+    As the program (``argv`` None: the ``slq-hf`` console script, ``python -m slq_hf.cli``), Ctrl-C ends the command
+    with one line and status 130, a shell's status for a command ended by SIGINT, instead of a traceback. Called
+    from Python with ``argv``, the KeyboardInterrupt reaches the caller, as Python code expects.
+    """
+    if argv is None:
+        try:
+            return main(sys.argv[1:])
+        except KeyboardInterrupt:
+            from .commands.reporting import error
+
+            # `train` has already put back a run it was overwriting, on the way out.
+            return error(_command_in(sys.argv[1:]) or "", "interrupted (Ctrl-C).", INTERRUPTED)
+    argv = list(argv)
     for name, level in QUIET_LOGGERS.items():
         logging.getLogger(name).setLevel(level)
     command = _command_in(argv)

@@ -61,7 +61,8 @@ def _bad_inputs(tmp: Path, data: Path, model: Path) -> list[tuple[str, list[str]
         ("eval", ["--model", str(model), "--data", str(data), "--image-root", str(tmp)],
          "--image-root does not apply to the jsonl format"),
         ("eval", ["--model", str(model), "--data", str(data), "--batch-size", "0"], "--batch-size must be positive"),
-        ("eval", ["--model", str(tmp / "nowhere"), "--data", str(data)], "cannot load the SLQ model"),
+        # A path that is neither a folder nor a Hub id: transformers calls it a malformed repo id.
+        ("eval", ["--model", str(tmp / "nowhere"), "--data", str(data)], "nowhere: no such folder, and not a Hub id"),
         ("eval", ["--model", str(model), "--data", str(data), "--device", "banana"], "--device banana: "),
         ("eval", ["--model", str(model), "--data", str(data), "--device", "cuda:99"], "--device cuda:99: "),
         ("export", [str(tmp / "nowhere"), "--out", str(tmp / "hub")], "no config.json"),
@@ -71,11 +72,17 @@ def _bad_inputs(tmp: Path, data: Path, model: Path) -> list[tuple[str, list[str]
         ("push", [str(tmp / "nowhere"), "--repo-id", "org/name", "--dry-run"], "not a folder"),
         ("push", [str(tmp), "--repo-id", "not a repo id!", "--dry-run"], "is invalid (--repo-id)"),
         ("export", [str(model), "--out", str(tmp / "hub"), "--repo-id", "org/na me"], "is invalid (--repo-id)"),
-        ("convert-reference", [str(tmp / "q.pt"), "--backbone", str(tmp), "--out", str(tmp / "o")], "no such file"),
+        ("convert-reference", [str(tmp / "q.pt"), "--backbone", str(model), "--out", str(tmp / "o")], "no such file"),
+        ("convert-reference", [str(data), "--backbone", str(tmp / "nowhere"), "--out", str(tmp / "o")],
+         "--backbone " + str(tmp / "nowhere") + ": no such folder"),
         ("karr-build", ["--data", missing, "--model", str(model), "--out", str(tmp / "k.jsonl")],
          "data file not found"),
         ("karr-build", ["--data", str(data), "--model", str(model), "--out", str(tmp / "k.jsonl"),
                         "--template", str(template)], "has no {caption} placeholder"),
+        ("karr-build", ["--data", str(data), "--model", str(model), "--out", str(tmp / "k.jsonl"),
+                        "--template", str(tmp / "none.txt")], "none.txt: no such file; give a text file"),
+        ("karr-build", ["--data", str(data), "--model", str(tmp / "nowhere"), "--out", str(tmp / "k.jsonl")],
+         "--model " + str(tmp / "nowhere") + ": no such folder"),
         ("karr-build", ["--data", str(data), "--model", str(model), "--out", str(tmp / "k.jsonl"), "--limit", "0"],
          "--limit (limit=) must be a positive integer"),
         ("karr-build", ["--data", str(data), "--model", str(model), "--out", str(tmp / "k.jsonl"), "--device",
@@ -85,6 +92,12 @@ def _bad_inputs(tmp: Path, data: Path, model: Path) -> list[tuple[str, list[str]
                         str(data / "s.jsonl")], "is a file, so nothing can be written under it"),
         ("train", ["--backbone", str(tmp / "nowhere"), "--train-data", missing, "--output-dir", str(tmp / "run")],
          "missing.jsonl"),
+        ("train", ["--backbone", str(tmp / "nowhere"), "--train-data", str(data), "--output-dir", str(tmp / "run")],
+         "--backbone " + str(tmp / "nowhere") + ": no such folder"),
+        ("train", ["--backbone", str(tmp), "--train-data", str(data), "--output-dir", str(tmp / "run")],
+         "--backbone " + str(tmp) + ": no config.json, so not a model folder"),
+        ("train", ["--backbone", str(data), "--train-data", str(data), "--output-dir", str(tmp / "run")],
+         "--backbone " + str(data) + ": is a file"),
     ]
 
 
@@ -98,6 +111,75 @@ def test_bad_input_ends_in_one_error_line_and_status_2(case, moved_model, data, 
     assert main([command, *argv]) == 2
     assert message in _one_error_line(capsys, command)
     assert not (tmp_path / "hub").exists() and not (tmp_path / "k.jsonl").exists()
+
+
+def test_a_folder_that_is_not_slq_gets_no_backbone_hint(moved_model, data, capsys):
+    """--backbone does not turn a backbone's own folder into an SLQ model: the error must not suggest it."""
+    _, backbone = moved_model
+    assert main(["eval", "--model", str(backbone), "--data", str(data), "--split", "all", "--no-progress"]) == 2
+    line = _one_error_line(capsys, "eval")
+    assert "not an SLQ one" in line and "--backbone" not in line, line
+
+
+@pytest.mark.parametrize("argv", [
+    ["train", "--lr", "inf"], ["train", "--epochs", "inf"], ["train", "--warmup", "inf"],
+    ["train", "--weight-decay", "inf"], ["convert-reference", "--dtype", "banana"],
+])
+def test_options_argparse_refuses(argv, tiny_backbone_path, data, tmp_path, capsys):
+    """Values no run can use stop at the command line: --lr inf trained and saved Inf/NaN queries with status 0,
+    --epochs inf crashed inside the Trainer, --dtype banana inside torch (tracebacks)."""
+    command, *option = argv
+    required = {"train": ["--backbone", tiny_backbone_path("qwen3_vl"), "--train-data", str(data), "--output-dir",
+                          str(tmp_path / "run"), "--max-steps", "1", "--batch-size", "2", "--use-cpu"],
+                "convert-reference": [str(tmp_path / "q.pt"), "--backbone", tiny_backbone_path("qwen3_vl"), "--out",
+                                      str(tmp_path / "run")]}[command]
+    with pytest.raises(SystemExit) as exit_info:
+        main([command, *required, *option])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert f"argument {option[0]}: " in err.splitlines()[-1] and "Traceback" not in err, err
+    assert not (tmp_path / "run").exists()
+
+
+def test_version():
+    import re
+
+    declared = re.search(r'^version = "(.+)"', (REPO / "pyproject.toml").read_text(), re.MULTILINE).group(1)
+    result = subprocess.run([sys.executable, "-m", "slq_hf.cli", "--version"], capture_output=True, text=True,
+                            timeout=120, stdin=subprocess.DEVNULL)
+    assert result.returncode == 0 and result.stdout == f"slq-hf {declared}\n", result
+
+
+# The `slq-hf` program with a real SIGINT (as Ctrl-C in a terminal sends) during the first training step.
+INTERRUPTED_TRAIN = """
+import os, signal, sys
+from slq_hf.cli import main
+from slq_hf.training import SLQDataCollator
+collate = SLQDataCollator.__call__
+def interrupted(self, *args, **kwargs):
+    batch = collate(self, *args, **kwargs)
+    os.kill(os.getpid(), signal.SIGINT)
+    return batch
+SLQDataCollator.__call__ = interrupted
+signal.signal(signal.SIGINT, signal.default_int_handler)  # a test runner's worker may ignore SIGINT
+sys.exit(main())
+"""
+
+
+def test_ctrl_c_ends_in_one_line_and_status_130_and_leaves_the_folder_usable(tiny_backbone_path, data, tmp_path,
+                                                                              capsys):
+    """Ctrl-C: one line, status 130 (a shell's status for SIGINT), no traceback; the output folder holds nothing to
+    resume, so the same command runs again (it was refused as "an earlier run", and the suggested
+    --resume-from-checkpoint latest then found no checkpoint)."""
+    argv = ["train", "--backbone", tiny_backbone_path("qwen3_vl"), "--train-data", str(data), "--output-dir",
+            str(tmp_path / "run"), "--num-queries", "2", "--max-steps", "2", "--batch-size", "2", "--use-cpu"]
+    result = subprocess.run([sys.executable, "-c", INTERRUPTED_TRAIN, *argv], capture_output=True, text=True,
+                            env={**os.environ, "HF_HUB_OFFLINE": "1"}, timeout=600, stdin=subprocess.DEVNULL)
+    assert result.returncode == 130 and "Traceback" not in result.stderr, result.stderr[-3000:]
+    errors = [line for line in result.stderr.splitlines() if "error:" in line]
+    assert errors == ["slq-hf train: error: interrupted (Ctrl-C)."], result.stderr[-3000:]
+    assert main(argv) == 0, capsys.readouterr().err[-2000:]
+    assert (tmp_path / "run" / "model.safetensors").is_file()
 
 
 def test_every_command_is_covered_by_the_bad_input_test(moved_model, data, tmp_path):

@@ -23,6 +23,29 @@ def add_model_options(parser: argparse.ArgumentParser, what: str = "saved SLQ fo
                              "short texts then gets a batch of its own (same embeddings, less time and memory)")
 
 
+def check_model_source(value: str | None, flag: str) -> None:
+    """Refuse a model option's ``value`` that can name no model: a path that does not exist and is no Hub id either
+    (``/data/slq``, ``./slq``, ``a/b/c``, which transformers reports as a malformed repo id), a file, or a folder
+    without config.json (which it reports as an unreadable config or an unrecognised model)."""
+    if value is None:
+        return
+    path = Path(value)
+    if path.is_file():
+        raise ValueError(f"{flag} {value}: is a file; give a model folder (with config.json) or a Hub id (org/name).")
+    if path.is_dir() and not (path / "config.json").is_file():
+        raise ValueError(f"{flag} {value}: no config.json, so not a model folder (save_pretrained writes one). Is "
+                         "this the right folder?")
+    if path.exists():
+        return
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+    try:
+        validate_repo_id(value)
+    except HFValidationError:
+        raise ValueError(f"{flag} {value}: no such folder, and not a Hub id (org/name) either. Check the "
+                         "path.") from None
+
+
 def load_model(args: argparse.Namespace) -> Any:
     """The SLQModel of ``--model`` (backbone from ``--backbone`` if given) on ``--device``, batching its encodes by
     ``--max-batch-tokens`` when given."""
@@ -31,9 +54,13 @@ def load_model(args: argparse.Namespace) -> Any:
 
     device = resolve_device(args.device)
     try:
+        check_model_source(args.model, "--model")
+        check_model_source(args.backbone, "--backbone")
         model = SLQModel.from_pretrained(args.model, backbone_name_or_path=args.backbone).to(device)
     except (OSError, ValueError) as err:
-        hint = "" if args.backbone else " If its backbone lives elsewhere on this machine, pass --backbone PATH."
+        # Only when the backbone is what failed: a folder that is not SLQ's is not fixed by --backbone.
+        hint = ("" if args.backbone or "backbone" not in str(err)
+                else " If its backbone lives elsewhere on this machine, pass --backbone PATH.")
         raise OSError(f"cannot load the SLQ model from {args.model!r}: {err}{hint}") from err
     if max_batch_tokens is not None:
         if max_batch_tokens < 1:

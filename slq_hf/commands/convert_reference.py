@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 
+from .common import check_model_source
 from .reporting import report
 
 DESCRIPTION = """\
@@ -40,7 +41,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     parser.add_argument("--revision", metavar="REV", help="backbone revision to load and pin in config.json")
     parser.add_argument("--temperature", type=float, default=0.07,
                         help="contrastive temperature to store (research files hold only queries; default 0.07)")
-    parser.add_argument("--dtype", default="auto",
+    parser.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
                         help="dtype to load the backbone in (default: auto = the checkpoint's; the queries are "
                              "always saved in float32)")
     parser.set_defaults(func=run)
@@ -50,7 +51,10 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
 def run(args: argparse.Namespace) -> int:
     from ..hub import convert_reference
 
-    return report("convert-reference", lambda: convert_reference(
-        args.queries, args.backbone, args.out, num_queries=args.num_queries, revision=args.revision,
-        temperature=args.temperature, dtype=args.dtype,
-    ), lambda out: print(f"Wrote SLQ folder {out} (queries from {args.queries}, backbone {args.backbone})."))
+    def convert():
+        check_model_source(args.backbone, "--backbone")
+        return convert_reference(args.queries, args.backbone, args.out, num_queries=args.num_queries,
+                                 revision=args.revision, temperature=args.temperature, dtype=args.dtype)
+
+    return report("convert-reference", convert, lambda out: print(
+        f"Wrote SLQ folder {out} (queries from {args.queries}, backbone {args.backbone})."))

@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import argparse
+import os
 
 from ..data.karr_build import DEFAULT_TEMPLATE
 from ..data.karr_build import __doc__ as karr_doc
-from .common import add_model_options, check_output_file, resolve_device
+from .common import add_model_options, check_model_source, check_output_file, resolve_device
 from .reporting import FAILED, error, report
 
 DESCRIPTION = (karr_doc or "").split("\n\n", 1)[-1] + """
@@ -59,6 +60,11 @@ def run(args: argparse.Namespace) -> int:
             return error("karr-build", "no rewrite was kept; see --skipped and the prompt template.", FAILED)
 
     def build():
+        check_model_source(args.model, "--model")
+        check_model_source(args.backbone, "--backbone")
+        if args.template is not None and not os.path.isfile(args.template):
+            raise ValueError(f"--template {args.template}: no such file; give a text file with {{caption}} (and "
+                             "optionally {object}), or drop --template for the default prompt.")
         check_output_file(args.out, "--out")
         check_output_file(args.skipped, "--skipped")
         return karr_build(args.data, args.model, args.out, template=args.template, with_image=args.with_image,

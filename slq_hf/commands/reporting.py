@@ -26,9 +26,10 @@ def _line(text: str) -> None:
 
 
 def error(command: str, message: Any, status: int = BAD_INPUT) -> int:
-    """Print one error line for ``command``; returns ``status`` so ``return error(...)`` ends a ``run``."""
+    """Print one error line for ``command`` (``""``: the top level); returns ``status`` so ``return error(...)`` ends
+    a ``run``."""
     # One line even for libraries' multi-line messages (transformers' OSErrors), so the error is easy to spot.
-    _line(f"slq-hf {command}: error: {' '.join(str(message).split())}")
+    _line(f"slq-hf{' ' * bool(command)}{command}: error: {' '.join(str(message).split())}")
     return status
 
 

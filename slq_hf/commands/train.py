@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
+
+from .common import check_model_source
 
 DESCRIPTION = """\
 Train SLQ latent queries on a FROZEN vision-language backbone with symmetric InfoNCE (the paper's recipe:
@@ -57,15 +60,23 @@ def _non_negative_int(text: str) -> int:
     return value
 
 
-def _positive_float(text: str) -> float:
+def _finite_float(text: str) -> float:
+    # float() reads "inf": --lr inf saved Inf/NaN queries with exit status 0, --epochs inf crashed inside the Trainer.
     value = float(text)
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"expected a finite number, got {text}")
+    return value
+
+
+def _positive_float(text: str) -> float:
+    value = _finite_float(text)
     if not value > 0:
         raise argparse.ArgumentTypeError(f"expected a positive number, got {text}")
     return value
 
 
 def _non_negative_float(text: str) -> float:
-    value = float(text)
+    value = _finite_float(text)
     if not value >= 0:
         raise argparse.ArgumentTypeError(f"expected a number >= 0, got {text}")
     return value
@@ -170,10 +181,12 @@ def train(args: argparse.Namespace) -> dict:
     from slq_hf.hub.card import TRAINING_SUMMARY_NAME
     from slq_hf.training import SLQDataCollator, SLQTrainer, load_training_data
     from slq_hf.training.run import (
+        RUN_FILE,
         PlanPrinter,
         check_output_dir,
         check_strict,
         drop_earlier_run,
+        earlier_run,
         restore_earlier_run,
         resume_checkpoint,
         set_aside_earlier_run,
@@ -205,6 +218,7 @@ def train(args: argparse.Namespace) -> dict:
             # Quantize straight onto this process's GPU (torchrun sets LOCAL_RANK), not on the CPU first.
             backbone_kwargs["device_map"] = {"": int(os.environ.get("LOCAL_RANK", 0))}
     # The processor first: --strict checks every file before the (possibly large) backbone is loaded.
+    check_model_source(args.backbone, "--backbone")
     processor = AutoProcessor.from_pretrained(args.backbone)
     collator = SLQDataCollator(processor, strict=args.strict)
     if args.strict:
@@ -267,6 +281,10 @@ def train(args: argparse.Namespace) -> dict:
     except BaseException:  # Ctrl-C too: an overwritten run comes back when the new one does not finish
         if main_process and args.overwrite_output_dir:
             restore_earlier_run(args.output_dir)
+        elif main_process and resume is None and earlier_run(args.output_dir) == [RUN_FILE]:
+            # Stopped before its first checkpoint: nothing to resume, and a lone run file would make the same command
+            # refuse this folder as "an earlier run" whose --resume-from-checkpoint then finds no checkpoint.
+            os.remove(os.path.join(args.output_dir, RUN_FILE))
         raise
     if main_process:
         drop_earlier_run(args.output_dir)
