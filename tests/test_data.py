@@ -7,6 +7,7 @@ or reads like a camera file name (``IMG_0042.JPG``).
 from __future__ import annotations
 
 import json
+import os
 import re
 from pathlib import Path
 
@@ -16,7 +17,7 @@ from PIL import Image
 from slq_hf.data import FORMATS, READERS, DataFormatError, DatasetImage, Item, read_records
 from slq_hf.data.karr_build import read_pairs
 from slq_hf.evaluation import load_retrieval_dataset, read_jsonl
-from slq_hf.training import SLQDataCollator, example_roles, load_item, load_training_data
+from slq_hf.training import HFPairDataset, SLQDataCollator, example_roles, load_item, load_training_data
 
 
 def _png(path: Path, colour=(200, 30, 30)) -> Path:
@@ -179,11 +180,38 @@ def test_training_data_is_never_empty(files):
     ('{"query": "a", "positive": {"img": "a.png"}}', "'positive' is ['img']"),
     ('{"reference": "img/a.png", "target": "img/b.png"}', "missing ['text']"),
     ('{"caption": "x"}', "got keys ['caption']"),
+    # An empty query or positive is an empty caption in any form of line, not only on {"image", "text"} lines.
+    ('{"query": "", "positive": {"image": "img/a.png"}}', "'query' has an empty text ''"),
+    ('{"query": {"image": "img/a.png"}, "positive": "  "}', "'positive' has an empty text '  '"),
+    ('{"query": {"image": "img/a.png", "text": ""}, "positive": {"image": "img/b.png"}}', "'query' has an empty"),
+    # A role key of another form of line was dropped without a word (a hard negative lost).
+    ('{"image": "img/a.png", "text": "x", "negative": "y"}', "an image line cannot also have ['negative']"),
+    ('{"reference": "img/a.png", "text": "x", "target": "img/b.png", "negative": "y"}',
+     "a composed line cannot also have ['negative']"),
+    ('{"query": "x", "positive": {"image": "img/a.png"}, "image": "img/b.png"}',
+     "a pair line cannot also have ['image']"),
 ])
 def test_jsonl_errors_name_the_file_and_line(files, line, message):
     path = _jsonl(files / "d.jsonl", ['{"image": "img/a.png", "text": "fine"}', "", line])
     with pytest.raises(DataFormatError, match=re.escape(f"{path}:3: ") + ".*" + re.escape(message)):
         read_records(path)
+
+
+def test_pair_lines_keep_their_hard_negative_and_equal_the_image_line_form(files):
+    """The pair form of an image and its caption reads as the {"image", "text"} line does; its hard negative is
+    kept, and an empty hard negative is left for the collator to skip (as documented)."""
+    path = _jsonl(files / "d.jsonl", [{"image": "img/a.png", "text": "red"},
+                                      {"query": {"image": "img/a.png"}, "positive": "red", "negative": "blue"},
+                                      {"query": {"image": "img/a.png"}, "positive": "red", "negative": ""}])
+    plain, paired, empty = read_records(path)
+    assert (paired.query.image, paired.positives) == (plain.query.image, plain.positives)
+    assert paired.negative == Item(text="blue") and empty.negative == Item(text="")
+
+
+def test_a_split_field_is_matched_as_text(files):
+    path = _jsonl(files / "d.jsonl", [{"image": "img/a.png", "text": "x", "split": 1},
+                                      {"image": "img/b.png", "text": "y", "split": 2}])
+    assert [r.positives[0].text for r in read_records(path, split="1")] == ["x"]  # was: "no line has split '1'"
 
 
 def test_other_errors_name_what_to_do(files):
@@ -273,6 +301,21 @@ def test_format_detection_json_lines_named_json_and_upper_case_suffixes(files):
         read_records(one)
 
 
+def test_format_detection_of_a_jsonl_file_reads_its_first_record_only(files):
+    """Detection looked at one record but parsed the whole file first (a fifth of the reading time, twice the
+    peak memory on a large file); a bad later line is the reader's to report, with its line."""
+    from slq_hf.data import detect_format
+
+    path = _jsonl(files / "k.jsonl", [{"image": "img/a.png", "knowledge": "k"}, '{"image": "img/b.png", "kn'])
+    assert detect_format(path) == "karr"
+    with pytest.raises(DataFormatError, match=re.escape(f"{path}:2: invalid JSON")):
+        read_records(path)
+    path.write_bytes(b"\xef\xbb\xbf\n" + path.read_bytes())  # a byte-order mark on a blank first line
+    assert detect_format(path) == "karr"
+    with pytest.raises(DataFormatError, match=re.escape(f"{files / 'none.jsonl'}: data file not found")):
+        detect_format(files / "none.jsonl")
+
+
 def test_karpathy_images_resolve_like_the_other_readers(files, monkeypatch):
     """Default root: the JSON's own folder, through a symbolic link to it as for jsonl; "~" in image_root works."""
     real = files / "real"
@@ -307,3 +350,70 @@ def test_hf_captions_as_lists_of_dicts_and_sequence_features(files):
         records = read_records(table, "hf")
         assert [[p.text for p in r.positives] for r in records] == [["r1", "r2"], ["b1"]]
         assert [r.query.image for r in records] == [Path(images[0]), Path(images[1])]
+
+
+def test_hf_image_cells_holding_relative_paths_resolve_against_image_root(files, monkeypatch, tiny_backbone_path):
+    """An Image column of path-only cells resolves like a column of path strings (image_root, --image-root), in
+    evaluation and in training; a cell that cannot be read names its row and column."""
+    datasets = pytest.importorskip("datasets")
+    monkeypatch.chdir(files)
+    table = datasets.Dataset.from_dict({"image": ["img/a.png", "img/b.png"], "text": ["red", "blue"]}).cast_column(
+        "image", datasets.Image())
+    elsewhere = files / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)  # the relative paths no longer name the files from the working directory
+    dataset = load_retrieval_dataset(table, "hf", split=None, image_root=files)
+    assert [image.load().size for image in dataset.images] == [(32, 32), (32, 32)]
+    examples = HFPairDataset(table, image_root=files)
+    assert examples[1]["image"]["path"] == str(files / "img" / "b.png")
+    from transformers import AutoProcessor
+
+    processor = AutoProcessor.from_pretrained(tiny_backbone_path("qwen3_vl"))
+    SLQDataCollator(processor, strict=True)([examples[0], examples[1]])  # strict: raises on an unreadable image
+    with pytest.raises(ValueError, match=r"Image file not found \(row 0 of column 'image', file '.*img/a.png'\)"):
+        load_retrieval_dataset(table, "hf", split=None).images[0].load()
+
+
+@pytest.fixture
+def fake_gs(tmp_path, monkeypatch):
+    """A `gs` first on PATH that only writes a marker file: any attempt to run Ghostscript leaves the marker."""
+    from PIL import EpsImagePlugin
+
+    (tmp_path / "bin").mkdir()
+    marker, script = tmp_path / "gs_was_run", tmp_path / "bin" / "gs"
+    script.write_text(f"#!/bin/sh\necho \"$@\" >> {marker}\nexit 1\n")
+    script.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{tmp_path / 'bin'}{os.pathsep}{os.environ['PATH']}")
+    monkeypatch.setattr(EpsImagePlugin, "gs_binary", None)  # PIL caches the lookup: make it look again
+    return marker
+
+
+def test_hf_image_cells_are_opened_with_the_image_checks(files, fake_gs):
+    """A cell's bytes open only as one of the allowed formats (an EPS never reaches Ghostscript), and errors name
+    the row and column instead of PIL's "cannot identify image file <_io.BytesIO ...>"."""
+    datasets = pytest.importorskip("datasets")
+    eps = b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 16 16\n%%EndComments\nshowpage\n%%EOF\n"
+    png = (files / "img" / "a.png").read_bytes()
+    table = datasets.Dataset.from_dict({"image": [{"bytes": png, "path": None}, {"bytes": eps, "path": "x.png"},
+                                                  {"bytes": b"not an image", "path": None}],
+                                        "text": ["a", "b", "c"]}).cast_column("image", datasets.Image())
+    images = load_retrieval_dataset(table, "hf", split=None).images
+    assert images[0].load().size == (32, 32)
+    for row in (1, 2):
+        with pytest.raises(ValueError, match=rf"Cannot read image \(row {row} of column 'image'.*not an image"):
+            images[row].load()
+    assert not fake_gs.exists()
+
+
+def test_a_dataset_dict_of_one_split_needs_no_split(files):
+    """load_dataset reads a folder of data files as a DatasetDict with one "train" split: training (which names no
+    split) reads it instead of asking for a --split that slq-hf train does not have."""
+    pytest.importorskip("datasets")
+    folder = files / "hf_files"
+    folder.mkdir()
+    _jsonl(folder / "data.jsonl", [{"image": "../img/a.png", "text": "red"},
+                                   {"image": "../img/b.png", "text": "blue"}])
+    examples = load_training_data(folder)
+    assert [(e["image"], e["text"]) for e in examples] == [(str(folder / "../img/a.png"), "red"),
+                                                          (str(folder / "../img/b.png"), "blue")]
+    assert read_records(folder, "hf")[0].split == "train"

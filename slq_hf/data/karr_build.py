@@ -142,16 +142,19 @@ def rewrite_captions(backbone: Any, processor: Any, prompts: list[str], images: 
     """(N) greedy continuations of ``backbone.generate`` (``SLQModel.backbone``: the weights SLQ embeds with) for
     (N) ``prompts``, each one user turn of the chat template, after its image when ``images`` are given."""
     import torch
-    from PIL import Image
 
+    from ..modeling.image_files import image_budget, load_image
+
+    # Images go through the checks and conversions of every image input (allowed formats only: an EPS named .png
+    # never reaches Ghostscript; decoded-size limit, EXIF orientation, transparency on white, shrunk to the budget).
+    budget = image_budget(processor) if images is not None else None
     outputs: list[str] = []
     for start in range(0, len(prompts), batch_size):
         conversations = []
         for i in range(start, min(start + batch_size, len(prompts))):
             content: list[dict[str, Any]] = [{"type": "text", "text": prompts[i]}]
             if images is not None:
-                with Image.open(images[i]) as img:
-                    content.insert(0, {"type": "image", "image": img.convert("RGB")})
+                content.insert(0, {"type": "image", "image": load_image(images[i], budget=budget)})
             conversations.append([{"role": "user", "content": content}])
         # Left padding: every row continues its last token (a call option, so the shared processor keeps its own).
         batch = processor.apply_chat_template(conversations, add_generation_prompt=True, tokenize=True,
@@ -168,7 +171,8 @@ def build_karr(pairs: list[PairImage], out: str | os.PathLike, rewrite: Callable
                template: str = DEFAULT_TEMPLATE, default_split: str = "test") -> KarrBuildStats:
     """Rewrite each image's first caption with ``rewrite`` (prompts (N), images (N) -> texts (N), e.g.
     :func:`rewrite_captions` bound to a model) and write the kept ones to ``out`` in the KARR layout, image paths
-    relative to its folder; ``default_split`` is the split of lines whose input gave none."""
+    relative to its folder; ``default_split`` is the split of lines whose input gave none. When no rewrite is kept,
+    ``out`` is left as it was (an empty file is no KARR set, and a previous run's set would be lost)."""
     out = Path(out)
     objects = [pair.objects or object_words(pair.captions[0]) for pair in pairs]
     prompts = [template.format(caption=pair.captions[0], object=", ".join(words) or "the object")
@@ -187,9 +191,10 @@ def build_karr(pairs: list[PairImage], out: str | os.PathLike, rewrite: Callable
         lines.append({"image": os.path.relpath(pair.image.resolve(), out.resolve().parent), "knowledge": knowledge,
                       "caption": pair.captions[0], "split": pair.split or default_split,
                       "id": pair.id if pair.id is not None else str(index)})
-    out.parent.mkdir(parents=True, exist_ok=True)
-    text = "".join(json.dumps(line, ensure_ascii=False) + "\n" for line in lines)
-    atomic_write(out, lambda tmp: tmp.write_text(text, encoding="utf-8"))
+    if lines:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        text = "".join(json.dumps(line, ensure_ascii=False) + "\n" for line in lines)
+        atomic_write(out, lambda tmp: tmp.write_text(text, encoding="utf-8"))
     return KarrBuildStats(written=len(lines), skipped=skipped)
 
 

@@ -38,16 +38,29 @@ from .records import (
 
 TEXT_KEYS = ("text", "texts", "caption", "captions")
 PAIR_KEYS = ("query", "positive", "negative")
+# The keys that give an item a role, each in one form of line only, and what to write instead when a line mixes them.
+_PAIR_FORM = ('{"query": {"image": "a.jpg"}, "positive": "its caption", "negative": ...} (an image item is '
+              '{"image": "path"})')
+_ROLE_KEYS = {"negative": f"a hard negative needs the pair form {_PAIR_FORM}.",
+              "image": f"in a pair line an image is an item: {_PAIR_FORM}.",
+              "reference": "a composed query is {\"reference\", \"text\", \"target\"} alone.",
+              "target": "a composed query is {\"reference\", \"text\", \"target\"} alone."}
+_FORM_ROLES = {"pair": {"negative"}, "composed": {"reference", "target"}, "image": {"image"}}
 _HF_IMAGE_COLUMNS = ("image", "img", "jpg", "png", "image_path", "filepath", "file_name")
 _HF_TEXT_COLUMNS = ("text", "caption", "captions", "sentences", "raw", "txt", "sentence")
 
 
 # ---------------------------------------------------------------------------------------------------- jsonl
 def _pair_item(value: Any, role: str, base: Path, path: Path, line: int, check: bool) -> Item:
+    text = value if isinstance(value, str) else value.get("text") if isinstance(value, dict) else None
+    # An empty query or positive is an empty caption, an error when the file is read as on an {"image", "text"}
+    # line (the collator would skip the example, evaluation fail without the line); an empty hard negative is
+    # skipped by the collator, as documented.
+    if role != "negative" and isinstance(text, str) and not text.strip():
+        raise DataFormatError(path, f"{role!r} has an empty text {text!r}; give it a caption or drop the line.", line)
     if isinstance(value, str):
         return Item(text=value)
     if isinstance(value, dict) and value and set(value) <= {"image", "text"}:
-        text = value.get("text")
         if text is not None and not isinstance(text, str):
             raise DataFormatError(path, f"{role!r}['text'] is {type(text).__name__}; expected a string.", line)
         if "image" not in value:
@@ -65,14 +78,21 @@ def read_jsonl(path: str | os.PathLike, split: str | None = None, check_files: b
     for line, rec in json_lines(path, split):
         fields = {k: v for k, v in rec.items() if k not in (*PAIR_KEYS, "image", "reference", "target", *TEXT_KEYS)}
         where = dict(source=f"{path}:{line}", line=line, split=rec.get("split"), fields=fields)
-        if "query" in rec or "positive" in rec:
+        form = "pair" if "query" in rec or "positive" in rec else "composed" if (
+            "reference" in rec or "target" in rec) else "image"
+        stray = sorted(set(rec) & (_ROLE_KEYS.keys() - _FORM_ROLES[form]))
+        if stray and (form != "image" or "image" in rec):  # a role of another form would be dropped without a word
+            kind = "an image" if form == "image" else f"a {form}"
+            raise DataFormatError(path, f"{kind} line cannot also have {stray} (it would be ignored); "
+                                  f"{_ROLE_KEYS[stray[0]]}", line)
+        if form == "pair":
             missing = [k for k in ("query", "positive") if k not in rec]
             if missing:
                 raise DataFormatError(path, f"a pair line needs \"query\" and \"positive\" (\"negative\" optional); "
                                       f"missing {missing}.", line)
             items = {r: _pair_item(rec[r], r, base, path, line, check_files) for r in PAIR_KEYS if r in rec}
             yield Record(items["query"], (items["positive"],), items.get("negative"), **where)
-        elif "reference" in rec or "target" in rec:
+        elif form == "composed":
             missing = [k for k in ("reference", "text", "target") if k not in rec]
             if missing:
                 raise DataFormatError(path, "a composed line needs \"reference\", \"text\" and \"target\"; "
@@ -220,7 +240,8 @@ def _hf_captions(value: Any) -> Any:
 
 
 def load_hf(source: Any, split: str | None = None) -> tuple[Any, str]:
-    """(``datasets.Dataset``, label) from a Dataset, a DatasetDict (``split`` picks one) or a local folder."""
+    """(``datasets.Dataset``, label) from a Dataset, a DatasetDict (``split`` picks one; None: its only split) or a
+    local folder."""
     return _load_hf(source, split)[:2]
 
 
@@ -244,6 +265,8 @@ def _load_hf(source: Any, split: str | None) -> tuple[Any, str, str | None]:
                                   "reads a save_to_disk folder or a folder of data files, and this is empty or "
                                   "neither.") from err
     if isinstance(source, (datasets.DatasetDict, dict)):
+        if split is None and len(source) == 1:  # load_dataset puts a folder of data files in one "train" split
+            split = next(iter(source))
         if split is None:
             raise ValueError(f"{label} holds a DatasetDict with splits {sorted(source)}; pick one (split=, --split) "
                              "or point at one split's folder.")
@@ -261,8 +284,9 @@ def read_hf(source: Any, split: str | None = None, image_column: str | None = No
             image_root: str | os.PathLike | None = None, check_files: bool = True) -> Iterator[Record]:
     """One record per row (a caption or a list of captions); columns are detected from common names when None.
 
-    Image cells stay undecoded (:class:`DatasetImage`) until used; path strings resolve against ``image_root``
-    (default: the dataset folder, or the working directory for an in-memory dataset).
+    Image cells stay undecoded (:class:`DatasetImage`) until used; path strings, and Image cells holding only a
+    relative path, resolve against ``image_root`` (default: the dataset folder, or the working directory for an
+    in-memory dataset).
     """
     import datasets
 
@@ -287,7 +311,7 @@ def read_hf(source: Any, split: str | None = None, image_column: str | None = No
             where = f"{label}: row {row}"
             value = None if lazy else batch[image_column][n]
             if lazy or isinstance(value, dict) and (value.get("bytes") or value.get("path")):
-                image, name = DatasetImage(table, image_column, row), str(row)
+                image, name = DatasetImage(table, image_column, row, root), str(row)
             elif isinstance(value, str):
                 image, name = resolve_image(value, root, where, None, check_files), value
             else:
@@ -321,7 +345,15 @@ def detect_format(path: str | os.PathLike | Any) -> str:
                 return "karr" if "knowledge" in first else "jsonl"
         return "karpathy"
     if suffix == ".jsonl":
-        return "karr" if "knowledge" in json_lines(path)[0][1] else "jsonl"
+        if not path.is_file():
+            json_lines(path)  # raises, naming the file: not found
+        with path.open("rb") as handle:  # the first record only: parsing the whole file here doubled the reading
+            first = next((raw for raw in handle if raw.strip(b" \t\r\n\xef\xbb\xbf")), b"")  # blank, or a BOM
+        try:
+            record = json.loads(first.decode("utf-8-sig"))
+        except (UnicodeDecodeError, json.JSONDecodeError):
+            return "jsonl"  # the reader names the line and the problem
+        return "karr" if isinstance(record, dict) and "knowledge" in record else "jsonl"
     if not path.exists():
         raise DataFormatError(path, "data file not found.")
     raise DataFormatError(path, f"cannot tell the format from the suffix {path.suffix!r}; pass format= (--format) "

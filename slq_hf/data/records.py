@@ -4,7 +4,6 @@ optional hard negative, where it came from), and the helpers the file readers sh
 from __future__ import annotations
 
 import hashlib
-import io
 import json
 import os
 from collections.abc import Mapping
@@ -26,15 +25,21 @@ class DataFormatError(ValueError):
 
 @dataclass(frozen=True)
 class DatasetImage:
-    """An image in row ``row`` of ``column`` of a ``datasets`` table, read only when needed."""
+    """An image in row ``row`` of ``column`` of a ``datasets`` table, read only when needed. A cell holding only a
+    relative path is resolved against ``root`` (``image_root``, as for a column of path strings)."""
 
     dataset: Any = field(repr=False, compare=False)
     column: str
     row: int
+    root: Path | None = None
 
     def raw(self) -> dict[str, Any]:
         """The undecoded cell ``{"bytes", "path"}`` (what the training collator decodes)."""
-        return self.dataset[self.row][self.column] or {}
+        value = self.dataset[self.row][self.column] or {}
+        path = value.get("path")
+        if self.root is not None and not value.get("bytes") and isinstance(path, str) and path and "://" not in path:
+            value = {**value, "path": str(self.root / Path(path).expanduser())}  # an absolute path stays as it is
+        return value
 
     @cached_property
     def key(self) -> str:
@@ -50,10 +55,16 @@ class DatasetImage:
         return f"path:{value['path']}:{stat.st_size}:{stat.st_mtime_ns}"
 
     def load(self) -> Image.Image:
+        """The image, opened lazily (header only) with the checks every image input gets (allowed formats: an EPS
+        never reaches Ghostscript); SLQInputError naming the row and column, and the file, when it cannot be."""
+        from ..modeling.image_files import open_image
+
         value = self.raw()
         if not (value.get("bytes") or value.get("path")):
             raise ValueError(f"Row {self.row} of column {self.column!r} holds no image bytes or path.")
-        return Image.open(io.BytesIO(value["bytes"]) if value.get("bytes") else value["path"])
+        path = value.get("path")
+        label = f"row {self.row} of column {self.column!r}" + (f", file {path!r}" if path else "")
+        return open_image(value["bytes"] if value.get("bytes") else value["path"], label)
 
 
 ImageSource = str | os.PathLike | Image.Image | DatasetImage
@@ -128,7 +139,8 @@ def json_lines(path: Path, split: str | None = None) -> list[tuple[int, dict]]:
     if untagged:
         raise DataFormatError(path, "this line has no \"split\" while other lines do; give every line a split.",
                               untagged[0])
-    kept = [(line, rec) for line, rec in records if rec["split"] == split]
+    # As text: a file's "split": 1 is the split --split 1 names (the error below lists it as '1').
+    kept = [(line, rec) for line, rec in records if str(rec["split"]) == str(split)]
     if not kept:
         found = sorted({str(rec["split"]) for _, rec in records})
         raise DataFormatError(path, f"no line has split {split!r}; splits in the file: {found}.")
