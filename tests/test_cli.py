@@ -314,3 +314,28 @@ def test_max_batch_tokens_reaches_the_loaded_model(moved_model, data, tmp_path, 
         metrics.append(json.loads(out.read_text())["metrics"])
     for direction in ("t2i", "i2t"):  # a token budget changes batching, never the results
         assert metrics[0][direction] == pytest.approx(metrics[1][direction])
+
+
+def test_train_on_a_karpathy_json_keeps_its_test_split_out(tiny_backbone_path, tmp_path, capsys):
+    """A Karpathy JSON holds train, restval, val and test: `slq-hf train` reads its train split with restval (it read
+    every split, test included), --eval-data its val split; --split / --eval-split choose others ('all': every line)."""
+    splits = {"train": 3, "restval": 2, "val": 4, "test": 5}  # images per split, one caption each
+    images = []
+    for split, count in splits.items():
+        for n in range(count):
+            Image.new("RGB", (32, 32), (40 * n, 100, 200)).save(tmp_path / f"{split}{n}.png")
+            images.append({"filename": f"{split}{n}.png", "split": split,
+                           "sentences": [{"raw": f"square {n} of the {split} split"}]})
+    coco = tmp_path / "dataset_coco.json"
+    coco.write_text(json.dumps({"images": images}))
+
+    def examples(*options: str) -> tuple[int, int]:
+        run = tmp_path / f"run{len(list(tmp_path.glob('run*')))}"
+        assert main(["train", "--backbone", tiny_backbone_path("qwen3_vl"), "--train-data", str(coco), "--eval-data",
+                     str(coco), "--output-dir", str(run), "--num-queries", "2", "--max-steps", "1", "--batch-size",
+                     "2", "--use-cpu", *options]) == 0, capsys.readouterr().err
+        summary = json.loads((run / "training_summary.json").read_text())
+        return summary["train_data"]["examples"], summary["eval_data"]["examples"]
+
+    assert examples() == (5, 4)
+    assert examples("--split", "all", "--eval-split", "test") == (14, 5)

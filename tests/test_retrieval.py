@@ -543,6 +543,32 @@ def test_cli_build_search_json_info_and_refusals(slq_dir, image_folder, tmp_path
     assert "already compresses" in capsys.readouterr().err
 
 
+def test_cli_out_that_is_a_file_and_a_recorded_model_that_moved(slq_dir, image_folder, tmp_path, capsys):
+    """`index build --out` naming a file (or a path under one) is one line naming --out, before the model loads (it
+    was a bare "[Errno 20] Not a directory"); `search` without --model, when the SLQ folder recorded in the index has
+    moved, says the recorded folder is gone and asks for --model (it blamed a --model the user never passed)."""
+    import shutil
+
+    from slq_hf.cli import main
+
+    afile = tmp_path / "pairs.jsonl"
+    afile.write_text("{}\n")
+    for out in (afile, afile / "index"):
+        assert main(["index", "build", "--model", str(slq_dir), "--data", str(image_folder), "--out", str(out)]) == 2
+        err = capsys.readouterr().err
+        assert f"--out {out}: {afile} is a file" in err and "Traceback" not in err
+    moving = tmp_path / "slq_moving"
+    shutil.copytree(slq_dir, moving)
+    out = tmp_path / "index"
+    assert main(["index", "build", "--model", str(moving), "--data", str(image_folder), "--out", str(out),
+                 "--no-progress"]) == 0
+    capsys.readouterr()
+    moving.rename(tmp_path / "slq_moved")
+    assert main(["search", str(out), "--text", "a red star"]) == 2
+    err = capsys.readouterr().err
+    assert f"built by the SLQ folder {moving}, which no longer exists; pass --model" in err
+    assert main(["search", str(out), "--text", "a red star", "--model", str(tmp_path / "slq_moved")]) == 0
+
 def test_cli_rerank_reorders_the_top_k(slq_dir, image_folder, tmp_path, capsys):
     pytest.importorskip("slq_hf.modeling.reranking")
     from slq_hf.cli import main

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from pathlib import Path
 
 from .common import add_model_options, load_model
 from .reporting import report
@@ -104,6 +105,9 @@ def run_build(args: argparse.Namespace) -> int:
                 raise ValueError(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}.")
         if args.faiss:
             resolve_factory(args.faiss, args.precision)  # fail before loading the model
+        blocker = next((p for p in (Path(args.out), *Path(args.out).parents) if p.exists() and not p.is_dir()), None)
+        if blocker is not None:
+            raise ValueError(f"--out {args.out}: {blocker} is a file; the index is a folder. Choose another --out.")
         if args.device is None:
             args.device = rank_device()
         model = load_model(args)

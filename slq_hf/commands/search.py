@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 
 from .common import add_model_options, load_model
@@ -85,6 +86,9 @@ def run(args: argparse.Namespace) -> int:
             if not args.model:
                 raise ValueError(f"{args.index_dir} does not record which model built it (built from Python without "
                                  "model_source=); pass --model SLQ_DIR.")
+            if os.path.isabs(args.model) and not os.path.exists(args.model):  # moved or deleted since the build
+                raise ValueError(f"{args.index_dir} was built by the SLQ folder {args.model}, which no longer exists; "
+                                 "pass --model SLQ_DIR (the folder where it is now).")
         model = load_model(args)
         depth = args.rerank or args.k
         results = index.search(model, [value for _, value in queries], k=depth, query_set=args.query_set,

@@ -21,7 +21,9 @@ Training data (--train-data, --eval-data): a JSONL file, one pair per line; imag
   {"query": "a red car", "positive": {"image": "cars/17.jpg"}, "negative": {"image": "cars/18.jpg"}}
   {"query": {"image": "ref.jpg", "text": "same shirt in blue"}, "positive": {"image": "target.jpg"}}
 An item is a text string, {"image": path} or {"image": path, "text": str}; "negative" (a hard negative) is
-optional. A folder saved with datasets' save_to_disk (columns --image-column/--text-column) also works.
+optional. A folder saved with datasets' save_to_disk (columns --image-column/--text-column) also works, and
+so does a Karpathy-split JSON (dataset_coco.json): it trains on its train split (with restval) and evaluates on
+its val split unless --split / --eval-split say otherwise, so its test images never reach training.
 Unreadable images are skipped and counted (a warning at the end) unless --strict is given; an image file
 missing from --eval-data is an error before training (it would make the held-out set silently smaller).
 """
@@ -148,6 +150,12 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     data.add_argument("--eval-data", metavar="PATH", default=None,
                       help="held-out pairs: Recall@1 both ways (eval_t2i_R@1, eval_i2t_R@1, eval_mean_R@1) every "
                       "--eval-steps; the best checkpoint by --metric-for-best-model becomes the final model")
+    data.add_argument("--split", metavar="NAME", default=None,
+                      help="the split of --train-data to train on: a JSONL file's \"split\" value, a datasets split "
+                      "or a Karpathy split ('all': every line; default: every line, for a Karpathy JSON its train "
+                      "split with restval)")
+    data.add_argument("--eval-split", metavar="NAME", default=None,
+                      help="the same for --eval-data (default: every line, for a Karpathy JSON its val split)")
     data.add_argument("--eval-steps", type=_positive_int, default=None, metavar="N",
                       help="evaluate (and checkpoint) every N steps (default: --save-steps)")
     data.add_argument("--metric-for-best-model", default=DEFAULT_METRIC, metavar="NAME",
@@ -198,9 +206,10 @@ def train(args: argparse.Namespace) -> dict:
     resume = resume_checkpoint(args.output_dir, args.resume_from_checkpoint, run_settings(args))
     check_output_dir(args.output_dir, args.backbone, resuming=resume is not None, overwrite=args.overwrite_output_dir)
     columns = (args.image_column or "image", args.text_column or "text")
-    train_data = load_training_data(args.train_data, *columns)
+    train_data = load_training_data(args.train_data, *columns, split=_split(args.train_data, args.split, "train"))
     # Held-out data is read like `slq-hf eval` reads it: a missing image is an error now, not a smaller eval set.
-    eval_data = load_training_data(args.eval_data, *columns, check_files=True) if args.eval_data else None
+    eval_data = load_training_data(args.eval_data, *columns, split=_split(args.eval_data, args.eval_split, "val"),
+                                   check_files=True) if args.eval_data else None
 
     use_cpu = args.use_cpu or not torch.cuda.is_available()
     backbone_kwargs = {}
@@ -350,6 +359,16 @@ def _greater_is_better(metric: str) -> bool:
     return not metric.endswith("loss")
 
 
+def _split(path: str, given: str | None, karpathy_default: str) -> str | None:
+    """The split to read from ``path``: as given ('all': every line), else every line, except that a Karpathy JSON
+    reads ``karpathy_default`` (it holds train, restval, val and test: all of them would train on the test set)."""
+    from slq_hf.data import detect_format
+
+    if given is not None:
+        return None if given == "all" else given
+    return karpathy_default if detect_format(path) == "karpathy" else None
+
+
 def run_settings(args: argparse.Namespace) -> dict:
     """What defines a run: a resumed run must have the same (data, model and optimisation settings).
 
@@ -358,6 +377,6 @@ def run_settings(args: argparse.Namespace) -> dict:
     compared)."""
     keys = ("backbone", "train_data", "num_queries", "pooling", "query_init", "projection_dim", "training_path",
             "batch_size", "lr", "lr_scheduler", "warmup", "weight_decay", "epochs", "max_steps",
-            "seed", "temperature", "eval_data")
+            "seed", "temperature", "eval_data", "split", "eval_split")
     return {key: str(getattr(args, key)) if key in ("backbone", "train_data", "eval_data") else getattr(args, key)
             for key in keys}
