@@ -318,7 +318,7 @@ def test_max_batch_tokens_reaches_the_loaded_model(moved_model, data, tmp_path, 
 
 def test_train_on_a_karpathy_json_keeps_its_test_split_out(tiny_backbone_path, tmp_path, capsys):
     """A Karpathy JSON holds train, restval, val and test: `slq-hf train` reads its train split with restval (it read
-    every split, test included), --eval-data its val split; --split / --eval-split choose others ('all': every line)."""
+    every split, test included), --eval-data its val split; --split / --eval-split choose others ('all': all)."""
     splits = {"train": 3, "restval": 2, "val": 4, "test": 5}  # images per split, one caption each
     images = []
     for split, count in splits.items():
