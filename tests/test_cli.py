@@ -221,7 +221,9 @@ def test_karr_build_that_keeps_nothing_exits_1(moved_model, data, tmp_path, monk
     monkeypatch.setattr(karr_build, "rewrite_captions", lambda *args, **kwargs: ["a red square", ""])
     assert main(["karr-build", "--data", str(data), "--model", str(model), "--backbone", str(moved),
                  "--out", str(tmp_path / "k.jsonl")]) == 1
-    assert "no rewrite was kept" in _one_error_line(capsys, "karr-build")
+    assert f"no rewrite was kept, so --out {tmp_path / 'k.jsonl'} was left as it was" in _one_error_line(
+        capsys, "karr-build")
+    assert not (tmp_path / "k.jsonl").exists()
 
 
 # -------------------------------------------------------------------------------------------------- --backbone

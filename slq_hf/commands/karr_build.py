@@ -57,7 +57,8 @@ def run(args: argparse.Namespace) -> int:
         print(f"karr-build: {stats.total} images: wrote {stats.written} to {args.out}; skipped {stats.skipped_leak} "
               f"that leaked the object word and {stats.skipped_empty} empty rewrites.")
         if not stats.written:
-            return error("karr-build", "no rewrite was kept; see --skipped and the prompt template.", FAILED)
+            return error("karr-build", f"no rewrite was kept, so --out {args.out} was left as it was; see --skipped "
+                         "and the prompt template.", FAILED)
 
     def build():
         check_model_source(args.model, "--model")
