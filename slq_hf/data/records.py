@@ -43,8 +43,9 @@ class DatasetImage:
 
     @cached_property
     def key(self) -> str:
-        """Identifies the image's content: hash of its bytes, else its path with the file's size and mtime (as for
-        image files: a file replaced under the same name gets a new key). Equal images share a key."""
+        """Identifies the image: hash of its bytes, else its path with the file's size and mtime (a file replaced
+        under the same name gets a new key; the embedding cache keys such a cell on the file's bytes, with
+        :func:`file_digest`). Equal images share a key."""
         value = self.raw()
         if value.get("bytes"):
             return f"sha1:{hashlib.sha1(value['bytes']).hexdigest()}"
