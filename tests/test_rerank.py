@@ -75,12 +75,23 @@ def reference_likelihood(family, model, processor, image, text: str, user_text: 
     return logprobs[start - 1 : -1].gather(1, targets[:, None]).mean().item()
 
 
+def template_answer_token(processor, word: str) -> int:
+    """The first token of ``word`` as the chat template writes it as the assistant's answer (rendered and tokenised
+    whole): " a" after LLaVA's "ASSISTANT:", "a" after ChatML's "<|im_start|>assistant\n"."""
+    user = [{"role": "user", "content": [{"type": "text", "text": "q"}]}]
+    answer = [{"role": "assistant", "content": [{"type": "text", "text": word}]}]
+    prompt, full = (processor.tokenizer(processor.apply_chat_template(conversation, add_generation_prompt=generation,
+                                                                      tokenize=False), add_special_tokens=False)
+                    .input_ids for conversation, generation in ((user, True), (user + answer, False)))
+    assert full[: len(prompt)] == prompt
+    return full[len(prompt)]
+
+
 @torch.no_grad()
 def reference_yes_no(model, processor, image, text: str, prompt: YesNoPrompt) -> float:
     batch, _ = _reference_inputs(processor, image, prompt.question.replace("{text}", text), [])
     logits = model(**batch).logits[0, -1].float()
-    tokenizer = processor.tokenizer
-    yes, no = (tokenizer(w, add_special_tokens=False).input_ids[0] for w in (prompt.yes, prompt.no))
+    yes, no = (template_answer_token(processor, w) for w in (prompt.yes, prompt.no))
     return (logits[yes] - logits[no]).item()
 
 
@@ -106,9 +117,13 @@ def test_toy_likelihood_finds_the_right_pairs(scenes):
         assert rerank(model, processor, captions[i], [x.image for x in scenes]).order[0].item() == i
 
 
-@pytest.mark.parametrize("family", ["llava", "qwen3_vl"])
+@pytest.mark.parametrize("family", ["llava", "qwen3_vl", "smolvlm"])
 def test_yes_no_equals_the_reference(family, tiny_backbone_path, scenes):
+    """The answer words are read as the template writes an answer: after LLaVA's "ASSISTANT:" / SmolVLM's
+    "Assistant:" the model says " a" (one token, "Ġa"), not "a", which the scorer once read."""
     model, processor = _load(family, tiny_backbone_path)
+    if family != "qwen3_vl":  # the two spellings are different tokens, so reading the wrong one would show
+        assert template_answer_token(processor, "a") != processor.tokenizer("a", add_special_tokens=False).input_ids[0]
     captions = [s.caption for s in scenes]
     result = rerank(model, processor, scenes[2].image, captions, scorer="yes_no", yes_no=TINY_YES_NO, batch_size=2)
     expected = [reference_yes_no(model, processor, scenes[2].image, c, TINY_YES_NO) for c in captions]
@@ -532,15 +547,21 @@ def test_rerank_in_a_thread_leaves_another_threads_chat_template_intact(scenes):
     assert all(ids == expected for ids in seen)
 
 
+@pytest.mark.parametrize("scorer", ["likelihood", "yes_no"])
 @pytest.mark.parametrize("share_prefix", [True, False])
-def test_a_pair_longer_than_the_backbone_positions_is_refused_on_every_path(scenes, share_prefix):
+def test_a_pair_longer_than_the_backbone_positions_is_refused_on_every_path(scenes, share_prefix, scorer):
     """The toy backbone has 256 positions: a 300-token caption cannot be scored, with or without the shared prefix
-    (which builds its rows without the processor and once skipped the check)."""
+    (which builds its rows without the processor and once skipped the check). yes_no puts the text inside its
+    question, which was cut to fit (with a warning): its tail went, and texts differing past the cut tied."""
     model, processor = _load("toy", None)
     assert model.config.text_config.max_position_embeddings == 256
     long = " ".join(["a red circle"] * 100)  # 300 word tokens in the toy's word-level vocabulary
+    kwargs = {"yes_no": YesNoPrompt("{text} ? a or the", yes="a", no="the")} if scorer == "yes_no" else {}
     with pytest.raises(SLQInputError, match="candidate 1 has .* more than the backbone's 256 positions"):
-        rerank(model, processor, scenes[0].image, [scenes[0].caption, long], share_prefix=share_prefix)
+        rerank(model, processor, scenes[0].image, [scenes[0].caption, long], scorer, share_prefix=share_prefix,
+               **kwargs)
+    with pytest.raises(SLQInputError, match="candidate 0 has .* more than the backbone's 256 positions"):
+        rerank(model, processor, long, [scenes[0].image], scorer, **kwargs)
 
 
 def test_likelihood_on_a_template_whose_answer_header_differs_in_whitespace(tiny_backbone_path, scenes):
@@ -589,3 +610,18 @@ def test_an_option_of_the_other_scorer_is_refused(scenes, scorer, option):
     with pytest.raises(ValueError, match=f"{next(iter(option))}= only applies to the other scorer"):
         rerank(model, processor, scenes[0].image, [scenes[0].caption], scorer, **option)
 
+
+
+@pytest.mark.parametrize("share_prefix", [True, False])
+def test_a_non_finite_score_is_refused_not_ranked_first(tiny_backbone_path, scenes, share_prefix):
+    """A broken checkpoint row (or a float16 overflow) makes a pair's score NaN, which torch.sort puts first: the
+    broken candidate came back as the best match (order[0], top_k=1)."""
+    model, processor = _load("qwen2_vl", tiny_backbone_path)  # untied embeddings: only pairs holding "Q" break
+    broken = processor.tokenizer("Q", add_special_tokens=False).input_ids
+    assert len(broken) == 1 and not any("Q" in s.caption for s in scenes)
+    with torch.no_grad():
+        model.get_input_embeddings().weight[broken[0]] = float("nan")
+    captions = [s.caption for s in scenes[:3]]
+    assert torch.isfinite(rerank(model, processor, scenes[0].image, captions, share_prefix=share_prefix).scores).all()
+    with pytest.raises(ValueError, match="pair with candidate 3 nan .* check its weights and dtype"):
+        rerank(model, processor, scenes[0].image, captions + ["QQQ"], top_k=1, share_prefix=share_prefix)

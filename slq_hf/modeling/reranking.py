@@ -50,7 +50,8 @@ class YesNoPrompt:
     Attributes:
         question: user-turn text after the image; ``{text}`` is replaced by the text side of the pair. Keep
             ``{text}`` near the end: everything before it is shared by all candidates of an image query.
-        yes / no: answer words; each is scored by the logit of its FIRST token at the answer slot.
+        yes / no: answer words; each is scored by the logit of its FIRST token at the answer slot, tokenised as the
+            chat template writes an answer (" Yes" after SmolVLM's "Assistant:", see :func:`answer_template`).
     """
 
     question: str = 'Does the image match the text "{text}"? Answer with yes or no.'
@@ -216,21 +217,23 @@ def answer_ids(processor: Any, text: str, lead: str = "", end_id: int | None = N
     return ids + ([end_id] if end_id is not None else [])
 
 
-def yes_no_ids(processor: Any, prompt: YesNoPrompt) -> tuple[int, int]:
-    """(yes id, no id): the first token of each answer word; raises ValueError if the vocabulary lacks them."""
-    tokenizer = _tokenizer(processor)
-    unk = getattr(tokenizer, "unk_token_id", None)
+def yes_no_ids(processor: Any, prompt: YesNoPrompt, lead: str = "") -> tuple[int, int]:
+    """(yes id, no id): the first token of each answer word written after the template's ``lead`` (byte-level BPE
+    has both "Yes" and " Yes"; after "Assistant:" the model says the latter); ValueError if the vocabulary lacks them.
+    """
+    unk = getattr(_tokenizer(processor), "unk_token_id", None)
     out = []
     for word in (prompt.yes, prompt.no):
-        ids = tokenizer(word, add_special_tokens=False)["input_ids"]
+        ids = answer_ids(processor, word, lead)
         if not ids or (unk is not None and ids[0] == unk):
             raise ValueError(f"The yes_no scorer's answer word {word!r} is not in this backbone's vocabulary (it "
                              "tokenises to the unknown token); pass yes_no=YesNoPrompt(yes=..., no=...) with words "
                              "the backbone knows, or use scorer='likelihood'.")
         out.append(int(ids[0]))
     if out[0] == out[1]:
-        raise ValueError(f"The answer words {prompt.yes!r} and {prompt.no!r} start with the same token; pick words "
-                         "whose first tokens differ.")
+        raise ValueError(f"The answer words {prompt.yes!r} and {prompt.no!r} start with the same token (written "
+                         f"after {lead!r}, as this chat template writes an answer); pick words whose first tokens "
+                         "differ.")
     return out[0], out[1]
 
 
@@ -271,7 +274,7 @@ def _check_lengths(pairs: Sequence[_Pair], rows: Sequence[_Row], limit: int | No
     for pair, row in zip(pairs, rows, strict=True):
         if limit is not None and row.ids.shape[0] > limit:
             raise SLQInputError(f"The pair with {pair.source} has {row.ids.shape[0]} tokens, more than the "
-                                f"backbone's {limit} positions; shorten the text.")
+                                f"backbone's {limit} positions; shorten the text (or use a smaller image).")
 
 
 def _pad(tensors: list[torch.Tensor], side: str, value: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
@@ -569,11 +572,11 @@ def rerank(
     spec, token_keys = backbone_spec(model_type), _token_keys(model_type)
     settings: dict[str, Any] = {}
     yes_no = yes_no or YES_NO_DEFAULTS.get(model_type, _QWEN_YES_NO)
+    lead, end_id = answer_template(processor)
     if scorer == "yes_no":
-        settings["answer_ids"] = yes_no_ids(processor, yes_no)
+        settings["answer_ids"] = yes_no_ids(processor, yes_no, lead)
         answers = [[] for _ in pairs]
     else:
-        lead, end_id = answer_template(processor)
         answers = [answer_ids(processor, p.text, lead, end_id if end_of_turn else None) for p in pairs]
     tokenizer = _tokenizer(processor)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
@@ -582,7 +585,8 @@ def rerank(
     impl = SCORERS[scorer]
 
     def tokenised(chunk: list[_Pair], answers_chunk: list[list[int]]) -> tuple[list[_Row], Any]:
-        batch = collate(processor, [_prompt_item(p, scorer, yes_no) for p in chunk], instruction, max_length=limit)
+        # No max_length: collate would cut a long text (and the yes_no question's tail) to fit; refuse it instead.
+        batch = collate(processor, [_prompt_item(p, scorer, yes_no) for p in chunk], instruction)
         rows = _rows(batch, answers_chunk, token_keys)
         _check_lengths(chunk, rows, limit)
         return rows, batch
@@ -604,6 +608,10 @@ def rerank(
             image_inputs = {k: v.to(backbone.device) if isinstance(v, torch.Tensor) else v
                             for k, v in _image_kwargs(batch, token_keys).items()}
             scores[index] = torch.tensor(_score_full(backbone, spec, rows, image_inputs, impl, settings, pad_id))
+    bad = (~torch.isfinite(scores)).nonzero().flatten().tolist()
+    if bad:  # a NaN would sort first, as the best candidate
+        raise ValueError(f"The backbone scored the pair with {pairs[bad[0]].source} {scores[bad[0]].item()} "
+                         f"({len(bad)} non-finite in all); check its weights and dtype (float16 overflows).")
     ranking = torch.sort(scores, descending=True, stable=True).indices
     return RerankResult(scores=scores, order=ranking[:top_k] if top_k is not None else ranking, rewritten=rewritten)
 
