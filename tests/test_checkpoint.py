@@ -601,6 +601,36 @@ def test_a_mount_point_is_refused_before_writing():
     assert calls == []
 
 
+def _mounts_under(root: Path) -> list[str]:
+    with open("/proc/self/mounts") as handle:
+        points = [line.split()[1] for line in handle]
+    return sorted((p for p in points if p.startswith(str(root) + os.sep)), key=len, reverse=True)
+
+
+@pytest.mark.parametrize("kind", ["tmpfs", "bind"])
+def test_a_mount_inside_the_folder_is_refused_and_keeps_its_content(tmp_path, kind):
+    """A re-save carried a mounted runs/ over by copying it, then deleted the old folder, emptying the mounted file
+    system (a volume, a bind mount of a log directory). Now refused, and nothing changes."""
+    target, data = tmp_path / "slq", tmp_path / "data"
+    ck.write_folder(target, _write_slq)
+    (target / "runs").mkdir()
+    data.mkdir()
+    source = ["-t", "tmpfs", "-o", "size=1m", "none"] if kind == "tmpfs" else ["--bind", str(data)]
+    if subprocess.run(["mount", *source, str(target / "runs")], capture_output=True).returncode != 0:
+        pytest.skip("mounting needs privileges this environment lacks")
+    try:
+        (target / "runs" / "events.log").write_text("log")
+        before = tree_digest(target)
+        with pytest.raises(CheckpointError, match="runs.*mount point inside the folder.*Nothing was written"):
+            ck.write_folder(target, lambda out: _write_slq(out, 6))
+        assert tree_digest(target) == before and (target / "runs" / "events.log").read_text() == "log"
+        assert _mounts_under(tmp_path) == [str(target / "runs")]  # still mounted where it was
+        assert sorted(p.name for p in tmp_path.iterdir()) == ["data", "slq"]
+    finally:
+        for point in _mounts_under(tmp_path):
+            subprocess.run(["umount", point], check=True)
+
+
 def test_a_file_is_refused(tmp_path):
     (tmp_path / "model").write_text("x")
     with pytest.raises(CheckpointError, match="is a file"):

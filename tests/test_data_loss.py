@@ -187,6 +187,34 @@ def test_resave_of_the_same_model_is_byte_identical(tmp_path, models):
     assert tree_digest(target) == first
 
 
+def test_save_pretrained_push_to_hub_uploads_the_save_or_fails_loudly(tmp_path, models, monkeypatch):
+    """save_pretrained(push_to_hub=True) is transformers' "save, then upload": it was accepted and silently ignored,
+    so a user believed the Hub had the new queries. Offline (this suite), it now saves and then raises."""
+    from huggingface_hub import HfApi, ModelCard
+    from huggingface_hub.errors import EntryNotFoundError, OfflineModeIsEnabled
+    from huggingface_hub.hf_api import RepoUrl
+
+    target = tmp_path / "slq-push"
+    with pytest.raises(OfflineModeIsEnabled):
+        models[0].save_pretrained(target, push_to_hub=True)
+    assert sorted(SLQModel.from_pretrained(target, backbone=models[0].backbone).query_sets) == ["default", "doc"]
+    # With the Hub reachable (its API recorded at the boundary), the upload is the save, with the caller's options.
+    calls = []
+
+    def no_card(repo_id, **kwargs):
+        raise EntryNotFoundError(f"{repo_id} has no README.md")
+
+    monkeypatch.setattr(HfApi, "create_repo", lambda self, repo_id, **kw: RepoUrl(f"https://huggingface.co/{repo_id}"))
+    monkeypatch.setattr(HfApi, "create_commit", lambda self, repo_id, operations, **kw: calls.append((
+        repo_id, kw["commit_message"], {op.path_in_repo: Path(op.path_or_fileobj).read_bytes() for op in operations})))
+    monkeypatch.setattr(ModelCard, "load", no_card)
+    models[0].save_pretrained(target, push_to_hub=True, repo_id="me/slq", commit_message="new queries")
+    ((repo_id, message, uploaded),) = calls
+    assert (repo_id, message) == ("me/slq", "new queries")
+    assert uploaded["model.safetensors"] == (target / "model.safetensors").read_bytes()
+    assert uploaded["query_sets/doc.safetensors"] == (target / "query_sets" / "doc.safetensors").read_bytes()
+
+
 def _max_seq_length(folder: Path) -> int | None:
     return json.loads((folder / "sentence_bert_config.json").read_text()).get("max_seq_length")
 

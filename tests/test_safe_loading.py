@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import pickle
+import shutil
 import subprocess
 import sys
 import textwrap
@@ -21,7 +22,8 @@ from safetensors.torch import save_file
 from transformers import AutoModel
 
 from slq_hf import SLQModel
-from slq_hf.modeling.checkpoint import WEIGHTS_NAME
+from slq_hf.hub import convert_reference
+from slq_hf.modeling.checkpoint import WEIGHTS_NAME, CheckpointError
 
 from helpers import sparse_query_file
 
@@ -443,3 +445,45 @@ def test_malformed_config_json_is_refused_naming_the_file(saved, edit, message):
     with pytest.raises((OSError, ValueError), match=message) as info:
         SLQModel.from_pretrained(saved)
     assert str(saved) in str(info.value) and "config.json" in str(info.value)
+
+
+@pytest.mark.parametrize("case", ["text file", "float8", "no rows", "float64 beyond float32"])
+def test_convert_reference_bad_inputs_name_the_file(tiny_backbone_path, tmp_path, capsys, case):
+    """Each of these ended in a traceback (KeyError, NotImplementedError) or an error naming "state dict" or
+    SLQConfig instead of the input file; the CLI now prints one line naming the file and exits 2."""
+    from slq_hf.cli import main as cli_main
+
+    path, backbone = tmp_path / "queries.pt", tiny_backbone_path("qwen3_vl")
+    if case == "text file":
+        path.write_text("hello")
+    elif case == "float8":
+        torch.save(torch.ones(4, 64).to(torch.float8_e4m3fn), path)
+    elif case == "no rows":
+        torch.save(torch.zeros(0, 64), path)
+    else:
+        torch.save(torch.full((4, 64), 1e300, dtype=torch.float64), path)
+    with pytest.raises(ValueError, match=f"^{path}: "):
+        convert_reference(path, backbone, tmp_path / "out")
+    capsys.readouterr()
+    assert cli_main(["convert-reference", str(path), "--backbone", backbone, "--out", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("slq-hf convert-reference: error: ") and str(path) in err and "Traceback" not in err
+    assert not (tmp_path / "out").exists()
+
+
+def test_convert_reference_refuses_another_models_folder_before_loading_the_backbone(tiny_backbone_path, tmp_path):
+    backbone = tmp_path / "backbone"
+    shutil.copytree(tiny_backbone_path("qwen3_vl"), backbone)
+    torch.save(torch.ones(4, 64), tmp_path / "queries.pt")
+    (backbone / "model.safetensors").write_bytes(b"not read: the refusal comes first")  # loading it would fail
+    with pytest.raises(CheckpointError, match="refusing to save an SLQ model here"):
+        convert_reference(tmp_path / "queries.pt", str(backbone), backbone)
+
+
+def test_output_loading_info_returns_the_model_and_an_empty_report(saved, model):
+    """transformers' output_loading_info=True went on to the backbone, whose (model, info) tuple then crashed the
+    SLQ load with "'tuple' object has no attribute 'config'"."""
+    loaded, info = AutoModel.from_pretrained(saved, output_loading_info=True)
+    assert isinstance(loaded, SLQModel) and torch.equal(loaded.queries, model.queries)
+    assert info == {"missing_keys": [], "unexpected_keys": [], "mismatched_keys": [], "error_msgs": []}
+    assert isinstance(SLQModel.from_pretrained(saved, backbone=model.backbone, output_loading_info=False), SLQModel)

@@ -31,6 +31,7 @@ def convert_reference(queries_path: str | os.PathLike, backbone: str, out_dir: s
     from transformers import AutoConfig
 
     from ..modeling import SLQModel
+    from ..modeling.checkpoint import check_save_target
 
     path = Path(queries_path)
     if not path.is_file():
@@ -43,9 +44,10 @@ def convert_reference(queries_path: str | os.PathLike, backbone: str, out_dir: s
         tensor = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as err:
         raise ValueError(f"{path}: refused to load: it holds Python objects other than tensors (pickled code or "
-                         f"classes), which torch.load(weights_only=True) does not execute. Re-save the queries as a "
-                         f"plain tensor: torch.save(queries.detach().cpu(), path). Details: {err}") from err
-    except (OSError, RuntimeError, EOFError) as err:
+                         f"classes), which torch.load(weights_only=True) does not execute, or it is not a torch.save "
+                         f"file at all. Re-save the queries as a plain tensor: torch.save(queries.detach().cpu(), "
+                         f"path). Details: {err}") from err
+    except (OSError, RuntimeError, EOFError, KeyError, ValueError) as err:  # KeyError: a text file's first byte
         raise ValueError(f"{path}: not a readable torch.save file ({err}).") from err
     if isinstance(tensor, Mapping):  # a dict of tensors: its one tensor, or its queries entry
         tensors = {k: v for k, v in tensor.items() if isinstance(v, torch.Tensor)}
@@ -56,19 +58,24 @@ def convert_reference(queries_path: str | os.PathLike, backbone: str, out_dir: s
         tensor = tensors[named[0]]
     if not isinstance(tensor, torch.Tensor):
         raise ValueError(f"{path}: holds a {type(tensor).__name__}; expected a tensor [N_q, hidden] or [hidden].")
-    if not tensor.is_floating_point():
-        raise ValueError(f"{path}: the queries have dtype {tensor.dtype}; expected a float tensor.")
+    if tensor.dtype not in (torch.float32, torch.float16, torch.bfloat16, torch.float64):  # float8 has no isfinite
+        raise ValueError(f"{path}: the queries have dtype {tensor.dtype}; expected a float32, float16, bfloat16 or "
+                         "float64 tensor.")
     if tensor.ndim == 1:
         tensor = tensor.unsqueeze(0).expand(num_queries or 1, -1)  # (N_q, H): one vector in every slot
     elif tensor.ndim == 3 and tensor.shape[0] == 1:
         tensor = tensor[0]  # (1, N_q, H) as saved from a batched parameter
     if tensor.ndim != 2:
         raise ValueError(f"{path}: queries have shape {tuple(tensor.shape)}; expected [N_q, hidden] or [hidden].")
+    if tensor.shape[0] == 0:
+        raise ValueError(f"{path}: holds 0 queries (shape {tuple(tensor.shape)}); expected at least one.")
     if num_queries is not None and tensor.shape[0] != num_queries:
         raise ValueError(f"{path}: holds {tensor.shape[0]} queries but num_queries={num_queries} (--num-queries) was "
                          "given.")
+    tensor = tensor.float()  # as saved; float64 beyond float32's range becomes Inf here, so check after
     if not torch.isfinite(tensor).all():
-        raise ValueError(f"{path}: the queries contain NaN or Inf values.")
+        raise ValueError(f"{path}: the queries contain NaN or Inf values (in float32).")
+    check_save_target(out_dir)  # a folder of another model (e.g. --out = --backbone) fails before the backbone loads
     # The width check reads the backbone's config only (no weights), so a mismatch fails early and clearly.
     text_config = AutoConfig.from_pretrained(backbone, revision=revision).get_text_config()
     hidden_size, width = getattr(text_config, "hidden_size", None), tensor.shape[1]
@@ -79,7 +86,7 @@ def convert_reference(queries_path: str | os.PathLike, backbone: str, out_dir: s
     model = SLQModel.from_backbone(backbone, num_queries=tensor.shape[0], revision=revision, temperature=temperature,
                                    **backbone_kwargs)
     state = model.trainable_state_dict()
-    state["queries"] = tensor.float().contiguous()
+    state["queries"] = tensor.contiguous()
     model.load_trainable_state(state)  # checks the shape against the loaded embedding width once more
     model.save_pretrained(out_dir)
     return Path(out_dir)

@@ -565,10 +565,13 @@ def _clean_leftovers(target: Path) -> None:
 
 def _link_tree(source: Path, dest: Path) -> None:
     """Recreate ``source`` at ``dest`` with hard links (no data copied; the old folder stays intact), copying files
-    where the file system cannot link."""
+    where the file system cannot link. A mount point inside the folder is refused: its content would be copied, and
+    then deleted from the mounted file system with the old folder."""
     if source.is_symlink():
         os.symlink(os.readlink(source), dest)
     elif source.is_dir():
+        if os.path.ismount(source):
+            raise _mounted(source)
         dest.mkdir()
         for child in source.iterdir():
             _link_tree(child, dest / child.name)
@@ -578,8 +581,16 @@ def _link_tree(source: Path, dest: Path) -> None:
     else:
         try:
             os.link(source, dest)
-        except OSError:
+        except OSError as err:
+            if err.errno == errno.EXDEV:  # a bind mount (ismount cannot see one of the same file system)
+                raise _mounted(source) from None
             shutil.copy2(source, dest)
+
+
+def _mounted(path: Path) -> CheckpointError:
+    return CheckpointError(f"{path}: is (on) a mount point inside the folder being saved; the save replaces the "
+                           "folder, which would empty that file system. Nothing was written. Unmount it, or save "
+                           "into another folder.")
 
 
 def _fsync_tree(root: Path) -> None:

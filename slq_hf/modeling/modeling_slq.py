@@ -277,6 +277,7 @@ class SLQModel(PreTrainedModel):
         path = pretrained_model_name_or_path
         for key in _AUTO_CLASS_KWARGS:
             kwargs.pop(key, None)
+        loading_info = kwargs.pop("output_loading_info", False)  # transformers' (model, info); not the backbone's
         shared = {k: kwargs.pop(k) for k in _SHARED_HUB_KWARGS if k in kwargs}
         location = {"revision": kwargs.pop("revision", None), "subfolder": kwargs.pop("subfolder", ""), **shared}
         overrides = {k: kwargs.pop(k) for k in list(kwargs) if k in _CONFIG_FIELDS}
@@ -318,7 +319,8 @@ class SLQModel(PreTrainedModel):
         for name, queries in sets["sets"].items():
             model.latent_queries.replace(name, queries, f"{path}/{query_set_file(name)}")
         model.latent_queries.set_active(sets["active"])
-        return model.eval()
+        info = {"missing_keys": [], "unexpected_keys": [], "mismatched_keys": [], "error_msgs": []}  # all checked
+        return (model.eval(), info) if loading_info else model.eval()
 
     # ------------------------------------------------------------------------------------------------ saving
     def trainable_state_dict(self) -> dict[str, torch.Tensor]:
@@ -381,7 +383,8 @@ class SLQModel(PreTrainedModel):
 
         Extra keyword arguments of ``PreTrainedModel.save_pretrained`` (``state_dict``, ``safe_serialization``,
         ``max_shard_size``, ...) are accepted and ignored: only trainable tensors are written, always as safetensors.
-        ``push_to_hub`` (transformers' own) saves through this method, so only queries ever go up.
+        ``push_to_hub=True`` then uploads through ``push_to_hub(repo_id)`` (``repo_id`` defaults to the folder's name),
+        which saves through this method, so only queries ever go up.
         The processor is not copied when the backbone is a Hub id pinned to a revision (``processor_files.py``);
         ``bundle_processor=True`` copies it anyway (offline use).
         """
@@ -408,6 +411,10 @@ class SLQModel(PreTrainedModel):
             save_processor(self.processor, out, self.config, bundle_processor)
 
         write_folder(save_directory, write)
+        if kwargs.get("push_to_hub"):  # transformers uploads here; ignoring it would leave the Hub silently stale
+            hub = {k: kwargs[k] for k in ("commit_message", "private", "token", "create_pr", "revision")
+                   if k in kwargs}
+            self.push_to_hub(kwargs.get("repo_id") or Path(os.path.abspath(save_directory)).name, **hub)
 
     # ----------------------------------------------------------------------------------------------- query sets
     @property
