@@ -153,6 +153,15 @@ def test_projection_head_shrinks_embedding(tiny_backbone_path, tmp_path):
     torch.testing.assert_close(reloaded.encode(INPUTS[:2]), emb, atol=1e-6, rtol=0)
 
 
+def test_a_model_cast_to_bfloat16_with_a_head_still_encodes(tiny_backbone_path):
+    """``model.to(torch.bfloat16)`` casts the head with everything else; pooling hands it float32 states (it raised
+    "mat1 and mat2 must have the same dtype"). The output stays float32 and near the float32 model's."""
+    model = SLQModel.from_backbone(tiny_backbone_path("qwen3_vl"), num_queries=NUM_QUERIES, projection_dim=16)
+    full = model.encode(INPUTS[:2])
+    half = model.to(torch.bfloat16).encode(INPUTS[:2])
+    assert half.dtype == torch.float32 and half.shape == (2, 16)
+    assert (half - full).abs().max() < 0.1 and torch.isfinite(half).all()
+
 def test_last_pooling_uses_last_query_only(tiny_backbone_path):
     model = SLQModel.from_backbone(tiny_backbone_path("qwen3_vl"), num_queries=NUM_QUERIES, pooling="last")
     batch = slq_hf.processing.collate(model.processor, [slq_hf.processing.to_item("a cat")])

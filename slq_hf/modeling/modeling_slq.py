@@ -610,8 +610,8 @@ class SLQModel(PreTrainedModel):
         """(B, N_q, H) -> (B, embedding_dim) float32: mean (or last) query, optional head, optional L2 norm."""
         states = query_states.float()
         pooled = states.mean(dim=1) if self.config.pooling == "mean" else states[:, -1]
-        if self.projection is not None:
-            pooled = self.projection(pooled)
+        if self.projection is not None:  # in its own dtype: model.to(torch.bfloat16) casts the head too
+            pooled = self.projection(pooled.to(self.projection.weight.dtype)).float()
         return nn.functional.normalize(pooled, dim=-1) if self.config.normalize else pooled
 
     def forward(
