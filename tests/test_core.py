@@ -162,6 +162,27 @@ def test_a_model_cast_to_bfloat16_with_a_head_still_encodes(tiny_backbone_path):
     assert half.dtype == torch.float32 and half.shape == (2, 16)
     assert (half - full).abs().max() < 0.1 and torch.isfinite(half).all()
 
+def test_a_head_too_large_to_save_is_refused_before_allocating(tiny_backbone_path, model, tmp_path, capsys):
+    """A projection head over the 1 GiB an SLQ checkpoint may hold is refused from the config, before its weight is
+    allocated (one row over the limit too); through the CLI it was a RuntimeError traceback from the allocation."""
+    from PIL import Image
+
+    from slq_hf.cli import main
+
+    hidden = model.config.hidden_size
+    with pytest.raises(ValueError, match=rf"projection_size={2**30 // hidden} makes a 4096 MiB head on this "
+                                         rf"{hidden}-wide backbone, more than the 1024 MiB"):
+        SLQModel.from_backbone(model.backbone, num_queries=NUM_QUERIES, projection_dim=2**30 // hidden)
+    with pytest.raises(ValueError, match="more than the 1024 MiB"):
+        SLQModel.from_backbone(model.backbone, num_queries=NUM_QUERIES, projection_dim=2**28 // hidden + 1)
+    Image.new("RGB", (32, 32), (200, 30, 30)).save(tmp_path / "red.png")
+    (tmp_path / "pairs.jsonl").write_text(json.dumps({"image": "red.png", "text": "a red square"}) + "\n")
+    assert main(["train", "--backbone", tiny_backbone_path("qwen3_vl"), "--train-data", str(tmp_path / "pairs.jsonl"),
+                 "--output-dir", str(tmp_path / "run"), "--projection-dim", "100000000", "--use-cpu"]) == 2
+    err = capsys.readouterr().err
+    assert "projection_size=100000000 makes a" in err and "Traceback" not in err
+
+
 def test_last_pooling_uses_last_query_only(tiny_backbone_path):
     model = SLQModel.from_backbone(tiny_backbone_path("qwen3_vl"), num_queries=NUM_QUERIES, pooling="last")
     batch = slq_hf.processing.collate(model.processor, [slq_hf.processing.to_item("a cat")])

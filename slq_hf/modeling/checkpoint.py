@@ -331,6 +331,7 @@ def check_config_for_backbone(config: Any, backbone_config: Any, vocab_size: int
 
     - ``num_queries`` leaves room for a prompt within the backbone's positions (``max_position_embeddings``);
     - ``hidden_size`` (when set) equals the backbone's width;
+    - a ``projection_size`` head fits the checkpoint size limit (``MAX_TENSOR_BYTES``);
     - ``placeholder_token_id`` (when set) is inside the vocabulary and not a special (image/video/vision) token.
 
     Args:
@@ -351,6 +352,11 @@ def check_config_for_backbone(config: Any, backbone_config: Any, vocab_size: int
     if config.hidden_size is not None and isinstance(width, int) and config.hidden_size != width:
         raise CheckpointError(f"{source}: hidden_size={config.hidden_size} but the backbone embeds tokens in {width} "
                               "dimensions; queries trained on one backbone cannot run on another.")
+    head = (getattr(config, "projection_size", None) or 0) * (width if isinstance(width, int) else 0) * 4
+    if head > MAX_TENSOR_BYTES:  # float32 (projection_size, hidden_size): it could never be saved and loaded again
+        raise CheckpointError(f"{source}: projection_size={config.projection_size} makes a {head / 2**20:.0f} MiB "
+                              f"head on this {width}-wide backbone, more than the {MAX_TENSOR_BYTES // 2**20} MiB "
+                              "an SLQ checkpoint may hold; pick a smaller projection_dim.")
     token = config.placeholder_token_id
     if token is None:
         return
