@@ -696,6 +696,27 @@ def test_plan_notes_weight_decay_when_a_run_repeats_its_data(tmp_path, capsys, s
     assert ("--weight-decay 1.0" in plan) == noted
 
 
+@pytest.mark.parametrize(("pairs", "batch", "steps"), [(10, 4, 3), (33, 32, 2)])
+def test_plan_counts_the_last_smaller_batch_of_an_epoch_as_a_step(tmp_path, capsys, pairs, batch, steps):
+    """One epoch of 10 pairs in batches of 4 is 3 steps (4, 4, 2), of 33 in batches of 32 is 2. The plan printed
+    "3 steps = 1.20 epochs" and "2 steps = 1.94 epochs", the latter with the several-epochs weight-decay note."""
+    import argparse
+
+    from transformers import TrainerState
+
+    from slq_hf.training.run import PlanPrinter
+
+    cli = argparse.Namespace(batch_size=batch, micro_batch_size=None, train_data="train.jsonl", lr=1e-2,
+                             lr_scheduler="cosine", warmup=0, weight_decay=0.0, num_queries=4, pooling="mean",
+                             query_init="normal", eval_steps=None, save_steps=500, keep_last=False,
+                             metric_for_best_model="mean_R@1", eval_data=None)
+    PlanPrinter(cli, train_size=pairs, eval_size=0, resume=None).on_train_begin(
+        _args(tmp_path), TrainerState(max_steps=steps), None)
+    plan = capsys.readouterr().out
+    assert f"{steps} steps = 1.00 epochs" in plan
+    assert "--weight-decay 1.0" not in plan
+
+
 def _summary(out: Path) -> dict:
     return json.loads((out / "training_summary.json").read_text())
 

@@ -23,6 +23,9 @@ logger = logging.getLogger(__name__)
 SOURCE_KEY = "_source"
 # Batch key carrying the descriptions of skipped examples to SLQTrainer (set only when report_skips_in_batch=True).
 SKIPPED_KEY = "slq_skipped_examples"
+# Batch key (set with SKIPPED_KEY) of (examples given, their positions that were skipped): under torchrun, SLQTrainer's
+# evaluation puts an empty row in each skipped example's place, so every rank's predictions keep their rows.
+ROWS_KEY = "slq_example_rows"
 # Batch key of the list of micro-batches (GradCache); each is a complete pair batch of consecutive examples.
 MICRO_BATCHES_KEY = "slq_micro_batches"
 PAIR_KEYS = ("query", "positive", "negative")
@@ -197,13 +200,14 @@ class SLQDataCollator:
                 del loaded[index]
             batch = self._collate_all(list(loaded.values())) if loaded else None
         self._record(skipped)
+        report = {SKIPPED_KEY: [str(s) for s in skipped], ROWS_KEY: (len(examples), [s.index for s in skipped])}
         if batch is None and self.report_skips_in_batch:
-            return {SKIPPED_KEY: [str(s) for s in skipped]}  # SLQTrainer skips the step and counts the examples
+            return report  # SLQTrainer skips the step and counts the examples
         if batch is None:
             raise SLQInputError(f"All {len(examples)} examples of this batch could not be loaded: "
                                 f"{'; '.join(map(str, skipped[:3]))}. Check the data paths and files.")
         if self.report_skips_in_batch:
-            batch[SKIPPED_KEY] = [str(s) for s in skipped]
+            batch.update(report)
         return batch
 
     def _collate_all(self, loaded: list[dict[str, SLQItem]]) -> dict[str, Any]:

@@ -163,7 +163,9 @@ class PlanPrinter(TrainerCallback):
             return
         a = self.args
         contrastive = a.batch_size * args.world_size
-        epochs = state.max_steps * contrastive / max(self.train_size, 1)
+        # An epoch's last, smaller batch is a step too: 33 pairs in batches of 32 are 2 steps an epoch, not 1.03.
+        steps_per_epoch = math.ceil(math.ceil(self.train_size / contrastive) / args.gradient_accumulation_steps)
+        epochs = state.max_steps / max(steps_per_epoch, 1)
         lines = [
             f"Plan: {self.train_size:,} training pairs ({a.train_data}), {state.max_steps:,} steps "
             f"= {epochs:.2f} epochs",

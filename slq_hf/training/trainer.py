@@ -18,8 +18,8 @@ from transformers import Trainer
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, rotate_checkpoints
 
 from ..modeling.checkpoint import query_set_file, replace_folder, write_folder
-from .collator import MICRO_BATCHES_KEY, SKIPPED_KEY, SLQDataCollator, example_roles
-from .gradcache import contrastive_loss, embed_side, gradcache_backward, side_inputs
+from .collator import MICRO_BATCHES_KEY, ROWS_KEY, SKIPPED_KEY, SLQDataCollator, example_roles
+from .gradcache import _average_gradients, contrastive_loss, embed_side, gradcache_backward, side_inputs
 
 logger = logging.getLogger(__name__)
 
@@ -82,6 +82,11 @@ def retrieval_metrics(eval_pred: Any, directions: tuple[str, str] = ("query2posi
     if len(matrices) < 2:
         return {}
     query, positive = matrices[0], matrices[1]
+    # NaN rows stand for examples a process could not load (SLQTrainer under torchrun): not part of the eval set.
+    loaded = ~(np.isnan(query).any(axis=1) | np.isnan(positive).any(axis=1))
+    query, positive = query[loaded], positive[loaded]
+    if not len(query):
+        return {}
     scores = query @ positive.T  # (N, N)
     target = np.arange(scores.shape[0])
     forward = 100 * float((scores.argmax(axis=1) == target).mean())
@@ -150,6 +155,7 @@ class SLQTrainer(Trainer):
         return data_collator
 
     def _prepare_inputs(self, inputs: dict[str, Any]) -> dict[str, Any]:
+        inputs.pop(ROWS_KEY, None)
         skipped = inputs.pop(SKIPPED_KEY, None)
         if skipped:
             self.skipped_examples["train" if self.model.training else "eval"].extend(skipped)
@@ -157,6 +163,12 @@ class SLQTrainer(Trainer):
 
     def training_step(self, model, inputs: dict[str, Any], num_items_in_batch=None) -> torch.Tensor:
         if self._skip_step(inputs):
+            unwrapped = self.accelerator.unwrap_model(model)
+            if (self.args.world_size > 1 and self.micro_batch_size is None and self.accelerator.sync_gradients
+                    and any(p.grad is not None for p in unwrapped.parameters() if p.requires_grad)):
+                # DDP averages a gradient-accumulation window's gradients in the backward of its last batch; when
+                # that batch is skipped, average them here, or every rank steps with its own and their queries part.
+                _average_gradients(unwrapped)
             return torch.zeros((), device=self.args.device)
         if MICRO_BATCHES_KEY not in inputs:
             return super().training_step(model, inputs, num_items_in_batch)
@@ -242,7 +254,7 @@ class SLQTrainer(Trainer):
         return any_empty or alone
 
     def prediction_step(self, model, inputs, prediction_loss_only: bool, ignore_keys: list[str] | None = None):
-        if MICRO_BATCHES_KEY in inputs:
+        if MICRO_BATCHES_KEY in inputs or self.args.world_size > 1:
             return self._micro_batched_prediction_step(model, inputs, prediction_loss_only)
         if "input_ids" not in inputs:  # every example of this eval batch was unloadable
             self.skipped_examples["eval"].extend(inputs.pop(SKIPPED_KEY, None) or [])
@@ -252,22 +264,43 @@ class SLQTrainer(Trainer):
         return super().prediction_step(model, inputs, prediction_loss_only, ignore_keys=ignore_keys)
 
     def _micro_batched_prediction_step(self, model, inputs, prediction_loss_only: bool):
-        """Evaluation of a GradCache batch: the micro-batches' embeddings, one loss over the whole batch.
+        """Evaluation from the embeddings: of a GradCache batch's micro-batches, and of every batch under torchrun;
+        one loss over the whole (global) batch.
 
         Returns what the plain path returns for a pair batch: (loss (), (query (B, D), positive (B, D)) of the set
         ``forward`` reports as ``pooler_output`` (the active set, else the first joint set), labels ``()``). The
         Trainer calls ``compute_metrics`` only when labels are not None; the plain path's label-free loss gives an
-        empty tuple, so None here would silently drop every recall (and fail the best-checkpoint selection)."""
-        inputs = self._prepare_inputs(inputs)
+        empty tuple, so None here would silently drop every recall (and fail the best-checkpoint selection).
+
+        Under torchrun the Trainer gathers every rank's predictions and drops the padding of the last batch by
+        position, so each rank must join the same collectives and return one row per example it was given, whatever
+        its batch lost: an example it could not load is a NaN row there (:func:`retrieval_metrics` leaves those
+        out), and a batch that lost every example still joins the loss with no rows (B = 0 on that rank)."""
+        rows = inputs.pop(ROWS_KEY, None)  # (examples given, positions skipped), from SLQDataCollator
+        self.skipped_examples["eval"].extend(inputs.pop(SKIPPED_KEY, None) or [])
         model = self.accelerator.unwrap_model(model)
+        batches = []
+        if MICRO_BATCHES_KEY in inputs or "input_ids" in inputs:
+            inputs = self._prepare_inputs(inputs)
+            batches = inputs.get(MICRO_BATCHES_KEY) or [inputs]
+        distributed = self.args.world_size > 1
+        total = torch.tensor([sum(int(b["input_ids"].shape[0]) for b in batches)], device=self.args.device)
+        if distributed:
+            import torch.distributed as dist
+
+            dist.all_reduce(total)
+        if not total.item():  # on every rank at once
+            return None, None, None
         query_sets = list(getattr(model, "joint_query_sets", None) or []) or None
-        embeddings: dict[str, dict[str, list[torch.Tensor]]] = {}
+        no_rows = torch.zeros(0, model.config.embedding_dim, device=self.args.device)
+        embeddings: dict[str, dict[str, list[torch.Tensor]]] = {
+            side: {name: [no_rows] for name in query_sets or [""]} for side in ("query", "positive")}
         with torch.no_grad():
-            for batch in inputs[MICRO_BATCHES_KEY]:
+            for batch in batches:
                 for side in ("query", "positive", "negative"):
                     if (side_batch := side_inputs(batch, side)) is not None:
                         for name, emb in embed_side(model, side_batch, query_sets).items():
-                            embeddings.setdefault(side, {}).setdefault(name, []).append(emb)
+                            embeddings.setdefault(side, {}).setdefault(name, []).append(emb.float())
             whole = {side: {name: torch.cat(parts) for name, parts in sets.items()}
                      for side, sets in embeddings.items()}
             loss, _ = contrastive_loss(whole, model.logit_scale)
@@ -276,7 +309,14 @@ class SLQTrainer(Trainer):
         names = list(whole["query"])
         active = getattr(model, "active_query_set", None)
         main = active if active in names else names[0]  # SLQModel.forward's choice of pooler_output
-        return loss, (whole["query"][main], whole["positive"][main]), ()
+        query, positive = whole["query"][main], whole["positive"][main]
+        if distributed and rows is not None:
+            count, skipped = rows
+            loaded = torch.tensor([i for i in range(count) if i not in set(skipped)], dtype=torch.long,
+                                  device=query.device)
+            query, positive = (torch.full((count, t.shape[1]), float("nan"), device=t.device).index_copy_(0, loaded, t)
+                               for t in (query, positive))
+        return loss, (query, positive), ()
 
     def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
         # One atomic folder save (model, processor files, training_args.bin): a failed or killed save leaves the
@@ -318,6 +358,13 @@ class SLQTrainer(Trainer):
             rotate_checkpoints(output_dir=run_dir, save_total_limit=self.args.save_total_limit,
                                best_model_checkpoint=self.state.best_model_checkpoint, use_mtime=True)
         self.accelerator.wait_for_everyone()
+
+    def _save_rng_state(self, output_dir: str) -> None:
+        # The main process writes the checkpoint's model files as one folder swapped in when complete; another rank's
+        # rng_state_<rank>.pth written into the folder meanwhile went with the replaced one (lost in most checkpoints
+        # of a 2-process run). Every rank writes its RNG state only once that folder is in place.
+        self.accelerator.wait_for_everyone()
+        super()._save_rng_state(output_dir)
 
     def _repoint_best_checkpoint(self, run_dir: str, staging_root: str) -> bool:
         """The Trainer looked for the best checkpoint inside the staging folder; point at the real folder instead.
