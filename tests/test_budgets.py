@@ -356,3 +356,23 @@ def test_encode_max_text_tokens_none_means_no_limit_like_from_pretrained(model, 
         assert not torch.allclose(model.encode([long], max_text_tokens=None), model.encode([long]), atol=1e-4)
     with pytest.raises(ValueError, match="max_image_tokens`=None cannot be applied per call"):
         model.encode(["x"], max_image_tokens=None)
+
+
+@pytest.mark.parametrize("family", ["llava", "gemma3"])
+def test_fixed_count_images_are_planned_at_their_real_cost(tiny_backbone_path, family):
+    """LLaVA and Gemma 3 give every image the same number of tokens, so a 1080p photo costs what an 8x8 icon costs.
+    max_batch_tokens must count that fixed cost: not one token per 28x28 pixels (a photo a batch), and not one
+    token short for images under 28 pixels (a batch over the budget)."""
+    from transformers import AutoProcessor
+
+    from slq_hf.processing import encode_batches, to_items
+
+    processor = AutoProcessor.from_pretrained(tiny_backbone_path(family))
+    items = to_items([Image.new("RGB", (1920, 1080), "red")] * 8 + [Image.new("RGB", (8, 8), "blue")] * 8)
+    image_prompt = collate(processor, items[:1])["input_ids"].shape[1]
+    assert collate(processor, [items[8]])["input_ids"].shape[1] == image_prompt  # the same at any size
+    budget = 4 * image_prompt - 1  # room for 3 image prompts, not 4
+    batches = encode_batches(processor, items, 8, budget)
+    for batch in batches:
+        assert collate(processor, [items[i] for i in batch])["input_ids"].numel() <= budget, batch
+    assert sorted(len(b) for b in batches) == [1, 3, 3, 3, 3, 3]

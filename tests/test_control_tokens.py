@@ -157,3 +157,47 @@ def test_long_control_text_is_truncated_as_literal_text(family_model, monkeypatc
     assert len(ids) <= model.max_prompt_length() and ids[-len(suffix):] == suffix
     im_start = tokenizer.convert_tokens_to_ids("<|im_start|>")
     assert ids.count(im_start) == 2  # the user turn and the generation prompt only
+
+
+@pytest.mark.parametrize("family", sorted(TINY_FAMILIES))
+def test_control_token_split_between_instruction_and_text_stays_literal(family_model, family):
+    """A template that joins the instruction and the text directly (Qwen, Gemma after trimming each part) would form
+    a control token from an instruction ending with its first half and a text starting with the rest."""
+    model = family_model(family)
+    processor, tokenizer = model.processor, model.processor.tokenizer
+    special_ids = {tokenizer.convert_tokens_to_ids(s) for s in _specials(tokenizer)}
+
+    def specials_of(text: str, instruction: str) -> list[int]:
+        batch = collate(processor, to_items([{"text": text}]), instruction)
+        ids = batch["input_ids"][0][batch["attention_mask"][0].bool()].tolist()
+        return sorted(i for i in ids if i in special_ids)
+
+    plain = specials_of("here", "Find")
+    controls = [c for c in sorted(set(COMMON) | set(_specials(tokenizer))) if len(c) >= 4]
+    for control in controls:
+        half = len(control) // 2
+        for head, tail in ((control[:half], control[half:]), (control[:half] + " ", "  " + control[half:])):
+            assert specials_of(tail + " here", "Find " + head) == plain, (family, head, tail)
+    # Rows with and without such a split, batched: each equals the input alone.
+    inputs = [{"text": control[len(control) // 2 :] + " x"} for control in controls[:3]] + ["plain words"]
+    instruction = "Find " + controls[0][: len(controls[0]) // 2]
+    together = model.encode(inputs, batch_size=len(inputs), instruction=instruction)
+    alone = torch.cat([model.encode([value], instruction=instruction) for value in inputs])
+    torch.testing.assert_close(together, alone, atol=1e-5, rtol=0)
+
+
+def test_a_dropped_model_frees_its_tokenizer_copy(tiny_backbone_path):
+    """The literal-text tokenizer (a deep copy of the tokenizer, tens of MB for a real vocabulary) lives as long as
+    its tokenizer: evaluating checkpoint after checkpoint in one process must not keep one copy per model."""
+    import gc
+    import weakref
+
+    from slq_hf.modeling.control_tokens import literal_tokenizer
+
+    model = SLQModel.from_backbone(tiny_backbone_path("qwen3_vl"), num_queries=NUM_QUERIES)
+    model.encode(["a caption <|im_end|> with a control token"])
+    literal = weakref.ref(literal_tokenizer(model.processor))
+    assert literal() is not None
+    del model
+    gc.collect()
+    assert literal() is None

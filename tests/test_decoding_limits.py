@@ -352,3 +352,18 @@ def test_in_memory_images_count_only_their_rgb_result(monkeypatch, tmp_path):
     image.save(tmp_path / "grey.png")
     with pytest.raises(SLQInputError, match="too large"):
         load_image(Image.open(tmp_path / "grey.png"), budget=budget)  # decoding 400x300 L is 120,000 bytes
+
+
+@pytest.mark.skipif(not hasattr(os, "mkfifo") or not Path("/dev/zero").exists(), reason="needs FIFOs, /dev/zero")
+def test_pipes_and_devices_are_refused_unopened_and_named_as_such(model, tmp_path):
+    """A FIFO named like a photo (opening it would block forever) and /dev/zero (endless bytes) are never opened;
+    the error says what they are, not "is a folder" or "not found"."""
+    fifo = tmp_path / "photo.jpg"
+    os.mkfifo(fifo)
+    (tmp_path / "zero.png").symlink_to("/dev/zero")
+    for value in (str(fifo), fifo, {"image": str(fifo)}, "/dev/zero", Path("/dev/zero"), str(tmp_path / "zero.png")):
+        with pytest.raises(SLQInputError, match=r"is not a regular file \(a pipe") as info:
+            model.encode(["ok", value])
+        assert "input 1" in str(info.value)
+        with pytest.raises(SLQInputError, match="is not a regular file"):
+            load_image(value["image"] if isinstance(value, dict) else value)

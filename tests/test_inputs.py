@@ -334,6 +334,26 @@ def test_exif_rotated_jpeg_is_transposed(model, tmp_path, orientation):
     _close(model.encode([path]), model.encode([manual]), atol=0)
 
 
+@pytest.mark.parametrize("fmt", ["JPEG", "PNG", "WEBP"])
+def test_photo_with_a_mistyped_exif_tag_is_still_transposed(model, tmp_path, fmt):
+    """Cameras write odd EXIF: here TileWidth (a LONG tag) holds a string. PIL's exif_transpose rotates, then fails
+    writing the EXIF back (struct.error, a crash of encode and of training); the orientation alone decides."""
+    stored = Image.new("RGB", (64, 32), (0, 0, 255))
+    stored.paste((255, 0, 0), (0, 0, 32, 32))
+    exif = Image.Exif()
+    exif[0x0112], exif[0x010F] = 6, "Camera"  # orientation 6, Make
+    raw = exif.tobytes()
+    mistyped = raw
+    for order in "<>":  # Make -> TileWidth, in whichever byte order PIL wrote
+        mistyped = mistyped.replace(struct.pack(f"{order}HH", 0x010F, 2), struct.pack(f"{order}HH", 0x0142, 2))
+    assert mistyped != raw
+    path = tmp_path / f"odd_exif.{fmt.lower()}"
+    stored.save(path, fmt, exif=mistyped, **({"lossless": True} if fmt == "WEBP" else {"quality": 95}))
+    manual = Image.fromarray(np.asarray(Image.open(path).convert("RGB").transpose(Image.Transpose.ROTATE_270)))
+    assert load_image(path).size == (32, 64)
+    _close(model.encode([path]), model.encode([manual]), atol=0)
+
+
 # ----------------------------------------------------------------------------------------------------- texts
 @pytest.mark.parametrize("text", ["", " ", "\n\t  "])
 def test_empty_or_whitespace_text(model, text):

@@ -38,7 +38,9 @@ def _cached(processor: Any, key: str, compute: Callable[[], Any]) -> Any:
     entry = _cache.get(id(processor))
     if entry is None or entry[0]() is not processor:
         try:
-            entry = (weakref.ref(processor), {})
+            # The entry dies with the processor: a dead one would keep its values (a tokenizer copy) alive.
+            entry = (weakref.ref(processor, lambda ref, key=id(processor): _cache.pop(key, None)
+                                 if _cache.get(key, (None,))[0] is ref else None), {})
         except TypeError:  # not weak-referenceable: compute every time
             return compute()
         _cache[id(processor)] = entry
@@ -158,6 +160,18 @@ def _sentinel(processor: Any, apply: Callable[[list], Any]) -> tuple[str, int]:
                      f"{', '.join(control_strings(processor)[:5])} ... from the text.")
 
 
+def _spanning(pattern: re.Pattern, before: Any, after: str) -> tuple[int, int] | None:
+    """(start, end) in ``before`` of the first part of a control string that ``before`` + ``after`` form across the
+    join (also once both are trimmed, as Gemma's template does), or None."""
+    if not isinstance(before, str):
+        return None
+    for head, tail in ((before, after), (before.rstrip(), after.lstrip())):
+        for match in pattern.finditer(head + tail):
+            if match.start() < len(head) < match.end():
+                return match.start(), len(head)
+    return None
+
+
 def _replace_in_conversations(conversations: list, pattern: re.Pattern, sentinel: str) -> tuple[list, list[list[str]]]:
     """Copy of ``conversations`` with control strings in text parts replaced by ``sentinel``; per row, the replaced
     strings in order of appearance."""
@@ -172,8 +186,16 @@ def _replace_in_conversations(conversations: list, pattern: re.Pattern, sentinel
                 parts = []
                 for part in content:
                     if part.get("type") == "text" and isinstance(part.get("text"), str):
+                        text = pattern.sub(sentinel, part["text"])
+                        # The template may join two text parts (instruction, text) directly: a control string
+                        # split between them would form there, so the first part's share of it stays literal too.
+                        span = _spanning(pattern, parts[-1].get("text"), text) if parts else None
+                        if span is not None:
+                            before = parts[-1]["text"]
+                            found.append(before[span[0] : span[1]])
+                            parts[-1] = {**parts[-1], "text": before[: span[0]] + sentinel + before[span[1] :]}
                         found += pattern.findall(part["text"])
-                        part = {**part, "text": pattern.sub(sentinel, part["text"])}
+                        part = {**part, "text": text}
                     parts.append(part)
                 content = parts
             elif isinstance(content, str):
@@ -191,9 +213,8 @@ def template_with_literal_texts(processor: Any, conversations: list, apply: Call
     with ``input_ids`` / ``attention_mask`` (and other per-token keys) re-padded after splicing, on the tokenizer's
     padding side."""
     pattern = _pattern(processor)
-    if pattern is None or not any(pattern.search(part.get("text", "")) for conversation in conversations
-                                  for message in conversation if isinstance(message["content"], list)
-                                  for part in message["content"] if isinstance(part.get("text"), str)):
+    # Deleting the control strings finds every row that has one (in a text part or across two of them).
+    if pattern is None or not any(_replace_in_conversations(conversations, pattern, "")[1]):
         return apply(conversations)
     sentinel, sentinel_id = _cached(processor, "sentinel", lambda: _sentinel(processor, apply))
     safe, replaced = _replace_in_conversations(conversations, pattern, sentinel)

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from PIL import Image, ImageFile, ImageOps
+from PIL import ExifTags, Image, ImageFile
 
 from .budgets import PixelRule, resize_function
 
@@ -52,6 +52,11 @@ _BYTES_PER_PIXEL = {"1": 1, "L": 1, "P": 1, "I;16": 2, "I;16L": 2, "I;16B": 2, "
 _RGB_BYTES_PER_PIXEL = 4
 # Rows per chunk when 16/32-bit images are rescaled to 8 bit, so the float copy never spans the whole image.
 _RESCALE_ROWS = 256
+# EXIF orientation -> the transpose that shows the image upright (ImageOps.exif_transpose's table). Applied here
+# because exif_transpose also writes the EXIF back, which raises struct.error on a tag of an unexpected type.
+_UPRIGHT = {2: Image.Transpose.FLIP_LEFT_RIGHT, 3: Image.Transpose.ROTATE_180, 4: Image.Transpose.FLIP_TOP_BOTTOM,
+            5: Image.Transpose.TRANSPOSE, 6: Image.Transpose.ROTATE_270, 7: Image.Transpose.TRANSVERSE,
+            8: Image.Transpose.ROTATE_90}
 
 
 class SLQInputError(ValueError):
@@ -248,7 +253,8 @@ def open_image(source: str | os.PathLike | io.BytesIO | bytes, label: str | None
     if isinstance(source, (str, os.PathLike)):
         source = Path(source).expanduser()
         if not source.is_file():
-            problem = "is a folder, not an image file" if source.is_dir() else "not found"
+            problem = ("is a folder, not an image file" if source.is_dir() else
+                       "is not a regular file (a pipe, device or socket)" if source.exists() else "not found")
             raise SLQInputError(f"Image file {problem}{_where(label)}. Check the path (relative paths are resolved "
                                 f"from {os.getcwd()!r}).")
     try:
@@ -386,9 +392,10 @@ def image_label(index: int | None, path: Any = None) -> str | None:
 
 
 def _finish(image: Image.Image, budget: ImageBudget | None, target: tuple[int, int] | None = None) -> Image.Image:
-    # exif_transpose returns a new image (a copy when nothing rotates), so the caller may close the file after.
+    # A new image either way (a copy when nothing rotates), so the caller may close the file after.
     stored = image.size
-    image = ImageOps.exif_transpose(image)
+    method = _UPRIGHT.get(image.getexif().get(ExifTags.Base.Orientation))
+    image = image.transpose(method) if method is not None else image.copy()
     if target is not None and image.size != stored:  # rotated by 90 degrees: the target turns with it
         target = (target[1], target[0])
     # Shrink before the mode conversion: converting a huge image is the other expensive step.

@@ -16,7 +16,7 @@ from typing import Any
 
 from PIL import Image
 
-from .budgets import image_tokens, text_budget, warn_once
+from .budgets import image_rule, image_tokens, text_budget, warn_once
 from .checkpoint import position_budget
 from .control_tokens import literal_tokenizer, split_text_ids, template_with_literal_texts
 from .image_files import (
@@ -108,7 +108,7 @@ def _path_error(value: str, index: int | None) -> SLQInputError:
     if stripped.startswith(("http://", "https://")):
         problem = "is a URL; slq_hf does not download images"
     elif _exists(stripped):
-        problem = "is a folder"
+        problem = "is a folder" if Path(stripped).expanduser().is_dir() else "is not a regular file (a pipe or device)"
     else:
         problem = "looks like an image path but no such file exists"
     return SLQInputError(f"{value!r} {problem}{_where(index)}. A string that looks like a path is never embedded as "
@@ -339,11 +339,12 @@ def limit_text(processor, item: SLQItem, max_text_tokens: int | None) -> SLQItem
     return replace(item, text=_text_prefix(processor, item.text, ids, max_text_tokens))
 
 
-def estimate_tokens(processor, item: SLQItem) -> int:
+def estimate_tokens(processor, item: SLQItem, fixed_image_tokens: bool = False) -> int:
     """Tokens of ``item``'s own content, without decoding or templating it: text tokens (capped by the text budget)
     plus the image tokens the processor's own grid rule gives for the header size (the chat template around them:
-    :func:`template_overhead`). Images of processors without
-    such a rule count as one token per 28x28 pixels up to their budget (only the order and grouping use this)."""
+    :func:`template_overhead`). With ``fixed_image_tokens`` (:func:`image_tokens_fixed`) an image counts 0: its
+    tokens are part of the overhead. Images of other processors without a rule (tiles) count one token per 28x28
+    pixels up to 4,096, so their batches can exceed ``max_batch_tokens`` somewhat."""
     total = 0
     if item.text is not None:
         budget = text_budget(processor)
@@ -353,13 +354,30 @@ def estimate_tokens(processor, item: SLQItem) -> int:
         total += length if budget is None else min(length, budget)
     if item.image is not None:
         tokens = image_tokens(processor, item.image.width, item.image.height)
-        total += tokens if tokens is not None else min(item.image.width * item.image.height // 784, 4096)
+        if tokens is None:
+            tokens = 0 if fixed_image_tokens else min(item.image.width * item.image.height // 784, 4096)
+        total += tokens
     return total
 
 
-def template_overhead(processor, kinds: set[str], instruction: str | None = None) -> dict[str, int]:
-    """Prompt tokens that are not the item's content (chat template, instruction, image markers) per item kind,
-    measured once on a minimal input of each kind; a kind the processor refuses counts 0."""
+def image_tokens_fixed(processor) -> bool:
+    """True when the processor, having no image-token rule, gives every image the same prompt length whatever its
+    size (LLaVA, Gemma 3: a fixed count), as measured on two very different probe images."""
+    if image_rule(processor) is not None:
+        return False
+    try:
+        lengths = {_row_lengths(_template(processor, [SLQItem(image=Image.new("RGB", size, "white"))], None))[0]
+                   for size in ((32, 32), (1024, 256))}
+    except _PROCESSOR_ERRORS:
+        return False
+    return len(lengths) == 1
+
+
+def template_overhead(processor, kinds: set[str], instruction: str | None = None,
+                      fixed_image_tokens: bool = False) -> dict[str, int]:
+    """Prompt tokens that are not the item's content (chat template, instruction, image markers; with
+    ``fixed_image_tokens`` the image tokens too) per item kind, measured once on a minimal input of each kind; a kind
+    the processor refuses counts 0."""
     overhead = {}
     for kind in kinds:
         probe = SLQItem(image=None if kind == "text" else Image.new("RGB", (32, 32), "white"),
@@ -368,7 +386,7 @@ def template_overhead(processor, kinds: set[str], instruction: str | None = None
             length = _row_lengths(_template(processor, [probe], instruction))[0]
         except _PROCESSOR_ERRORS:
             continue
-        overhead[kind] = max(0, length - estimate_tokens(processor, probe))
+        overhead[kind] = max(0, length - estimate_tokens(processor, probe, fixed_image_tokens))
     return overhead
 
 
@@ -402,9 +420,12 @@ def encode_batches(processor, items: list[SLQItem], batch_size: int, max_batch_t
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise ValueError(f"{name}={value!r} is invalid; expected a positive integer"
                              + (" or None (batches by count only)." if name == "max_batch_tokens" else "."))
-    overhead = {} if max_batch_tokens is None else template_overhead(processor, {i.kind for i in items}, instruction)
-    return plan_batches([estimate_tokens(processor, item) + overhead.get(item.kind, 0) for item in items], batch_size,
-                        max_batch_tokens)
+    kinds = {item.kind for item in items}
+    # A 1080p photo is not 2,600 tokens to LLaVA or Gemma 3: their images cost the same fixed count at any size.
+    fixed = max_batch_tokens is not None and kinds != {"text"} and image_tokens_fixed(processor)
+    overhead = {} if max_batch_tokens is None else template_overhead(processor, kinds, instruction, fixed)
+    return plan_batches([estimate_tokens(processor, item, fixed) + overhead.get(item.kind, 0) for item in items],
+                        batch_size, max_batch_tokens)
 
 
 def collate(processor, items: list[SLQItem], instruction: str | None = None, max_length: int | None = None):
