@@ -184,6 +184,20 @@ def test_extreme_aspect_ratio_is_a_clear_error_naming_the_input(model):
     assert "input 2" in str(info.value) and "crop or pad" in str(info.value)
 
 
+def test_extreme_aspect_ratio_is_refused_before_any_batch_runs(model, tmp_path):
+    """to_items checks every input before any work (its docstring): an image the processor's own size rule refuses
+    fails there, from the file's header, naming its index (it was found only when its batch was collated, after the
+    batches before it had run). Near the limit nothing changes: 199:1 and a shrunk 4000x21 pass."""
+    from slq_hf.processing import image_budget, to_items
+
+    budget = image_budget(model.processor)
+    _scene(4020, 10).save(tmp_path / "strip.png")
+    for bad in (tmp_path / "strip.png", _scene(10, 3000)):
+        with pytest.raises(SLQInputError, match=r"input 1\).*refused by the backbone's processor.*aspect ratio"):
+            to_items(["ok", bad], budget=budget)
+    to_items([_scene(1990, 10), _scene(4000, 21)], budget=budget)
+    assert model.encode([_scene(1990, 10), _scene(4000, 21)]).shape == (2, model.config.embedding_dim)
+
 def test_large_image_is_shrunk_to_the_processor_budget_first(model):
     image_processor = model.processor.image_processor
     budget = image_budget(model.processor)

@@ -183,6 +183,14 @@ def to_item(value: SLQInput, index: int | None = None, budget: ImageBudget | Non
                   f"the model's image budget ({budget.max_pixels:,} pixels); it is shrunk to the processor's grid "
                   "for that budget (shown once). Set max_image_tokens= (encode, from_backbone, from_pretrained) to "
                   "change the budget.")
+    if item.image is not None and budget is not None and budget.unit and budget.resize is not None:
+        width, height = budget.target_size(*item.image.size) or item.image.size  # what the processor will get
+        try:  # its own size rule, now rather than when the batch is built (Qwen-VL: aspect ratio above 200)
+            budget.resize(height, width, factor=budget.unit, min_pixels=budget.min_pixels or 1,
+                          max_pixels=budget.max_pixels)
+        except ValueError as err:
+            raise SLQInputError(f"Image of {item.image.width}x{item.image.height} pixels{_where(index)} is refused by "
+                                f"the backbone's processor ({err}); crop or pad it, or drop it.") from None
     return item if lazy else item.decoded(budget)
 
 
