@@ -594,3 +594,31 @@ def test_rerank_cannot_change_recall_at_top_k_when_the_first_stage_ties():
     result = rerank_retrieval_metrics(model, data, collapsed, top_k=3, ks=(1, 3), show_progress_bar=False)
     for block in ("t2i", "i2t", "t2i_dedup", "i2t_dedup"):
         assert result["metrics"][block]["R@3"] == 0.0, block
+
+
+def test_cli_eval_refuses_an_output_that_is_the_data_or_the_other_output(slq_dir, tmp_path, capsys):
+    """--output over --data would replace the data file with the results JSON, and one path for --output and
+    --gap-plot would replace the figure it reports: both are refused before anything is written."""
+    from slq_hf.cli import main
+
+    for c in ("red", "blue"):
+        _png(tmp_path / f"{c}.png", c)
+    data = _write_jsonl(tmp_path / "data.jsonl",
+                        [{"image": f"{c}.png", "text": f"a {c} square"} for c in ("red", "blue")])
+    before = data.read_bytes()
+    base = ["eval", "--model", str(slq_dir), "--data", str(data), "--no-progress"]
+    assert main([*base, "--output", str(data)]) == 2
+    assert "--output" in capsys.readouterr().err and data.read_bytes() == before
+    same = tmp_path / "out"
+    assert main([*base, "--output", str(same), "--gap-plot", str(same)]) == 2
+    assert "--gap-plot" in capsys.readouterr().err and not same.exists()
+
+
+def test_results_table_shows_a_missing_metric_as_a_dash():
+    """A block without one of the table's recall columns or ranks (a hand-written or merged result) prints "–", as
+    format_comparison_table and the reranked rows do, instead of raising KeyError."""
+    result = {"metrics": {"t2i": {"R@1": 0.5, "R@5": 0.75, "mean_rank": 2.0, "median_rank": 1.0, "num_queries": 4},
+                          "composed": {"R@1": 0.25, "num_queries": 4}}}
+    rows = format_results_table(result).splitlines()
+    assert rows[2] == "| text → image | 50.0 | 75.0 | 2.0 | 1 | 4 |"
+    assert rows[3] == "| composed (image + text → image) | 25.0 | – | – | – | 4 |"

@@ -694,3 +694,12 @@ def test_export_refuses_results_of_other_queries(trained, tmp_path):
     with pytest.raises(ValueError, match="computed with other queries"):
         _export(other, tmp_path / "hub-other", eval_results=[results])
     assert not (tmp_path / "hub-other").exists()
+
+
+def test_card_training_rows_keep_small_values(trained, tmp_path):
+    """A learning rate or weight decay below 1e-6 (rounded to 6 decimals: 0.0) must not reach the card as 0.0."""
+    _, folder = trained
+    _export(folder, tmp_path / "hub", training_info={"lr": 5e-7, "weight_decay": 1e-8, "train_loss": 1.23456789,
+                                                     "epochs": 1.0})
+    rows = set((tmp_path / "hub" / "README.md").read_text().splitlines())
+    assert {"| lr | 5e-07 |", "| weight decay | 1e-08 |", "| train loss | 1.234568 |", "| epochs | 1.0 |"} <= rows

@@ -27,27 +27,34 @@ def _recall_columns(blocks: Sequence[Mapping[str, Any]]) -> list[str]:
     return sorted(keys, key=lambda k: int(k[2:]))
 
 
+def _metric_cells(block: Mapping[str, Any], recalls: Sequence[str]) -> list[str]:
+    """A block's recall (percent), rank and query-count cells; a metric the block lacks (other ``ks``, a results
+    file written by hand) prints as "–"."""
+    def cell(key: str, spec: str, scale: float = 1) -> str:
+        return "–" if block.get(key) is None else f"{scale * block[key]:{spec}}"
+
+    return [*[cell(k, ".1f", 100) for k in recalls], cell("mean_rank", ".1f"), cell("median_rank", ".0f"),
+            str(block.get("num_queries", ""))]
+
+
 def format_results_table(results: Mapping[str, Any]) -> str:
-    """Markdown table of one :func:`evaluate_retrieval` result: one row per direction, recall in percent; with
-    ``rerank_top_k``, one more row per reranked direction (after reranking) below the embedding-only rows."""
+    """Markdown table of one :func:`evaluate_retrieval` result: one row per direction, recall in percent (a missing
+    metric as "–"); with ``rerank_top_k``, one more row per reranked direction (after reranking) below the
+    embedding-only rows."""
     metrics = results["metrics"]
     rows = [(label, metrics[key]) for key, label in DIRECTIONS.items() if key in metrics]
     recalls = _recall_columns([block for _, block in rows])
     header = ["direction", *[f"{k} %" for k in recalls], "mean rank", "median rank", "queries"]
     lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
     for label, block in rows:
-        cells = [label, *[f"{100 * block[k]:.1f}" for k in recalls], f"{block['mean_rank']:.1f}",
-                 f"{block['median_rank']:.0f}", str(block.get("num_queries", ""))]
-        lines.append("| " + " | ".join(cells) + " |")
+        lines.append("| " + " | ".join([label, *_metric_cells(block, recalls)]) + " |")
     rerank = results.get("rerank")
     if rerank:
         label = f"reranked top-{rerank['top_k']} ({rerank['scorer']})"
         for key, name in DIRECTIONS.items():
             block = rerank["metrics"].get(key)
             if block is not None:
-                cells = [f"{name}, {label}", *[f"{100 * block[k]:.1f}" if k in block else "–" for k in recalls],
-                         f"{block['mean_rank']:.1f}", f"{block['median_rank']:.0f}", str(block.get("num_queries", ""))]
-                lines.append("| " + " | ".join(cells) + " |")
+                lines.append("| " + " | ".join([f"{name}, {label}", *_metric_cells(block, recalls)]) + " |")
     data = results.get("dataset", {})
     notes = [f"{data.get('name', 'dataset')}: {data.get('num_images', '?')} images, "
              f"{data.get('num_texts', '?')} texts" + (f", {data['num_composed']} composed queries"

@@ -218,16 +218,21 @@ def _eval_table(blocks: list[EvalBlock]) -> str:
     return "\n".join(lines)
 
 
+def _shown_float(value: float) -> float:
+    """6 decimals, or 6 significant digits below 1: a learning rate of 5e-7 rounded to 6 decimals would show 0.0."""
+    return float(f"{value:.6g}") if abs(value) < 1 else round(value, 6)
+
+
 def _rows(info: Mapping[str, Any], prefix: str = "") -> list[tuple[str, str]]:
     """Card rows of a training summary: nested objects flattened ("train_data": {"path"} -> "train data path"),
-    empty values and this machine's paths (``LOCAL_ONLY``) left out, floats shown to 6 decimals."""
+    empty values and this machine's paths (``LOCAL_ONLY``) left out, floats shown as :func:`_shown_float`."""
     rows = []
     for key, value in info.items():
         name = f"{prefix}{key}".replace("_", " ")
         if isinstance(value, Mapping):
             rows += _rows(value, f"{name} ")
         elif key not in LOCAL_ONLY and value not in (None, "", [], {}):
-            rows.append((name, str(round(value, 6) if isinstance(value, float) else value)))
+            rows.append((name, str(_shown_float(value) if isinstance(value, float) else value)))
     return rows
 
 
