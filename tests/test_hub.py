@@ -308,8 +308,13 @@ def test_several_eval_results_all_reach_the_card(trained, tmp_path):
     assert cli_main(["export", str(folder), "--out", str(tmp_path / "cli"), "--eval-results", str(explicit),
                      str(knowledge)]) == 0
     assert "toy-karr:knowledge" in (tmp_path / "cli" / "README.md").read_text()
-    with pytest.raises(ValueError, match=r"again.json: tiny-flickr/i2t \(split test\) is also in .*results.json"):
+    with pytest.raises(ValueError, match=r"again.json: tiny-flickr/i2t \(split test\) is also in .*results.json.*"
+                                         r"set \"dataset\": \{\"name\"\} in one of the results files"):
         load_eval_results([explicit, shutil.copy(explicit, tmp_path / "again.json")])
+    renamed = json.loads((tmp_path / "again.json").read_text())  # the fix the message gives is accepted
+    renamed["dataset"]["name"] = "other-flickr"
+    (tmp_path / "again.json").write_text(json.dumps(renamed))
+    assert len(load_eval_results([explicit, tmp_path / "again.json"])) == 2 * len(load_eval_results([explicit]))
 
 
 def test_eval_results_validation(tmp_path):

@@ -154,7 +154,8 @@ def load_eval_results(paths: str | os.PathLike | Iterable[str | os.PathLike]) ->
                 where = "earlier in the same file" if seen[key] == path else f"in {seen[key]}"
                 raise ValueError(f"{path}: {block.dataset}/{block.direction} (split {block.split}) is also {where}; "
                                  "give each evaluation once (a file comparing several models is not one model's "
-                                 "results).")
+                                 "results). Two data files of one name (coco/test.jsonl, flickr/test.jsonl) give "
+                                 "one dataset name: set \"dataset\": {\"name\"} in one of the results files.")
             seen[key] = path
             blocks.append(block)
     return blocks
