@@ -178,6 +178,14 @@ def test_strict_and_every_kind_of_bad_item(model, tmp_path, scenes):
         build_index(model, data, tmp_path / "strict", shard_size=4, strict=True)
 
 
+def test_strict_rerun_stops_at_a_bad_item_an_earlier_run_skipped(model, tmp_path, scenes):
+    data = _items_file(tmp_path, scenes[:3], ['{"id": "gone", "image": "items_images/missing.png"}'])
+    build_index(model, data, tmp_path / "index", shard_size=2)  # shard 1 finishes, listing "gone" as bad
+    with pytest.raises(BadItemError, match=r"items.jsonl:4: .*not found.*earlier run without --strict"):
+        build_index(model, data, tmp_path / "index", shard_size=2, strict=True)
+    assert build_index(model, data, tmp_path / "index", shard_size=2)["bad_items"] == 1  # the index is intact
+
+
 # ------------------------------------------------------------------------------------------------------ resume
 _KILLED_BUILD = """
 import sys, time
@@ -428,6 +436,24 @@ def test_datasets_folder_corpus(model, tmp_path, scenes):
     hit = CorpusIndex.load(tmp_path / "index").search(model, scenes[3].image, k=1)[0][0]
     assert hit.position == 3 and hit.path is None and hit.metadata == {"captions": [scenes[3].caption]}
     assert hit.score == pytest.approx(1.0, abs=1e-5)
+
+
+def test_a_shard_of_only_bad_items_still_loads_with_datasets(model, tmp_path, scenes):
+    datasets = pytest.importorskip("datasets")
+    scenes[0].image.save(tmp_path / "0.png")
+    lines = [{"id": "a", "image": "0.png"}, {"id": "b", "text": scenes[1].caption},
+             {"id": "gone", "image": "missing.png"}, {"id": "blank", "text": "  "},  # shard 1: nothing embeddable
+             {"id": "c", "text": scenes[2].caption}]
+    (tmp_path / "items.jsonl").write_text("".join(json.dumps(line) + "\n" for line in lines))
+    manifest = build_index(model, tmp_path / "items.jsonl", tmp_path / "index", shard_size=2)
+    assert manifest["num_shards"] == 3 and manifest["bad_items"] == 2
+    rows = datasets.load_dataset("parquet", data_files=str(tmp_path / "index" / "shards" / "*.parquet"),
+                                 split="train", cache_dir=str(tmp_path / "cache"))
+    assert sorted(zip(rows["position"], rows["id"])) == [(0, "a"), (1, "b"), (4, "c")]
+    table = CorpusIndex.load(tmp_path / "index").to_dataset()
+    assert table["id"] == ["a", "b", "c"]
+    np.testing.assert_array_equal(np.array(table["embedding"], dtype=np.float32),
+                                  _all_embeddings(tmp_path / "index", 3))
 
 
 # ------------------------------------------------------------------------------------------------------ qdrant

@@ -22,7 +22,7 @@ import numpy as np
 
 from .corpus import Corpus, CorpusItem
 from .distributed import Context
-from .shards import finished_digest, write_shard
+from .shards import finished_digest, read_bad, write_shard
 
 # Items handed to model.encode at once: large enough to length-sort into full batches, small enough for a
 # responsive progress bar.
@@ -142,6 +142,14 @@ def pending_shards(index_dir: str | Path, digests: list[str]) -> list[int]:
     return [n for n, digest in enumerate(digests) if finished_digest(index_dir, n) != digest]
 
 
+def _plan(index_dir: str | Path, digests: list[str], strict: bool) -> tuple[list[int], dict | None]:
+    """(pending shards, with ``strict`` the first bad item a finished shard lists, else None): a shard an earlier
+    run without --strict finished may hold skipped items, which a strict build must not pass over."""
+    pending = pending_shards(index_dir, digests)
+    done = sorted(set(range(len(digests))) - set(pending)) if strict else []
+    return pending, next((record for n in done for record in read_bad(index_dir, n)), None)
+
+
 def encode_corpus(model: Any, corpus: Corpus, index_dir: str | Path, *, shard_size: int, batch_size: int = 16,
                   strict: bool = False, context: Context | None = None, item_keys: list[str] | None = None,
                   show_progress_bar: bool | None = None, model_id: str = "") -> EncodeSummary:
@@ -164,7 +172,11 @@ def encode_corpus(model: Any, corpus: Corpus, index_dir: str | Path, *, shard_si
     ranges = shard_ranges(len(corpus), shard_size)
     digests = [shard_digest([model_id, *keys[r.start : r.stop]]) for r in ranges]
     # Rank 0 decides which shards are left, so ranks never disagree about a shard finishing mid-scan.
-    pending = context.broadcast(pending_shards(index_dir, digests) if context.is_main else None)
+    pending, bad = context.broadcast(_plan(index_dir, digests, strict) if context.is_main else None)
+    if bad is not None:
+        raise BadItemError(f"{bad['where'] or bad['id']}: {bad['reason']} (skipped by an earlier run without "
+                           "--strict; strict mode stops on the first bad item: fix or remove it and rebuild with "
+                           "--overwrite, or drop --strict).")
     mine = pending[context.rank :: context.world_size]
     skipped = len(ranges) - len(pending)
     if context.is_main and skipped:

@@ -41,7 +41,6 @@ def write_shard(index_dir: str | os.PathLike, number: int, embeddings: np.ndarra
                 bad: list[dict], items_digest: str) -> None:
     """Write one finished shard: rows and bad list first, the embeddings (the "done" marker) last."""
     import pyarrow as pa
-    import pyarrow.parquet as pq
     from safetensors.numpy import save_file
 
     paths = shard_paths(index_dir, number)
@@ -56,13 +55,24 @@ def write_shard(index_dir: str | os.PathLike, number: int, embeddings: np.ndarra
         "metadata": pa.array([json.dumps(r["metadata"], sort_keys=True, default=str) for r in rows], pa.string()),
     })
     atomic_write(paths["bad"], lambda p: p.write_text(json.dumps(bad, indent=1, default=str), encoding="utf-8"))
-    atomic_write(paths["rows"], lambda p: pq.write_table(table, str(p)))
+    atomic_write(paths["rows"], lambda p: _write_rows(table, p))
     array = np.ascontiguousarray(embeddings, dtype=np.float32)
     if array.ndim != 2:
         raise RuntimeError(f"shard {number}: embeddings must be (n, D), got shape {array.shape}")
     atomic_write(paths["embeddings"], lambda p: save_file({"embeddings": array}, str(p),
                                                      metadata={"items_digest": items_digest,
                                                                "count": str(len(rows))}))
+
+
+def _write_rows(table, path: Path) -> None:
+    """Write ``table`` as Parquet; a shard of only bad items gets no row group at all: `datasets` reads a file in
+    batches of its first row group's size, and a 0-row group makes that 0, which pyarrow refuses."""
+    import pyarrow.parquet as pq
+
+    if table.num_rows:
+        pq.write_table(table, str(path))
+    else:
+        pq.ParquetWriter(str(path), table.schema).close()
 
 
 def _header(path: Path) -> tuple[dict, int]:
