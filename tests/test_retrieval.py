@@ -247,6 +247,19 @@ def test_resume_after_sigkill_equals_uninterrupted(slq_dir, model, image_folder,
         np.testing.assert_array_equal(x, y)
 
 
+@pytest.mark.parametrize("damage", [b"\xff" * 8, (2).to_bytes(8, "little") + b"[]"])  # huge length; not an object
+def test_a_damaged_shard_header_is_encoded_again_on_resume(model, tmp_path, scenes, damage):
+    """A shard whose embeddings file has a damaged header (disk corruption) counts as unfinished: the resume encodes
+    it again, to the same vectors (a huge header length raised OverflowError and ended the resume)."""
+    data = _items_file(tmp_path, scenes[:6])
+    out = tmp_path / "index"
+    build_index(model, data, out, shard_size=4)
+    before = _all_embeddings(out, 2)
+    path = shard_paths(out, 0)["embeddings"]
+    path.write_bytes(damage + path.read_bytes()[len(damage):])
+    assert build_index(model, data, out, shard_size=4)["run"]["encoded_shards"] == 1
+    np.testing.assert_array_equal(_all_embeddings(out, 2), before)
+
 @pytest.mark.distributed
 def test_torchrun_two_processes_equal_one(slq_dir, image_folder, tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}

@@ -78,7 +78,11 @@ def _write_rows(table, path: Path) -> None:
 def _header(path: Path) -> tuple[dict, int]:
     with path.open("rb") as handle:
         (length,) = struct.unpack("<Q", handle.read(8))
+        if length > path.stat().st_size - 8:  # a damaged file: reading that many bytes would not fit in memory
+            raise ValueError(f"{path}: the safetensors header claims {length} bytes, more than the file holds.")
         header = json.loads(handle.read(length))
+    if not isinstance(header, dict):
+        raise ValueError(f"{path}: the safetensors header is not a JSON object.")
     return header, 8 + length
 
 
