@@ -154,11 +154,12 @@ def test_projection_head_shrinks_embedding(tiny_backbone_path, tmp_path):
 
 
 def test_a_model_cast_to_bfloat16_with_a_head_still_encodes(tiny_backbone_path):
-    """``model.to(torch.bfloat16)`` casts the head with everything else; pooling hands it float32 states (it raised
-    "mat1 and mat2 must have the same dtype"). The output stays float32 and near the float32 model's."""
+    """A bf16 head (``model.to`` keeps it float32, a cast of the head itself does not) gets pooled states in its own
+    dtype (it raised "mat1 and mat2 must have the same dtype"). The output stays float32, near the float32 model's."""
     model = SLQModel.from_backbone(tiny_backbone_path("qwen3_vl"), num_queries=NUM_QUERIES, projection_dim=16)
     full = model.encode(INPUTS[:2])
-    half = model.to(torch.bfloat16).encode(INPUTS[:2])
+    model.to(torch.bfloat16).projection.to(torch.bfloat16)
+    half = model.encode(INPUTS[:2])
     assert half.dtype == torch.float32 and half.shape == (2, 16)
     assert (half - full).abs().max() < 0.1 and torch.isfinite(half).all()
 
@@ -343,6 +344,52 @@ def test_bf16_backbone_keeps_fp32_queries(tiny_backbone_path):
     batch = slq_hf.processing.collate(model.processor, [slq_hf.processing.to_item("a cat")])
     model(**batch).pooler_output.sum().backward()
     assert model.queries.grad is not None and model.queries.grad.dtype == torch.float32
+
+
+@pytest.mark.parametrize("cast", ["to_bfloat16", "half"])
+def test_casting_the_model_keeps_its_trainable_tensors_float32(tiny_backbone_path, cast):
+    """``model.to(torch.bfloat16)`` / ``model.half()`` cast the backbone; the queries, logit_scale and head keep their
+    float32 values (they were cast too: logit_scale 2.659 became 2.656 in bf16, and AdamW steps of 5e-4 were below
+    its resolution, so it never trained), gradients included."""
+    model = SLQModel.from_backbone(tiny_backbone_path("qwen3_vl"), num_queries=NUM_QUERIES, projection_dim=16)
+    before = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+    batch = slq_hf.processing.collate(model.processor, [slq_hf.processing.to_item(t) for t in ("a cat", "a dog")])
+    pair = {**batch, **{f"positive_{k}": v for k, v in batch.items()}}
+    model(**pair).loss.backward()
+    model = model.to(torch.bfloat16) if cast == "to_bfloat16" else model.half()
+    assert model.backbone.dtype == (torch.bfloat16 if cast == "to_bfloat16" else torch.float16)
+    for name, param in model.named_parameters():
+        if param.requires_grad:
+            assert param.dtype == torch.float32 and param.grad.dtype == torch.float32, name
+            assert torch.equal(param.detach(), before[name]), name
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=5e-4, weight_decay=0.0)
+    model.train()
+    for _ in range(2):
+        optimizer.zero_grad()
+        model(**pair).loss.backward()
+        optimizer.step()
+    assert model.logit_scale.item() != before["logit_scale"].item()
+
+
+def test_4bit_embeddings_are_the_same_before_and_after_a_gradient_step_or_a_rerank(tiny_backbone_path):
+    """On CPUs with AVX512-BF16, bitsandbytes repacked the 4-bit weights for its inference kernel at the first
+    no-grad call (encode, rerank), and a grad step switched back to the differentiable one, with absmax rounded to
+    bf16: encode moved by ~1e-2 after a training step or a rerank, so in-training evaluation disagreed with the
+    reloaded model. One kernel now serves every call."""
+    from transformers import BitsAndBytesConfig
+
+    quant = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.float32,
+                               llm_int8_skip_modules=["model.visual", "lm_head"])
+    model = SLQModel.from_backbone(tiny_backbone_path("qwen3_vl"), num_queries=NUM_QUERIES, quantization_config=quant)
+    first = model.encode(INPUTS[:2])
+    batch = slq_hf.processing.collate(model.processor, [slq_hf.processing.to_item("a cat")])
+    model(**batch).pooler_output.sum().backward()
+    assert model.queries.grad.abs().sum() > 0
+    torch.testing.assert_close(model.encode(INPUTS[:2]), first, atol=1e-6, rtol=0)
+    reranked = SLQModel.from_backbone(tiny_backbone_path("qwen3_vl"), num_queries=NUM_QUERIES,
+                                      quantization_config=quant)
+    reranked.rerank("a red square", [scene(64, 64, (255, 0, 0))])
+    torch.testing.assert_close(reranked.encode(INPUTS[:2]), first, atol=1e-6, rtol=0)
 
 
 def test_4bit_backbone_on_cpu_with_fp32_queries(tiny_backbone_path, tmp_path):

@@ -183,6 +183,8 @@ class SLQModel(PreTrainedModel):
         # post_init before the backbone is attached, so transformers' weight init never touches backbone weights.
         self.post_init()
         self.backbone = backbone.requires_grad_(False)
+        # Before any call (encode, rerank): one 4-bit kernel for every call; switching later moved embeddings ~1e-2.
+        _keep_4bit_layers_differentiable(backbone)
         # The budgets the queries are trained/used with, applied to the processor once (budgets.py).
         self.spec, self.processor = spec, processor_with_budgets(
             processor, config.max_image_tokens, config.min_image_tokens, config.max_text_tokens)
@@ -610,7 +612,7 @@ class SLQModel(PreTrainedModel):
         """(B, N_q, H) -> (B, embedding_dim) float32: mean (or last) query, optional head, optional L2 norm."""
         states = query_states.float()
         pooled = states.mean(dim=1) if self.config.pooling == "mean" else states[:, -1]
-        if self.projection is not None:  # in its own dtype: model.to(torch.bfloat16) casts the head too
+        if self.projection is not None:  # in its own dtype, should the head itself have been cast
             pooled = self.projection(pooled.to(self.projection.weight.dtype)).float()
         return nn.functional.normalize(pooled, dim=-1) if self.config.normalize else pooled
 
@@ -646,9 +648,6 @@ class SLQModel(PreTrainedModel):
         """
         # sentence-transformers and the Trainer pass return_dict=True; the output is always a ModelOutput.
         other_backbone_inputs.pop("return_dict", None)
-        if torch.is_grad_enabled() and not getattr(self, "_grad_safe_4bit", False):
-            _keep_4bit_layers_differentiable(self.backbone)
-            self._grad_safe_4bit = True
         sides = _split_pair_sides(other_backbone_inputs)
         if query_sets is None and self.joint_query_sets and "positive" in sides:
             query_sets = self.joint_query_sets
@@ -755,6 +754,19 @@ class SLQModel(PreTrainedModel):
         super().train(mode)
         if not any(p.requires_grad for p in self.backbone.parameters()):
             self.backbone.eval()
+        return self
+
+    def _apply(self, fn, recurse: bool = True) -> SLQModel:
+        """``model.to(torch.bfloat16)`` / ``model.half()`` cast the backbone only: the queries, ``logit_scale`` and
+        head keep their float32 values (in bf16, an AdamW step of 5e-4 is below logit_scale's resolution)."""
+        own = {n: (p.data, None if p.grad is None else p.grad.data)  # .data: torch swaps the grad's data in place
+               for n, p in self.named_parameters() if not n.startswith("backbone.")}
+        super()._apply(fn, recurse)
+        for name, param in self.named_parameters():
+            if name in own and param.dtype != own[name][0].dtype:  # moved to the new device, not cast
+                data, grad = own[name]
+                param.data = data.to(param.device)
+                param.grad = None if grad is None else grad.to(param.device)
         return self
 
     def __getstate__(self) -> dict[str, Any]:
