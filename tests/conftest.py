@@ -70,3 +70,19 @@ def pytest_runtest_call(item):
         pytest.fail("transformers logged a deprecation on this test's path (use what the installed version "
                     "expects):\n  " + "\n  ".join(dict.fromkeys(handler.messages)), pytrace=False)
     return result
+
+
+@pytest.fixture
+def fake_ghostscript(tmp_path, monkeypatch):
+    """A `gs` first on PATH that only writes a marker file: any attempt to run Ghostscript leaves the marker."""
+    from PIL import EpsImagePlugin
+
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    marker = tmp_path / "gs_was_run"
+    script = bin_dir / "gs"
+    script.write_text(f"#!/bin/sh\necho \"$@\" >> {marker}\nexit 1\n")
+    script.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
+    monkeypatch.setattr(EpsImagePlugin, "gs_binary", None)  # PIL caches the lookup: make it look again
+    return marker

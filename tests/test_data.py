@@ -7,7 +7,6 @@ or reads like a camera file name (``IMG_0042.JPG``).
 from __future__ import annotations
 
 import json
-import os
 import re
 from pathlib import Path
 
@@ -374,21 +373,7 @@ def test_hf_image_cells_holding_relative_paths_resolve_against_image_root(files,
         load_retrieval_dataset(table, "hf", split=None).images[0].load()
 
 
-@pytest.fixture
-def fake_gs(tmp_path, monkeypatch):
-    """A `gs` first on PATH that only writes a marker file: any attempt to run Ghostscript leaves the marker."""
-    from PIL import EpsImagePlugin
-
-    (tmp_path / "bin").mkdir()
-    marker, script = tmp_path / "gs_was_run", tmp_path / "bin" / "gs"
-    script.write_text(f"#!/bin/sh\necho \"$@\" >> {marker}\nexit 1\n")
-    script.chmod(0o755)
-    monkeypatch.setenv("PATH", f"{tmp_path / 'bin'}{os.pathsep}{os.environ['PATH']}")
-    monkeypatch.setattr(EpsImagePlugin, "gs_binary", None)  # PIL caches the lookup: make it look again
-    return marker
-
-
-def test_hf_image_cells_are_opened_with_the_image_checks(files, fake_gs):
+def test_hf_image_cells_are_opened_with_the_image_checks(files, fake_ghostscript):
     """A cell's bytes open only as one of the allowed formats (an EPS never reaches Ghostscript), and errors name
     the row and column instead of PIL's "cannot identify image file <_io.BytesIO ...>"."""
     datasets = pytest.importorskip("datasets")
@@ -402,7 +387,7 @@ def test_hf_image_cells_are_opened_with_the_image_checks(files, fake_gs):
     for row in (1, 2):
         with pytest.raises(ValueError, match=rf"Cannot read image \(row {row} of column 'image'.*not an image"):
             images[row].load()
-    assert not fake_gs.exists()
+    assert not fake_ghostscript.exists()
 
 
 def test_a_dataset_dict_of_one_split_needs_no_split(files):

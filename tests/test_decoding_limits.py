@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from PIL import EpsImagePlugin, Image
+from PIL import Image
 
 import slq_hf.modeling.image_files as image_files
 from slq_hf import SLQModel
@@ -67,20 +67,6 @@ def non_raster_files(root: Path) -> dict[str, Path]:
         files[f"{fmt.lower()} as {name}"] = root / name
         files[f"{fmt.lower()} as {name}"].write_bytes(buffer.getvalue())
     return files
-
-
-@pytest.fixture
-def fake_ghostscript(tmp_path, monkeypatch):
-    """A `gs` first on PATH that only writes a marker file: any attempt to run Ghostscript leaves the marker."""
-    bin_dir = tmp_path / "bin"
-    bin_dir.mkdir()
-    marker = tmp_path / "gs_was_run"
-    script = bin_dir / "gs"
-    script.write_text(f"#!/bin/sh\necho \"$@\" >> {marker}\nexit 1\n")
-    script.chmod(0o755)
-    monkeypatch.setenv("PATH", f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
-    monkeypatch.setattr(EpsImagePlugin, "gs_binary", None)  # PIL caches the lookup: make it look again
-    return marker
 
 
 def test_non_raster_files_are_refused_everywhere_and_ghostscript_never_runs(model, tmp_path, fake_ghostscript):

@@ -185,27 +185,18 @@ def test_captions_with_unicode_line_separators_survive_the_round_trip(tmp_path):
     assert read_karr(out, split="test", text_field="caption").texts == ["a cat\u2028on a mat"]
 
 
-def test_with_image_opens_images_with_the_image_checks(tiny_backbone_path, tmp_path, monkeypatch):
+def test_with_image_opens_images_with_the_image_checks(tiny_backbone_path, tmp_path, fake_ghostscript):
     """--with-image reads images as every image input is read: an EPS named .png is refused without Ghostscript
     (plain Image.open ran it), and the error names the file; a transparent PNG is shown on white, as encode sees it."""
-    import os
-
-    from PIL import EpsImagePlugin
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
-    (tmp_path / "bin").mkdir()
-    marker, script = tmp_path / "gs_was_run", tmp_path / "bin" / "gs"
-    script.write_text(f"#!/bin/sh\necho \"$@\" >> {marker}\nexit 1\n")
-    script.chmod(0o755)
-    monkeypatch.setenv("PATH", f"{tmp_path / 'bin'}{os.pathsep}{os.environ['PATH']}")
-    monkeypatch.setattr(EpsImagePlugin, "gs_binary", None)  # PIL caches the lookup: make it look again
     eps = tmp_path / "photo.png"
     eps.write_bytes(b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 16 16\n%%EndComments\nshowpage\n%%EOF\n")
     backbone = AutoModelForImageTextToText.from_pretrained(tiny_backbone_path("qwen3_vl"))
     processor = AutoProcessor.from_pretrained(tiny_backbone_path("qwen3_vl"))
     with pytest.raises(ValueError, match=r"Cannot read image \(file '.*photo.png'\).*not an image slq_hf decodes"):
         rewrite_captions(backbone, processor, ["x"], [eps], max_new_tokens=1)
-    assert not marker.exists()
+    assert not fake_ghostscript.exists()
 
     clear, white = tmp_path / "clear.png", tmp_path / "white.png"
     Image.new("RGBA", (32, 32), (0, 0, 0, 0)).save(clear)
