@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 
 from ..data import readers
+from ..data.records import check_distinct_files
 from .common import add_model_options, check_output_file, load_model
 from .reporting import report
 
@@ -71,19 +71,6 @@ def _check_rerank_options(args: argparse.Namespace) -> None:
         raise ValueError(f"--rerank-top-k must be positive, got {args.rerank_top_k}.")
 
 
-def _check_distinct_files(args: argparse.Namespace) -> None:
-    """--output and --gap-plot are written after the run: one path for both (or for --data) would silently replace
-    the figure (or the data file) with the results JSON."""
-    seen: dict[str, str] = {os.path.realpath(args.data): "--data"}
-    for flag, path in (("--output", args.output), ("--gap-plot", args.gap_plot)):
-        if path is None:
-            continue
-        if os.path.realpath(path) in seen:
-            raise ValueError(f"{flag} {path} is also {seen[os.path.realpath(path)]}; writing it would replace that "
-                             "file. Give each output its own path.")
-        seen[os.path.realpath(path)] = flag
-
-
 def run(args: argparse.Namespace) -> int:
     from ..data import detect_format
     from ..evaluation import evaluate_retrieval, format_results_table, load_retrieval_dataset, save_results_json
@@ -95,7 +82,8 @@ def run(args: argparse.Namespace) -> int:
         _check_rerank_options(args)
         check_output_file(args.output, "--output")
         check_output_file(args.gap_plot, "--gap-plot")
-        _check_distinct_files(args)
+        # --output and --gap-plot are written after the run: one path for both (or for --data) would replace it.
+        check_distinct_files({"--data": args.data, "--output": args.output, "--gap-plot": args.gap_plot})
         dataset = load_retrieval_dataset(args.data, args.format, args.split, image_root=args.image_root,
                                          text_field=args.text_field, image_column=args.image_column,
                                          text_column=args.text_column, max_captions=args.max_captions)

@@ -19,7 +19,7 @@ from typing import Any
 
 from ..modeling.checkpoint import atomic_write
 from .readers import read_records
-from .records import DataFormatError, image_key
+from .records import DataFormatError, check_distinct_files, image_key
 
 # The prompt the backbone answers, as the text of one user turn of its chat template (generation prompt added).
 # {caption} is the explicit caption, {object} the word(s) the rewrite must not use. Two few-shot examples (the
@@ -227,7 +227,7 @@ def karr_build(data: str | os.PathLike, model: str, out: str | os.PathLike, *,
     for option, value in (("max_new_tokens", max_new_tokens), ("batch_size", batch_size), ("limit", limit)):
         if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
             raise ValueError(f"--{option.replace('_', '-')} ({option}=) must be a positive integer, got {value!r}.")
-    _check_distinct_files({"--data": data, "--template": template, "--out": out, "--skipped": skipped})
+    check_distinct_files({"--data": data, "--template": template, "--out": out, "--skipped": skipped})
     prompt = load_template(template)
     pairs = read_pairs(data)[:limit]
     generator, processor = load_generator(model, device, backbone)
@@ -243,16 +243,3 @@ def karr_build(data: str | os.PathLike, model: str, out: str | os.PathLike, *,
         text = "".join(json.dumps(s, ensure_ascii=False) + "\n" for s in stats.skipped)
         atomic_write(skipped, lambda tmp: tmp.write_text(text, encoding="utf-8"))
     return stats
-
-
-def _check_distinct_files(files: dict[str, str | os.PathLike | None]) -> None:
-    """Refuse one file given for two roles (``--skipped`` = ``--out`` would replace the KARR set by the skipped
-    list, ``--out`` = ``--data`` the input), also through another spelling or a symbolic link."""
-    seen: dict[Path, str] = {}
-    for flag, path in files.items():
-        if path is None:
-            continue
-        key = Path(path).expanduser().resolve()
-        if key in seen:
-            raise ValueError(f"{flag} {path}: is the same file as {seen[key]}; give each its own file.")
-        seen[key] = flag

@@ -217,6 +217,24 @@ def file_digest(path: str | os.PathLike) -> str:
     return digest
 
 
+def check_distinct_files(files: Mapping[str, str | os.PathLike | None]) -> None:
+    """Refuse one file given for two roles (flag -> path; None: not given), also through another spelling or a
+    symbolic link: writing one role's output there would replace the other's file (``--out`` = ``--data``).
+
+    Raises:
+        ValueError naming both flags.
+    """
+    seen: dict[str, str] = {}
+    for flag, path in files.items():
+        if path is None:
+            continue
+        key = os.path.realpath(os.path.expanduser(path))
+        if key in seen:
+            raise ValueError(f"{flag} {path}: is the same file as {seen[key]}; writing it would replace that file. "
+                             "Give each its own file.")
+        seen[key] = flag
+
+
 def image_key(image: ImageSource) -> Any:
     """What makes two images the same image: the resolved file, or a dataset image's content key."""
     if isinstance(image, DatasetImage):
