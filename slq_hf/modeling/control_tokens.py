@@ -34,7 +34,9 @@ def _tokenizer(processor: Any) -> Any:
     return getattr(processor, "tokenizer", processor)
 
 
-def _cached(processor: Any, key: str, compute: Callable[[], Any]) -> Any:
+def per_processor(processor: Any, key: str, compute: Callable[[], Any]) -> Any:
+    """``compute()``, once per live processor object and ``key`` (a processor's tokenizer and template never change
+    in place; per-call budgets make a new processor object)."""
     entry = _cache.get(id(processor))
     if entry is None or entry[0]() is not processor:
         try:
@@ -76,12 +78,13 @@ def control_strings(processor: Any) -> tuple[str, ...]:
         found |= _processor_tokens(processor)
         return tuple(sorted((s for s in found if s), key=lambda s: (-len(s), s)))
 
-    return _cached(processor, "strings", compute)
+    return per_processor(processor, "strings", compute)
 
 
 def _pattern(processor: Any) -> re.Pattern | None:
     strings = control_strings(processor)
-    return _cached(processor, "pattern", lambda: re.compile("|".join(map(re.escape, strings))) if strings else None)
+    return per_processor(processor, "pattern",
+                         lambda: re.compile("|".join(map(re.escape, strings))) if strings else None)
 
 
 def _structural_ids(processor: Any) -> set[int]:
@@ -112,7 +115,8 @@ def literal_tokenizer(processor: Any) -> Any:
             backend.encode_special_tokens = True
         return literal
 
-    return _cached(tokenizer, "literal tokenizer", build)  # keyed on the tokenizer: budgeted processor copies share it
+    # Keyed on the tokenizer: budgeted processor copies share it.
+    return per_processor(tokenizer, "literal tokenizer", build)
 
 
 def split_text_ids(processor: Any, text: str) -> list[int]:
@@ -123,7 +127,7 @@ def split_text_ids(processor: Any, text: str) -> list[int]:
     """
     tokenizer = literal_tokenizer(processor)
     ids = list(tokenizer(text, add_special_tokens=False, split_special_tokens=True)["input_ids"])
-    structural = _cached(processor, "structural", lambda: _structural_ids(processor))
+    structural = per_processor(processor, "structural", lambda: _structural_ids(processor))
     if not structural.intersection(ids):
         return ids
     pieces = []
@@ -216,7 +220,7 @@ def template_with_literal_texts(processor: Any, conversations: list, apply: Call
     # Deleting the control strings finds every row that has one (in a text part or across two of them).
     if pattern is None or not any(_replace_in_conversations(conversations, pattern, "")[1]):
         return apply(conversations)
-    sentinel, sentinel_id = _cached(processor, "sentinel", lambda: _sentinel(processor, apply))
+    sentinel, sentinel_id = per_processor(processor, "sentinel", lambda: _sentinel(processor, apply))
     safe, replaced = _replace_in_conversations(conversations, pattern, sentinel)
     batch = apply(safe)
     ids, mask = batch["input_ids"], batch.get("attention_mask")

@@ -18,7 +18,7 @@ from PIL import Image
 
 from .budgets import image_rule, image_tokens, text_budget, warn_once
 from .checkpoint import position_budget
-from .control_tokens import literal_tokenizer, split_text_ids, template_with_literal_texts
+from .control_tokens import literal_tokenizer, per_processor, split_text_ids, template_with_literal_texts
 from .image_files import (
     IMAGE_EXTENSIONS,
     ImageBudget,
@@ -430,7 +430,8 @@ def encode_batches(processor, items: list[SLQItem], batch_size: int, max_batch_t
                              + (" or None (batches by count only)." if name == "max_batch_tokens" else "."))
     kinds = {item.kind for item in items}
     # A 1080p photo is not 2,600 tokens to LLaVA or Gemma 3: their images cost the same fixed count at any size.
-    fixed = max_batch_tokens is not None and kinds != {"text"} and image_tokens_fixed(processor)
+    fixed = max_batch_tokens is not None and kinds != {"text"} and per_processor(
+        processor, "fixed image tokens", lambda: image_tokens_fixed(processor))
     overhead = {} if max_batch_tokens is None else template_overhead(processor, kinds, instruction, fixed)
     return plan_batches([estimate_tokens(processor, item, fixed) + overhead.get(item.kind, 0) for item in items],
                         batch_size, max_batch_tokens)
